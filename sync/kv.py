@@ -1,0 +1,378 @@
+"""Consul KV semantics on top of a :class:`VersionedMap`.
+
+The replicated part is the versions map. Everything here that differs between
+replicas is kept beside it, per replica and persisted with the same batch:
+
+- ``CreateIndex``/``ModifyIndex``: Consul indexes are per replica (they come from
+  this replica's change counter), so they live in ``kv_index``, not in the CRDT.
+- history: superseded versions and conflict losers, at most ``history_depth`` per
+  key, in ``kv_history``. Ordinary overwrites keep their metadata; conflict
+  losers keep their value too, so a losing write is never silently gone.
+- TTL: a version carries its absolute expiry; a replica hides the key once its
+  own clock passes it. Expiry changes no CRDT state, so it costs no sync traffic.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import cbor2
+from sortedcontainers import SortedList
+
+from .batch import WriteBatch
+from .errors import CasMissingKey, InvalidArgument
+from .hlc import HybridClock, Stamp
+from .limits import check_flags, check_key, check_prefix, check_value
+from .versioned import Version, VersionedMap
+
+
+@dataclass(frozen=True, slots=True)
+class KvEntry:
+    key: str
+    value: bytes
+    flags: int
+    create_index: int
+    modify_index: int
+    stamp: Stamp
+    expires_ms: int | None = None
+    lock_index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRecord:
+    """One past version of a key, as ``?history`` reports it."""
+
+    key: str
+    stamp: Stamp
+    op: str  # "set" or "delete"
+    flags: int
+    size: int
+    conflict: bool  # lost a conflict against a concurrent write
+    value: bytes | None  # kept for conflict losers
+
+
+class ScopeIndex:
+    """The per-replica change counter of one scope (Consul's index)."""
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+
+    def bump(self) -> int:
+        self.value += 1
+        return self.value
+
+
+def encode_payload(value: bytes, flags: int, expires_ms: int | None) -> bytes:
+    return cbor2.dumps([value, flags, expires_ms])
+
+
+def decode_payload(payload: bytes) -> tuple[bytes, int, int | None]:
+    value, flags, expires_ms = cbor2.loads(payload)
+    return value, flags, expires_ms
+
+
+class KvState:
+    """The KV store of one scope on one replica.
+
+    Args:
+        scope: the scope's name, the first column of every row written here.
+        versions: the replicated versions of the scope's KV document.
+        index: the scope's change counter, shared with the catalog.
+        clock: issues write stamps and tells the wall time for TTLs.
+        history_depth: past versions kept per key.
+    """
+
+    def __init__(
+        self,
+        scope: str,
+        versions: VersionedMap,
+        index: ScopeIndex,
+        clock: HybridClock,
+        history_depth: int = 16,
+    ) -> None:
+        self.scope = scope
+        self.versions = versions
+        self.index = index
+        self.clock = clock
+        self.history_depth = history_depth
+        self.last_index = 0  # index of the last change to any key
+        self.conflicts = 0
+        self._entries: dict[str, KvEntry] = {}
+        self._sorted = SortedList()
+        self._expiry_heap: list[tuple[int, str, Stamp]] = []
+        self._history: dict[str, deque[HistoryRecord]] = {}
+        self._conflict_stamps: set[tuple[str, Stamp]] = set()
+
+    # -- loading -------------------------------------------------------------
+
+    def load(
+        self,
+        index_rows: Iterable[tuple[str, int, int]],
+        history_rows: Iterable[tuple[str, str, str, int, int, int, bytes | None]],
+        conflicts: int,
+        last_index: int,
+    ) -> None:
+        """Rebuild the per-replica view from the stored rows."""
+        indexes = {key: (create, modify) for key, create, modify in index_rows}
+        for key, stamp, op, flags, size, conflict, value in sorted(history_rows, key=lambda r: r[1]):
+            record = HistoryRecord(key, Stamp.decode(stamp), op, flags, size, bool(conflict), value)
+            self._remember(record)
+        self.conflicts = conflicts
+        self.last_index = last_index
+        now = self.clock.wall_ms()
+        for key in list(self.versions.keys()):
+            entry = self._visible(key, now, indexes.get(key, (self.index.value,) * 2))
+            if entry is not None:
+                self._show(entry)
+
+    # -- reading -------------------------------------------------------------
+
+    def get(self, key: str) -> KvEntry | None:
+        check_key(key)
+        return self._entries.get(key)
+
+    def list(self, prefix: str = "") -> list[KvEntry]:
+        check_prefix(prefix)
+        return [self._entries[k] for k in self._keys_from(prefix)]
+
+    def keys(self, prefix: str = "", separator: str | None = None) -> list[str]:
+        """Keys under ``prefix``; with a separator, cut after its first occurrence."""
+        check_prefix(prefix)
+        if not separator:
+            return list(self._keys_from(prefix))
+        found: list[str] = []
+        for key in self._keys_from(prefix):
+            cut = key.find(separator, len(prefix))
+            short = key if cut < 0 else key[: cut + len(separator)]
+            if not found or found[-1] != short:
+                found.append(short)
+        return found
+
+    def history(self, key: str) -> list[HistoryRecord]:
+        """Live versions (current first, then unresolved conflicts), then the past."""
+        check_key(key)
+        live = [self._record(v, conflict=i > 0) for i, v in enumerate(self.versions.versions(key))]
+        past = sorted(self._history.get(key, ()), key=lambda r: r.stamp, reverse=True)
+        return live + past
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def live_bytes(self) -> int:
+        """Size of the live content: keys plus values."""
+        return sum(len(k.encode()) + len(e.value) for k, e in self._entries.items())
+
+    def next_expiry_ms(self) -> int | None:
+        heap = self._expiry_heap
+        while heap and self._stale_expiry(heap[0]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    # -- writing -------------------------------------------------------------
+
+    def put(
+        self,
+        key: str,
+        value: bytes,
+        batch: WriteBatch,
+        *,
+        flags: int = 0,
+        cas: int | None = None,
+        ttl_ms: int | None = None,
+    ) -> bool:
+        """Write a key; returns False when a check-and-set does not match."""
+        check_key(key)
+        check_value(value)
+        check_flags(flags)
+        if ttl_ms is not None and ttl_ms <= 0:
+            raise InvalidArgument("a TTL must be positive")
+        if not self._cas_matches(key, cas):
+            return False
+        stamp = self.clock.now()
+        expires = stamp.wall_ms + ttl_ms if ttl_ms else None
+        superseded = self.versions.write(key, stamp, encode_payload(value, flags, expires))
+        index = self._next_index(batch)
+        old = self._entries.get(key)
+        entry = KvEntry(key, value, flags, old.create_index if old else index, index, stamp, expires)
+        self._show(entry)
+        batch.kv_index[(self.scope, key)] = (entry.create_index, index)
+        self._archive(superseded, batch)
+        return True
+
+    def delete(
+        self, key: str, batch: WriteBatch, *, recurse: bool = False, cas: int | None = None
+    ) -> bool:
+        """Delete a key (or every key under a prefix); returns False on a CAS mismatch."""
+        if recurse:
+            check_prefix(key)
+            doomed = list(self._keys_from(key))
+        else:
+            check_key(key)
+            if not self._cas_matches(key, cas, deleting=True):
+                return False
+            doomed = [key] if key in self._entries else []
+        if not doomed:
+            return True
+        stamp = self.clock.now()
+        writes = []
+        for name in doomed:
+            writes.append((name, stamp, None))
+        superseded = self.versions.write_many(writes)
+        self._next_index(batch)
+        for name in doomed:
+            self._hide(name, batch)
+            self._archive(superseded[name], batch)
+        return True
+
+    def apply_remote(self, update: bytes, batch: WriteBatch) -> set[str]:
+        """Merge a remote update; returns the keys whose visible value changed."""
+        touched, removed = self.versions.apply_update(update)
+        for version in removed:
+            self.clock.observe(version.stamp)
+        self._archive(removed, batch)
+        now = self.clock.wall_ms()
+        changed: set[str] = set()
+        index = None
+        for key in touched:
+            live = self.versions.versions(key)
+            if live:
+                self.clock.observe(live[0].stamp)
+            for loser in live[1:]:
+                self._record_conflict(loser, batch)
+            old = self._entries.get(key)
+            new = self._visible(key, now, (0, 0))
+            if _same_version(old, new):
+                continue
+            if index is None:
+                index = self._next_index(batch)
+            changed.add(key)
+            if new is None:
+                self._hide(key, batch)
+            else:
+                create = old.create_index if old else index
+                entry = KvEntry(key, new.value, new.flags, create, index, new.stamp, new.expires_ms)
+                self._show(entry)
+                batch.kv_index[(self.scope, key)] = (create, index)
+        return changed
+
+    def expire(self, now_ms: int, batch: WriteBatch) -> list[str]:
+        """Hide the keys whose TTL has passed; returns them."""
+        expired: list[str] = []
+        heap = self._expiry_heap
+        while heap and heap[0][0] <= now_ms:
+            item = heapq.heappop(heap)
+            if not self._stale_expiry(item):
+                expired.append(item[1])
+        if expired:
+            self._next_index(batch)
+            for key in expired:
+                self._hide(key, batch)
+        return expired
+
+    # -- internals -----------------------------------------------------------
+
+    def _cas_matches(self, key: str, cas: int | None, deleting: bool = False) -> bool:
+        if cas is None:
+            return True
+        if cas < 0:
+            raise InvalidArgument("cas is a non-negative index")
+        entry = self._entries.get(key)
+        if cas == 0:
+            return entry is None and not deleting
+        if entry is None:
+            raise CasMissingKey(
+                f"key {key!r} does not exist, so cas={cas} cannot match; use cas=0 to create it"
+            )
+        return entry.modify_index == cas
+
+    def _next_index(self, batch: WriteBatch) -> int:
+        self.last_index = self.index.bump()
+        return self.last_index
+
+    def _visible(self, key: str, now_ms: int, indexes: tuple[int, int]) -> KvEntry | None:
+        current = self.versions.current(key)
+        if current is None or current.deleted:
+            return None
+        value, flags, expires = decode_payload(current.payload)
+        if expires is not None and expires <= now_ms:
+            return None
+        return KvEntry(key, value, flags, indexes[0], indexes[1], current.stamp, expires)
+
+    def _show(self, entry: KvEntry) -> None:
+        if entry.key not in self._entries:
+            self._sorted.add(entry.key)
+        self._entries[entry.key] = entry
+        if entry.expires_ms is not None:
+            heapq.heappush(self._expiry_heap, (entry.expires_ms, entry.key, entry.stamp))
+
+    def _hide(self, key: str, batch: WriteBatch) -> None:
+        if self._entries.pop(key, None) is not None:
+            self._sorted.remove(key)
+            batch.kv_index[(self.scope, key)] = None
+
+    def _stale_expiry(self, item: tuple[int, str, Stamp]) -> bool:
+        entry = self._entries.get(item[1])
+        return entry is None or entry.stamp != item[2]
+
+    def _keys_from(self, prefix: str):
+        for key in self._sorted.irange(minimum=prefix):
+            if not key.startswith(prefix):
+                break
+            yield key
+
+    def _record(self, version: Version, conflict: bool) -> HistoryRecord:
+        if version.deleted:
+            return HistoryRecord(version.key, version.stamp, "delete", 0, 0, conflict, None)
+        value, flags, _ = decode_payload(version.payload)
+        return HistoryRecord(version.key, version.stamp, "set", flags, len(value), conflict, value)
+
+    def _record_conflict(self, loser: Version, batch: WriteBatch) -> None:
+        if (loser.key, loser.stamp) in self._conflict_stamps:
+            return
+        self.conflicts += 1
+        self._store_history(self._record(loser, conflict=True), batch)
+
+    def _archive(self, superseded: Iterable[Version], batch: WriteBatch) -> None:
+        for version in superseded:
+            if (version.key, version.stamp) in self._conflict_stamps:
+                continue  # already kept, with its value, when it lost
+            record = self._record(version, conflict=False)
+            self._store_history(
+                HistoryRecord(record.key, record.stamp, record.op, record.flags, record.size, False, None),
+                batch,
+            )
+
+    def _store_history(self, record: HistoryRecord, batch: WriteBatch) -> None:
+        dropped = self._remember(record)
+        batch.history[(self.scope, record.key, record.stamp.encode())] = (
+            record.op,
+            record.flags,
+            record.size,
+            int(record.conflict),
+            record.value,
+        )
+        if dropped is not None:
+            batch.history[(self.scope, record.key, dropped.stamp.encode())] = None
+
+    def _remember(self, record: HistoryRecord) -> HistoryRecord | None:
+        """Keep a record in memory; returns the one that fell off the end, if any."""
+        past = self._history.get(record.key)
+        if past is None:
+            past = self._history[record.key] = deque()
+        if record.conflict:
+            self._conflict_stamps.add((record.key, record.stamp))
+        past.append(record)
+        if len(past) <= self.history_depth:
+            return None
+        oldest = past.popleft()  # records arrive in (near) stamp order
+        self._conflict_stamps.discard((oldest.key, oldest.stamp))
+        return oldest
+
+
+def _same_version(old: KvEntry | None, new: KvEntry | None) -> bool:
+    if old is None or new is None:
+        return old is new
+    return old.stamp == new.stamp

@@ -1,0 +1,280 @@
+"""A scope: one site's (or the fleet's) replicated state on one replica.
+
+A scope holds one pycrdt document per collection (``kv``, ``catalog``), their
+per-replica views, the scope's change counter, and the glue to the store:
+every change is applied in memory, collected into one :class:`WriteBatch`
+(CRDT update, index rows, history) and acknowledged once the store has it.
+
+Compaction
+----------
+A Yjs document keeps a trace of everything ever deleted. When a collection's
+update log outgrows its snapshot, the scope rebuilds that collection as a fresh
+document (a new *epoch*) holding only the live versions, stores it as the new
+snapshot and drops the old log in the same transaction. Disk and memory then
+stay proportional to the live content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pycrdt import Doc
+
+from .batch import WriteBatch
+from .catalog import ServiceCatalog, ServiceEntry
+from .hlc import HybridClock
+from .kv import KvState, ScopeIndex, decode_payload
+from .store import Store
+from .versioned import Version, VersionedMap
+
+COLLECTIONS = ("kv", "catalog")
+
+# A collection is compacted once what it stores (snapshot plus log) exceeds
+# this many times what a fresh document of its live versions would hold, and
+# by at least MIN_COMPACTION_BYTES (so tiny stores do not compact constantly).
+# A log of new keys is all live content and triggers nothing.
+COMPACTION_FACTOR = 1.8
+MIN_COMPACTION_BYTES = 64 * 1024
+
+Listener = Callable[[str, set[str]], None]
+
+
+@dataclass(slots=True)
+class _DocState:
+    epoch: int
+    snapshot_bytes: int
+    log_bytes: int
+
+
+class Scope:
+    """Replicated KV and catalog of one scope, durable through ``store``."""
+
+    def __init__(self, name: str, store: Store, clock: HybridClock, history_depth: int = 16) -> None:
+        self.name = name
+        self.store = store
+        self.clock = clock
+        self.history_depth = history_depth
+        self.index = ScopeIndex()
+        self.listeners: list[Listener] = []
+        self._batch: WriteBatch | None = None
+        self._docs: dict[str, _DocState] = {}
+        self.compactions = 0
+        self._compacting = False
+        self.load()
+
+    # -- loading ---------------------------------------------------------------
+
+    def load(self) -> None:
+        """(Re)build the whole scope from the store."""
+        store, name = self.store, self.name
+        row = store.query("SELECT idx, kv_index, conflicts FROM scope_state WHERE scope = ?", name)
+        index, kv_last, conflicts = row[0] if row else (0, 0, 0)
+        self.index.value = index
+        versions = {c: self._load_collection(c) for c in COLLECTIONS}
+        self.kv = KvState(name, versions["kv"], self.index, self.clock, self.history_depth)
+        self.kv.load(
+            store.query("SELECT key, create_index, modify_index FROM kv_index WHERE scope = ?", name),
+            store.query(
+                "SELECT key, stamp, op, flags, size, conflict, value FROM kv_history WHERE scope = ?",
+                name,
+            ),
+            conflicts,
+            kv_last,
+        )
+        self.catalog = ServiceCatalog(versions["catalog"], self.index, self.clock)
+        self.catalog.last_index = index
+        for version in versions["kv"].all_versions():
+            self.clock.observe(version.stamp)
+        for version in versions["catalog"].all_versions():
+            self.clock.observe(version.stamp)
+
+    def _load_collection(self, collection: str) -> VersionedMap:
+        doc = Doc()
+        rows = self.store.query(
+            "SELECT epoch, snapshot FROM docs WHERE scope = ? AND collection = ?",
+            self.name,
+            collection,
+        )
+        epoch, snapshot = rows[0] if rows else (1, b"")
+        if snapshot:
+            doc.apply_update(snapshot)
+        log_bytes = 0
+        for (data,) in self.store.query(
+            "SELECT data FROM updates WHERE scope = ? AND collection = ? AND epoch = ? ORDER BY seq",
+            self.name,
+            collection,
+            epoch,
+        ):
+            doc.apply_update(data)
+            log_bytes += len(data)
+        self._docs[collection] = _DocState(epoch, len(snapshot), log_bytes)
+        return VersionedMap(doc, self._recorder(collection))
+
+    def _recorder(self, collection: str) -> Callable[[bytes], None]:
+        def record(update: bytes) -> None:
+            if self._batch is None:
+                raise RuntimeError("a document changed outside a scope transaction")
+            state = self._docs[collection]
+            state.log_bytes += len(update)
+            self._batch.updates.append((self.name, collection, state.epoch, update))
+
+        return record
+
+    # -- KV ----------------------------------------------------------------------
+
+    async def kv_put(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        flags: int = 0,
+        cas: int | None = None,
+        ttl_ms: int | None = None,
+    ) -> bool:
+        batch = self._begin()
+        try:
+            ok = self.kv.put(key, value, batch, flags=flags, cas=cas, ttl_ms=ttl_ms)
+        finally:
+            self._batch = None
+        if ok:
+            await self._finish(batch, "kv", {key})
+        return ok
+
+    async def kv_delete(self, key: str, *, recurse: bool = False, cas: int | None = None) -> bool:
+        batch = self._begin()
+        try:
+            before = set(self.kv.keys(key)) if recurse else {key}
+            ok = self.kv.delete(key, batch, recurse=recurse, cas=cas)
+        finally:
+            self._batch = None
+        if ok and batch:
+            await self._finish(batch, "kv", before)
+        return ok
+
+    async def expire_due(self) -> list[str]:
+        """Hide the keys whose TTL has passed (call when :meth:`next_expiry_ms` is due)."""
+        batch = self._begin()
+        try:
+            expired = self.kv.expire(self.clock.wall_ms(), batch)
+        finally:
+            self._batch = None
+        if expired:
+            await self._finish(batch, "kv", set(expired))
+        return expired
+
+    def next_expiry_ms(self) -> int | None:
+        return self.kv.next_expiry_ms()
+
+    # -- catalog -------------------------------------------------------------------
+
+    async def register_service(self, service: ServiceEntry) -> ServiceEntry:
+        batch = self._begin()
+        try:
+            entry = self.catalog.register(service, batch)
+        finally:
+            self._batch = None
+        await self._finish(batch, "catalog", {service.catalog_key})
+        return entry
+
+    async def deregister_service(self, node: str, service_id: str) -> None:
+        batch = self._begin()
+        try:
+            self.catalog.deregister(node, service_id, batch)
+        finally:
+            self._batch = None
+        await self._finish(batch, "catalog", {f"{node}/{service_id}"})
+
+    # -- replication -------------------------------------------------------------
+
+    async def apply_remote(self, collection: str, update: bytes) -> set[str]:
+        """Merge an update from another replica and make it durable."""
+        batch = self._begin()
+        try:
+            target = self.kv if collection == "kv" else self.catalog
+            changed = target.apply_remote(update, batch)
+        finally:
+            self._batch = None
+        if batch:
+            await self._finish(batch, collection, changed)
+        return changed
+
+    def doc(self, collection: str) -> Doc:
+        return self._versions(collection).doc
+
+    def epoch(self, collection: str) -> int:
+        return self._docs[collection].epoch
+
+    # -- compaction -----------------------------------------------------------------
+
+    def stored_bytes(self) -> int:
+        """Bytes of CRDT state this scope keeps in the store (snapshots plus logs)."""
+        return sum(s.snapshot_bytes + s.log_bytes for s in self._docs.values())
+
+    def needs_compaction(self, collection: str) -> bool:
+        state = self._docs[collection]
+        stored = state.snapshot_bytes + state.log_bytes
+        live = self._versions(collection).live_bytes
+        return stored > COMPACTION_FACTOR * live + MIN_COMPACTION_BYTES
+
+    async def compact(self, collection: str) -> None:
+        """Rebuild ``collection`` as a fresh document epoch with only live versions."""
+        old = self._versions(collection)
+        now = self.clock.wall_ms()
+        if self._compacting:
+            return
+        self._compacting = True
+        try:
+            await self._compact(collection)
+        finally:
+            self._compacting = False
+
+    async def _compact(self, collection: str) -> None:
+        old = self._versions(collection)
+        now = self.clock.wall_ms()
+        kept: list[Version] = []
+        for key in list(old.keys()):
+            live = old.versions(key)
+            current = live[0]
+            if collection == "kv" and not current.deleted:
+                _, _, expires = decode_payload(current.payload)
+                if expires is not None and expires <= now:
+                    # An expired key keeps only the fact that it ended.
+                    kept.append(Version(key, current.stamp, None))
+                    continue
+            kept.extend(live)
+        fresh = VersionedMap(Doc(), lambda update: None)
+        fresh.restore(kept)
+        snapshot = fresh.doc.get_update()
+        state = self._docs[collection]
+        epoch = state.epoch + 1
+        batch = WriteBatch()
+        # The store drops the older epochs' log with the new snapshot.
+        batch.snapshots[(self.name, collection)] = (epoch, snapshot)
+        # Swap in memory first: writes from now on belong to the new epoch and
+        # queue behind this batch, so the log never mixes epochs out of order.
+        fresh.on_update = self._recorder(collection)
+        self._docs[collection] = _DocState(epoch, len(snapshot), 0)
+        if collection == "kv":
+            self.kv.versions = fresh
+        else:
+            self.catalog.versions = fresh
+        self.compactions += 1
+        await self.store.commit(batch)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _versions(self, collection: str) -> VersionedMap:
+        return self.kv.versions if collection == "kv" else self.catalog.versions
+
+    def _begin(self) -> WriteBatch:
+        self._batch = WriteBatch()
+        return self._batch
+
+    async def _finish(self, batch: WriteBatch, collection: str, keys: set[str]) -> None:
+        batch.scope_state[self.name] = (self.index.value, self.kv.last_index, self.kv.conflicts)
+        await self.store.commit(batch)
+        for listener in list(self.listeners):
+            listener(collection, keys)
+        if self.needs_compaction(collection):
+            await self.compact(collection)

@@ -1,0 +1,192 @@
+"""A last-writer-wins register map whose conflicts stay visible.
+
+Theory of operation
+-------------------
+A pycrdt ``Map`` resolves concurrent sets of one key by client id, and the
+losing value disappears without an event (DESIGN.md, decision 7). So we never
+set a user's key directly. Each write adds a *version*: an entry whose map key
+is ``<user key> NUL <stamp>`` and whose value is an opaque payload (bytes). In
+the same transaction it deletes every version of that user key it can see, i.e.
+the versions it supersedes.
+
+Two replicas that write one key concurrently each delete only what they saw,
+so after they exchange updates both new versions survive everywhere. Every
+replica then reads the version with the highest stamp as the current one and
+the others as conflict losers, until a later write deletes them all. A delete
+is a version too (a tombstone, payload ``None``), so a concurrent older write
+can never bring a value back.
+
+User keys never contain NUL (the key rules forbid it), so the split is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from pycrdt import Doc, Map
+
+from .hlc import Stamp
+
+_SEP = "\x00"
+_TOMBSTONE = b""  # an empty payload marks a delete; live payloads are never empty
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    key: str
+    stamp: Stamp
+    payload: bytes | None  # None for a tombstone
+
+    @property
+    def deleted(self) -> bool:
+        return self.payload is None
+
+
+def _entry_size(key: str, payload: bytes | None) -> int:
+    return len(key) + _STAMP_CHARS + (len(payload) if payload else 0)
+
+
+_STAMP_CHARS = 32  # an encoded stamp with a 12-character replica id
+
+
+def version_id(key: str, stamp: Stamp) -> str:
+    return f"{key}{_SEP}{stamp.encode()}"
+
+
+def parse_version_id(vid: str) -> tuple[str, Stamp]:
+    key, stamp = vid.split(_SEP, 1)
+    return key, Stamp.decode(stamp)
+
+
+class VersionedMap:
+    """The versions of one collection, kept in one pycrdt document.
+
+    Args:
+        doc: the document; the versions live in its root map ``versions``.
+        on_update: called with the binary update of every transaction, local
+            or remote, so the caller can persist and forward it.
+    """
+
+    def __init__(self, doc: Doc, on_update: Callable[[bytes], None]) -> None:
+        self.doc = doc
+        self._map: Map = doc.get("versions", type=Map)
+        self._live: dict[str, dict[Stamp, bytes | None]] = {}
+        self._touched: set[str] = set()
+        self._removed: list[Version] = []
+        # Bytes the live versions need in a fresh document (ids plus payloads):
+        # what compaction would shrink the document to.
+        self.live_bytes = 0
+        for vid, payload in self._map.items():
+            self._add(vid, payload)
+        self.on_update = on_update
+        self._doc_sub = doc.observe(lambda event: self.on_update(event.update))
+
+    # -- reading -----------------------------------------------------------
+
+    def keys(self) -> Iterator[str]:
+        return iter(self._live)
+
+    def versions(self, key: str) -> list[Version]:
+        """Every live version of ``key``, the current one first."""
+        found = self._live.get(key)
+        if not found:
+            return []
+        return [Version(key, s, p) for s, p in sorted(found.items(), reverse=True)]
+
+    def current(self, key: str) -> Version | None:
+        found = self._live.get(key)
+        if not found:
+            return None
+        stamp = max(found)
+        return Version(key, stamp, found[stamp])
+
+    def all_versions(self) -> Iterator[Version]:
+        for key, found in self._live.items():
+            for stamp, payload in found.items():
+                yield Version(key, stamp, payload)
+
+    # -- writing -----------------------------------------------------------
+
+    def write(self, key: str, stamp: Stamp, payload: bytes | None) -> list[Version]:
+        """Add a version of ``key`` that supersedes every version seen here.
+
+        Returns the superseded versions, the current one first.
+        """
+        return self.write_many([(key, stamp, payload)])[key]
+
+    def write_many(
+        self, writes: Iterable[tuple[str, Stamp, bytes | None]]
+    ) -> dict[str, list[Version]]:
+        """Several writes in one transaction (one update, one durable record)."""
+        superseded: dict[str, list[Version]] = {}
+        with self.doc.transaction():
+            for key, stamp, payload in writes:
+                old = self.versions(key)
+                superseded[key] = old
+                for version in old:
+                    del self._map[version_id(key, version.stamp)]
+                self._map[version_id(key, stamp)] = _TOMBSTONE if payload is None else payload
+                # Local writes keep the view in step directly; the map observer
+                # (costly: it converts every event) runs only for remote updates.
+                live = self._live.setdefault(key, {})
+                for version in old:
+                    del live[version.stamp]
+                    self.live_bytes -= _entry_size(key, version.payload)
+                live[stamp] = payload
+                self.live_bytes += _entry_size(key, payload)
+        return superseded
+
+    def restore(self, versions: Iterable[Version]) -> None:
+        """Add versions as they are, superseding nothing (to build a new epoch)."""
+        with self.doc.transaction():
+            for version in versions:
+                payload = _TOMBSTONE if version.payload is None else version.payload
+                self._map[version_id(version.key, version.stamp)] = payload
+                self._live.setdefault(version.key, {})[version.stamp] = version.payload
+                self.live_bytes += _entry_size(version.key, version.payload)
+
+    def apply_update(self, update: bytes) -> tuple[set[str], list[Version]]:
+        """Merge an update from another replica.
+
+        Returns the user keys it touched and the versions it removed (those the
+        remote writer superseded).
+        """
+        self._touched, self._removed = set(), []
+        subscription = self._map.observe(self._on_map_event)
+        try:
+            self.doc.apply_update(update)
+        finally:
+            self._map.unobserve(subscription)
+        touched, removed = self._touched, self._removed
+        self._touched, self._removed = set(), []
+        return touched, removed
+
+    # -- internals ---------------------------------------------------------
+
+    def _on_map_event(self, event) -> None:
+        for vid, change in event.keys.items():
+            if change["action"] == "delete":
+                self._remove(vid)
+            else:
+                self._add(vid, change["newValue"])
+
+    def _add(self, vid: str, raw: bytes | bytearray) -> None:
+        key, stamp = parse_version_id(vid)
+        payload = bytes(raw) if raw else None
+        found = self._live.setdefault(key, {})
+        if stamp not in found:
+            self.live_bytes += _entry_size(key, payload)
+        found[stamp] = payload
+        self._touched.add(key)
+
+    def _remove(self, vid: str) -> None:
+        key, stamp = parse_version_id(vid)
+        found = self._live.get(key)
+        if found is not None and stamp in found:
+            payload = found.pop(stamp)
+            self.live_bytes -= _entry_size(key, payload)
+            self._removed.append(Version(key, stamp, payload))
+            if not found:
+                del self._live[key]
+        self._touched.add(key)
