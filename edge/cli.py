@@ -1,0 +1,188 @@
+"""The `konsul` command line.
+
+Every flag can also come from an environment variable, ``KONSUL_`` plus the
+flag's name in capitals (``--http-addr`` -> ``KONSUL_HTTP_ADDR``). Heavy modules
+are imported inside the command that needs them, so ``konsul --help`` and the
+client commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import trio
+
+from konsul.sync.errors import KonsulError
+
+from . import client_commands
+
+DEFAULT_HTTP_ADDR = "127.0.0.1:8500"
+DEFAULT_MQTT_ADDR = "127.0.0.1:1883"
+DEFAULT_COAP_ADDR = "127.0.0.1:5683"
+DEFAULT_HUB_ADDR = "127.0.0.1:8700"
+
+
+def env_default(flag: str, default: str | None = None) -> str | None:
+    return os.environ.get("KONSUL_" + flag.lstrip("-").replace("-", "_").upper(), default)
+
+
+def add_flag(parser: argparse.ArgumentParser, flag: str, help: str, default: str | None = None, **kwargs) -> None:
+    """Add ``flag`` with its environment variable named in the help."""
+    env = "KONSUL_" + flag.lstrip("-").replace("-", "_").upper()
+    value = env_default(flag, default)
+    shown = f" (env {env}; default {default})" if default is not None else f" (env {env})"
+    parser.add_argument(flag, default=value, help=help + shown, **kwargs)
+
+
+def env_bool(flag: str) -> bool:
+    return (env_default(flag, "") or "").lower() in ("1", "true", "yes", "on")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="konsul",
+        description="Konsul Edge: local-first service discovery, configuration and device registry.",
+    )
+    parser.add_argument("--log-level", default=env_default("--log-level", "info"), help="debug, info, warning or error (env KONSUL_LOG_LEVEL)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    edge = commands.add_parser("edge", help="run a site's agent", description="Run a site's edge agent.")
+    add_flag(edge, "--site", "this site's id (its Consul datacenter name)", required=env_default("--site") is None)
+    add_flag(edge, "--data-dir", "where the agent keeps its state", required=env_default("--data-dir") is None)
+    add_flag(edge, "--hub-url", "the hub to sync with; empty runs standalone", "")
+    add_flag(edge, "--node", "this agent's node name", socket.gethostname())
+    add_flag(edge, "--http-addr", "HTTP API address; port 0 picks a free port", DEFAULT_HTTP_ADDR)
+    add_flag(edge, "--mqtt-addr", "MQTT address for devices; empty disables it", DEFAULT_MQTT_ADDR)
+    add_flag(edge, "--coap-addr", "CoAP (UDP) address for devices; empty disables it", DEFAULT_COAP_ADDR)
+    edge.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        default=env_bool("--allow-anonymous"),
+        help="let devices connect over MQTT and CoAP without credentials (env KONSUL_ALLOW_ANONYMOUS)",
+    )
+    add_flag(
+        edge,
+        "--durability",
+        "full: every acknowledged write survives power loss; relaxed: survives a crash of "
+        "the process, the last writes may be lost on power loss",
+        "full",
+        choices=["full", "relaxed"],
+    )
+    edge.set_defaults(run=cmd_edge)
+
+    dev = commands.add_parser(
+        "dev", help="run an edge on localhost with embedded defaults", description="Try Konsul in one command."
+    )
+    add_flag(dev, "--data-dir", "where the dev agents keep their state", str(Path.home() / ".konsul" / "dev"))
+    dev.set_defaults(run=cmd_dev)
+
+    client_commands.add_commands(commands, add_flag)
+    return parser
+
+
+def cmd_edge(args: argparse.Namespace) -> int:
+    from .agent import EdgeConfig, run_edge
+
+    config = EdgeConfig(
+        site=args.site,
+        data_dir=Path(args.data_dir),
+        node=args.node,
+        http_addr=args.http_addr,
+        mqtt_addr=args.mqtt_addr,
+        coap_addr=args.coap_addr,
+        hub_url=args.hub_url,
+        allow_anonymous=args.allow_anonymous,
+        durability=args.durability,
+    )
+    return run_until_signal(run_edge, config)
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from .agent import EdgeConfig, run_edge
+
+    data_dir = Path(args.data_dir)
+    config = EdgeConfig(
+        site="dev",
+        data_dir=data_dir / "edge",
+        node="dev-edge",
+        http_addr=DEFAULT_HTTP_ADDR,
+        allow_anonymous=True,
+    )
+
+    def announce(info) -> None:
+        address = info.http_url.split("://", 1)[1]
+        print(
+            f"""
+Konsul dev is running (standalone edge, site "dev", data in {data_dir}).
+  HTTP API   {info.http_url}   (Consul-compatible: point CONSUL_HTTP_ADDR or KONSUL_HTTP_ADDR here)
+
+Try it:
+  curl -X PUT --data 'hello' {info.http_url}/v1/kv/greeting
+  curl {info.http_url}/v1/kv/greeting?raw
+  KONSUL_HTTP_ADDR={address} konsul kv put config/mode eco
+  KONSUL_HTTP_ADDR={address} konsul kv list
+
+Stop with Ctrl-C.
+""",
+            flush=True,
+        )
+
+    return run_until_signal(run_edge, config, on_ready=announce)
+
+
+def run_until_signal(run, config, on_ready=None) -> int:
+    """Run an agent under trio until SIGTERM/SIGINT, then shut it down cleanly."""
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                info = await nursery.start(run, config)
+                if on_ready is not None:
+                    on_ready(info)
+                async for signum in signals:
+                    logging.getLogger("konsul").info("%s: shutting down", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    except BaseException as error:  # noqa: BLE001 - reported below or re-raised
+        reason = _startup_error(error)
+        if reason is None:
+            raise
+        print(f"konsul: {reason}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _startup_error(error: BaseException) -> BaseException | None:
+    """The user-facing cause inside a (possibly nested) exception group, if any."""
+    if isinstance(error, (KonsulError, OSError, ValueError)):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _startup_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""``/v1/agent``: services and checks of this agent, Consul style."""
+
+from __future__ import annotations
+
+import json
+
+from quart import Blueprint, Response, current_app, request
+
+from konsul.sync.catalog import CheckDefinition, ServiceEntry
+from konsul.sync.checks import CRITICAL, PASSING, STATES, WARNING, CheckStatus
+from konsul.sync.errors import InvalidArgument, NotFound
+
+from .params import parse_duration
+from .responses import json_response
+
+agent_api = Blueprint("agent", __name__)
+
+_KNOWN_CHECK_KINDS = ("TTL", "HTTP", "TCP")
+_UNSUPPORTED_CHECK_KINDS = ("Script", "Args", "GRPC", "DockerContainerID", "Shell", "H2PING", "UDP", "OSService", "AliasService")
+
+
+async def json_body() -> dict:
+    raw = await request.get_data(cache=False)
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InvalidArgument(f"the body is not valid JSON ({error})") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("the body must be a JSON object")
+    return body
+
+
+def _field(body: dict, name: str, kind: type, default):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise InvalidArgument(f"{name} must be a {kind.__name__}")
+    return value
+
+
+def parse_check(body: dict, service_id: str, position: int) -> CheckDefinition:
+    if not isinstance(body, dict):
+        raise InvalidArgument("a check must be a JSON object")
+    kinds = [k for k in _KNOWN_CHECK_KINDS if body.get(k)]
+    unsupported = [k for k in _UNSUPPORTED_CHECK_KINDS if body.get(k)]
+    if unsupported or not kinds:
+        named = ", ".join(unsupported) or "none"
+        raise InvalidArgument(
+            f"unknown check type ({named}); a check needs exactly one of TTL, HTTP or TCP"
+        )
+    if len(kinds) > 1:
+        raise InvalidArgument(f"a check has one type, this one has {', '.join(kinds)}")
+    kind = kinds[0]
+    default_id = f"service:{service_id}" + (f":{position + 1}" if position else "")
+    check_id = _field(body, "CheckID", str, "") or _field(body, "ID", str, "") or default_id
+    after = body.get("DeregisterCriticalServiceAfter")
+    definition = CheckDefinition(
+        check_id=check_id,
+        name=_field(body, "Name", str, "") or f"Service '{service_id}' check",
+        kind=kind.lower(),
+        target="" if kind == "TTL" else _field(body, kind, str, ""),
+        interval_s=parse_duration(_field(body, "Interval", str, "10s"), "Interval"),
+        timeout_s=parse_duration(_field(body, "Timeout", str, "10s"), "Timeout"),
+        ttl_s=parse_duration(body["TTL"], "TTL") if kind == "TTL" else 0.0,
+        deregister_after_s=None if after in (None, "") else parse_duration(str(after), "DeregisterCriticalServiceAfter"),
+        notes=_field(body, "Notes", str, ""),
+    )
+    if kind != "TTL" and definition.interval_s <= 0:
+        raise InvalidArgument(f"{kind} checks need a positive Interval")
+    return definition
+
+
+def parse_service(body: dict, node: str) -> tuple[ServiceEntry, dict[str, str]]:
+    """A ServiceEntry from a register body, and the checks' requested initial status."""
+    name = _field(body, "Name", str, "")
+    if not name:
+        raise InvalidArgument("a service needs a Name")
+    service_id = _field(body, "ID", str, "") or name
+    tags = _field(body, "Tags", list, [])
+    meta = _field(body, "Meta", dict, {})
+    if not all(isinstance(t, str) for t in tags) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise InvalidArgument("Tags is a list of strings and Meta a map of strings")
+    raw_checks = []
+    if body.get("Check"):
+        raw_checks.append(body["Check"])
+    checks_field = _field(body, "Checks", list, [])
+    raw_checks.extend(checks_field)
+    checks = tuple(parse_check(c, service_id, i) for i, c in enumerate(raw_checks))
+    initial = {}
+    for definition, raw in zip(checks, raw_checks):
+        status = raw.get("Status")
+        if status:
+            if status not in STATES:
+                raise InvalidArgument(f"check Status is one of {', '.join(STATES)}")
+            initial[definition.check_id] = status
+    entry = ServiceEntry(
+        node=node,
+        service_id=service_id,
+        name=name,
+        address=_field(body, "Address", str, ""),
+        port=_field(body, "Port", int, 0),
+        tags=tuple(tags),
+        meta=dict(meta),
+        checks=checks,
+    )
+    return entry, initial
+
+
+def service_json(entry: ServiceEntry, site: str) -> dict:
+    return {
+        "ID": entry.service_id,
+        "Service": entry.name,
+        "Tags": list(entry.tags),
+        "Meta": dict(entry.meta),
+        "Port": entry.port,
+        "Address": entry.address,
+        "Weights": {"Passing": 1, "Warning": 1},
+        "EnableTagOverride": False,
+        "Datacenter": site,
+    }
+
+
+def check_json(check: CheckStatus, node: str) -> dict:
+    definition = check.definition
+    return {
+        "Node": node,
+        "CheckID": definition.check_id,
+        "Name": definition.name,
+        "Status": check.status,
+        "Notes": definition.notes,
+        "Output": check.output,
+        "ServiceID": check.service_id,
+        "ServiceName": check.service_name,
+        "ServiceTags": list(check.service_tags),
+        "Type": definition.kind,
+        "Interval": f"{definition.interval_s:g}s" if definition.kind != "ttl" else "",
+        "Timeout": f"{definition.timeout_s:g}s" if definition.kind != "ttl" else "",
+    }
+
+
+@agent_api.route("/v1/agent/service/register", methods=["PUT"])
+async def register() -> Response:
+    ctx = current_app.config["KONSUL"]
+    entry, initial = parse_service(await json_body(), ctx.node)
+    scope = ctx.replica.scope(ctx.site)
+    stored = await scope.register_service(entry)
+    ctx.checks.sync_service(stored)
+    for check_id, status in initial.items():
+        ctx.checks.report(check_id, status)
+    ctx.on_service_change()
+    return Response(b"", status=200)
+
+
+@agent_api.route("/v1/agent/service/deregister/<service_id>", methods=["PUT"])
+async def deregister(service_id: str) -> Response:
+    ctx = current_app.config["KONSUL"]
+    await ctx.replica.scope(ctx.site).deregister_service(ctx.node, service_id)
+    ctx.checks.drop_service(service_id)
+    ctx.on_service_change()
+    return Response(b"", status=200)
+
+
+@agent_api.route("/v1/agent/services", methods=["GET"])
+async def services() -> Response:
+    ctx = current_app.config["KONSUL"]
+    catalog = ctx.replica.scope(ctx.site).catalog
+    body = {
+        e.service_id: service_json(e, ctx.site) for e in catalog.services() if e.node == ctx.node
+    }
+    return json_response(body)
+
+
+@agent_api.route("/v1/agent/checks", methods=["GET"])
+async def checks() -> Response:
+    ctx = current_app.config["KONSUL"]
+    ctx.checks.expire_ttls()
+    return json_response({k: check_json(c, ctx.node) for k, c in ctx.checks.checks.items()})
+
+
+@agent_api.route("/v1/agent/check/<verb>/<check_id>", methods=["PUT"])
+async def report_check(verb: str, check_id: str) -> Response:
+    ctx = current_app.config["KONSUL"]
+    status = {"pass": PASSING, "warn": WARNING, "fail": CRITICAL}.get(verb)
+    if status is None:
+        raise NotFound(f"no check verb {verb!r}; use pass, warn or fail")
+    ctx.checks.report(check_id, status, request.args.get("note", ""))
+    return Response(b"", status=200)
+
+
+@agent_api.route("/v1/agent/self", methods=["GET"])
+async def self_info() -> Response:
+    ctx = current_app.config["KONSUL"]
+    host = ctx.advertise.rsplit(":", 1)[0]
+    return json_response(
+        {
+            "Config": {
+                "Datacenter": ctx.site,
+                "NodeName": ctx.node,
+                "NodeID": ctx.replica.replica_id,
+                "Server": ctx.role == "hub",
+                "Version": "konsul-0.1.0",
+            },
+            "Member": {"Name": ctx.node, "Addr": host, "Port": 0, "Status": 1, "Tags": {"dc": ctx.site, "role": ctx.role}},
+            "Meta": {},
+        }
+    )

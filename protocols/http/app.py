@@ -1,0 +1,72 @@
+"""The quart-trio application: routes, the error form, metrics."""
+
+from __future__ import annotations
+
+import logging
+
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from konsul.sync.errors import KonsulError
+from konsul.sync.limits import MAX_VALUE_BYTES
+
+from .agent_routes import agent_api
+from .catalog_routes import catalog_api
+from .context import HttpContext
+from .kv_routes import kv_api
+from .metrics import HttpMetrics, make_registry
+from .ops_routes import ops_api
+from .responses import error_response
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+}
+
+
+def create_app(ctx: HttpContext) -> QuartTrio:
+    app = QuartTrio(__name__)
+    app.config["KONSUL"] = ctx
+    # Bodies are read whole; a KV value is at most 512 KiB, a JSON body a bit more.
+    app.config["MAX_CONTENT_LENGTH"] = 2 * MAX_VALUE_BYTES
+    app.config["BODY_TIMEOUT"] = 30
+    # Keys are judged by the store's rules, not normalised: "/v1/kv//x" must be
+    # refused as a key with a leading "/", not redirected to "x".
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
+    if ctx.registry is None:
+        ctx.registry = make_registry(ctx.replica)
+    metrics = HttpMetrics(ctx.registry)
+    for blueprint in (kv_api, agent_api, catalog_api, ops_api):
+        app.register_blueprint(blueprint)
+
+    @app.errorhandler(KonsulError)
+    async def konsul_error(error: KonsulError) -> Response:
+        return error_response(error.status, error.code, str(error))
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        detail = {
+            404: f"no such endpoint: {request.path}",
+            405: f"{request.method} is not allowed on {request.path}",
+            413: f"the body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes",
+        }.get(status, error.description or error.name)
+        return error_response(status, _HTTP_CODES.get(status, "http_error"), detail)
+
+    @app.errorhandler(Exception)
+    async def unexpected(error: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal", f"unexpected server error: {error}")
+
+    @app.after_request
+    async def count(response: Response) -> Response:
+        metrics.requests.labels(request.method, str(response.status_code)).inc()
+        return response
+
+    return app

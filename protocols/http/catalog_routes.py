@@ -1,0 +1,196 @@
+"""``/v1/catalog``, ``/v1/health`` and ``/v1/status``: what runs where, and how well."""
+
+from __future__ import annotations
+
+from quart import Blueprint, Response, current_app, request
+
+from konsul.sync.catalog import ServiceEntry
+from konsul.sync.checks import PASSING, STATES, CheckStatus
+from konsul.sync.errors import InvalidArgument
+
+from .agent_routes import check_json
+from .blocking import block_until_changed, index_header
+from .params import flag
+from .responses import json_response
+
+catalog_api = Blueprint("catalog", __name__)
+
+
+def _scope_and_services(ctx):
+    scope = ctx.scope(request.args.get("dc"))
+    return scope, scope.catalog.services()
+
+
+async def _block_on_catalog(ctx, scope) -> dict[str, str]:
+    """Blocking-query support for catalog and health reads; returns the index header."""
+    def current() -> int:
+        return scope.catalog.last_index + (ctx.checks.version if scope.name == ctx.site else 0)
+
+    def event():
+        # Health answers change with check status as well as with the catalog.
+        return ctx.feed.event(scope.name, "catalog" if scope.name != ctx.site else "any")
+
+    await block_until_changed(current, event)
+    return index_header(current())
+
+
+def _node_json(ctx, node: str, site: str) -> dict:
+    address = ctx.advertise.rsplit(":", 1)[0] if node == ctx.node else ""
+    return {
+        "ID": ctx.replica.replica_id if node == ctx.node else "",
+        "Node": node,
+        "Address": address,
+        "Datacenter": site,
+        "TaggedAddresses": {"lan": address, "wan": address},
+        "Meta": {},
+    }
+
+
+def _catalog_service_json(ctx, entry: ServiceEntry, site: str, index: int) -> dict:
+    node = _node_json(ctx, entry.node, site)
+    return {
+        "ID": node["ID"],
+        "Node": entry.node,
+        "Address": node["Address"],
+        "Datacenter": site,
+        "TaggedAddresses": node["TaggedAddresses"],
+        "NodeMeta": {},
+        "ServiceID": entry.service_id,
+        "ServiceName": entry.name,
+        "ServiceTags": list(entry.tags),
+        "ServiceAddress": entry.address,
+        "ServicePort": entry.port,
+        "ServiceMeta": dict(entry.meta),
+        "ServiceEnableTagOverride": False,
+        "CreateIndex": index,
+        "ModifyIndex": index,
+    }
+
+
+def _checks_of(ctx, scope, entry: ServiceEntry) -> list[CheckStatus]:
+    """Check status of a service: live here, unknown (critical) for other nodes' services."""
+    if scope.name == ctx.site and entry.node == ctx.node:
+        ctx.checks.expire_ttls()
+        return ctx.checks.for_service(entry.service_id)
+    return [
+        CheckStatus(d, entry.service_id, entry.name, entry.tags, output="status not known here")
+        for d in entry.checks
+    ]
+
+
+@catalog_api.route("/v1/catalog/services", methods=["GET"])
+async def catalog_services() -> Response:
+    ctx = current_app.config["KONSUL"]
+    scope, _ = _scope_and_services(ctx)
+    headers = await _block_on_catalog(ctx, scope)
+    found: dict[str, set[str]] = {}
+    for entry in scope.catalog.services():
+        found.setdefault(entry.name, set()).update(entry.tags)
+    return json_response({name: sorted(tags) for name, tags in sorted(found.items())}, headers=headers)
+
+
+@catalog_api.route("/v1/catalog/service/<name>", methods=["GET"])
+async def catalog_service(name: str) -> Response:
+    ctx = current_app.config["KONSUL"]
+    scope, _ = _scope_and_services(ctx)
+    headers = await _block_on_catalog(ctx, scope)
+    tags = request.args.getlist("tag")
+    body = [
+        _catalog_service_json(ctx, e, scope.name, scope.catalog.last_index)
+        for e in scope.catalog.services()
+        if e.name == name and all(t in e.tags for t in tags)
+    ]
+    return json_response(body, headers=headers)
+
+
+@catalog_api.route("/v1/catalog/nodes", methods=["GET"])
+async def catalog_nodes() -> Response:
+    ctx = current_app.config["KONSUL"]
+    scope, services = _scope_and_services(ctx)
+    headers = await _block_on_catalog(ctx, scope)
+    nodes = {e.node for e in services}
+    if scope.name == ctx.site:
+        nodes.add(ctx.node)
+    return json_response([_node_json(ctx, n, scope.name) for n in sorted(nodes)], headers=headers)
+
+
+@catalog_api.route("/v1/catalog/datacenters", methods=["GET"])
+async def catalog_datacenters() -> Response:
+    ctx = current_app.config["KONSUL"]
+    names = set(ctx.replica.scopes) | {ctx.site}
+    names.discard("global")
+    return json_response(sorted(names))
+
+
+@catalog_api.route("/v1/health/service/<name>", methods=["GET"])
+async def health_service(name: str) -> Response:
+    ctx = current_app.config["KONSUL"]
+    scope, _ = _scope_and_services(ctx)
+    headers = await _block_on_catalog(ctx, scope)
+    tags = request.args.getlist("tag")
+    passing_only = flag("passing")
+    body = []
+    for entry in scope.catalog.services():
+        if entry.name != name or not all(t in entry.tags for t in tags):
+            continue
+        checks = _checks_of(ctx, scope, entry)
+        if passing_only and any(c.status != PASSING for c in checks):
+            continue
+        body.append(
+            {
+                "Node": _node_json(ctx, entry.node, scope.name),
+                "Service": {
+                    "ID": entry.service_id,
+                    "Service": entry.name,
+                    "Tags": list(entry.tags),
+                    "Address": entry.address,
+                    "Port": entry.port,
+                    "Meta": dict(entry.meta),
+                },
+                "Checks": [check_json(c, entry.node) for c in checks],
+            }
+        )
+    return json_response(body, headers=headers)
+
+
+@catalog_api.route("/v1/health/checks/<name>", methods=["GET"])
+async def health_checks(name: str) -> Response:
+    ctx = current_app.config["KONSUL"]
+    scope, _ = _scope_and_services(ctx)
+    headers = await _block_on_catalog(ctx, scope)
+    body = [
+        check_json(c, e.node)
+        for e in scope.catalog.services()
+        if e.name == name
+        for c in _checks_of(ctx, scope, e)
+        if not flag("passing") or c.status == PASSING
+    ]
+    return json_response(body, headers=headers)
+
+
+@catalog_api.route("/v1/health/state/<state>", methods=["GET"])
+async def health_state(state: str) -> Response:
+    ctx = current_app.config["KONSUL"]
+    if state != "any" and state not in STATES:
+        raise InvalidArgument(f"state is one of any, {', '.join(STATES)}")
+    scope, _ = _scope_and_services(ctx)
+    headers = await _block_on_catalog(ctx, scope)
+    body = [
+        check_json(c, e.node)
+        for e in scope.catalog.services()
+        for c in _checks_of(ctx, scope, e)
+        if state == "any" or c.status == state
+    ]
+    return json_response(body, headers=headers)
+
+
+@catalog_api.route("/v1/status/leader", methods=["GET"])
+async def status_leader() -> Response:
+    ctx = current_app.config["KONSUL"]
+    return json_response(ctx.advertise)
+
+
+@catalog_api.route("/v1/status/peers", methods=["GET"])
+async def status_peers() -> Response:
+    ctx = current_app.config["KONSUL"]
+    return json_response([ctx.advertise])

@@ -1,0 +1,82 @@
+"""What the HTTP adapter needs from the agent that hosts it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from konsul.sync.checks import CheckTable
+from konsul.sync.errors import NotFound
+from konsul.sync.replica import GLOBAL_SCOPE, Replica
+from konsul.sync.scope import Scope
+
+
+class ChangeFeed:
+    """Wakes blocking queries: one event per (scope, collection), renewed on change."""
+
+    def __init__(self) -> None:
+        self._events: dict[tuple[str, str], trio.Event] = {}
+
+    def event(self, scope: str, collection: str) -> trio.Event:
+        key = (scope, collection)
+        found = self._events.get(key)
+        if found is None:
+            found = self._events[key] = trio.Event()
+        return found
+
+    def notify(self, scope: str, collection: str) -> None:
+        # "any" is for readers that depend on more than one collection.
+        for key in ((scope, collection), (scope, "any")):
+            found = self._events.pop(key, None)
+            if found is not None:
+                found.set()
+
+    def watch(self, scope: Scope) -> None:
+        scope.listeners.append(lambda collection, keys: self.notify(scope.name, collection))
+
+
+@dataclass
+class HttpContext:
+    """The agent's state and identity, as the HTTP routes see them.
+
+    Args:
+        replica: the durable state.
+        site: this agent's own scope (Consul's datacenter).
+        node: this agent's node name.
+        checks: status of the checks of this agent's services.
+        advertise: the address clients reach this agent at (``/v1/status/leader``).
+        sync_status: returns the ``/v1/sync/status`` document.
+        ready: returns whether the agent is ready to serve.
+    """
+
+    replica: Replica
+    site: str
+    node: str
+    checks: CheckTable
+    advertise: str = "127.0.0.1:8500"
+    role: str = "edge"
+    sync_status: Callable[[], dict[str, Any]] = lambda: {"peers": []}
+    ready: Callable[[], bool] = lambda: True
+    feed: ChangeFeed = field(default_factory=ChangeFeed)
+    on_service_change: Callable[[], None] = lambda: None
+    registry: Any = None  # prometheus CollectorRegistry
+
+    def __post_init__(self) -> None:
+        for name in (self.site, GLOBAL_SCOPE):
+            self.feed.watch(self.replica.scope(name))
+        self.checks.listeners.append(lambda: self.feed.notify(self.site, "checks"))
+
+    def scope(self, dc: str | None) -> Scope:
+        """The scope a request's ``?dc=`` names; the agent's own site by default."""
+        name = dc or self.site
+        if self.role == "edge" and name not in (self.site, GLOBAL_SCOPE):
+            raise NotFound(
+                f"datacenter {name!r} is not replicated at this edge (it holds {self.site!r} "
+                f"and {GLOBAL_SCOPE!r}); ask the hub for other sites"
+            )
+        if self.role == "hub" or name in self.replica.scopes:
+            return self.replica.scope(name)
+        raise NotFound(f"no datacenter {name!r} here")

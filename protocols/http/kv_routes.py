@@ -1,0 +1,100 @@
+"""``/v1/kv``: Consul's KV API, plus ``?ttl=`` and ``?history``.
+
+Keys arrive raw in the path (Consul clients do not escape ``/``), so the route
+takes the rest of the path and the store's key rules judge it.
+"""
+
+from __future__ import annotations
+
+import base64
+
+from quart import Blueprint, Response, current_app, request
+
+from konsul.sync.kv import HistoryRecord, KvEntry
+
+from .blocking import block_until_changed, index_header
+from .params import duration_arg, flag, int_arg
+from .responses import json_response
+
+kv_api = Blueprint("kv", __name__)
+
+
+def entry_json(entry: KvEntry) -> dict:
+    return {
+        "LockIndex": entry.lock_index,
+        "Key": entry.key,
+        "Flags": entry.flags,
+        "Value": base64.b64encode(entry.value).decode() if entry.value else None,
+        "CreateIndex": entry.create_index,
+        "ModifyIndex": entry.modify_index,
+    }
+
+
+def history_json(record: HistoryRecord) -> dict:
+    return {
+        "Key": record.key,
+        "Op": record.op,
+        "Stamp": record.stamp.encode(),
+        "Time": record.stamp.iso(),
+        "Replica": record.stamp.replica,
+        "Flags": record.flags,
+        "Size": record.size,
+        "Conflict": record.conflict,
+        "Value": base64.b64encode(record.value).decode() if record.value is not None else None,
+    }
+
+
+@kv_api.route("/v1/kv/", defaults={"key": ""}, methods=["GET", "PUT", "DELETE"])
+@kv_api.route("/v1/kv/<path:key>", methods=["GET", "PUT", "DELETE"])
+async def kv(key: str) -> Response:
+    ctx = current_app.config["KONSUL"]
+    scope = ctx.scope(request.args.get("dc"))
+    if request.method == "PUT":
+        return await _put(scope, key)
+    if request.method == "DELETE":
+        return await _delete(scope, key)
+    return await _get(ctx, scope, key)
+
+
+async def _get(ctx, scope, key: str) -> Response:
+    feed = ctx.feed
+    await block_until_changed(
+        lambda: scope.kv.last_index, lambda: feed.event(scope.name, "kv")
+    )
+    headers = index_header(scope.kv.last_index)
+    if flag("history"):
+        return json_response([history_json(r) for r in scope.kv.history(key)], headers=headers)
+    if flag("keys"):
+        keys = scope.kv.keys(key, request.args.get("separator") or None)
+        return json_response(keys, status=200 if keys else 404, headers=headers)
+    if flag("recurse"):
+        entries = scope.kv.list(key)
+        if not entries:
+            return Response(b"", status=404, headers=headers)
+        return json_response([entry_json(e) for e in entries], headers=headers)
+    entry = scope.kv.get(key)
+    if entry is None:
+        return Response(b"", status=404, headers=headers)
+    if flag("raw"):
+        return Response(entry.value, content_type="application/octet-stream", headers=headers)
+    return json_response([entry_json(entry)], headers=headers)
+
+
+async def _put(scope, key: str) -> Response:
+    flags = int_arg("flags", default=0)
+    cas = int_arg("cas")
+    ttl = duration_arg("ttl")
+    value = await request.get_data(cache=False)
+    ok = await scope.kv_put(
+        key,
+        value,
+        flags=flags,
+        cas=cas,
+        ttl_ms=None if ttl is None else max(1, int(ttl * 1000)),
+    )
+    return json_response(ok)
+
+
+async def _delete(scope, key: str) -> Response:
+    ok = await scope.kv_delete(key, recurse=flag("recurse"), cas=int_arg("cas"))
+    return json_response(ok)

@@ -1,0 +1,96 @@
+"""Run real `konsul` agent processes for tests, and wait for them properly."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+_LISTENING = re.compile(r"http listening on (http://\S+)")
+
+
+class AgentProcess:
+    """A `konsul ...` child process whose stderr is collected and searchable."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "konsul.edge.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 20.0) -> re.Match[str]:
+        """The first output line matching ``pattern``; fails if the process exits first."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    found = regex.search(line)
+                    if found:
+                        return found
+                if self.proc.poll() is not None and not self._reader.is_alive():
+                    raise AssertionError(f"agent exited ({self.proc.returncode}):\n{self.output}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out waiting for {regex.pattern!r}:\n{self.output}")
+                self._changed.wait(min(left, 0.5))
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._reader.join(5)
+
+
+class EdgeProcess(AgentProcess):
+    """`konsul edge` on free ports; ``url`` is its HTTP API."""
+
+    def __init__(self, data_dir: Path, site: str = "s1", node: str = "n1", extra: list[str] | None = None) -> None:
+        super().__init__(
+            [
+                "edge",
+                "--site", site,
+                "--node", node,
+                "--data-dir", str(data_dir),
+                "--http-addr", "127.0.0.1:0",
+                "--mqtt-addr", "",
+                "--coap-addr", "",
+                *(extra or []),
+            ]
+        )
+        self.data_dir = data_dir
+        self.url = self.wait_for(_LISTENING).group(1)
+        self.addr = self.url.split("://", 1)[1]
+        self.host, port = self.addr.rsplit(":", 1)
+        self.port = int(port)
