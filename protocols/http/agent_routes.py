@@ -16,11 +16,22 @@ from .responses import json_response
 agent_api = Blueprint("agent", __name__)
 
 _KNOWN_CHECK_KINDS = ("TTL", "HTTP", "TCP")
-_UNSUPPORTED_CHECK_KINDS = ("Script", "Args", "GRPC", "DockerContainerID", "Shell", "H2PING", "UDP", "OSService", "AliasService")
+_UNSUPPORTED_CHECK_KINDS = (
+    "Script", "Args", "GRPC", "DockerContainerID", "Shell", "H2PING", "UDP", "OSService", "AliasService"
+)
+
+
+def _fields(body: dict) -> dict:
+    """Field names as Consul reads them: case-insensitive, snake_case accepted.
+
+    Consul decodes JSON case-insensitively, and clients rely on it (py-consul
+    sends ``{"name": ..., "checks": [{"ttl": "10s"}]}``).
+    """
+    return {k.lower().replace("_", ""): v for k, v in body.items()}
 
 
 async def json_body() -> dict:
-    raw = await request.get_data(cache=False)
+    raw = await request.get_data(cache=True)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
@@ -31,7 +42,7 @@ async def json_body() -> dict:
 
 
 def _field(body: dict, name: str, kind: type, default):
-    value = body.get(name, default)
+    value = body.get(name.lower(), default)
     if value is None:
         return default
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
@@ -42,8 +53,9 @@ def _field(body: dict, name: str, kind: type, default):
 def parse_check(body: dict, service_id: str, position: int) -> CheckDefinition:
     if not isinstance(body, dict):
         raise InvalidArgument("a check must be a JSON object")
-    kinds = [k for k in _KNOWN_CHECK_KINDS if body.get(k)]
-    unsupported = [k for k in _UNSUPPORTED_CHECK_KINDS if body.get(k)]
+    body = _fields(body)
+    kinds = [k for k in _KNOWN_CHECK_KINDS if body.get(k.lower())]
+    unsupported = [k for k in _UNSUPPORTED_CHECK_KINDS if body.get(k.lower())]
     if unsupported or not kinds:
         named = ", ".join(unsupported) or "none"
         raise InvalidArgument(
@@ -54,7 +66,7 @@ def parse_check(body: dict, service_id: str, position: int) -> CheckDefinition:
     kind = kinds[0]
     default_id = f"service:{service_id}" + (f":{position + 1}" if position else "")
     check_id = _field(body, "CheckID", str, "") or _field(body, "ID", str, "") or default_id
-    after = body.get("DeregisterCriticalServiceAfter")
+    after = body.get("deregistercriticalserviceafter")
     definition = CheckDefinition(
         check_id=check_id,
         name=_field(body, "Name", str, "") or f"Service '{service_id}' check",
@@ -62,7 +74,7 @@ def parse_check(body: dict, service_id: str, position: int) -> CheckDefinition:
         target="" if kind == "TTL" else _field(body, kind, str, ""),
         interval_s=parse_duration(_field(body, "Interval", str, "10s"), "Interval"),
         timeout_s=parse_duration(_field(body, "Timeout", str, "10s"), "Timeout"),
-        ttl_s=parse_duration(body["TTL"], "TTL") if kind == "TTL" else 0.0,
+        ttl_s=parse_duration(str(body["ttl"]), "TTL") if kind == "TTL" else 0.0,
         deregister_after_s=None if after in (None, "") else parse_duration(str(after), "DeregisterCriticalServiceAfter"),
         notes=_field(body, "Notes", str, ""),
     )
@@ -73,6 +85,7 @@ def parse_check(body: dict, service_id: str, position: int) -> CheckDefinition:
 
 def parse_service(body: dict, node: str) -> tuple[ServiceEntry, dict[str, str]]:
     """A ServiceEntry from a register body, and the checks' requested initial status."""
+    body = _fields(body)
     name = _field(body, "Name", str, "")
     if not name:
         raise InvalidArgument("a service needs a Name")
@@ -84,14 +97,14 @@ def parse_service(body: dict, node: str) -> tuple[ServiceEntry, dict[str, str]]:
     ):
         raise InvalidArgument("Tags is a list of strings and Meta a map of strings")
     raw_checks = []
-    if body.get("Check"):
-        raw_checks.append(body["Check"])
+    if body.get("check"):
+        raw_checks.append(body["check"])
     checks_field = _field(body, "Checks", list, [])
     raw_checks.extend(checks_field)
     checks = tuple(parse_check(c, service_id, i) for i, c in enumerate(raw_checks))
     initial = {}
     for definition, raw in zip(checks, raw_checks):
-        status = raw.get("Status")
+        status = _fields(raw).get("status")
         if status:
             if status not in STATES:
                 raise InvalidArgument(f"check Status is one of {', '.join(STATES)}")

@@ -7,6 +7,7 @@ import logging
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
 
 from konsul.sync.errors import KonsulError
 from konsul.sync.limits import MAX_VALUE_BYTES
@@ -29,6 +30,12 @@ _HTTP_CODES = {
 }
 
 
+class AnyPath(PathConverter):
+    """A path that may be empty or start with "/" (werkzeug's ``path`` may not)."""
+
+    regex = "/?.*?"  # werkzeug anchors this regex itself
+
+
 def create_app(ctx: HttpContext) -> QuartTrio:
     app = QuartTrio(__name__)
     app.config["KONSUL"] = ctx
@@ -39,6 +46,7 @@ def create_app(ctx: HttpContext) -> QuartTrio:
     # refused as a key with a leading "/", not redirected to "x".
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
+    app.url_map.converters["anypath"] = AnyPath
     if ctx.registry is None:
         ctx.registry = make_registry(ctx.replica)
     metrics = HttpMetrics(ctx.registry)
@@ -57,12 +65,25 @@ def create_app(ctx: HttpContext) -> QuartTrio:
             405: f"{request.method} is not allowed on {request.path}",
             413: f"the body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes",
         }.get(status, error.description or error.name)
-        return error_response(status, _HTTP_CODES.get(status, "http_error"), detail)
+        response = error_response(status, _HTTP_CODES.get(status, "http_error"), detail)
+        if status == 413:
+            # The body was not read: this connection cannot carry another request.
+            response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal", f"unexpected server error: {error}")
+
+    @app.before_request
+    async def read_body_first() -> None:
+        # Read every request body before any handler can answer. hypercorn
+        # stalls a keep-alive connection for its whole timeout when a response
+        # goes out before the request body was consumed (seen with an error
+        # answered before a PUT's body was read). Handlers then get it cached.
+        if request.method in ("PUT", "POST", "PATCH", "DELETE"):
+            await request.get_data(cache=True)
 
     @app.after_request
     async def count(response: Response) -> Response:

@@ -10,6 +10,7 @@ import base64
 
 from quart import Blueprint, Response, current_app, request
 
+from konsul.sync.errors import InvalidArgument
 from konsul.sync.kv import HistoryRecord, KvEntry
 
 from .blocking import block_until_changed, index_header
@@ -44,8 +45,7 @@ def history_json(record: HistoryRecord) -> dict:
     }
 
 
-@kv_api.route("/v1/kv/", defaults={"key": ""}, methods=["GET", "PUT", "DELETE"])
-@kv_api.route("/v1/kv/<path:key>", methods=["GET", "PUT", "DELETE"])
+@kv_api.route("/v1/kv/<anypath:key>", methods=["GET", "PUT", "DELETE"])
 async def kv(key: str) -> Response:
     ctx = current_app.config["KONSUL"]
     scope = ctx.scope(request.args.get("dc"))
@@ -84,7 +84,9 @@ async def _put(scope, key: str) -> Response:
     flags = int_arg("flags", default=0)
     cas = int_arg("cas")
     ttl = duration_arg("ttl")
-    value = await request.get_data(cache=False)
+    if ttl is not None and ttl <= 0:
+        raise InvalidArgument("ttl must be positive, e.g. ttl=30s")
+    value = await request.get_data(cache=True)
     ok = await scope.kv_put(
         key,
         value,
