@@ -16,8 +16,6 @@ import socket
 import sys
 from pathlib import Path
 
-import trio
-
 from konsul.sync.errors import KonsulError
 
 from . import client_commands
@@ -138,6 +136,7 @@ Stop with Ctrl-C.
 
 def run_until_signal(run, config, on_ready=None) -> int:
     """Run an agent under trio until SIGTERM/SIGINT, then shut it down cleanly."""
+    import trio  # here, so that client commands and --help start fast
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -118,6 +118,7 @@ class KvState:
         """Rebuild the per-replica view from the stored rows."""
         indexes = {key: (create, modify) for key, create, modify in index_rows}
         for key, stamp, op, flags, size, conflict, value in sorted(history_rows, key=lambda r: r[1]):
+            flags %= 2**64  # stored as SQLite's signed 64-bit INTEGER
             record = HistoryRecord(key, Stamp.decode(stamp), op, flags, size, bool(conflict), value)
             self._remember(record)
         self.conflicts = conflicts
@@ -154,9 +155,13 @@ class KvState:
     def history(self, key: str) -> list[HistoryRecord]:
         """Live versions (current first, then unresolved conflicts), then the past."""
         check_key(key)
-        live = [self._record(v, conflict=i > 0) for i, v in enumerate(self.versions.versions(key))]
-        past = sorted(self._history.get(key, ()), key=lambda r: r.stamp, reverse=True)
-        return live + past
+        versions = self.versions.versions(key)
+        live = [self._record(v, conflict=i > 0) for i, v in enumerate(versions)]
+        # A conflict loser is recorded when it loses but stays live until a later
+        # write supersedes it: list it once, as live.
+        live_stamps = {v.stamp for v in versions}
+        past = [r for r in self._history.get(key, ()) if r.stamp not in live_stamps]
+        return live + sorted(past, key=lambda r: r.stamp, reverse=True)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -199,7 +204,7 @@ class KvState:
         entry = KvEntry(key, value, flags, old.create_index if old else index, index, stamp, expires)
         self._show(entry)
         batch.kv_index[(self.scope, key)] = (entry.create_index, index)
-        self._archive(superseded, batch)
+        self._archive(superseded, batch, shown=old)
         return True
 
     def delete(
@@ -283,9 +288,8 @@ class KvState:
         if cas == 0:
             return entry is None and not deleting
         if entry is None:
-            raise CasMissingKey(
-                f"key {key!r} does not exist, so cas={cas} cannot match; use cas=0 to create it"
-            )
+            advice = "nothing to delete" if deleting else "use cas=0 to create it"
+            raise CasMissingKey(f"key {key!r} does not exist, so cas={cas} cannot match; {advice}")
         return entry.modify_index == cas
 
     def _next_index(self, batch: WriteBatch) -> int:
@@ -335,21 +339,31 @@ class KvState:
         self.conflicts += 1
         self._store_history(self._record(loser, conflict=True), batch)
 
-    def _archive(self, superseded: Iterable[Version], batch: WriteBatch) -> None:
+    def _archive(
+        self, superseded: Iterable[Version], batch: WriteBatch, shown: KvEntry | None = None
+    ) -> None:
+        """Keep superseded versions' metadata; ``shown`` is the entry visible before."""
         for version in superseded:
             if (version.key, version.stamp) in self._conflict_stamps:
                 continue  # already kept, with its value, when it lost
-            record = self._record(version, conflict=False)
-            self._store_history(
-                HistoryRecord(record.key, record.stamp, record.op, record.flags, record.size, False, None),
-                batch,
-            )
+            if shown is not None and shown.stamp == version.stamp:
+                # The visible entry holds this version decoded: skip the CBOR.
+                record = HistoryRecord(
+                    version.key, version.stamp, "set", shown.flags, len(shown.value), False, None
+                )
+            else:
+                record = self._record(version, conflict=False)
+                if record.value is not None:
+                    record = HistoryRecord(
+                        record.key, record.stamp, record.op, record.flags, record.size, False, None
+                    )
+            self._store_history(record, batch)
 
     def _store_history(self, record: HistoryRecord, batch: WriteBatch) -> None:
         dropped = self._remember(record)
         batch.history[(self.scope, record.key, record.stamp.encode())] = (
             record.op,
-            record.flags,
+            _signed64(record.flags),
             record.size,
             int(record.conflict),
             record.value,
@@ -370,6 +384,11 @@ class KvState:
         oldest = past.popleft()  # records arrive in (near) stamp order
         self._conflict_stamps.discard((oldest.key, oldest.stamp))
         return oldest
+
+
+def _signed64(flags: int) -> int:
+    """Flags (unsigned 64-bit) as SQLite's signed INTEGER; ``load`` undoes it."""
+    return flags - 2**64 if flags >= 2**63 else flags
 
 
 def _same_version(old: KvEntry | None, new: KvEntry | None) -> bool:

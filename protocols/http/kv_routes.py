@@ -66,18 +66,25 @@ async def _get(ctx, scope, key: str) -> Response:
         return json_response([history_json(r) for r in scope.kv.history(key)], headers=headers)
     if flag("keys"):
         keys = scope.kv.keys(key, request.args.get("separator") or None)
-        return json_response(keys, status=200 if keys else 404, headers=headers)
+        if not keys:
+            return _not_found(headers)
+        return json_response(keys, headers=headers)
     if flag("recurse"):
         entries = scope.kv.list(key)
         if not entries:
-            return Response(b"", status=404, headers=headers)
+            return _not_found(headers)
         return json_response([entry_json(e) for e in entries], headers=headers)
     entry = scope.kv.get(key)
     if entry is None:
-        return Response(b"", status=404, headers=headers)
+        return _not_found(headers)
     if flag("raw"):
         return Response(entry.value, content_type="application/octet-stream", headers=headers)
     return json_response([entry_json(entry)], headers=headers)
+
+
+def _not_found(headers: dict[str, str]) -> Response:
+    # Consul answers a missing key with an empty 404, and clients rely on it.
+    return Response(b"", status=404, content_type="application/json", headers=headers)
 
 
 async def _put(scope, key: str) -> Response:
