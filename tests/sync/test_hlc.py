@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sync_support import BASE_MS, WallClock
+
+from konsul.sync.hlc import HybridClock, Stamp
+
+stamps = st.builds(
+    Stamp,
+    st.integers(0, 2**48 - 1),
+    st.integers(0, 0xFFFF),
+    st.text("0123456789abcdef", min_size=12, max_size=12),
+)
+
+
+@given(stamps, stamps)
+def test_encoded_stamps_sort_like_stamps(a, b):
+    assert (a.encode() < b.encode()) == (a < b)
+    assert Stamp.decode(a.encode()) == a
+
+
+def test_stamps_follow_the_wall_clock():
+    wall = WallClock()
+    clock = HybridClock("r1", wall)
+    first = clock.now()
+    wall.ms += 5
+    second = clock.now()
+    assert (first.wall_ms, second.wall_ms) == (BASE_MS, BASE_MS + 5)
+    assert first < second
+
+
+def test_stamps_never_go_backwards_when_the_wall_clock_does():
+    wall = WallClock()
+    clock = HybridClock("r1", wall)
+    issued = [clock.now()]
+    wall.ms -= 60_000  # NTP steps the clock back a minute
+    issued += [clock.now(), clock.now()]
+    assert issued == sorted(issued)
+    assert len(set(issued)) == 3
+    assert all(s.wall_ms == BASE_MS for s in issued)
+
+
+def test_counter_overflow_borrows_the_next_millisecond():
+    clock = HybridClock("r1", WallClock())
+    clock.observe(Stamp(BASE_MS, 0xFFFE, "r0"))  # a busy peer used up the counter
+    issued = [clock.now() for _ in range(3)]
+    assert [(s.wall_ms - BASE_MS, s.counter) for s in issued] == [(0, 0xFFFF), (1, 0), (1, 1)]
+    assert [s.encode() for s in issued] == sorted(s.encode() for s in issued)
+    assert len({len(s.encode()) for s in issued}) == 1
+
+
+def test_a_stamp_after_observing_a_remote_one_is_later_even_with_a_slow_clock():
+    fast = HybridClock("fast", WallClock(BASE_MS + 10_000))
+    slow = HybridClock("slow", WallClock(BASE_MS))
+    seen = fast.now()
+    slow.observe(seen)
+    assert slow.now() > seen
+
+
+def test_equal_wall_and_counter_are_ordered_by_replica_id():
+    a = HybridClock("aaa", WallClock()).now()
+    b = HybridClock("bbb", WallClock()).now()
+    assert (a.wall_ms, a.counter) == (b.wall_ms, b.counter)
+    assert a < b
+
+
+@pytest.mark.parametrize("replica", ["", "has.dot"])
+def test_replica_ids_must_be_non_empty_without_dots(replica):
+    with pytest.raises(ValueError):
+        HybridClock(replica)

@@ -1,0 +1,252 @@
+"""The SQLite store, seen through a replica: restarts, damage, locks, a full disk."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import trio
+from sync_support import BASE_MS, WallClock, running, send, view
+
+from konsul.sync.catalog import CheckDefinition, ServiceEntry
+from konsul.sync.errors import StoreCorrupt, StoreError, StoreFull, StoreLocked
+from konsul.sync.replica import Replica
+from konsul.sync.store import DB_NAME
+
+KEYS = ["cfg/a", "cfg/b", "cfg/big", "conflicted", "gone/x", "gone/y", "ttl"]
+
+
+async def fill(a, b) -> None:
+    """Give two scopes values, flags, history, deletes, a conflict, a TTL, a service."""
+    await a.kv_put("cfg/a", b"1", flags=2**64 - 1)
+    for flags in (2**64 - 1, 2**63, 0, 1, 2):  # overwritten flags go into the history
+        await a.kv_put("cfg/b", f"v{flags}".encode(), flags=flags)
+    await a.kv_put("cfg/big", bytes(range(256)) * 1024)
+    await a.kv_put("gone/x", b"x")
+    await a.kv_put("gone/y", b"y")
+    await a.kv_delete("gone/", recurse=True)
+    await a.kv_put("ttl", b"t", ttl_ms=3_600_000)
+    await a.kv_put("conflicted", b"from-a")
+    await b.kv_put("conflicted", b"from-b")  # b's clock is ahead: b wins
+    await send(b, a)
+    await send(a, b)
+    await a.register_service(
+        ServiceEntry(
+            "node1",
+            "web-1",
+            "web",
+            "10.0.0.5",
+            8080,
+            ("primary",),
+            {"v": "2"},
+            (CheckDefinition("c1", "alive", "http", "http://10.0.0.5:8080/health"),),
+        )
+    )
+    await send(a, b, "catalog")
+
+
+async def test_a_restart_rebuilds_exactly_the_same_state(tmp_path):
+    walls = {"a": WallClock(BASE_MS), "b": WallClock(BASE_MS + 10)}
+    before = {}
+    async with running(Replica.open(tmp_path / "a", wall_ms=walls["a"])) as ra:
+        async with running(Replica.open(tmp_path / "b", wall_ms=walls["b"])) as rb:
+            await fill(ra.scope("site"), rb.scope("site"))
+            await ra.scope("global").kv_put("fleet/x", b"g")
+            for name, replica in (("a", ra), ("b", rb)):
+                before[name] = (
+                    replica.replica_id,
+                    {s: view(scope, KEYS) for s, scope in replica.scopes.items()},
+                )
+    assert before["a"][1]["site"]["conflicts"] == 1
+    assert before["a"][1]["site"]["history"]["conflicted"][1].value == b"from-a"
+
+    for name, wall in walls.items():
+        async with running(Replica.open(tmp_path / name, wall_ms=wall)) as replica:
+            scopes = {s: view(scope, KEYS) for s, scope in replica.scopes.items()}
+            assert (replica.replica_id, scopes) == before[name]
+            # and the index carries on: never back to one a client has seen
+            scope = replica.scope("site")
+            index = scope.kv.last_index
+            await scope.kv_put("cfg/a", b"2")
+            assert scope.kv.get("cfg/a").modify_index == scope.kv.last_index > index
+            [first] = [e for e in before[name][1]["site"]["entries"] if e.key == "cfg/a"]
+            assert scope.kv.get("cfg/a").create_index == first.create_index
+
+
+async def test_an_acknowledged_write_is_on_disk_before_the_replica_closes(tmp_path, open_replica):
+    replica = await open_replica("live")
+    scope = replica.scope("site")
+    await scope.kv_put("k", b"durable", flags=5)
+    # Copy the files as a crash would leave them: the replica is still running.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for suffix in ("", "-wal"):
+        source = tmp_path / "live" / (DB_NAME + suffix)
+        if source.exists():
+            shutil.copyfile(source, copy / source.name)
+    async with running(Replica.open(copy, wall_ms=WallClock())) as recovered:
+        entry = recovered.scope("site").kv.get("k")
+        assert (entry.value, entry.flags) == (b"durable", 5)
+
+
+async def test_concurrent_writes_commit_together_and_all_survive(tmp_path):
+    async with running(Replica.open(tmp_path, wall_ms=WallClock())) as replica:
+        scope = replica.scope("site")
+        async with trio.open_nursery() as nursery:
+            for i in range(64):
+                nursery.start_soon(scope.kv_put, f"k{i:02d}", str(i).encode())
+        assert len(scope.kv.list("")) == 64
+        assert replica.store.batches == 64
+        assert replica.store.rounds < 64  # group commit: fewer transactions than writes
+    async with running(Replica.open(tmp_path, wall_ms=WallClock())) as replica:
+        assert [e.value for e in replica.scope("site").kv.list("")] == [
+            str(i).encode() for i in range(64)
+        ]
+
+
+# -- a damaged database --------------------------------------------------------------
+
+
+def garbage(size: int) -> bytes:
+    return bytes((i * 131 + 17) % 251 for i in range(size))
+
+
+def replace_file(path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
+def damage_header(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(garbage(100) + data[100:])
+
+
+def damage_pages(path) -> None:
+    data = path.read_bytes()
+    page = int.from_bytes(data[16:18], "big")
+    assert len(data) >= 3 * page
+    path.write_bytes(data[:page] + garbage(len(data) - page))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda path: replace_file(path, garbage(10_000)),
+        lambda path: replace_file(path, b"SQLite format 3\x00" + garbage(4_000)),
+        damage_header,
+        damage_pages,
+    ],
+    ids=["garbage file", "truncated after the magic", "damaged header", "damaged pages"],
+)
+async def test_a_corrupt_database_is_reported_by_name_and_left_untouched(tmp_path, damage):
+    data_dir = tmp_path / "data"
+    async with running(Replica.open(data_dir, wall_ms=WallClock())) as replica:
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(replica.scope("site").kv_put, f"k{i}", garbage(400))
+    db = data_dir / DB_NAME
+    damage(db)
+    damaged = db.read_bytes()
+
+    with pytest.raises(StoreCorrupt) as raised:
+        Replica.open(data_dir)
+    assert str(db) in str(raised.value)
+    assert "untouched" in str(raised.value)
+    assert db.read_bytes() == damaged
+    # SQLite's read-only check of a WAL-mode file may leave an empty WAL (and
+    # its index) beside it; nothing that could ever be replayed into the file.
+    wal = data_dir / (DB_NAME + "-wal")
+    assert not wal.exists() or wal.stat().st_size == 0
+
+    # The refused start-up released the directory: once the user moves the
+    # file away, the same process can start with an empty store.
+    db.rename(tmp_path / "konsul.db.broken")
+    async with running(Replica.open(data_dir, wall_ms=WallClock())) as replica:
+        assert replica.scope("site").kv.list("") == []
+
+
+# -- a data directory in use ---------------------------------------------------------
+
+HOLDER = textwrap.dedent(
+    """
+    import sys
+    from konsul.sync.replica import Replica
+    replica = Replica.open(sys.argv[1])
+    print("ready", flush=True)
+    sys.stdin.read()  # hold the directory until the test closes our stdin
+    replica.close()
+    """
+)
+
+
+def test_a_data_dir_held_by_another_process_is_refused(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "ready\n"
+        with pytest.raises(StoreLocked) as raised:
+            Replica.open(tmp_path)
+        assert str(holder.pid) in str(raised.value)
+        assert str(tmp_path) in str(raised.value)
+        assert "--data-dir" in str(raised.value)  # says what to do
+    finally:
+        holder.stdin.close()
+        assert holder.wait(timeout=30) == 0
+    Replica.open(tmp_path).close()  # free once the holder has gone
+
+
+def test_a_data_dir_is_exclusive_within_one_process_too(tmp_path):
+    first = Replica.open(tmp_path)
+    try:
+        with pytest.raises(StoreLocked):
+            Replica.open(tmp_path)
+    finally:
+        first.close()
+    Replica.open(tmp_path).close()
+
+
+# -- a full disk -----------------------------------------------------------------------
+
+
+async def test_a_full_disk_fails_the_write_and_keeps_earlier_data(tmp_path):
+    wall = WallClock()
+    async with running(Replica.open(tmp_path, wall_ms=wall)) as replica:
+        scope = replica.scope("site")
+        for i in range(10):
+            await scope.kv_put(f"k{i}", f"v{i}".encode(), flags=i)
+        await scope.kv_put("k0", b"v0-again")
+        await scope.register_service(ServiceEntry("node1", "db", "db", port=5432))
+        before = view(scope, ["k0"])
+
+        # Simulate a full disk with SQLite's max_page_count on the store's own
+        # connection: the database may not grow beyond the pages it has now.
+        [(pages,)] = replica.store.query("PRAGMA page_count")
+        replica.store.query(f"PRAGMA max_page_count = {pages}")
+
+        with pytest.raises(StoreError) as raised:
+            await scope.kv_put("big", bytes(400_000))
+        assert isinstance(raised.value, StoreFull)
+        assert "full" in str(raised.value)
+        # Memory shows only what the disk holds.
+        assert scope.kv.get("big") is None
+        assert view(scope, ["k0"]) == before
+
+        # Space comes back: writing works again without a restart.
+        replica.store.query("PRAGMA max_page_count = 1073741823")
+        assert await scope.kv_put("after", b"ok")
+
+    async with running(Replica.open(tmp_path, wall_ms=wall)) as replica:
+        scope = replica.scope("site")
+        assert scope.kv.get("big") is None
+        assert scope.kv.get("after").value == b"ok"
+        await scope.kv_delete("after")
+        after = view(scope, ["k0"])
+        assert after["entries"] == before["entries"]
+        assert after["history"] == before["history"]
+        assert after["services"] == before["services"]
