@@ -70,6 +70,11 @@ class HybridClock:
         self._last = stamp
         return stamp
 
+    @property
+    def last(self) -> Stamp:
+        """The latest stamp issued or observed here."""
+        return self._last
+
     def observe(self, seen: Stamp) -> None:
         """Move past a stamp that arrived from another replica."""
         if (seen.wall_ms, seen.counter) > (self._last.wall_ms, self._last.counter):

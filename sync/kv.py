@@ -238,6 +238,14 @@ class KvState:
         for version in removed:
             self.clock.observe(version.stamp)
         self._archive(removed, batch)
+        return self.refresh(touched, batch)
+
+    def refresh(self, touched: Iterable[str], batch: WriteBatch) -> set[str]:
+        """Bring the per-replica view of ``touched`` keys in line with the versions.
+
+        Records conflicts (keys with more than one live version) and gives every
+        key whose visible value changed the same new index.
+        """
         now = self.clock.wall_ms()
         changed: set[str] = set()
         index = None
@@ -262,6 +270,10 @@ class KvState:
                 self._show(entry)
                 batch.kv_index[(self.scope, key)] = (create, index)
         return changed
+
+    def record_lost_write(self, version: Version, batch: WriteBatch) -> None:
+        """Keep a write that lost while it was being merged into a new epoch."""
+        self._record_conflict(version, batch)
 
     def expire(self, now_ms: int, batch: WriteBatch) -> list[str]:
         """Hide the keys whose TTL has passed; returns them."""

@@ -1,13 +1,22 @@
-"""One replica: a data directory's store, its clock and its scopes."""
+"""One replica: a data directory's store(s), its clock and its scopes.
+
+An edge keeps all its scopes in one store. The hub keeps each scope in a store
+of its own under ``scopes/<name>/`` (``per_scope_stores``), so that a site's
+state can be backed up, moved or dropped on its own, and one busy site's
+commits do not queue behind another's.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
+from pathlib import Path
 
 import trio
 
+from .errors import InvalidArgument, NotFound
 from .hlc import HybridClock, system_wall_ms
 from .scope import Scope
 from .store import Store
@@ -15,17 +24,37 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 GLOBAL_SCOPE = "global"
+_SCOPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_scope_name(name: str) -> str:
+    """Site ids name directories on the hub: letters, digits, '.', '_', '-'."""
+    if not _SCOPE_NAME.fullmatch(name):
+        raise InvalidArgument(
+            f"site id {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
 
 
 class Replica:
     """Everything one agent (edge or hub) keeps durable.
 
     Args:
-        store: the opened store of the data directory.
+        store: the opened store of the data directory (meta, and the scopes
+            unless ``per_scope_stores``).
         wall_ms: the physical clock; tests pass one driven by trio's MockClock.
+        per_scope_stores: keep each scope in its own store under ``scopes/``.
+        scope_options: passed to every :class:`Scope` (auto_compact, epoch_authority).
     """
 
-    def __init__(self, store: Store, wall_ms=system_wall_ms, history_depth: int = 16) -> None:
+    def __init__(
+        self,
+        store: Store,
+        wall_ms=system_wall_ms,
+        history_depth: int = 16,
+        per_scope_stores: bool = False,
+        **scope_options,
+    ) -> None:
         self.store = store
         replica_id = store.meta("replica_id")
         if replica_id is None:
@@ -34,33 +63,67 @@ class Replica:
         self.replica_id: str = replica_id
         self.clock = HybridClock(replica_id, wall_ms)
         self.history_depth = history_depth
+        self.scope_options = scope_options
+        self.scope_dir = store.path.parent / "scopes" if per_scope_stores else None
+        self.durability = store.durability
         self.scopes: dict[str, Scope] = {}
+        self._stores: dict[str, Store] = {}
+        self._nursery: trio.Nursery | None = None
         self._expiry_changed = trio.Event()
         store.on_failure = self._reload_after_failure
-        for (name,) in store.query("SELECT DISTINCT scope FROM docs UNION SELECT scope FROM scope_state"):
-            self.scope(name)
+        if self.scope_dir is None:
+            for (name,) in store.query("SELECT DISTINCT scope FROM docs UNION SELECT scope FROM scope_state"):
+                self.scope(name)
 
     @classmethod
     def open(cls, data_dir: str | os.PathLike[str], durability: str = "full", **kwargs) -> Replica:
         return cls(Store.open(data_dir, durability), **kwargs)
 
     def scope(self, name: str) -> Scope:
-        """The named scope, created empty if it is new."""
+        """The named scope; in the shared store it is created empty if new."""
         found = self.scopes.get(name)
         if found is None:
-            found = self.scopes[name] = Scope(name, self.store, self.clock, self.history_depth)
-            found.listeners.append(self._on_change)
+            if self.scope_dir is not None:
+                raise NotFound(f"no scope {name!r} is open here")
+            found = self._add_scope(name, self.store)
         return found
 
+    async def open_scope(self, name: str) -> Scope:
+        """The named scope, opened (or created) with its own store if need be."""
+        if name in self.scopes or self.scope_dir is None:
+            return self.scope(name)
+        check_scope_name(name)
+        store = Store.open(self.scope_dir / name, self.durability)
+        assert self._nursery is not None, "open_scope needs a running replica"
+        await self._nursery.start(store.run)
+        self._stores[name] = store
+        store.on_failure = lambda error: self._reload_after_failure(error, name)
+        return self.scopes.get(name) or self._add_scope(name, store)
+
+    def stores(self) -> list[Store]:
+        return [self.store, *self._stores.values()]
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the store's committer and the TTL reaper until cancelled."""
+        """Run the stores' committers and the TTL reaper until cancelled."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self.store.run)
+            if self.scope_dir is not None and self.scope_dir.is_dir():
+                for path in sorted(self.scope_dir.iterdir()):
+                    if path.is_dir() and _SCOPE_NAME.fullmatch(path.name):
+                        await self.open_scope(path.name)
             nursery.start_soon(self._expire_forever)
             task_status.started()
 
     def close(self) -> None:
+        for store in self._stores.values():
+            store.close()
         self.store.close()
+
+    def _add_scope(self, name: str, store: Store) -> Scope:
+        scope = self.scopes[name] = Scope(name, store, self.clock, self.history_depth, **self.scope_options)
+        scope.listeners.append(self._on_change)
+        return scope
 
     async def _expire_forever(self) -> None:
         while True:
@@ -86,7 +149,8 @@ class Replica:
         if collection == "kv":
             self._expiry_changed.set()
 
-    def _reload_after_failure(self, error: Exception) -> None:
-        log.error("a write failed (%s); reloading state from %s", error, self.store.path)
+    def _reload_after_failure(self, error: Exception, only: str | None = None) -> None:
+        log.error("a write failed (%s); reloading state from disk", error)
         for scope in self.scopes.values():
-            scope.load()
+            if only is None or scope.name == only:
+                scope.load()

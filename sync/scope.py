@@ -23,7 +23,7 @@ from pycrdt import Doc
 
 from .batch import WriteBatch
 from .catalog import ServiceCatalog, ServiceEntry
-from .hlc import HybridClock
+from .hlc import HybridClock, Stamp
 from .kv import KvState, ScopeIndex, decode_payload
 from .store import Store
 from .versioned import Version, VersionedMap
@@ -38,6 +38,9 @@ COMPACTION_FACTOR = 1.8
 MIN_COMPACTION_BYTES = 64 * 1024
 
 Listener = Callable[[str, set[str]], None]
+# (collection, update, origin): every durable update; origin is the link that
+# delivered it, or None for a change made here.
+UpdateListener = Callable[[str, bytes, object], None]
 
 
 @dataclass(slots=True)
@@ -50,13 +53,30 @@ class _DocState:
 class Scope:
     """Replicated KV and catalog of one scope, durable through ``store``."""
 
-    def __init__(self, name: str, store: Store, clock: HybridClock, history_depth: int = 16) -> None:
+    def __init__(
+        self,
+        name: str,
+        store: Store,
+        clock: HybridClock,
+        history_depth: int = 16,
+        auto_compact: bool = True,
+        epoch_authority: bool = True,
+    ) -> None:
         self.name = name
         self.store = store
         self.clock = clock
         self.history_depth = history_depth
+        # A scope replicated from a hub follows the hub's epochs instead.
+        self.auto_compact = auto_compact
+        # Epoch 1 is the lineage every replica starts in. The hub numbers its
+        # compactions 2, 3, ...; anyone else's go -1, -2, ..., so a local epoch
+        # can never be mistaken for one of the hub's.
+        self.epoch_authority = epoch_authority
         self.index = ScopeIndex()
         self.listeners: list[Listener] = []
+        self.update_listeners: list[UpdateListener] = []
+        self.epoch_listeners: list[Callable[[str], None]] = []
+        self._durable_own_stamp: Stamp | None = None
         self._batch: WriteBatch | None = None
         self._docs: dict[str, _DocState] = {}
         self.compactions = 0
@@ -154,9 +174,14 @@ class Scope:
 
     async def expire_due(self) -> list[str]:
         """Hide the keys whose TTL has passed (call when :meth:`next_expiry_ms` is due)."""
+        now = self.clock.wall_ms()
+        due = self.kv.next_expiry_ms()
+        if due is None or due > now:
+            # The reaper wakes on every KV change; most wake-ups find nothing due.
+            return []
         batch = self._begin()
         try:
-            expired = self.kv.expire(self.clock.wall_ms(), batch)
+            expired = self.kv.expire(now, batch)
         finally:
             self._batch = None
         if expired:
@@ -187,7 +212,7 @@ class Scope:
 
     # -- replication -------------------------------------------------------------
 
-    async def apply_remote(self, collection: str, update: bytes) -> set[str]:
+    async def apply_remote(self, collection: str, update: bytes, origin: object = None) -> set[str]:
         """Merge an update from another replica and make it durable."""
         batch = self._begin()
         try:
@@ -196,8 +221,53 @@ class Scope:
         finally:
             self._batch = None
         if batch:
-            await self._finish(batch, collection, changed)
+            await self._finish(batch, collection, changed, origin)
         return changed
+
+    async def adopt_epoch(
+        self, collection: str, epoch: int, state: bytes, rebase_after: Stamp | None
+    ) -> set[str]:
+        """Replace ``collection`` by the hub's epoch ``state``, keeping local writes.
+
+        This replica's own versions stamped after ``rebase_after`` (the last own
+        write the hub is known to hold) are written again into the new epoch
+        with their original stamps, unless a later version of their key is
+        there already, in which case they are kept in history as lost
+        conflicts. So an edge that was offline across a compaction loses
+        nothing it wrote, and later writes still win everywhere.
+        """
+        old = self._versions(collection)
+        mine = sorted(
+            (v for v in old.all_versions()
+             if v.stamp.replica == self.clock.replica and (rebase_after is None or v.stamp > rebase_after)),
+            key=lambda v: v.stamp,
+        )
+        fresh = VersionedMap(Doc(), lambda update: None)
+        fresh.apply_update(state)
+        batch = self._begin()
+        try:
+            batch.snapshots[(self.name, collection)] = (epoch, state)
+            self._docs[collection] = _DocState(epoch, len(state), 0)
+            fresh.on_update = self._recorder(collection)
+            lost = [v for v in mine if not fresh.merge_version(v)]
+            touched = set(old.keys()) | set(fresh.keys())
+            if collection == "kv":
+                self.kv.versions = fresh
+                for version in lost:
+                    self.kv.record_lost_write(version, batch)
+                changed = self.kv.refresh(touched, batch)
+            else:
+                self.catalog.versions = fresh
+                changed = touched
+                self.catalog.last_index = self.index.bump()
+        finally:
+            self._batch = None
+        await self._finish(batch, collection, changed)
+        return changed
+
+    def durable_own_stamp(self, collection: str) -> Stamp | None:
+        """A stamp no earlier than every own write to this scope that is durable here."""
+        return self._durable_own_stamp
 
     def doc(self, collection: str) -> Doc:
         return self._versions(collection).doc
@@ -247,7 +317,7 @@ class Scope:
         fresh.restore(kept)
         snapshot = fresh.doc.get_update()
         state = self._docs[collection]
-        epoch = state.epoch + 1
+        epoch = state.epoch + 1 if self.epoch_authority else min(state.epoch, 0) - 1
         batch = WriteBatch()
         # The store drops the older epochs' log with the new snapshot.
         batch.snapshots[(self.name, collection)] = (epoch, snapshot)
@@ -261,6 +331,8 @@ class Scope:
             self.catalog.versions = fresh
         self.compactions += 1
         await self.store.commit(batch)
+        for listener in list(self.epoch_listeners):
+            listener(collection)
 
     # -- internals -------------------------------------------------------------------
 
@@ -271,10 +343,20 @@ class Scope:
         self._batch = WriteBatch()
         return self._batch
 
-    async def _finish(self, batch: WriteBatch, collection: str, keys: set[str]) -> None:
+    async def _finish(
+        self, batch: WriteBatch, collection: str, keys: set[str], origin: object = None
+    ) -> None:
         batch.scope_state[self.name] = (self.index.value, self.kv.last_index, self.kv.conflicts)
+        # Every write applied in memory so far is in this batch or an earlier
+        # one (they queue in order), so once it commits they are all durable.
+        own_stamp = self.clock.last
         await self.store.commit(batch)
+        self._durable_own_stamp = own_stamp
         for listener in list(self.listeners):
             listener(collection, keys)
-        if self.needs_compaction(collection):
+        for scope, name, _epoch, update in batch.updates:
+            if scope == self.name:
+                for on_update in list(self.update_listeners):
+                    on_update(name, update, origin)
+        if self.auto_compact and self.needs_compaction(collection):
             await self.compact(collection)

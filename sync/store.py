@@ -3,16 +3,22 @@
 Theory of operation
 -------------------
 Writers never touch SQLite. A writer applies its change in memory, fills a
-:class:`WriteBatch` and awaits :meth:`Store.commit`. One committer task takes
-every batch queued so far and runs them in one transaction on the store's only
-connection, in a worker thread. While that transaction commits (the fsync is
+:class:`WriteBatch` and awaits :meth:`Store.commit`, which adds the batch to the
+*next round*. One writer thread owns the connection: it takes the next round
+(every batch queued so far), runs it as one transaction and tells trio the
+result through the trio token. While that transaction commits (the fsync is
 the slow part), new batches queue up and go together in the next round: that
 is group commit. Each writer is released only after its round is durable.
 
+The thread is dedicated, not borrowed per round from ``trio.to_thread``: a
+handoff costs one lock and one wakeup each way, and the thread starts the next
+round the moment it is free, so one round's fsync overlaps the next's writers.
+
 If a round fails (disk full, I/O error) every batch of it, and every batch
-queued behind it, fails; nothing of them is on disk, and the owner's
-``on_failure`` hook reloads the in-memory state from disk so that memory never
-shows what the disk does not hold.
+queued behind it, fails; nothing of them is on disk. The writer thread then
+waits while the owner's ``on_failure`` hook, run in trio, reloads the
+in-memory state from disk, so that memory never shows what the disk does not
+hold and no later round builds on a lost one.
 
 The data directory is locked with ``flock`` for the life of the process, and an
 existing database is checked read-only before anything writes to it: a corrupt
@@ -24,6 +30,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,13 +67,15 @@ CREATE TABLE IF NOT EXISTS kv_history(
 DURABILITY_MODES = {"full": "FULL", "relaxed": "NORMAL"}
 
 
-class _Pending:
-    __slots__ = ("batch", "done", "error")
+class _Round:
+    """Batches that commit in one transaction; their writers share one event."""
 
-    def __init__(self, batch: WriteBatch) -> None:
-        self.batch = batch
+    __slots__ = ("batches", "done", "error")
+
+    def __init__(self) -> None:
+        self.batches: list[WriteBatch] = []
         self.done = trio.Event()
-        self.error: Exception | None = None
+        self.error: BaseException | None = None
 
 
 class Store:
@@ -80,10 +89,18 @@ class Store:
 
     def __init__(self, path: Path, conn: sqlite3.Connection, lock_fd: int) -> None:
         self.path = path
+        self.durability = "full"
         self._conn = conn
         self._lock_fd = lock_fd
-        self._queue: list[_Pending] = []
-        self._wakeup = trio.Event()
+        # _lock guards _next, _stopping and _paused, shared with the writer thread.
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._next = _Round()
+        self._stopping = False
+        self._paused = False  # after a failed round, until the owner has reloaded
+        self._failed: _Round | None = None
+        self._crash: BaseException | None = None
+        self._wakeup = trio.Event()  # for run(): a round failed or the thread ended
         self._running = False
         self._closed = False
         self.on_failure: Callable[[Exception], None] | None = None
@@ -127,7 +144,9 @@ class Store:
         except BaseException:
             os.close(lock_fd)
             raise
-        return cls(path, conn, lock_fd)
+        store = cls(path, conn, lock_fd)
+        store.durability = durability
+        return store
 
     def close(self) -> None:
         if self._closed:
@@ -167,48 +186,104 @@ class Store:
         """Return once ``batch`` is durable; raise :class:`StoreError` if it is not."""
         if not self._running:
             raise StoreError("the store is not running")
-        pending = _Pending(batch)
-        self._queue.append(pending)
-        self._wakeup.set()
-        await pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
+        with self._lock:
+            round_ = self._next
+            round_.batches.append(batch)
+            self._work.notify()
+        await round_.done.wait()
+        if round_.error is not None:
+            raise round_.error
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The committer loop; cancel it to stop (queued batches then fail)."""
+        """Run the writer thread; cancel this to stop (queued batches then fail)."""
+        self._stopping = self._paused = False
+        self._failed = self._crash = None
+        self._wakeup, exited = trio.Event(), trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        threading.Thread(
+            target=self._write_forever, args=(token, exited), name="konsul-store", daemon=True
+        ).start()
         self._running = True
         task_status.started()
         try:
-            while True:
+            while True:  # the thread wakes us only when something went wrong
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
-                round_, self._queue = self._queue, []
-                if round_:
-                    await self._commit_round(round_)
+                if self._crash is not None:
+                    raise self._crash
+                if self._failed is not None:
+                    self._recover(self._failed)
         finally:
             self._running = False
-            for pending in self._queue:
-                pending.error = StoreError("the store shut down before this write was durable")
-                pending.done.set()
-            self._queue = []
-
-    async def _commit_round(self, round_: list[_Pending]) -> None:
-        try:
-            # Cancellation must not abandon a transaction half way: shield it.
+            with self._lock:
+                self._stopping = True
+                self._work.notify()
+            # The round in flight finishes (and is acknowledged) first: a
+            # transaction is never abandoned half way.
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._write, [p.batch for p in round_])
-        except StoreError as error:
-            failed, self._queue = round_ + self._queue, []
-            for pending in failed:
-                pending.error = error
-                pending.done.set()
+                await exited.wait()
+            if self._failed is not None:
+                self._recover(self._failed)
+            with self._lock:
+                queued, self._next = self._next, _Round()
+            queued.error = StoreError("the store shut down before this write was durable")
+            queued.done.set()
+
+    def _write_forever(self, token: trio.lowlevel.TrioToken, exited: trio.Event) -> None:
+        """The writer thread: commit rounds until the store stops."""
+        try:
+            while True:
+                with self._lock:
+                    while not (self._stopping or (self._next.batches and not self._paused)):
+                        self._work.wait()
+                    if self._stopping:
+                        return
+                    round_, self._next = self._next, _Round()
+                try:
+                    self._write(round_.batches)
+                except StoreError as error:
+                    round_.error = error
+                    with self._lock:
+                        self._paused = True  # until the owner has reloaded
+                except BaseException as error:  # a bug: fail the round, stop run()
+                    round_.error = self._crash = error
+                    return
+                finally:
+                    token.run_sync_soon(self._round_done, round_)
+        finally:
+            # After the last round's result: run_sync_soon keeps the order.
+            token.run_sync_soon(exited.set)
+
+    def _round_done(self, round_: _Round) -> None:
+        """In trio, for each round the writer thread has finished."""
+        if round_.error is None:
+            self.rounds += 1
+            self.batches += len(round_.batches)
+        elif self._crash is None:
+            self._failed = round_
+            self._wakeup.set()
+            return  # its writers learn of it in _recover
+        else:
+            self._wakeup.set()
+        round_.done.set()
+
+    def _recover(self, failed: _Round) -> None:
+        """Fail a round and everything queued behind it, reload, resume writing."""
+        self._failed = None
+        with self._lock:
+            queued, self._next = self._next, _Round()
+        queued.error = failed.error
+        try:
             if self.on_failure is not None:
-                self.on_failure(error)
-            return
-        self.rounds += 1
-        self.batches += len(round_)
-        for pending in round_:
-            pending.done.set()
+                self.on_failure(failed.error)  # type: ignore[arg-type]
+        finally:
+            # Writers hear of the failure once memory is back in step with the
+            # disk, and the thread resumes only then.
+            failed.done.set()
+            queued.done.set()
+            with self._lock:
+                self._paused = False
+                self._work.notify()
 
     def _write(self, batches: list[WriteBatch]) -> None:
         merged = WriteBatch()
@@ -242,9 +317,9 @@ def _write_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:
             "INSERT OR REPLACE INTO docs(scope, collection, epoch, snapshot) VALUES (?, ?, ?, ?)",
             (scope, collection, epoch, snapshot),
         )
-        # The snapshot holds everything the older epochs' log did.
+        # The snapshot holds everything the log of the epoch it replaces did.
         conn.execute(
-            "DELETE FROM updates WHERE scope = ? AND collection = ? AND epoch < ?",
+            "DELETE FROM updates WHERE scope = ? AND collection = ? AND epoch != ?",
             (scope, collection, epoch),
         )
     upserts = [(s, k, *v) for (s, k), v in batch.kv_index.items() if v is not None]

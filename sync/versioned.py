@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from pycrdt import Doc, Map
+from pycrdt import Doc, Map, Transaction
 
 from .hlc import Stamp
 
@@ -92,6 +92,9 @@ class VersionedMap:
         found = self._live.get(key)
         if not found:
             return []
+        if len(found) == 1:  # the usual case: no unresolved conflict, nothing to sort
+            ((stamp, payload),) = found.items()
+            return [Version(key, stamp, payload)]
         return [Version(key, s, p) for s, p in sorted(found.items(), reverse=True)]
 
     def current(self, key: str) -> Version | None:
@@ -113,38 +116,63 @@ class VersionedMap:
 
         Returns the superseded versions, the current one first.
         """
-        return self.write_many([(key, stamp, payload)])[key]
+        with self.doc.transaction() as txn:
+            return self._write(txn, key, stamp, payload)
 
     def write_many(
         self, writes: Iterable[tuple[str, Stamp, bytes | None]]
     ) -> dict[str, list[Version]]:
         """Several writes in one transaction (one update, one durable record)."""
-        superseded: dict[str, list[Version]] = {}
-        with self.doc.transaction():
-            for key, stamp, payload in writes:
-                old = self.versions(key)
-                superseded[key] = old
-                for version in old:
-                    del self._map[version_id(key, version.stamp)]
-                self._map[version_id(key, stamp)] = _TOMBSTONE if payload is None else payload
-                # Local writes keep the view in step directly; the map observer
-                # (costly: it converts every event) runs only for remote updates.
-                live = self._live.setdefault(key, {})
-                for version in old:
-                    del live[version.stamp]
-                    self.live_bytes -= _entry_size(key, version.payload)
-                live[stamp] = payload
-                self.live_bytes += _entry_size(key, payload)
-        return superseded
+        with self.doc.transaction() as txn:
+            return {key: self._write(txn, key, stamp, payload) for key, stamp, payload in writes}
+
+    def _write(
+        self, txn: Transaction, key: str, stamp: Stamp, payload: bytes | None
+    ) -> list[Version]:
+        old = self.versions(key)
+        # pycrdt's Map item methods each open a nested transaction and look the
+        # key up again, which costs as much as the change itself. Within our
+        # transaction, and for entries the view says exist, call the native map.
+        native, raw_txn = self._map.integrated, txn._txn
+        for version in old:
+            native.remove(raw_txn, version_id(key, version.stamp))
+        native.insert(raw_txn, version_id(key, stamp), _TOMBSTONE if payload is None else payload)
+        # Local writes keep the view in step directly; the map observer
+        # (costly: it converts every event) runs only for remote updates.
+        live = self._live.get(key)
+        if live is None:
+            live = self._live[key] = {}
+        for version in old:
+            del live[version.stamp]
+            self.live_bytes -= _entry_size(key, version.payload)
+        live[stamp] = payload
+        self.live_bytes += _entry_size(key, payload)
+        return old
 
     def restore(self, versions: Iterable[Version]) -> None:
         """Add versions as they are, superseding nothing (to build a new epoch)."""
-        with self.doc.transaction():
+        with self.doc.transaction() as txn:
+            native, raw_txn = self._map.integrated, txn._txn  # see _write
             for version in versions:
                 payload = _TOMBSTONE if version.payload is None else version.payload
-                self._map[version_id(version.key, version.stamp)] = payload
+                native.insert(raw_txn, version_id(version.key, version.stamp), payload)
                 self._live.setdefault(version.key, {})[version.stamp] = version.payload
                 self.live_bytes += _entry_size(version.key, version.payload)
+
+    def merge_version(self, version: Version) -> bool:
+        """Bring a version from another document (an older epoch) into this one.
+
+        It supersedes the versions of its key with earlier stamps only. Returns
+        False, changing nothing, when a later version of the key is here: the
+        merged version lost.
+        """
+        live = self._live.get(version.key, {})
+        if version.stamp in live:
+            return True
+        if any(stamp > version.stamp for stamp in live):
+            return False
+        self.write(version.key, version.stamp, version.payload)
+        return True
 
     def apply_update(self, update: bytes) -> tuple[set[str], list[Version]]:
         """Merge an update from another replica.

@@ -1,0 +1,268 @@
+"""Drives a :class:`SyncSession` against local scopes: the replication logic.
+
+A link is one side of one connection. It turns session events into scope
+operations (apply an update durably, then acknowledge; answer a state vector
+with a diff; adopt the hub's epoch) and turns durable local changes into
+messages. It knows nothing of sockets: frames go out through ``send``, an
+async callable the transport provides, and come in through :meth:`receive`.
+
+Who owns epochs: the hub. Its scopes compact on their own and announce the
+new epoch with a snapshot; an edge never compacts a synced scope itself, and
+when its epoch differs from the hub's it adopts the hub's snapshot and re-
+applies its own writes the hub has not yet confirmed (see Scope.adopt_epoch).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from .hlc import Stamp
+from .scope import COLLECTIONS, Scope
+from .session import (
+    Covered,
+    EphemeralReceived,
+    PeerClosed,
+    PeerHello,
+    RemoteProtocolError,
+    StateVectorReceived,
+    SyncSession,
+    UpdateReceived,
+)
+
+log = logging.getLogger(__name__)
+
+Transmit = Callable[[bytes], Awaitable[None]]
+
+
+@dataclass
+class _Marker:
+    """What this side had when it sent a message: settled once the peer holds it."""
+
+    own_stamp: Stamp | None
+    local_changes: int
+
+
+class LinkClosed(Exception):
+    """The session ended; ``code`` says why."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+class SyncLink:
+    """Replicates scopes with one peer.
+
+    Args:
+        session: a fresh session of this side's role.
+        scope_for: returns the local scope of a name (the hub creates on demand).
+        transmit: writes one frame to the peer (the transport's send).
+        on_ephemeral: called with ``(scope, kind, data)`` for ephemeral messages.
+        on_covered: called with ``(scope, collection, own_stamp)`` when the peer
+            is known to hold everything up to that own-write stamp.
+    """
+
+    def __init__(
+        self,
+        session: SyncSession,
+        scope_for: Callable[[str], Scope],
+        transmit: Transmit,
+        on_ephemeral: Callable[[str, str, Any], None] | None = None,
+        on_covered: Callable[[str, str, Stamp | None], None] | None = None,
+        rebase_after: Callable[[str, str], Stamp | None] = lambda scope, collection: None,
+    ) -> None:
+        self.session = session
+        self.scope_for = scope_for
+        self._transmit = transmit
+        # Frames wait here for run(): local writes never wait for the uplink.
+        self._outbox: deque[bytes] = deque()
+        self._outbox_ready = trio.Event()
+        self.on_ephemeral = on_ephemeral or (lambda scope, kind, data: None)
+        self.on_covered = on_covered or (lambda scope, collection, stamp: None)
+        self.rebase_after = rebase_after
+        self.peer: PeerHello | None = None
+        self._peer_epoch: dict[tuple[str, str], int] = {}
+        self._listening: list[tuple[Scope, Any, Any]] = []
+        self.local_changes: dict[tuple[str, str], int] = {}
+        self.unconfirmed: dict[tuple[str, str], int] = {}
+
+    @property
+    def is_hub(self) -> bool:
+        return self.session.role == "hub"
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Send queued frames in order until cancelled (or the transport fails)."""
+        task_status.started()
+        while True:
+            while self._outbox:
+                frame = self._outbox.popleft()
+                await self._transmit(frame)
+            self._outbox_ready = trio.Event()
+            await self._outbox_ready.wait()
+
+    def _send(self, frame: bytes) -> None:
+        self._outbox.append(frame)
+        self._outbox_ready.set()
+
+    @property
+    def queued_frames(self) -> int:
+        return len(self._outbox)
+
+    def start(self) -> None:
+        """The edge opens; the hub waits for the edge's hello."""
+        if not self.is_hub:
+            self._send(self.session.start())
+
+    def stop(self) -> None:
+        for scope, on_update, on_epoch in self._listening:
+            scope.update_listeners.remove(on_update)
+            scope.epoch_listeners.remove(on_epoch)
+        self._listening = []
+
+    async def receive(self, frame: bytes) -> None:
+        """Handle one frame from the peer; raises :class:`LinkClosed` when the session ends."""
+        try:
+            events = self.session.receive(frame)
+        except RemoteProtocolError as error:
+            if error.reply is not None:
+                self._send(error.reply)
+            raise LinkClosed(error.code, error.detail) from None
+        for event in events:
+            await self._handle(event)
+
+    def resync(self) -> None:
+        """Exchange state vectors again (after a suspected loss, or periodically)."""
+        if self.peer is None:
+            return
+        self.session.resync()
+        for name in self.session.scopes:
+            for collection in COLLECTIONS:
+                self._send_state_vector(self.scope_for(name), collection)
+
+    def send_ephemeral(self, scope: str, kind: str, data: Any) -> None:
+        if self.peer is not None:
+            self._send(self.session.send_ephemeral(scope, kind, data))
+
+    # -- events ----------------------------------------------------------------
+
+    async def _handle(self, event) -> None:
+        if isinstance(event, PeerHello):
+            await self._on_hello(event)
+        elif isinstance(event, StateVectorReceived):
+            await self._on_state_vector(event)
+        elif isinstance(event, UpdateReceived):
+            await self._on_update(event)
+        elif isinstance(event, Covered):
+            self._on_covered(event)
+        elif isinstance(event, EphemeralReceived):
+            self.on_ephemeral(event.scope, event.kind, event.data)
+        elif isinstance(event, PeerClosed):
+            raise LinkClosed(event.code, event.detail)
+
+    async def _on_hello(self, hello: PeerHello) -> None:
+        if self.is_hub:
+            self._send(self.session.start())
+        self.peer = hello
+        for name in self.session.scopes:
+            scope = self.scope_for(name)
+            on_update = self._make_update_listener(scope)
+            on_epoch = self._make_epoch_listener(scope)
+            scope.update_listeners.append(on_update)
+            scope.epoch_listeners.append(on_epoch)
+            self._listening.append((scope, on_update, on_epoch))
+            for collection in COLLECTIONS:
+                self._send_state_vector(scope, collection)
+
+    async def _on_state_vector(self, event: StateVectorReceived) -> None:
+        scope = self.scope_for(event.scope)
+        key = (event.scope, event.collection)
+        self._peer_epoch[key] = event.epoch
+        mine = scope.epoch(event.collection)
+        if event.epoch == mine:
+            diff = scope.doc(event.collection).get_update(event.state_vector)
+            self._send_update(scope, event.collection, diff)
+        elif self.is_hub:
+            self._send_snapshot(scope, event.collection)
+        # An edge at another epoch than the hub waits for the hub's snapshot.
+
+    async def _on_update(self, event: UpdateReceived) -> None:
+        scope = self.scope_for(event.scope)
+        key = (event.scope, event.collection)
+        if event.snapshot:
+            await scope.adopt_epoch(
+                event.collection, event.epoch, event.update, self.rebase_after(event.scope, event.collection)
+            )
+        elif event.epoch != scope.epoch(event.collection):
+            # The peer writes into another epoch: the hub answers with its own,
+            # the edge asks for it by stating where it is.
+            if self.is_hub:
+                self._send_snapshot(scope, event.collection)
+            else:
+                self._send_state_vector(scope, event.collection)
+            return
+        else:
+            await scope.apply_remote(event.collection, event.update, origin=self)
+        self._peer_epoch[key] = event.epoch
+        state = scope.doc(event.collection).get_state()
+        self._send(self.session.send_ack(event.scope, event.collection, event.epoch, event.seq, state))
+
+    def _on_covered(self, event: Covered) -> None:
+        key = (event.scope, event.collection)
+        marker: _Marker = event.marker
+        self.unconfirmed[key] = max(0, self.local_changes.get(key, 0) - marker.local_changes)
+        self.on_covered(event.scope, event.collection, marker.own_stamp)
+
+    # -- sending -------------------------------------------------------------------
+
+    def _make_update_listener(self, scope: Scope):
+        def on_update(collection: str, update: bytes, origin: object) -> None:
+            key = (scope.name, collection)
+            if origin is None:
+                self.local_changes[key] = self.local_changes.get(key, 0) + 1
+            if origin is self or self._peer_epoch.get(key) != scope.epoch(collection):
+                return
+            self._send_update(scope, collection, update)
+
+        return on_update
+
+    def _make_epoch_listener(self, scope: Scope):
+        def on_epoch(collection: str) -> None:
+            if self.is_hub:
+                self._send_snapshot(scope, collection)
+
+        return on_epoch
+
+    def _send_state_vector(self, scope: Scope, collection: str) -> None:
+        frame = self.session.send_state_vector(
+            scope.name, collection, scope.epoch(collection), scope.doc(collection).get_state()
+        )
+        self._send(frame)
+
+    def _send_update(self, scope: Scope, collection: str, update: bytes) -> None:
+        if update == b"\x00\x00" or self.peer is None:
+            return  # nothing the peer lacks
+        marker = _Marker(scope.durable_own_stamp(collection), self.local_changes.get((scope.name, collection), 0))
+        frame = self.session.send_update(
+            scope.name, collection, scope.epoch(collection), update,
+            scope.doc(collection).get_state(), marker,
+        )
+        self._send(frame)
+
+    def _send_snapshot(self, scope: Scope, collection: str) -> None:
+        epoch = scope.epoch(collection)
+        state = scope.doc(collection).get_update()
+        marker = _Marker(scope.durable_own_stamp(collection), self.local_changes.get((scope.name, collection), 0))
+        self._peer_epoch[(scope.name, collection)] = epoch
+        frame = self.session.send_update(
+            scope.name, collection, epoch, state, scope.doc(collection).get_state(), marker, snapshot=True
+        )
+        self._send(frame)

@@ -1,0 +1,235 @@
+"""The convergence promise: a hub and 3 edges, random writes, a hostile network.
+
+Hypothesis draws a program of KV and catalog operations at any replica, in the
+site and global scopes, interleaved with faults: dropped, delayed, duplicated
+and reordered frames, partitions, restarts of any replica from its store, and
+hub compactions into new epochs. After the network heals, every replica must
+hold the same KV and catalog, and every acknowledged write must be there or
+superseded by a write with a later stamp (so deletes never resurrect values).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sync_harness import Connection, Node
+
+from konsul.sync.catalog import ServiceEntry
+from konsul.sync.replica import GLOBAL_SCOPE
+
+EDGES = 3
+KEYS = ["a", "b", "c/d", "c/e"]
+SERVICES = ["web", "db"]
+
+replica_index = st.integers(0, EDGES)  # 0 is the hub
+edge_index = st.integers(1, EDGES)
+in_global = st.booleans()
+
+steps = st.one_of(
+    st.tuples(st.just("put"), replica_index, edge_index, in_global, st.sampled_from(KEYS), st.binary(max_size=8)),
+    st.tuples(st.just("delete"), replica_index, edge_index, in_global, st.sampled_from(KEYS)),
+    st.tuples(st.just("register"), replica_index, edge_index, in_global, st.sampled_from(SERVICES), st.integers(1, 9)),
+    st.tuples(st.just("deregister"), replica_index, edge_index, in_global, st.sampled_from(SERVICES)),
+    st.tuples(st.just("deliver"), edge_index, st.integers(0, 2**16)),
+    st.tuples(st.just("partition"), edge_index),
+    st.tuples(st.just("heal"), edge_index),
+    st.tuples(st.just("restart"), replica_index),
+    st.tuples(st.just("compact"), edge_index, in_global, st.sampled_from(["kv", "catalog"])),
+)
+
+
+class Fleet:
+    def __init__(self, root: Path) -> None:
+        self.hub = Node("hub", root / "hub", "hub")
+        self.edges = [Node(f"e{i}", root / f"e{i}", "edge", f"s{i}") for i in range(1, EDGES + 1)]
+        self.links: dict[int, Connection | None] = {i: None for i in range(1, EDGES + 1)}
+        self.acked_stamps: dict = {}
+        # (scope, collection, key, stamp) of every acknowledged write
+        self.ledger: list[tuple[str, str, str, object]] = []
+
+    def node(self, index: int) -> Node:
+        return self.hub if index == 0 else self.edges[index - 1]
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        await self.hub.start(nursery)
+        for edge in self.edges:
+            await edge.start(nursery)
+            await self.hub.replica.open_scope(edge.site)
+        for i in self.links:
+            await self.connect(i, nursery)
+
+    async def connect(self, i: int, nursery: trio.Nursery) -> None:
+        if self.links[i] is None or self.links[i].closed:
+            self.links[i] = Connection(self.edges[i - 1], self.hub, self.acked_stamps)
+            await self.links[i].open(nursery)
+
+    def disconnect(self, i: int) -> None:
+        if self.links[i] is not None:
+            self.links[i].close()
+            self.links[i] = None
+
+    async def run_step(self, step, nursery: trio.Nursery, rng: random.Random) -> None:
+        kind = step[0]
+        if kind in ("put", "delete", "register", "deregister"):
+            await self.write(step)
+        elif kind == "deliver":
+            link = self.links[step[1]]
+            if link is not None and not link.closed:
+                await link.deliver(random.Random(step[2]), faults=True)
+        elif kind == "partition":
+            self.disconnect(step[1])
+        elif kind == "heal":
+            await self.connect(step[1], nursery)
+        elif kind == "restart":
+            node = self.node(step[1])
+            for i in (self.links if step[1] == 0 else [step[1]]):
+                self.disconnect(i)
+            await node.stop()
+            await node.start(nursery)
+        elif kind == "compact":
+            scope = GLOBAL_SCOPE if step[2] else f"s{step[1]}"
+            await self.hub.replica.scope(scope).compact(step[3])
+
+    async def write(self, step) -> None:
+        kind, who, site_of, is_global = step[:4]
+        node = self.node(who)
+        scope_name = GLOBAL_SCOPE if is_global else (node.site if who else f"s{site_of}")
+        scope = node.replica.scope(scope_name)
+        if kind == "put":
+            await scope.kv_put(step[4], step[5])
+            self.ledger.append((scope_name, "kv", step[4], scope.kv.versions.current(step[4]).stamp))
+        elif kind == "delete":
+            if scope.kv.get(step[4]) is not None:
+                await scope.kv_delete(step[4])
+                self.ledger.append((scope_name, "kv", step[4], scope.kv.versions.current(step[4]).stamp))
+        elif kind == "register":
+            entry = ServiceEntry(node="n", service_id=step[4], name=step[4], port=step[5])
+            await scope.register_service(entry)
+            self.ledger.append((scope_name, "catalog", entry.catalog_key, scope.catalog.versions.current(entry.catalog_key).stamp))
+        elif kind == "deregister":
+            if scope.catalog.get("n", step[4]) is not None:
+                await scope.deregister_service("n", step[4])
+                self.ledger.append((scope_name, "catalog", f"n/{step[4]}", scope.catalog.versions.current(f"n/{step[4]}").stamp))
+
+    async def heal(self, nursery: trio.Nursery) -> None:
+        # Reconnect everything, as the edges' connectors do after a partition:
+        # a session whose hello was lost never opened and must start again.
+        for i in self.links:
+            self.disconnect(i)
+            await self.connect(i, nursery)
+        for _ in range(3):
+            for link in self.links.values():
+                await link.settle()
+            for link in self.links.values():
+                link.edge_link.resync()
+                link.hub_link.resync()
+        for link in self.links.values():
+            await link.settle()
+
+    def holders(self, scope: str) -> list[Node]:
+        if scope == GLOBAL_SCOPE:
+            return [self.hub, *self.edges]
+        return [self.hub, next(e for e in self.edges if e.site == scope)]
+
+
+def kv_view(node: Node, scope: str) -> dict:
+    return {e.key: (e.value, e.flags) for e in node.replica.scope(scope).kv.list()}
+
+
+def catalog_view(node: Node, scope: str) -> dict:
+    return {(s.node, s.service_id): (s.name, s.port) for s in node.replica.scope(scope).catalog.services()}
+
+
+async def run_program(program: list, root: Path, then=None) -> None:
+    fleet = Fleet(root)
+    rng = random.Random(0)
+    async with trio.open_nursery() as nursery:
+        await fleet.start(nursery)
+        for step in program:
+            await fleet.run_step(step, nursery, rng)
+        await fleet.heal(nursery)
+        check_converged(fleet)
+        if then is not None:
+            then(fleet)
+        nursery.cancel_scope.cancel()
+
+
+def check_converged(fleet: Fleet) -> None:
+    scopes = [GLOBAL_SCOPE, *(e.site for e in fleet.edges)]
+    for scope in scopes:
+        holders = fleet.holders(scope)
+        views = [(kv_view(n, scope), catalog_view(n, scope)) for n in holders]
+        assert all(view == views[0] for view in views), f"{scope} diverged: {views}"
+    for scope, collection, key, stamp in fleet.ledger:
+        for node in fleet.holders(scope):
+            target = node.replica.scope(scope)
+            versions = target.kv.versions if collection == "kv" else target.catalog.versions
+            current = versions.current(key)
+            assert current is not None and current.stamp >= stamp, (
+                f"acknowledged write {scope}/{collection}/{key}@{stamp} lost at {node.name}: {current}"
+            )
+
+
+@settings(
+    max_examples=int(os.environ.get("KONSUL_CONVERGENCE_EXAMPLES", "25")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(st.lists(steps, min_size=5, max_size=40))
+def test_replicas_converge_and_keep_acknowledged_writes(program):
+    with tempfile.TemporaryDirectory() as root:
+        trio.run(run_program, program, Path(root))
+
+
+def test_concurrent_global_writes_resolve_to_the_later_stamp_everywhere(tmp_path):
+    program = [
+        ("partition", 1), ("partition", 2),
+        ("put", 1, 1, True, "a", b"from-e1"),
+        ("put", 2, 2, True, "a", b"from-e2"),
+        ("put", 0, 1, True, "a", b"from-hub"),
+    ]
+
+    def check(fleet: Fleet) -> None:
+        for node in [fleet.hub, *fleet.edges]:
+            scope = node.replica.scope(GLOBAL_SCOPE)
+            assert scope.kv.get("a").value == b"from-hub"
+            history = scope.kv.history("a")
+            losers = {h.value for h in history if h.conflict}
+            # Every replica that saw the concurrent versions reports both losers.
+            if node.name in ("hub", "e1", "e2"):
+                assert losers == {b"from-e1", b"from-e2"}, (node.name, history)
+                assert scope.kv.conflicts >= 2
+
+    trio.run(run_program, program, tmp_path, check)
+
+
+def test_edge_offline_across_an_epoch_change_keeps_its_writes(tmp_path):
+    program = [
+        ("put", 1, 1, True, "a", b"old"),
+        ("deliver", 1, 0),
+        ("partition", 1),
+        ("put", 1, 1, True, "b", b"offline-global"),
+        ("put", 1, 1, False, "c/d", b"offline-site"),
+        ("put", 0, 1, True, "a", b"hub-new"),
+        ("compact", 1, True, "kv"),
+        ("compact", 1, False, "kv"),
+        ("put", 0, 1, True, "a", b"hub-newer"),
+        ("compact", 1, True, "kv"),
+    ]
+
+    def check(fleet: Fleet) -> None:
+        hub = fleet.hub.replica
+        assert hub.scope(GLOBAL_SCOPE).epoch("kv") == 3
+        for node in (fleet.hub, fleet.edges[0]):
+            assert node.replica.scope(GLOBAL_SCOPE).kv.get("b").value == b"offline-global"
+            assert node.replica.scope(GLOBAL_SCOPE).kv.get("a").value == b"hub-newer"
+            assert node.replica.scope("s1").kv.get("c/d").value == b"offline-site"
+        assert fleet.edges[0].replica.scope(GLOBAL_SCOPE).epoch("kv") == 3
+
+    trio.run(run_program, program, tmp_path, check)
