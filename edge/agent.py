@@ -17,9 +17,10 @@ from pathlib import Path
 import trio
 
 from konsul.sync.checks import CheckTable
-from konsul.sync.replica import GLOBAL_SCOPE, Replica
+from konsul.sync.replica import GLOBAL_SCOPE, Replica, check_scope_name
 
 from .check_runner import CheckRunner
+from .connector import HubConnector, sync_url
 
 log = logging.getLogger("konsul.edge")
 
@@ -60,7 +61,14 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
     from konsul.protocols.http import HttpContext, create_app
 
     host, port = split_addr(config.http_addr, "--http-addr")
-    replica = Replica.open(config.data_dir, config.durability)
+    check_scope_name(config.site)
+    if config.hub_url:
+        sync_url(config.hub_url)  # a malformed URL stops start-up, not the connector
+    # With a hub, the hub owns the epochs (compaction); standalone, we compact
+    # into local epochs that can never be mistaken for the hub's.
+    replica = Replica.open(
+        config.data_dir, config.durability, auto_compact=not config.hub_url, epoch_authority=False
+    )
     ready = False
     try:
         async with trio.open_nursery() as nursery:
@@ -73,6 +81,10 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                     checks.sync_service(service)
             runner = CheckRunner(site, checks, config.node)
             await nursery.start(runner.run)
+            connector = None
+            if config.hub_url:
+                connector = HubConnector(config.hub_url, replica, config.site, checks)
+                await nursery.start(connector.run)
             ctx = HttpContext(
                 replica=replica,
                 site=config.site,
@@ -82,11 +94,12 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 on_service_change=runner.services_changed,
                 ready=lambda: ready,
                 sync_status=lambda: {
-                    "site": config.site,
-                    "replica": replica.replica_id,
-                    "hub_url": config.hub_url or None,
-                    "peers": [],
+                    "Site": config.site,
+                    "Replica": replica.replica_id,
+                    "HubURL": config.hub_url or None,
+                    "Peers": [] if connector is None else [connector.status()],
                 },
+                hub_url=config.hub_url,
             )
             app = create_app(ctx)
             hyper = HypercornConfig()

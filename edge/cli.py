@@ -74,8 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     edge.set_defaults(run=cmd_edge)
 
+    hub = commands.add_parser("hub", help="run the central hub", description="Run the hub edges sync with.")
+    add_flag(hub, "--data-dir", "where the hub keeps every site's state", required=env_default("--data-dir") is None)
+    add_flag(hub, "--http-addr", "HTTP API and sync endpoint address; port 0 picks a free port", DEFAULT_HUB_ADDR)
+    add_flag(hub, "--durability", "full or relaxed, as for konsul edge", "full", choices=["full", "relaxed"])
+    hub.set_defaults(run=cmd_hub)
+
     dev = commands.add_parser(
-        "dev", help="run an edge on localhost with embedded defaults", description="Try Konsul in one command."
+        "dev", help="run a hub and an edge on localhost with embedded defaults", description="Try Konsul in one command."
     )
     add_flag(dev, "--data-dir", "where the dev agents keep their state", str(Path.home() / ".konsul" / "dev"))
     dev.set_defaults(run=cmd_dev)
@@ -101,37 +107,62 @@ def cmd_edge(args: argparse.Namespace) -> int:
     return run_until_signal(run_edge, config)
 
 
+def cmd_hub(args: argparse.Namespace) -> int:
+    from konsul.hub.agent import HubConfig, run_hub
+
+    config = HubConfig(data_dir=Path(args.data_dir), http_addr=args.http_addr, durability=args.durability)
+    return run_until_signal(run_hub, config)
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
+    from konsul.hub.agent import HubConfig, run_hub
+
     from .agent import EdgeConfig, run_edge
 
     data_dir = Path(args.data_dir)
-    config = EdgeConfig(
-        site="dev",
-        data_dir=data_dir / "edge",
-        node="dev-edge",
-        http_addr=DEFAULT_HTTP_ADDR,
-        allow_anonymous=True,
-    )
 
-    def announce(info) -> None:
-        address = info.http_url.split("://", 1)[1]
+    async def run_dev(_config, *, task_status):
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            hub = await nursery.start(run_hub, HubConfig(data_dir / "hub", DEFAULT_HUB_ADDR))
+            edge = await nursery.start(
+                run_edge,
+                EdgeConfig(
+                    site="dev",
+                    data_dir=data_dir / "edge",
+                    node="dev-edge",
+                    http_addr=DEFAULT_HTTP_ADDR,
+                    hub_url=hub.http_url,
+                    allow_anonymous=True,
+                ),
+            )
+            task_status.started((hub, edge))
+
+    def announce(infos) -> None:
+        hub, edge = infos
+        address = edge.http_url.split("://", 1)[1]
         print(
             f"""
-Konsul dev is running (standalone edge, site "dev", data in {data_dir}).
-  HTTP API   {info.http_url}   (Consul-compatible: point CONSUL_HTTP_ADDR or KONSUL_HTTP_ADDR here)
+Konsul dev is running (data in {data_dir}):
+  edge (site "dev")  {edge.http_url}   Consul-compatible API: point CONSUL_HTTP_ADDR or KONSUL_HTTP_ADDR here
+  hub                {hub.http_url}   every site (?dc=dev) and the fleet-wide scope (?dc=global)
 
 Try it:
-  curl -X PUT --data 'hello' {info.http_url}/v1/kv/greeting
-  curl {info.http_url}/v1/kv/greeting?raw
-  KONSUL_HTTP_ADDR={address} konsul kv put config/mode eco
+  curl -X PUT --data 'hello' {edge.http_url}/v1/kv/greeting
+  curl {edge.http_url}/v1/kv/greeting?raw
+  curl '{hub.http_url}/v1/kv/greeting?dc=dev&raw'      # synced to the hub
+  curl -X PUT --data 'eco' '{hub.http_url}/v1/kv/fleet/mode?dc=global'
+  KONSUL_HTTP_ADDR={address} konsul kv get fleet/mode --dc global
   KONSUL_HTTP_ADDR={address} konsul kv list
+  curl {hub.http_url}/v1/sites
 
 Stop with Ctrl-C.
 """,
             flush=True,
         )
 
-    return run_until_signal(run_edge, config, on_ready=announce)
+    return run_until_signal(run_dev, None, on_ready=announce)
 
 
 def run_until_signal(run, config, on_ready=None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -73,10 +74,33 @@ class AgentProcess:
             self._reader.join(5)
 
 
-class EdgeProcess(AgentProcess):
+def free_port() -> int:
+    """A port free right now on 127.0.0.1 (for an agent that must come back on it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class _Listening(AgentProcess):
+    def _ready(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.url = self.wait_for(_LISTENING).group(1)
+        self.addr = self.url.split("://", 1)[1]
+        self.host, port = self.addr.rsplit(":", 1)
+        self.port = int(port)
+
+
+class EdgeProcess(_Listening):
     """`konsul edge` on free ports; ``url`` is its HTTP API."""
 
-    def __init__(self, data_dir: Path, site: str = "s1", node: str = "n1", extra: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        site: str = "s1",
+        node: str = "n1",
+        extra: list[str] | None = None,
+        hub_url: str = "",
+    ) -> None:
         super().__init__(
             [
                 "edge",
@@ -86,11 +110,16 @@ class EdgeProcess(AgentProcess):
                 "--http-addr", "127.0.0.1:0",
                 "--mqtt-addr", "",
                 "--coap-addr", "",
+                "--hub-url", hub_url,
                 *(extra or []),
             ]
         )
-        self.data_dir = data_dir
-        self.url = self.wait_for(_LISTENING).group(1)
-        self.addr = self.url.split("://", 1)[1]
-        self.host, port = self.addr.rsplit(":", 1)
-        self.port = int(port)
+        self._ready(data_dir)
+
+
+class HubProcess(_Listening):
+    """`konsul hub`; give ``port`` to bring a hub back where its edges expect it."""
+
+    def __init__(self, data_dir: Path, port: int = 0) -> None:
+        super().__init__(["hub", "--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{port}"])
+        self._ready(data_dir)

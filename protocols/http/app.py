@@ -36,7 +36,7 @@ class AnyPath(PathConverter):
     regex = "/?.*?"  # werkzeug anchors this regex itself
 
 
-def create_app(ctx: HttpContext) -> QuartTrio:
+def create_app(ctx: HttpContext, extra_blueprints: tuple | list = ()) -> QuartTrio:
     app = QuartTrio(__name__)
     app.config["KONSUL"] = ctx
     # Bodies are read whole; a KV value is at most 512 KiB, a JSON body a bit more.
@@ -48,9 +48,9 @@ def create_app(ctx: HttpContext) -> QuartTrio:
     app.url_map.strict_slashes = False
     app.url_map.converters["anypath"] = AnyPath
     if ctx.registry is None:
-        ctx.registry = make_registry(ctx.replica)
+        ctx.registry = make_registry(ctx.replica, lambda: ctx.sync_status())
     metrics = HttpMetrics(ctx.registry)
-    for blueprint in (kv_api, agent_api, catalog_api, ops_api):
+    for blueprint in (kv_api, agent_api, catalog_api, ops_api, *extra_blueprints):
         app.register_blueprint(blueprint)
 
     @app.errorhandler(KonsulError)

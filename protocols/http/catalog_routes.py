@@ -5,7 +5,7 @@ from __future__ import annotations
 from quart import Blueprint, Response, current_app, request
 
 from konsul.sync.catalog import ServiceEntry
-from konsul.sync.checks import PASSING, STATES, CheckStatus
+from konsul.sync.checks import CRITICAL, PASSING, STATES, CheckStatus
 from konsul.sync.errors import InvalidArgument
 
 from .agent_routes import check_json
@@ -72,10 +72,12 @@ def _checks_of(ctx, scope, entry: ServiceEntry) -> list[CheckStatus]:
     if scope.name == ctx.site and entry.node == ctx.node:
         ctx.checks.expire_ttls()
         return ctx.checks.for_service(entry.service_id)
-    return [
-        CheckStatus(d, entry.service_id, entry.name, entry.tags, output="status not known here")
-        for d in entry.checks
-    ]
+    found = []
+    for definition in entry.checks:
+        reported = ctx.remote_check_status(scope.name, definition.check_id)
+        status, output = reported or (CRITICAL, "status not known here: the agent is not connected")
+        found.append(CheckStatus(definition, entry.service_id, entry.name, entry.tags, status, output))
+    return found
 
 
 @catalog_api.route("/v1/catalog/services", methods=["GET"])

@@ -19,6 +19,7 @@ class ChangeFeed:
 
     def __init__(self) -> None:
         self._events: dict[tuple[str, str], trio.Event] = {}
+        self._watched: set[str] = set()
 
     def event(self, scope: str, collection: str) -> trio.Event:
         key = (scope, collection)
@@ -35,6 +36,9 @@ class ChangeFeed:
                 found.set()
 
     def watch(self, scope: Scope) -> None:
+        if scope.name in self._watched:
+            return
+        self._watched.add(scope.name)
         scope.listeners.append(lambda collection, keys: self.notify(scope.name, collection))
 
 
@@ -63,9 +67,12 @@ class HttpContext:
     feed: ChangeFeed = field(default_factory=ChangeFeed)
     on_service_change: Callable[[], None] = lambda: None
     registry: Any = None  # prometheus CollectorRegistry
+    # (site, check id) -> (status, output) as the site's edge last reported it
+    remote_check_status: Callable[[str, str], tuple[str, str] | None] = lambda site, check: None
+    hub_url: str = ""
 
     def __post_init__(self) -> None:
-        for name in (self.site, GLOBAL_SCOPE):
+        for name in {self.site, GLOBAL_SCOPE}:
             self.feed.watch(self.replica.scope(name))
         self.checks.listeners.append(lambda: self.feed.notify(self.site, "checks"))
 
@@ -73,10 +80,13 @@ class HttpContext:
         """The scope a request's ``?dc=`` names; the agent's own site by default."""
         name = dc or self.site
         if self.role == "edge" and name not in (self.site, GLOBAL_SCOPE):
+            hub = f"the hub at {self.hub_url}" if self.hub_url else "the hub"
             raise NotFound(
                 f"datacenter {name!r} is not replicated at this edge (it holds {self.site!r} "
-                f"and {GLOBAL_SCOPE!r}); ask the hub for other sites"
+                f"and {GLOBAL_SCOPE!r}); ask {hub} for other sites"
             )
-        if self.role == "hub" or name in self.replica.scopes:
-            return self.replica.scope(name)
-        raise NotFound(f"no datacenter {name!r} here")
+        scope = self.replica.scopes.get(name)
+        if scope is None:
+            raise NotFound(f"no site {name!r} has synced with this hub yet")
+        self.feed.watch(scope)
+        return scope

@@ -32,15 +32,17 @@ class ReplicaCollector:
             conflicts.add_metric([name], scope.kv.conflicts)
             stored.add_metric([name], scope.stored_bytes())
             compactions.add_metric([name], scope.compactions)
-        store = self.replica.store
+        stores = self.replica.stores()
         yield from (keys, index, conflicts, stored, compactions)
         yield CounterMetricFamily(
-            "konsul_store_commit_rounds", "Group-commit transactions", value=store.rounds
+            "konsul_store_commit_rounds", "Group-commit transactions", value=sum(s.rounds for s in stores)
         )
         yield CounterMetricFamily(
-            "konsul_store_batches", "Writes committed through group commit", value=store.batches
+            "konsul_store_batches", "Writes committed through group commit", value=sum(s.batches for s in stores)
         )
-        yield GaugeMetricFamily("konsul_store_bytes", "Database and WAL size", value=store.size_bytes())
+        yield GaugeMetricFamily(
+            "konsul_store_bytes", "Database and WAL size", value=sum(s.size_bytes() for s in stores)
+        )
 
 
 class HttpMetrics:
@@ -53,7 +55,34 @@ class HttpMetrics:
         )
 
 
-def make_registry(replica: Replica) -> CollectorRegistry:
+class SyncCollector:
+    """Sync figures per peer (the hub at an edge; each site at the hub)."""
+
+    def __init__(self, sync_status) -> None:
+        self.sync_status = sync_status
+
+    def collect(self):
+        labels = ["peer"]
+        connected = GaugeMetricFamily("konsul_sync_connected", "1 while the peer is connected", labels=labels)
+        pending = GaugeMetricFamily(
+            "konsul_sync_pending_changes", "Changes the peer has not confirmed", labels=labels
+        )
+        sent = CounterMetricFamily("konsul_sync_sent_bytes", "Sync bytes sent", labels=labels)
+        received = CounterMetricFamily("konsul_sync_received_bytes", "Sync bytes received", labels=labels)
+        conflicts = CounterMetricFamily("konsul_sync_conflicts", "Conflicts in the synced scopes", labels=labels)
+        for peer in self.sync_status().get("Peers", []):
+            name = [str(peer["Peer"])]
+            connected.add_metric(name, 1 if peer["Connected"] else 0)
+            pending.add_metric(name, peer["PendingChanges"])
+            sent.add_metric(name, peer["BytesSent"])
+            received.add_metric(name, peer["BytesReceived"])
+            conflicts.add_metric(name, peer["Conflicts"])
+        yield from (connected, pending, sent, received, conflicts)
+
+
+def make_registry(replica: Replica, sync_status=None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ReplicaCollector(replica))
+    if sync_status is not None:
+        registry.register(SyncCollector(sync_status))
     return registry

@@ -1,0 +1,223 @@
+"""The edge's connection to the hub: reconnects forever, syncs while it can.
+
+Local reads and writes never wait for it. It connects, exchanges state vectors
+(so a reconnect sends only what the other side lacks), streams changes both
+ways, reports check status as ephemeral messages, and after a failure retries
+with exponential backoff and jitter.
+
+What the hub has confirmed is remembered in the store (``acked_stamp/<scope>``):
+after a restart the edge still knows which of its writes the hub may lack,
+which matters when it must adopt a new epoch from the hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import trio
+
+from konsul.sync.batch import WriteBatch
+from konsul.sync.checks import CheckTable
+from konsul.sync.hlc import Stamp
+from konsul.sync.link import LinkClosed, SyncLink
+from konsul.sync.replica import GLOBAL_SCOPE, Replica
+from konsul.sync.session import SyncSession
+
+log = logging.getLogger("konsul.edge.sync")
+
+BACKOFF_START_S = 0.2
+BACKOFF_MAX_S = 15.0
+RESYNC_INTERVAL_S = 30.0
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+def _first_of(error: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """``error`` itself, or the first of ``kinds`` inside a (nested) exception group."""
+    if isinstance(error, kinds):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _first_of(inner, kinds)
+            if found is not None:
+                return found
+    return None
+
+
+def sync_url(hub_url: str) -> str:
+    """``http://hub:8700`` -> ``ws://hub:8700/v1/sync``."""
+    parts = urlsplit(hub_url if "://" in hub_url else f"http://{hub_url}")
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise ValueError(f"--hub-url must be http(s)://HOST:PORT, got {hub_url!r}")
+    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/v1/sync", "", ""))
+
+
+class HubConnector:
+    """Keeps one edge in sync with its hub."""
+
+    def __init__(self, hub_url: str, replica: Replica, site: str, checks: CheckTable) -> None:
+        self.hub_url = hub_url
+        self.url = sync_url(hub_url)
+        self.replica = replica
+        self.site = site
+        self.checks = checks
+        self.scopes = [site, GLOBAL_SCOPE]
+        self.connected = False
+        self.last_contact: float | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.connects = 0
+        self.last_error: str | None = None
+        self.acked: dict[str, Stamp | None] = {}
+        for name in self.scopes:
+            raw = replica.store.meta(f"acked_stamp/{name}")
+            self.acked[name] = Stamp.decode(raw) if raw else None
+        self._link: SyncLink | None = None
+        self._acked_dirty = trio.Event()
+        checks.listeners.append(self._push_checks)
+
+    # -- status ------------------------------------------------------------------
+
+    def pending_changes(self) -> int:
+        """Own writes the hub has not confirmed yet (live versions stamped after the last ack)."""
+        me = self.replica.replica_id
+        total = 0
+        for name in self.scopes:
+            scope = self.replica.scope(name)
+            after = self.acked.get(name)
+            for versions in (scope.kv.versions, scope.catalog.versions):
+                total += sum(
+                    1 for v in versions.all_versions()
+                    if v.stamp.replica == me and (after is None or v.stamp > after)
+                )
+        return total
+
+    def status(self) -> dict[str, Any]:
+        conflicts = sum(
+            self.replica.scope(n).kv.conflicts + self.replica.scope(n).catalog.conflicts for n in self.scopes
+        )
+        return {
+            "Peer": self.hub_url,
+            "Connected": self.connected,
+            "LastContact": None if self.last_contact is None
+            else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_contact)),
+            "PendingChanges": self.pending_changes(),
+            "BytesSent": self.bytes_sent,
+            "BytesReceived": self.bytes_received,
+            "Conflicts": conflicts,
+            "Connects": self.connects,
+            "LastError": self.last_error,
+        }
+
+    # -- running -----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._persist_acked_forever)
+            task_status.started()
+            backoff = BACKOFF_START_S
+            while True:
+                disconnects = (OSError, HandshakeError, ConnectionClosed, LinkClosed, trio.TooSlowError)
+                try:
+                    async with open_websocket_url(self.url, connect_timeout=HANDSHAKE_TIMEOUT_S) as ws:
+                        await self._session(ws)
+                except Exception as error:  # cancellation is a BaseException and passes
+                    reason = _first_of(error, disconnects)
+                    if reason is not None:
+                        self.last_error = str(reason) or type(reason).__name__
+                        log.info("hub %s unreachable or gone: %s", self.hub_url, self.last_error)
+                    else:
+                        # A bug in syncing must not stop the edge serving locally.
+                        self.last_error = f"internal error: {error!r}"
+                        log.exception("sync with hub %s failed; retrying", self.hub_url)
+                finally:
+                    was_open, self.connected, self._link = self.connected, False, None
+                if was_open:
+                    backoff = BACKOFF_START_S
+                delay = backoff * random.uniform(0.5, 1.5)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                await trio.sleep(delay)
+
+    async def _session(self, ws) -> None:
+        """One connection's life, until it fails."""
+        session = SyncSession("edge", self.site, self.replica.replica_id, self.scopes)
+        link = SyncLink(
+            session,
+            self.replica.scope,
+            ws.send_message,
+            on_covered=self._covered,
+            rebase_after=lambda scope, collection: self.acked.get(scope),
+        )
+        sent_before, received_before = 0, 0
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(link.run)
+                link.start()
+                with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                    while link.peer is None:
+                        await link.receive(await ws.get_message())
+                self._opened(link)
+                nursery.start_soon(self._resync_forever, link)
+                while True:
+                    frame = await ws.get_message()
+                    if not isinstance(frame, bytes):
+                        raise LinkClosed("malformed", "text frame on the sync socket")
+                    self.last_contact = time.time()
+                    await link.receive(frame)
+                    self.bytes_sent += session.bytes_sent - sent_before
+                    self.bytes_received += session.bytes_received - received_before
+                    sent_before, received_before = session.bytes_sent, session.bytes_received
+        finally:
+            link.stop()
+            self.bytes_sent += session.bytes_sent - sent_before
+            self.bytes_received += session.bytes_received - received_before
+
+    def _opened(self, link: SyncLink) -> None:
+        self._link = link
+        self.connected = True
+        self.connects += 1
+        self.last_contact = time.time()
+        self.last_error = None
+        log.info("synced with hub %s (hub replica %s)", self.hub_url, link.peer.replica)
+        self._push_checks()
+
+    async def _resync_forever(self, link: SyncLink) -> None:
+        while True:
+            await trio.sleep(RESYNC_INTERVAL_S)
+            link.resync()
+
+    # -- acknowledgements and ephemeral state -------------------------------------
+
+    def _covered(self, scope: str, collection: str, stamp: Stamp | None) -> None:
+        known = self.acked.get(scope)
+        if stamp is not None and (known is None or stamp > known):
+            self.acked[scope] = stamp
+            self._acked_dirty.set()
+
+    async def _persist_acked_forever(self) -> None:
+        while True:
+            await self._acked_dirty.wait()
+            self._acked_dirty = trio.Event()
+            batch = WriteBatch()
+            for name, stamp in self.acked.items():
+                if stamp is not None:
+                    batch.meta[f"acked_stamp/{name}"] = stamp.encode()
+            try:
+                await self.replica.store.commit(batch)
+            except Exception as error:  # the next ack tries again
+                log.warning("could not store the hub's acknowledgement: %s", error)
+
+    def _push_checks(self) -> None:
+        if self._link is None or self._link.peer is None:
+            return
+        snapshot = {
+            check_id: {"status": c.status, "output": c.output, "service": c.service_id}
+            for check_id, c in self.checks.checks.items()
+        }
+        self._link.send_ephemeral(self.site, "checks", snapshot)

@@ -1,0 +1,95 @@
+"""`konsul hub`: the central replica of every site and of the fleet-wide scope.
+
+Each scope lives in its own store under ``<data-dir>/scopes/<name>``. The hub
+owns the epochs: its scopes compact on their own, and connected edges adopt
+the new epoch from the snapshot it sends.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from konsul.sync.checks import CheckTable
+from konsul.sync.replica import GLOBAL_SCOPE, Replica
+
+log = logging.getLogger("konsul.hub")
+
+
+@dataclass
+class HubConfig:
+    data_dir: Path
+    http_addr: str = "127.0.0.1:8700"
+    durability: str = "full"
+
+
+@dataclass
+class HubInfo:
+    http_url: str
+    replica_id: str
+
+
+async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = trio.TASK_STATUS_IGNORED) -> None:
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.trio import serve
+
+    from konsul.edge.agent import split_addr
+    from konsul.protocols.http import HttpContext, create_app
+
+    from .fleet_routes import fleet_api, site_summaries
+    from .sites import SiteRegistry
+    from .sync_endpoint import sync_api
+
+    host, port = split_addr(config.http_addr, "--http-addr")
+    replica = Replica.open(config.data_dir, config.durability, per_scope_stores=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(replica.run)
+            await replica.open_scope(GLOBAL_SCOPE)
+            sites = SiteRegistry()
+            hub_state = {"replica": replica, "sites": sites, "links": set()}
+            ctx = HttpContext(
+                replica=replica,
+                site=GLOBAL_SCOPE,
+                node="hub",
+                checks=CheckTable(trio.current_time),
+                role="hub",
+                remote_check_status=sites.check_status,
+            )
+            ctx.sync_status = lambda: {"Peers": [_peer_status(summary) for summary in site_summaries(hub_state)]}
+            app = create_app(ctx, extra_blueprints=[sync_api, fleet_api])
+            app.config["KONSUL_HUB"] = hub_state
+            hyper = HypercornConfig()
+            hyper.bind = [f"{host}:{port}"]
+            hyper.accesslog = None
+            hyper.errorlog = logging.getLogger("hypercorn.error")
+            hyper.graceful_timeout = 1.0
+            binds = await nursery.start(partial(serve, app, hyper, shutdown_trigger=trio.sleep_forever))
+            http_url = binds[0]
+            ctx.advertise = http_url.split("://", 1)[1]
+            log.info(
+                "hub (replica %s, data %s): http listening on %s",
+                replica.replica_id,
+                Path(config.data_dir).resolve(),
+                http_url,
+            )
+            task_status.started(HubInfo(http_url, replica.replica_id))
+    finally:
+        replica.close()
+
+
+def _peer_status(site: dict) -> dict:
+    """A /v1/sites row in the shape of an edge's /v1/sync/status peer."""
+    return {
+        "Peer": site["Site"],
+        "Connected": site["Connected"],
+        "LastContact": site["LastSeen"],
+        "PendingChanges": site["PendingToEdge"],
+        "BytesSent": site["BytesSent"],
+        "BytesReceived": site["BytesReceived"],
+        "Conflicts": site["Conflicts"],
+    }

@@ -1,0 +1,74 @@
+"""What the hub knows about each site beyond its replicated state.
+
+Connection state, last contact and the ephemeral check status an edge reports
+are not replicated (DESIGN.md, decision 5): they live here, in memory, and are
+rebuilt as edges reconnect.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SiteState:
+    site: str
+    connections: int = 0
+    last_seen: float | None = None  # wall-clock seconds
+    replica: str | None = None
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    pending_to_edge: int = 0
+    session_received: int = 0  # counters of the current session, already added
+    session_sent: int = 0
+
+
+class SiteRegistry:
+    def __init__(self) -> None:
+        self.sites: dict[str, SiteState] = {}
+
+    def get(self, site: str) -> SiteState:
+        found = self.sites.get(site)
+        if found is None:
+            found = self.sites[site] = SiteState(site)
+        return found
+
+    def connected(self, site: str, replica: str) -> None:
+        state = self.get(site)
+        state.connections += 1
+        state.session_received = state.session_sent = 0
+        state.replica = replica
+        state.last_seen = time.time()
+
+    def disconnected(self, site: str) -> None:
+        state = self.get(site)
+        state.connections = max(0, state.connections - 1)
+        state.last_seen = time.time()
+
+    def seen(self, site: str, session: Any) -> None:
+        """A frame arrived from the site: note the time and the session's counters."""
+        state = self.get(site)
+        state.last_seen = time.time()
+        state.bytes_received += session.bytes_received - state.session_received
+        state.bytes_sent += session.bytes_sent - state.session_sent
+        state.session_received, state.session_sent = session.bytes_received, session.bytes_sent
+        state.pending_to_edge = session.pending_acks
+
+    def report_checks(self, site: str, checks: Any) -> None:
+        if isinstance(checks, dict):
+            self.get(site).checks = {
+                str(k): v for k, v in checks.items() if isinstance(v, dict)
+            }
+
+    def check_status(self, site: str, check_id: str) -> tuple[str, str] | None:
+        """The last status an edge reported for one of its checks, if connected."""
+        state = self.sites.get(site)
+        if state is None or not state.connections:
+            return None
+        found = state.checks.get(check_id)
+        if found is None:
+            return None
+        return str(found.get("status", "critical")), str(found.get("output", ""))
