@@ -23,8 +23,10 @@ from pycrdt import Doc
 
 from .batch import WriteBatch
 from .catalog import ServiceCatalog, ServiceEntry
+from .errors import InvalidArgument
 from .hlc import HybridClock, Stamp
 from .kv import KvState, ScopeIndex, decode_payload
+from .limits import check_flags, check_key, check_prefix, check_value
 from .store import Store
 from .versioned import Version, VersionedMap
 
@@ -171,6 +173,43 @@ class Scope:
         if ok and batch:
             await self._finish(batch, "kv", before)
         return ok
+
+    async def kv_apply(self, writes: list[tuple]) -> None:
+        """Several KV writes as one durable change (Consul's transactions).
+
+        Each write is ``("set", key, value, flags)``, ``("delete", key)`` or
+        ``("delete-tree", prefix)``. All are validated before any is applied, so
+        a bad one changes nothing.
+        """
+        for write in writes:
+            if write[0] == "set":
+                check_key(write[1])
+                check_value(write[2])
+                check_flags(write[3])
+            elif write[0] == "delete":
+                check_key(write[1])
+            elif write[0] == "delete-tree":
+                check_prefix(write[1])
+            else:
+                raise InvalidArgument(f"unknown KV write {write[0]!r}")
+        batch = self._begin()
+        touched: set[str] = set()
+        try:
+            for write in writes:
+                if write[0] == "set":
+                    self.kv.put(write[1], write[2], batch, flags=write[3])
+                    touched.add(write[1])
+                else:
+                    recurse = write[0] == "delete-tree"
+                    if recurse:
+                        touched.update(self.kv.keys(write[1]))
+                    else:
+                        touched.add(write[1])
+                    self.kv.delete(write[1], batch, recurse=recurse)
+        finally:
+            self._batch = None
+        if batch:
+            await self._finish(batch, "kv", touched)
 
     async def expire_due(self) -> list[str]:
         """Hide the keys whose TTL has passed (call when :meth:`next_expiry_ms` is due)."""

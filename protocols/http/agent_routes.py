@@ -30,12 +30,17 @@ def _fields(body: dict) -> dict:
     return {k.lower().replace("_", ""): v for k, v in body.items()}
 
 
-async def json_body() -> dict:
+async def json_body_any():
+    """The request body as JSON, or a 400 that says where it broke."""
     raw = await request.get_data(cache=True)
     try:
-        body = json.loads(raw)
+        return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
         raise InvalidArgument(f"the body is not valid JSON ({error})") from None
+
+
+async def json_body() -> dict:
+    body = await json_body_any()
     if not isinstance(body, dict):
         raise InvalidArgument("the body must be a JSON object")
     return body

@@ -1,0 +1,145 @@
+"""``/v1/txn``: Consul's KV transactions, all or nothing.
+
+A transaction is a JSON list of up to 64 ``{"KV": {...}}`` operations whose
+values are base64, as in Consul. It runs in three passes: parse and validate
+everything (a malformed request is a 400 and changes nothing), evaluate every
+check in order against the state as the earlier operations would leave it (a
+failed check is a 409 listing the failures, and changes nothing), then apply
+all writes as one durable change.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+from quart import Blueprint, Response, current_app, request
+
+from konsul.sync.errors import InvalidArgument
+from konsul.sync.limits import check_flags, check_key, check_prefix, check_value
+
+from .agent_routes import json_body_any
+from .kv_routes import entry_json
+from .responses import json_response
+
+txn_api = Blueprint("txn", __name__)
+
+MAX_OPERATIONS = 64
+_READS = {"get", "get-tree", "check-index", "check-not-exists"}
+_WRITES = {"set", "cas", "delete", "delete-tree", "delete-cas"}
+_UNSUPPORTED = {"lock", "unlock", "check-session"}
+
+
+@dataclass
+class KvOp:
+    verb: str
+    key: str
+    value: bytes = b""
+    flags: int = 0
+    index: int = 0
+
+
+def parse_operations(body) -> list[KvOp]:
+    if not isinstance(body, list):
+        raise InvalidArgument("a transaction is a JSON list of operations")
+    if len(body) > MAX_OPERATIONS:
+        raise InvalidArgument(f"a transaction has at most {MAX_OPERATIONS} operations, this one {len(body)}")
+    operations = []
+    for position, item in enumerate(body):
+        where = f"operation {position}"
+        if not isinstance(item, dict) or not isinstance(item.get("KV"), dict):
+            raise InvalidArgument(f"{where}: only KV operations are supported ({{\"KV\": {{...}}}})")
+        kv = item["KV"]
+        verb = kv.get("Verb")
+        if verb in _UNSUPPORTED:
+            raise InvalidArgument(f"{where}: verb {verb!r} needs sessions, which Konsul does not have")
+        if verb not in _READS | _WRITES:
+            raise InvalidArgument(f"{where}: unknown verb {verb!r}")
+        key = kv.get("Key", "")
+        if not isinstance(key, str):
+            raise InvalidArgument(f"{where}: Key must be a string")
+        (check_prefix if verb in ("get-tree", "delete-tree") else check_key)(key)
+        value = b""
+        if kv.get("Value") is not None:
+            try:
+                value = base64.b64decode(kv["Value"], validate=True)
+            except (binascii.Error, TypeError, ValueError):
+                raise InvalidArgument(f"{where}: Value is not valid base64") from None
+            check_value(value)
+        flags, index = kv.get("Flags", 0) or 0, kv.get("Index", 0) or 0
+        if not isinstance(flags, int) or not isinstance(index, int) or index < 0:
+            raise InvalidArgument(f"{where}: Flags and Index are non-negative integers")
+        check_flags(flags)
+        operations.append(KvOp(verb, key, value, flags, index))
+    return operations
+
+
+def failed_checks(scope, operations: list[KvOp]) -> list[dict]:
+    """Evaluate checks in order, seeing the effects of earlier writes in the transaction."""
+    overlay: dict[str, int | None] = {}  # key -> modify index, None when deleted by the txn
+    pending = object()
+
+    def modify_index(key: str):
+        if key in overlay:
+            return overlay[key]
+        entry = scope.kv.get(key)
+        return None if entry is None else entry.modify_index
+
+    errors = []
+    for position, op in enumerate(operations):
+        current = modify_index(op.key)
+        problem = None
+        if op.verb == "cas" and (op.index == 0 and current is not None or op.index and current != op.index):
+            problem = f"current modify index {current} does not match {op.index}"
+        elif op.verb in ("check-index", "delete-cas") and current != op.index:
+            problem = f"current modify index {current} does not match {op.index}"
+        elif op.verb == "check-not-exists" and current is not None:
+            problem = f"key {op.key!r} exists"
+        elif op.verb == "get" and current is None:
+            problem = f"key {op.key!r} does not exist"
+        if problem:
+            errors.append({"OpIndex": position, "What": problem})
+        if op.verb in ("set", "cas"):
+            overlay[op.key] = pending  # written by this txn; its index is not known yet
+        elif op.verb in ("delete", "delete-cas"):
+            overlay[op.key] = None
+        elif op.verb == "delete-tree":
+            for key in scope.kv.keys(op.key):
+                overlay[key] = None
+            for key in list(overlay):
+                if key.startswith(op.key):
+                    overlay[key] = None
+    return errors
+
+
+@txn_api.route("/v1/txn", methods=["PUT"])
+async def transaction() -> Response:
+    ctx = current_app.config["KONSUL"]
+    scope = ctx.scope(request.args.get("dc"))
+    operations = parse_operations(await json_body_any())
+    errors = failed_checks(scope, operations)
+    if errors:
+        return json_response({"Results": None, "Errors": errors}, status=409)
+    writes = []
+    for op in operations:
+        if op.verb in ("set", "cas"):
+            writes.append(("set", op.key, op.value, op.flags))
+        elif op.verb in ("delete", "delete-cas"):
+            writes.append(("delete", op.key))
+        elif op.verb == "delete-tree":
+            writes.append(("delete-tree", op.key))
+    if writes:
+        await scope.kv_apply(writes)
+    results = []
+    for op in operations:
+        if op.verb == "get-tree":
+            results.extend({"KV": entry_json(e)} for e in scope.kv.list(op.key))
+        elif op.verb in ("get", "set", "cas", "check-index"):
+            entry = scope.kv.get(op.key)
+            if entry is not None:
+                body = entry_json(entry)
+                if op.verb != "get":
+                    body["Value"] = None  # Consul returns values only for reads
+                results.append({"KV": body})
+    return json_response({"Results": results, "Errors": None})
