@@ -17,6 +17,7 @@ from pathlib import Path
 import trio
 
 from konsul.sync.checks import CheckTable
+from konsul.sync.devices import PresenceTable
 from konsul.sync.replica import GLOBAL_SCOPE, Replica, check_scope_name
 
 from .check_runner import CheckRunner
@@ -76,6 +77,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
             site = replica.scope(config.site)
             replica.scope(GLOBAL_SCOPE)
             checks = CheckTable(trio.current_time)
+            presence = PresenceTable()
             for service in site.catalog.services():
                 if service.node == config.node:
                     checks.sync_service(service)
@@ -100,6 +102,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                     "Peers": [] if connector is None else [connector.status()],
                 },
                 hub_url=config.hub_url,
+                presence=presence,
             )
             app = create_app(ctx)
             hyper = HypercornConfig()

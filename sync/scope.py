@@ -23,6 +23,7 @@ from pycrdt import Doc
 
 from .batch import WriteBatch
 from .catalog import ServiceCatalog, ServiceEntry
+from .devices import DeviceRecord, DeviceRegistry
 from .errors import InvalidArgument
 from .hlc import HybridClock, Stamp
 from .kv import KvState, ScopeIndex, decode_payload
@@ -30,7 +31,7 @@ from .limits import check_flags, check_key, check_prefix, check_value
 from .store import Store
 from .versioned import Version, VersionedMap
 
-COLLECTIONS = ("kv", "catalog")
+COLLECTIONS = ("kv", "catalog", "devices")
 
 # A collection is compacted once what it stores (snapshot plus log) exceeds
 # this many times what a fresh document of its live versions would hold, and
@@ -106,10 +107,11 @@ class Scope:
         )
         self.catalog = ServiceCatalog(versions["catalog"], self.index, self.clock)
         self.catalog.last_index = index
-        for version in versions["kv"].all_versions():
-            self.clock.observe(version.stamp)
-        for version in versions["catalog"].all_versions():
-            self.clock.observe(version.stamp)
+        self.devices = DeviceRegistry(versions["devices"], self.index, self.clock)
+        self.devices.last_index = index
+        for collection in versions.values():
+            for version in collection.all_versions():
+                self.clock.observe(version.stamp)
 
     def _load_collection(self, collection: str) -> VersionedMap:
         doc = Doc()
@@ -249,14 +251,33 @@ class Scope:
             self._batch = None
         await self._finish(batch, "catalog", {f"{node}/{service_id}"})
 
+    # -- devices ---------------------------------------------------------------------
+
+    async def put_device(self, record: DeviceRecord, new_token: bool = False) -> tuple[DeviceRecord, str | None]:
+        """Create or update a device; the token is returned once, when issued."""
+        batch = self._begin()
+        try:
+            stored, token = self.devices.put(record, batch, new_token)
+        finally:
+            self._batch = None
+        await self._finish(batch, "devices", {f"d/{record.device_id}"})
+        return stored, token
+
+    async def delete_device(self, device_id: str) -> None:
+        batch = self._begin()
+        try:
+            self.devices.delete(device_id, batch)
+        finally:
+            self._batch = None
+        await self._finish(batch, "devices", {f"d/{device_id}"})
+
     # -- replication -------------------------------------------------------------
 
     async def apply_remote(self, collection: str, update: bytes, origin: object = None) -> set[str]:
         """Merge an update from another replica and make it durable."""
         batch = self._begin()
         try:
-            target = self.kv if collection == "kv" else self.catalog
-            changed = target.apply_remote(update, batch)
+            changed = self._collection(collection).apply_remote(update, batch)
         finally:
             self._batch = None
         if batch:
@@ -290,15 +311,15 @@ class Scope:
             fresh.on_update = self._recorder(collection)
             lost = [v for v in mine if not fresh.merge_version(v)]
             touched = set(old.keys()) | set(fresh.keys())
+            target = self._collection(collection)
+            target.versions = fresh
             if collection == "kv":
-                self.kv.versions = fresh
                 for version in lost:
                     self.kv.record_lost_write(version, batch)
                 changed = self.kv.refresh(touched, batch)
             else:
-                self.catalog.versions = fresh
                 changed = touched
-                self.catalog.last_index = self.index.bump()
+                target.last_index = self.index.bump()
         finally:
             self._batch = None
         await self._finish(batch, collection, changed)
@@ -364,10 +385,7 @@ class Scope:
         # queue behind this batch, so the log never mixes epochs out of order.
         fresh.on_update = self._recorder(collection)
         self._docs[collection] = _DocState(epoch, len(snapshot), 0)
-        if collection == "kv":
-            self.kv.versions = fresh
-        else:
-            self.catalog.versions = fresh
+        self._collection(collection).versions = fresh
         self.compactions += 1
         await self.store.commit(batch)
         for listener in list(self.epoch_listeners):
@@ -375,8 +393,13 @@ class Scope:
 
     # -- internals -------------------------------------------------------------------
 
+    def _collection(self, collection: str) -> KvState | ServiceCatalog | DeviceRegistry:
+        if collection not in COLLECTIONS:
+            raise KeyError(f"no collection {collection!r}")
+        return getattr(self, collection)
+
     def _versions(self, collection: str) -> VersionedMap:
-        return self.kv.versions if collection == "kv" else self.catalog.versions
+        return self._collection(collection).versions
 
     def _begin(self) -> WriteBatch:
         self._batch = WriteBatch()

@@ -9,6 +9,7 @@ from typing import Any
 import trio
 
 from konsul.sync.checks import CheckTable
+from konsul.sync.devices import Presence, PresenceTable
 from konsul.sync.errors import NotFound
 from konsul.sync.replica import GLOBAL_SCOPE, Replica
 from konsul.sync.scope import Scope
@@ -70,6 +71,14 @@ class HttpContext:
     # (site, check id) -> (status, output) as the site's edge last reported it
     remote_check_status: Callable[[str, str], tuple[str, str] | None] = lambda site, check: None
     hub_url: str = ""
+    presence: PresenceTable = field(default_factory=PresenceTable)
+    # (site, device id) -> presence; the edge's own table, the hub's per-site reports
+    remote_presence: Callable[[str, str], Presence | None] = lambda site, device: None
+
+    def device_presence(self, site: str, device_id: str) -> Presence:
+        if site == self.site and self.role == "edge":
+            return self.presence.get(device_id)
+        return self.remote_presence(site, device_id) or Presence()
 
     def __post_init__(self) -> None:
         for name in {self.site, GLOBAL_SCOPE}:
