@@ -22,6 +22,7 @@ import trio
 
 from konsul.sync.batch import WriteBatch
 from konsul.sync.checks import CheckTable
+from konsul.sync.devices import PresenceTable
 from konsul.sync.hlc import Stamp
 from konsul.sync.link import LinkClosed, SyncLink
 from konsul.sync.replica import GLOBAL_SCOPE, Replica
@@ -59,7 +60,9 @@ def sync_url(hub_url: str) -> str:
 class HubConnector:
     """Keeps one edge in sync with its hub."""
 
-    def __init__(self, hub_url: str, replica: Replica, site: str, checks: CheckTable) -> None:
+    def __init__(
+        self, hub_url: str, replica: Replica, site: str, checks: CheckTable, presence: PresenceTable | None = None
+    ) -> None:
         self.hub_url = hub_url
         self.url = sync_url(hub_url)
         self.replica = replica
@@ -79,6 +82,9 @@ class HubConnector:
         self._link: SyncLink | None = None
         self._acked_dirty = trio.Event()
         checks.listeners.append(self._push_checks)
+        self.presence = presence
+        if presence is not None:
+            presence.listeners.append(lambda device_id, state: self._push_presence())
 
     # -- status ------------------------------------------------------------------
 
@@ -186,6 +192,7 @@ class HubConnector:
         self.last_error = None
         log.info("synced with hub %s (hub replica %s)", self.hub_url, link.peer.replica)
         self._push_checks()
+        self._push_presence()
 
     async def _resync_forever(self, link: SyncLink) -> None:
         while True:
@@ -212,6 +219,16 @@ class HubConnector:
                 await self.replica.store.commit(batch)
             except Exception as error:  # the next ack tries again
                 log.warning("could not store the hub's acknowledgement: %s", error)
+
+    def _push_presence(self) -> None:
+        """Device presence as an ephemeral snapshot: it churns, so it never enters the CRDT."""
+        if self._link is None or self._link.peer is None or self.presence is None:
+            return
+        snapshot = {
+            device_id: {"online": p.online, "last_seen": p.last_seen, "protocol": p.protocol, "address": p.address}
+            for device_id, p in self.presence.devices.items()
+        }
+        self._link.send_ephemeral(self.site, "presence", snapshot)
 
     def _push_checks(self) -> None:
         if self._link is None or self._link.peer is None:

@@ -59,6 +59,7 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
                 checks=CheckTable(trio.current_time),
                 role="hub",
                 remote_check_status=sites.check_status,
+                remote_presence=sites.device_presence,
             )
             ctx.sync_status = lambda: {"Peers": [_peer_status(summary) for summary in site_summaries(hub_state)]}
             app = create_app(ctx, extra_blueprints=[sync_api, fleet_api])

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from konsul.sync.devices import Presence
+
 
 @dataclass
 class SiteState:
@@ -19,6 +21,7 @@ class SiteState:
     last_seen: float | None = None  # wall-clock seconds
     replica: str | None = None
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    presence: dict[str, dict[str, Any]] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0
     pending_to_edge: int = 0
@@ -62,6 +65,25 @@ class SiteRegistry:
             self.get(site).checks = {
                 str(k): v for k, v in checks.items() if isinstance(v, dict)
             }
+
+    def report_presence(self, site: str, devices: Any) -> None:
+        if isinstance(devices, dict):
+            self.get(site).presence = {str(k): v for k, v in devices.items() if isinstance(v, dict)}
+
+    def device_presence(self, site: str, device_id: str) -> Presence | None:
+        """A device's presence as its edge last reported it; offline once the edge is gone."""
+        state = self.sites.get(site)
+        found = None if state is None else state.presence.get(device_id)
+        if found is None:
+            return None
+        online = bool(found.get("online")) and state.connections > 0
+        last_seen = found.get("last_seen")
+        return Presence(
+            online,
+            last_seen if isinstance(last_seen, (int, float)) else None,
+            str(found.get("protocol", "")),
+            str(found.get("address", "")),
+        )
 
     def check_status(self, site: str, check_id: str) -> tuple[str, str] | None:
         """The last status an edge reported for one of its checks, if connected."""

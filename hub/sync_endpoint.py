@@ -95,3 +95,5 @@ async def _resync_forever(link: SyncLink) -> None:
 def _on_ephemeral(sites: SiteRegistry, scope: str, kind: str, data) -> None:
     if kind == "checks":
         sites.report_checks(scope, data)
+    elif kind == "presence":
+        sites.report_presence(scope, data)
