@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import trio
@@ -34,11 +33,9 @@ class HubInfo:
 
 
 async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = trio.TASK_STATUS_IGNORED) -> None:
-    from hypercorn.config import Config as HypercornConfig
-    from hypercorn.trio import serve
-
     from konsul.edge.agent import split_addr
     from konsul.protocols.http import HttpContext, create_app
+    from konsul.protocols.http.server import serve_app
 
     from .fleet_routes import fleet_api, site_summaries
     from .sites import SiteRegistry
@@ -64,13 +61,7 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
             ctx.sync_status = lambda: {"Peers": [_peer_status(summary) for summary in site_summaries(hub_state)]}
             app = create_app(ctx, extra_blueprints=[sync_api, fleet_api])
             app.config["KONSUL_HUB"] = hub_state
-            hyper = HypercornConfig()
-            hyper.bind = [f"{host}:{port}"]
-            hyper.accesslog = None
-            hyper.errorlog = logging.getLogger("hypercorn.error")
-            hyper.graceful_timeout = 1.0
-            binds = await nursery.start(partial(serve, app, hyper, shutdown_trigger=trio.sleep_forever))
-            http_url = binds[0]
+            http_url = await nursery.start(serve_app, app, host, port)
             ctx.advertise = http_url.split("://", 1)[1]
             log.info(
                 "hub (replica %s, data %s): http listening on %s",

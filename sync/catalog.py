@@ -17,9 +17,8 @@ import cbor2
 
 from .batch import WriteBatch
 from .errors import InvalidArgument, NotFound
-from .hlc import HybridClock, Stamp
-from .kv import ScopeIndex
-from .versioned import VersionedMap
+from .hlc import Stamp
+from .records import RecordCollection
 
 CHECK_KINDS = ("ttl", "http", "tcp")
 
@@ -110,15 +109,8 @@ class ServiceEntry:
         )
 
 
-class ServiceCatalog:
+class ServiceCatalog(RecordCollection):
     """Service definitions of one scope on one replica."""
-
-    def __init__(self, versions: VersionedMap, index: ScopeIndex, clock: HybridClock) -> None:
-        self.versions = versions
-        self.index = index
-        self.clock = clock
-        self.last_index = 0
-        self.conflicts = 0
 
     def register(self, service: ServiceEntry, batch: WriteBatch) -> ServiceEntry:
         if not service.service_id or not service.name:
@@ -145,24 +137,8 @@ class ServiceCatalog:
         found = (self._entry(key) for key in sorted(self.versions.keys()))
         return [entry for entry in found if entry is not None]
 
-    def apply_remote(self, update: bytes, batch: WriteBatch) -> set[str]:
-        touched, removed = self.versions.apply_update(update)
-        for version in removed:
-            self.clock.observe(version.stamp)
-        for key in touched:
-            live = self.versions.versions(key)
-            if live:
-                self.clock.observe(live[0].stamp)
-            self.conflicts += max(0, len(live) - 1)
-        if touched:
-            self._changed(batch)
-        return touched
-
     def _entry(self, key: str) -> ServiceEntry | None:
         current = self.versions.current(key)
         if current is None or current.deleted:
             return None
         return ServiceEntry.from_payload(current.payload, current.stamp)
-
-    def _changed(self, batch: WriteBatch) -> None:
-        self.last_index = self.index.bump()

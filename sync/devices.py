@@ -26,9 +26,8 @@ import cbor2
 
 from .batch import WriteBatch
 from .errors import InvalidArgument, NotFound
-from .hlc import HybridClock, Stamp
-from .kv import ScopeIndex
-from .versioned import VersionedMap
+from .hlc import Stamp
+from .records import RecordCollection
 
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 DEFAULT_KV_READ = ("",)  # the whole keyspace, read-only
@@ -98,15 +97,8 @@ class DeviceRecord:
         return any(key.startswith(prefix) for prefix in self.kv_write)
 
 
-class DeviceRegistry:
+class DeviceRegistry(RecordCollection):
     """Device records of one scope on one replica."""
-
-    def __init__(self, versions: VersionedMap, index: ScopeIndex, clock: HybridClock) -> None:
-        self.versions = versions
-        self.index = index
-        self.clock = clock
-        self.last_index = 0
-        self.conflicts = 0
 
     def get(self, device_id: str) -> DeviceRecord | None:
         current = self.versions.current(f"d/{device_id}")
@@ -151,21 +143,6 @@ class DeviceRegistry:
         if hmac.compare_digest(record.token_hash, hash_token(token)):
             return record
         return None
-
-    def apply_remote(self, update: bytes, batch: WriteBatch) -> set[str]:
-        touched, removed = self.versions.apply_update(update)
-        for version in removed:
-            self.clock.observe(version.stamp)
-        for key in touched:
-            live = self.versions.versions(key)
-            if live:
-                self.clock.observe(live[0].stamp)
-        if touched:
-            self._changed(batch)
-        return touched
-
-    def _changed(self, batch: WriteBatch) -> None:
-        self.last_index = self.index.bump()
 
 
 @dataclass
