@@ -33,6 +33,16 @@ class WriteBatch:
             self.updates or self.kv_index or self.history or self.snapshots or self.meta
         )
 
+    @staticmethod
+    def combine(batches: list[WriteBatch]) -> WriteBatch:
+        """One batch with the rows of ``batches`` (in order); a lone batch as it is."""
+        if len(batches) == 1:
+            return batches[0]
+        merged = WriteBatch()
+        for batch in batches:
+            merged.merge(batch)
+        return merged
+
     def merge(self, later: WriteBatch) -> None:
         """Fold ``later`` into this batch, as if it ran after it."""
         self.updates.extend(later.updates)

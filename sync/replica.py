@@ -70,6 +70,7 @@ class Replica:
         self._stores: dict[str, Store] = {}
         self._nursery: trio.Nursery | None = None
         self._expiry_changed = trio.Event()
+        self._waiting_until: int | None = None
         store.on_failure = self._reload_after_failure
         if self.scope_dir is None:
             for (name,) in store.query("SELECT DISTINCT scope FROM docs UNION SELECT scope FROM scope_state"):
@@ -130,6 +131,7 @@ class Replica:
             due = [s.next_expiry_ms() for s in self.scopes.values()]
             due_ms = min((d for d in due if d is not None), default=None)
             changed = self._expiry_changed
+            self._waiting_until = due_ms
             if due_ms is None:
                 await changed.wait()
             else:
@@ -146,7 +148,12 @@ class Replica:
                     await trio.sleep(1)
 
     def _on_change(self, collection: str, keys: set[str]) -> None:
-        if collection == "kv":
+        # Wake the reaper only when a change brings an expiry earlier than the
+        # one it sleeps towards (most writes carry no TTL at all).
+        if collection != "kv":
+            return
+        due = min((s.next_expiry_ms() for s in self.scopes.values()), key=lambda d: d or 2**63, default=None)
+        if due is not None and (self._waiting_until is None or due < self._waiting_until):
             self._expiry_changed.set()
 
     def _reload_after_failure(self, error: Exception, only: str | None = None) -> None:

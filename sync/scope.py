@@ -349,8 +349,6 @@ class Scope:
 
     async def compact(self, collection: str) -> None:
         """Rebuild ``collection`` as a fresh document epoch with only live versions."""
-        old = self._versions(collection)
-        now = self.clock.wall_ms()
         if self._compacting:
             return
         self._compacting = True

@@ -15,10 +15,9 @@ handoff costs one lock and one wakeup each way, and the thread starts the next
 round the moment it is free, so one round's fsync overlaps the next's writers.
 
 If a round fails (disk full, I/O error) every batch of it, and every batch
-queued behind it, fails; nothing of them is on disk. The writer thread then
-waits while the owner's ``on_failure`` hook, run in trio, reloads the
-in-memory state from disk, so that memory never shows what the disk does not
-hold and no later round builds on a lost one.
+queued behind it, fails; nothing of them is on disk. The writer thread waits
+while the owner's ``on_failure`` hook reloads memory from disk, so memory never
+shows what the disk does not hold and no later round builds on a lost one.
 
 The data directory is locked with ``flock`` for the life of the process, and an
 existing database is checked read-only before anything writes to it: a corrupt
@@ -131,7 +130,7 @@ class Store:
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute(f"PRAGMA synchronous = {DURABILITY_MODES[durability]}")
-                conn.execute("PRAGMA journal_size_limit = 4194304")
+                conn.execute("PRAGMA journal_size_limit = 1048576")
                 conn.execute("PRAGMA busy_timeout = 0")
                 conn.executescript(_SCHEMA)
                 conn.execute(
@@ -286,9 +285,7 @@ class Store:
                 self._work.notify()
 
     def _write(self, batches: list[WriteBatch]) -> None:
-        merged = WriteBatch()
-        for batch in batches:
-            merged.merge(batch)
+        merged = WriteBatch.combine(batches)
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -298,6 +295,13 @@ class Store:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise _store_error(error, self.path) from error
+        if merged.snapshots:
+            # A compaction just freed the old log: give the pages and the WAL
+            # back to the file system, so the file follows the live content.
+            try:
+                self.checkpoint()
+            except sqlite3.Error:
+                pass  # an optimisation only; the next compaction tries again
 
     def checkpoint(self) -> None:
         """Give freed pages back to the file system (after compaction)."""
@@ -341,9 +345,7 @@ def _write_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:
             rows,
         )
     if gone:
-        conn.executemany(
-            "DELETE FROM kv_history WHERE scope = ? AND key = ? AND stamp = ?", gone
-        )
+        conn.executemany("DELETE FROM kv_history WHERE scope = ? AND key = ? AND stamp = ?", gone)
     if batch.scope_state:
         conn.executemany(
             "INSERT OR REPLACE INTO scope_state(scope, idx, kv_index, conflicts) VALUES (?, ?, ?, ?)",

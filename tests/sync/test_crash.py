@@ -24,9 +24,9 @@ from crash_writer import SCOPE, value_for
 from konsul.sync.replica import Replica
 
 FORKER = Path(__file__).with_name("crash_writer.py")
-ROUNDS = 18
+ROUNDS = 16
 WRITERS = 32
-MAX_ACKS = 500
+MAX_ACKS = 300
 DEADLINE_S = 120  # only a hung writer gets near this
 
 
