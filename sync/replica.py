@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import secrets
-from pathlib import Path
 
 import trio
 

@@ -108,7 +108,7 @@ def parse_service(body: dict, node: str) -> tuple[ServiceEntry, dict[str, str]]:
     raw_checks.extend(checks_field)
     checks = tuple(parse_check(c, service_id, i) for i, c in enumerate(raw_checks))
     initial = {}
-    for definition, raw in zip(checks, raw_checks):
+    for definition, raw in zip(checks, raw_checks, strict=True):
         status = _fields(raw).get("status")
         if status:
             if status not in STATES:

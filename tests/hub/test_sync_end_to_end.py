@@ -58,7 +58,7 @@ def test_edges_write_while_hub_is_down_and_all_agree_after(tmp_path):
 
         hub = HubProcess(tmp_path / "hub", port)
         for url in (hub.url, e1.url, e2.url):
-            eventually(lambda: raw(url, "fleet/mode", "global") == b"from-e2", what=f"later write wins at {url}")
+            eventually(lambda url=url: raw(url, "fleet/mode", "global") == b"from-e2", what=f"later write wins at {url}")
         eventually(lambda: raw(hub.url, "local/x", "s1") == b"x1", what="s1 key at the hub")
         eventually(lambda: raw(hub.url, "local/y", "s2") == b"y2", what="s2 key at the hub")
         assert raw(e2.url, "local/x") is None  # sites stay apart

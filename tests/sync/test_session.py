@@ -116,7 +116,7 @@ def test_role_mismatch():
     with pytest.raises(RemoteProtocolError) as caught:
         one.receive(other.start())
     assert caught.value.code == "role_mismatch"
-    hub, other_hub = SyncSession("hub", "h", "a", []), SyncSession("hub", "h", "b", [])
+    hub = SyncSession("hub", "h", "a", [])
     hub.receive(SyncSession("edge", "s1", "e", ["s1"]).start())
     edge = SyncSession("edge", "s1", "e", ["s1"])
     edge.start()
