@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import trio
@@ -19,6 +18,8 @@ import trio
 from konsul.sync.checks import CheckTable
 from konsul.sync.devices import PresenceTable
 from konsul.sync.replica import GLOBAL_SCOPE, Replica, check_scope_name
+
+from konsul.protocols.gateway import GatewayContext
 
 from .check_runner import CheckRunner
 from .connector import HubConnector, sync_url
@@ -33,6 +34,7 @@ class EdgeConfig:
     node: str = field(default_factory=socket.gethostname)
     http_addr: str = "127.0.0.1:8500"
     mqtt_addr: str = "127.0.0.1:1883"
+    mqtt_broker: str = ""  # mqtt://host:port: attach to that broker instead of embedding one
     coap_addr: str = "127.0.0.1:5683"
     hub_url: str = ""
     allow_anonymous: bool = False
@@ -45,6 +47,8 @@ class EdgeInfo:
 
     http_url: str
     replica_id: str
+    mqtt_addr: str | None = None
+    coap_addr: str | None = None
 
 
 def split_addr(addr: str, what: str) -> tuple[str, int]:
@@ -56,10 +60,8 @@ def split_addr(addr: str, what: str) -> tuple[str, int]:
 
 async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo] = trio.TASK_STATUS_IGNORED) -> None:
     """Run an edge agent until cancelled."""
-    from hypercorn.config import Config as HypercornConfig
-    from hypercorn.trio import serve
-
     from konsul.protocols.http import HttpContext, create_app
+    from konsul.protocols.http.server import serve_app
 
     host, port = split_addr(config.http_addr, "--http-addr")
     check_scope_name(config.site)
@@ -85,7 +87,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
             await nursery.start(runner.run)
             connector = None
             if config.hub_url:
-                connector = HubConnector(config.hub_url, replica, config.site, checks)
+                connector = HubConnector(config.hub_url, replica, config.site, checks, presence)
                 await nursery.start(connector.run)
             ctx = HttpContext(
                 replica=replica,
@@ -105,14 +107,16 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 presence=presence,
             )
             app = create_app(ctx)
-            hyper = HypercornConfig()
-            hyper.bind = [f"{host}:{port}"]
-            hyper.accesslog = None
-            hyper.errorlog = logging.getLogger("hypercorn.error")
-            hyper.graceful_timeout = 1.0
-            binds = await nursery.start(partial(serve, app, hyper, shutdown_trigger=trio.sleep_forever))
-            http_url = binds[0]
+            http_url = await nursery.start(serve_app, app, host, port)
             ctx.advertise = http_url.split("://", 1)[1]
+            gateways = GatewayContext(
+                replica=replica,
+                site=config.site,
+                presence=presence,
+                allow_anonymous=config.allow_anonymous,
+                registry=ctx.registry,
+            )
+            bound = await nursery.start(run_device_gateways, gateways, config)
             ready = True
             log.info(
                 "edge %s (node %s, replica %s, data %s): http listening on %s",
@@ -122,6 +126,33 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 Path(config.data_dir).resolve(),
                 http_url,
             )
-            task_status.started(EdgeInfo(http_url, replica.replica_id))
+            task_status.started(EdgeInfo(http_url, replica.replica_id, bound.get("mqtt"), bound.get("coap")))
     finally:
         replica.close()
+
+
+async def run_device_gateways(
+    gateways: GatewayContext, config: EdgeConfig, *, task_status: trio.TaskStatus[dict[str, str]]
+) -> None:
+    """MQTT and CoAP, both asyncio libraries, behind one trio-asyncio loop (DESIGN.md, 2)."""
+    mqtt = config.mqtt_broker or config.mqtt_addr  # a URL attaches to an external broker
+    wanted = {name: addr for name, addr in (("mqtt", mqtt), ("coap", config.coap_addr)) if addr}
+    if not wanted:
+        task_status.started({})
+        await trio.sleep_forever()
+    import trio_asyncio
+
+    async with trio_asyncio.open_loop():
+        async with trio.open_nursery() as nursery:
+            bound: dict[str, str] = {}
+            if "mqtt" in wanted:
+                from konsul.protocols.mqtt import run_mqtt_gateway
+
+                bound["mqtt"] = await nursery.start(run_mqtt_gateway, gateways, wanted["mqtt"])
+                log.info("mqtt %s %s", "using the broker" if config.mqtt_broker else "listening on", bound["mqtt"])
+            if "coap" in wanted:
+                from konsul.protocols.coap import run_coap_gateway
+
+                bound["coap"] = await nursery.start(run_coap_gateway, gateways, wanted["coap"])
+                log.info("coap listening on %s", bound["coap"])
+            task_status.started(bound)

@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(edge, "--node", "this agent's node name", socket.gethostname())
     add_flag(edge, "--http-addr", "HTTP API address; port 0 picks a free port", DEFAULT_HTTP_ADDR)
     add_flag(edge, "--mqtt-addr", "MQTT address for devices; empty disables it", DEFAULT_MQTT_ADDR)
+    add_flag(
+        edge,
+        "--mqtt-broker",
+        "attach to this MQTT broker (mqtt://[user:password@]host:port) as a client instead of "
+        "embedding one; --mqtt-addr is then unused",
+        "",
+    )
     add_flag(edge, "--coap-addr", "CoAP (UDP) address for devices; empty disables it", DEFAULT_COAP_ADDR)
     edge.add_argument(
         "--allow-anonymous",
@@ -99,6 +106,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
         node=args.node,
         http_addr=args.http_addr,
         mqtt_addr=args.mqtt_addr,
+        mqtt_broker=args.mqtt_broker,
         coap_addr=args.coap_addr,
         hub_url=args.hub_url,
         allow_anonymous=args.allow_anonymous,
@@ -147,6 +155,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
 Konsul dev is running (data in {data_dir}):
   edge (site "dev")  {edge.http_url}   Consul-compatible API: point CONSUL_HTTP_ADDR or KONSUL_HTTP_ADDR here
   hub                {hub.http_url}   every site (?dc=dev) and the fleet-wide scope (?dc=global)
+  MQTT for devices   {edge.mqtt_addr or "off"}   anonymous devices allowed in dev
+  CoAP for devices   {edge.coap_addr or "off"} (UDP)
 
 Try it:
   curl -X PUT --data 'hello' {edge.http_url}/v1/kv/greeting
@@ -156,6 +166,8 @@ Try it:
   KONSUL_HTTP_ADDR={address} konsul kv get fleet/mode --dc global
   KONSUL_HTTP_ADDR={address} konsul kv list
   curl {hub.http_url}/v1/sites
+  mosquitto_sub -h 127.0.0.1 -p {(edge.mqtt_addr or ":1883").rsplit(":", 1)[1]} -i watcher -t 'konsul/v1/kv/#' -v
+  coap-client -m get coap://{edge.coap_addr or "127.0.0.1:5683"}/kv/greeting
 
 Stop with Ctrl-C.
 """,

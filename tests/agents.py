@@ -18,12 +18,13 @@ _LISTENING = re.compile(r"http listening on (http://\S+)")
 class AgentProcess:
     """A `konsul ...` child process whose stderr is collected and searchable."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, command: list[str] | None = None) -> None:
+        """``command`` runs another program (mosquitto, mosquitto_sub, ...) instead of `konsul`."""
         self.args = args
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "konsul.edge.cli", *args],
+            [*(command or [sys.executable, "-m", "konsul.edge.cli"]), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -115,6 +116,16 @@ class EdgeProcess(_Listening):
             ]
         )
         self._ready(data_dir)
+
+    def mqtt_addr(self) -> tuple[str, int]:
+        """Where the edge serves MQTT (start it with ``extra=["--mqtt-addr", "127.0.0.1:0"]``)."""
+        host, port = self.wait_for(r"mqtt listening on (\S+)").group(1).rsplit(":", 1)
+        return host.strip("[]"), int(port)
+
+    def coap_addr(self) -> tuple[str, int]:
+        """Where the edge serves CoAP (start it with ``extra=["--coap-addr", "127.0.0.1:0"]``)."""
+        host, port = self.wait_for(r"coap listening on (\S+)").group(1).rsplit(":", 1)
+        return host.strip("[]"), int(port)
 
 
 class HubProcess(_Listening):

@@ -1,0 +1,137 @@
+"""``/devices/<id>/telemetry``, ``/reported`` and ``/desired``: the device twin over CoAP.
+
+Storage of telemetry and of the twin belongs to the agent, not to this
+gateway: it validates documents (a CBOR map or a JSON object), counts them and
+hands them to hooks the agent may put in ``gateways.extras``:
+
+- ``on_telemetry(device_id, document)`` and ``on_reported(device_id, document)``,
+  plain functions or trio async functions;
+- ``desired_state(device_id) -> dict``, read for every GET and notification of
+  ``/desired``;
+
+and it publishes ``gateways.extras["notify_desired"](device_id)`` (chained to
+any notifier already there, such as the MQTT gateway's), which the agent
+calls when a device's desired state changes, to notify its observers.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from aiocoap import Message, resource
+from aiocoap.numbers.codes import Code
+from konsul.sync.devices import check_device_id
+
+from ..gateway import GatewayContext
+from .access import Access, RunTrio
+from .errors import CoapError, ExplainedResource
+from .formats import (
+    DOCUMENT_FORMATS,
+    document_from_payload,
+    document_to_payload,
+    request_format,
+    response_format,
+)
+
+KINDS = ("telemetry", "reported", "desired")
+_METHODS = {"telemetry": ("POST",), "reported": ("POST", "PUT"), "desired": ("GET",)}
+
+
+def _no_desired_state(device_id: str) -> dict[str, Any]:
+    return {}
+
+
+class DeviceResource(ExplainedResource, resource.ObservableResource, resource.PathCapable):
+    """Everything below ``/devices``; observations of ``desired`` are kept per device."""
+
+    rt = "konsul.device"
+    ct = " ".join(str(f) for f in DOCUMENT_FORMATS)
+
+    def __init__(
+        self, gateways: GatewayContext, access: Access, run_trio: RunTrio, counted: Callable[[str], None]
+    ) -> None:
+        super().__init__()
+        self.gateways = gateways
+        self.access = access
+        self.run_trio = run_trio
+        self.counted = counted
+        self._watching: dict[str, set] = {}
+
+    # -- Observe of desired ------------------------------------------------------------
+
+    async def add_observation(self, request: Message, serverobservation) -> None:
+        path = request.opt.uri_path
+        if len(path) != 2 or path[1] != "desired":
+            return
+        watchers = self._watching.setdefault(path[0], set())
+        watchers.add(serverobservation)
+
+        def cancelled() -> None:
+            watchers.discard(serverobservation)
+            if not watchers and self._watching.get(path[0]) is watchers:
+                del self._watching[path[0]]
+
+        serverobservation.accept(cancelled)
+
+    @property
+    def observations(self) -> int:
+        return sum(len(watchers) for watchers in self._watching.values())
+
+    def notify_desired(self, device_id: str) -> None:
+        for observation in list(self._watching.get(device_id, ())):
+            observation.trigger()
+
+    # -- methods -------------------------------------------------------------------------
+
+    async def render_get(self, request: Message) -> Message:
+        device_id, _kind = await self._target(request, "GET")
+        fmt = response_format(request, DOCUMENT_FORMATS)
+        lookup = self.gateways.extras.get("desired_state", _no_desired_state)
+        document = lookup(device_id) or {}
+        return Message(code=Code.CONTENT, payload=document_to_payload(document, fmt), content_format=fmt)
+
+    async def render_post(self, request: Message) -> Message:
+        device_id, kind = await self._target(request, "POST")
+        document = document_from_payload(request.payload, request_format(request, DOCUMENT_FORMATS))
+        await self._hand_over(kind, device_id, document)
+        return Message(code=Code.CHANGED)
+
+    async def render_put(self, request: Message) -> Message:
+        device_id, kind = await self._target(request, "PUT")
+        document = document_from_payload(request.payload, request_format(request, DOCUMENT_FORMATS))
+        await self._hand_over(kind, device_id, document)
+        return Message(code=Code.CHANGED)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _target(self, request: Message, method: str) -> tuple[str, str]:
+        path = request.opt.uri_path
+        if len(path) != 2 or path[1] not in KINDS:
+            raise CoapError(
+                Code.NOT_FOUND,
+                "not_found",
+                "device resources are /devices/<id>/telemetry, /reported and /desired",
+            )
+        device_id, kind = path
+        check_device_id(device_id)
+        if method not in _METHODS[kind]:
+            raise CoapError(
+                Code.METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                f"/devices/<id>/{kind} takes {' or '.join(_METHODS[kind])}",
+            )
+        caller = await self.access.caller(request, device_id=device_id)
+        caller.check_is(device_id)
+        return device_id, kind
+
+    async def _hand_over(self, kind: str, device_id: str, document: dict[str, Any]) -> None:
+        self.counted(kind)
+        hook = self.gateways.extras.get(f"on_{kind}")
+        if hook is None:
+            return
+        if inspect.iscoroutinefunction(hook):
+            await self.run_trio(hook, device_id, document)
+        else:
+            hook(device_id, document)

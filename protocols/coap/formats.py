@@ -1,0 +1,154 @@
+"""How KV values and device documents travel in each CoAP content format.
+
+A KV value is bytes. Each format has one exact rule, so a value read in any
+format can be written back in the same format and comes out unchanged:
+
+==========================  ============================  ============================
+format                      PUT stores                    GET answers
+==========================  ============================  ============================
+CBOR (60, the default)      a byte string as is, a text   a byte string holding the
+                            string as its UTF-8           value (always possible)
+JSON (50)                   the JSON document verbatim    the value itself, if it is
+                            (must parse)                  a JSON document, else 4.06
+text/plain (0)              the text verbatim (UTF-8)     the value, if UTF-8, else 4.06
+octet-stream (42)           the bytes verbatim            the bytes verbatim
+==========================  ============================  ============================
+
+A request without Content-Format is CBOR, and a GET without Accept answers
+CBOR (CONTRACT.md). Device documents (telemetry, reported and desired state)
+are a CBOR map with text keys or a JSON object.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import cbor2
+from aiocoap import Message
+from aiocoap.numbers.codes import Code
+
+from .errors import CoapError, bad_request
+
+TEXT = 0
+OCTETS = 42
+JSON = 50
+CBOR = 60
+
+NAMES = {CBOR: "CBOR", JSON: "JSON", TEXT: "text/plain", OCTETS: "octet-stream"}
+VALUE_FORMATS = (CBOR, JSON, TEXT, OCTETS)
+DOCUMENT_FORMATS = (CBOR, JSON)
+
+
+def _listing(formats: tuple[int, ...]) -> str:
+    return ", ".join(f"{NAMES[f]} ({f})" for f in formats)
+
+
+def request_format(request: Message, allowed: tuple[int, ...]) -> int:
+    """The request payload's format; 4.15 if this resource does not take it."""
+    fmt = request.opt.content_format
+    fmt = CBOR if fmt is None else int(fmt)
+    if fmt not in allowed:
+        raise CoapError(
+            Code.UNSUPPORTED_CONTENT_FORMAT,
+            "unsupported_content_format",
+            f"content-format {fmt} is not accepted here; send {_listing(allowed)}",
+        )
+    return fmt
+
+
+def response_format(request: Message, allowed: tuple[int, ...]) -> int:
+    """The format to answer in; 4.06 if the client accepts none this resource has."""
+    fmt = request.opt.accept
+    fmt = CBOR if fmt is None else int(fmt)
+    if fmt not in allowed:
+        raise CoapError(
+            Code.NOT_ACCEPTABLE,
+            "not_acceptable",
+            f"cannot answer in content-format {fmt}; ask for {_listing(allowed)}",
+        )
+    return fmt
+
+
+def strict_cbor(payload: bytes) -> Any:
+    """One complete CBOR item, nothing after it; 4.00 otherwise."""
+    stream = io.BytesIO(payload)
+    try:
+        item = cbor2.CBORDecoder(stream).decode()
+    except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise bad_request(f"the payload is not valid CBOR ({exc})", "malformed_cbor") from None
+    if stream.tell() != len(payload):
+        raise bad_request("the payload has bytes after its CBOR item", "malformed_cbor")
+    return item
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(payload: bytes) -> Any:
+    try:
+        return json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad_request(f"the payload is not a JSON document ({exc})", "malformed_json") from None
+
+
+def value_from_payload(payload: bytes, fmt: int) -> bytes:
+    """The KV value a PUT payload in ``fmt`` stands for."""
+    if fmt == CBOR:
+        item = strict_cbor(payload)
+        if isinstance(item, bytes):
+            return item
+        if isinstance(item, str):
+            return item.encode("utf-8")
+        raise bad_request(
+            "a KV value in CBOR is a byte string or a text string; wrap structured data "
+            "in a byte string or send it as JSON (50)",
+            "bad_value",
+        )
+    if fmt == JSON:
+        strict_json(payload)
+        return payload
+    if fmt == TEXT:
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad_request("text/plain must be UTF-8; send octet-stream (42) for bytes", "bad_value") from None
+    return payload
+
+
+def value_to_payload(value: bytes, fmt: int) -> bytes:
+    """``value`` in ``fmt``; 4.06 where the value has no form in it."""
+    if fmt == CBOR:
+        return cbor2.dumps(value)
+    if fmt in (TEXT, JSON):
+        try:
+            text = value.decode("utf-8")
+            if fmt == JSON:
+                json.loads(text, parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError):
+            wanted = "UTF-8 text" if fmt == TEXT else "a JSON document"
+            raise CoapError(
+                Code.NOT_ACCEPTABLE,
+                "not_acceptable",
+                f"this value is not {wanted}; ask for CBOR (60) or octet-stream (42)",
+            ) from None
+    return value
+
+
+def document_from_payload(payload: bytes, fmt: int) -> dict[str, Any]:
+    """A device document: a CBOR map with text keys or a JSON object; 4.00 otherwise."""
+    document = strict_cbor(payload) if fmt == CBOR else strict_json(payload)
+    if not isinstance(document, dict):
+        kind = "a CBOR map" if fmt == CBOR else "a JSON object"
+        raise bad_request(f"the payload must be {kind}", "bad_document")
+    if not all(isinstance(name, str) for name in document):
+        raise bad_request("the keys of a device document are text strings", "bad_document")
+    return document
+
+
+def document_to_payload(document: Any, fmt: int) -> bytes:
+    if fmt == CBOR:
+        return cbor2.dumps(document)
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")

@@ -1,0 +1,396 @@
+"""The agent's side of MQTT: what device messages do to the state, and back.
+
+The same :class:`MqttGateway` serves the embedded broker and an external one;
+only its :class:`Outlet` (how messages reach devices) differs.
+
+Inbound, a device's PUBLISH arrives in :meth:`MqttGateway.received`:
+
+- telemetry (JSON object or CBOR map) and reported state (JSON object) are
+  checked, counted and handed to the ``on_telemetry`` / ``on_reported`` hooks
+  in ``GatewayContext.extras`` (the twin and telemetry storage come later);
+- a status (``online``/``offline``) updates presence;
+- a KV topic is a write: writes queue and are applied in batches, one durable
+  transaction per batch (``Scope.kv_apply``), which is what lets one device
+  publishing at full speed share each fsync with everyone else. A QoS 1 write
+  is acknowledged (PUBACK) only once it is durable, the same promise the HTTP
+  API makes.
+
+Outbound, every durable KV change, from any source (MQTT, HTTP, CoAP, the hub),
+is announced by ``Scope.listeners``; the changed keys are republished with
+their current values on ``konsul/v1/kv/<key>``, a deleted key as an empty
+payload. Desired state is republished, retained, whenever the agent calls
+``extras["publish_desired"](device_id, state)``.
+
+Everything here runs on trio. The embedded broker calls the synchronous
+methods from asyncio callbacks on the same thread (see ``boundary.py``); they
+only touch memory and set trio events, never block or await.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from konsul.protocols.gateway import AuthError, GatewayContext
+from konsul.sync.devices import DeviceRecord, check_device_id
+from konsul.sync.errors import KonsulError
+from konsul.sync.limits import check_value
+
+from . import frames
+from .frames import Connect, Publish
+from .policy import Metrics, PayloadRefused, Refusals, check_status, decode_document
+from .topics import KV, TopicRefused, check_publish, check_subscribe, device_topic, kv_topic, literal_prefix, matches, parse_topic
+from .topics import may_receive as topic_may_receive
+
+log = logging.getLogger("konsul.mqtt")
+
+MAX_BATCH = 1000  # KV writes per transaction
+COMMITS_IN_FLIGHT = 4  # batches applied and waiting for the store at once
+HIGH_WATER = 5000  # queued writes and hook calls past which readers pause
+MAX_BACKLOG = 50_000  # past this, QoS 0 input is refused ("overload")
+
+Done = Callable[[bool], None]  # called once a message is handled; False: do not acknowledge
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    topic: str
+    payload: bytes
+    retain: bool
+    kind: str  # "kv", "desired" or "status": the label of the published metric
+    qos: int = 1
+
+
+class Outlet(Protocol):
+    """How the gateway reaches devices: the embedded broker, or a client of an external one."""
+
+    async def send(self, messages: list[Outgoing]) -> None: ...
+
+    async def settle(self, results: list[tuple[Done, bool]]) -> None: ...
+
+    async def kick(self, device_id: str) -> None: ...
+
+
+class MqttGateway:
+    def __init__(self, ctx: GatewayContext) -> None:
+        self.ctx = ctx
+        self.scope = ctx.scope
+        self.metrics = Metrics(ctx.registry)
+        self.refusals = Refusals(self.metrics)
+        self.records: dict[str, DeviceRecord] = {}  # devices admitted since start
+        self.links: dict[str, int] = {}  # open connections per device
+        self.desired: dict[str, bytes] = {}  # the last desired state published per device
+        self.seen_via_broker: set[str] = set()  # online by their status, through an external broker
+        self._kv_writes: deque[tuple[tuple, Done | None]] = deque()
+        self._hook_calls: deque[tuple[Callable[..., Any], tuple]] = deque()
+        self._dirty_keys: dict[str, None] = {}  # insertion-ordered set
+        self._outgoing: list[Outgoing] = []
+        self._kicks: list[str] = []
+        self._kv_wake = trio.Event()
+        self._commits = trio.Semaphore(COMMITS_IN_FLIGHT)
+        self._hook_wake = trio.Event()
+        self._out_wake = trio.Event()
+        self.outlet: Outlet | None = None
+
+    # -- admission (embedded broker) --------------------------------------------------
+
+    async def admit(self, connect: Connect, peer: str) -> int:
+        """The CONNACK code for a CONNECT: device id, token, Last Will."""
+        device_id = connect.client_id
+        who = f"{device_id or '?'}@{peer}"
+        try:
+            check_device_id(device_id)
+        except KonsulError as error:
+            self.refusals.refuse("auth", who, f"client id must be a device id: {error}")
+            return frames.IDENTIFIER_REJECTED
+        if connect.username not in (None, device_id):
+            self.refusals.refuse("auth", who, f"user name {connect.username!r} is not the client id")
+            return frames.BAD_CREDENTIALS
+        try:
+            token = connect.password.decode() if connect.password else None
+            record = await self.ctx.authenticate(device_id, token)
+        except (AuthError, UnicodeDecodeError) as error:
+            self.refusals.refuse("auth", who, str(error))
+            return frames.BAD_CREDENTIALS
+        except KonsulError as error:  # registering an anonymous device failed: not the device's fault
+            log.error("could not admit %s: %s", who, error)
+            return frames.SERVER_UNAVAILABLE
+        if connect.will_topic is not None and (
+            connect.will_topic != device_topic(device_id, "status") or connect.will_payload != b"offline"
+        ):
+            self.refusals.refuse(
+                "will", who, f"a Last Will is 'offline' on {device_topic(device_id, 'status')}, not {connect.will_topic!r}"
+            )
+            return frames.NOT_AUTHORIZED
+        self.records[device_id] = record
+        return frames.ACCEPTED
+
+    def connected(self, device_id: str, peer: str) -> None:
+        self.links[device_id] = self.links.get(device_id, 0) + 1
+        self.metrics.connects.inc()
+        self.metrics.connected.set(len(self.links))
+        self.ctx.presence.seen(device_id, "mqtt", peer)
+        self._queue(Outgoing(device_topic(device_id, "status"), b"online", True, "status"))
+
+    def disconnected(self, device_id: str) -> None:
+        left = self.links.get(device_id, 0) - 1
+        if left > 0:  # a newer connection of the same device took over
+            self.links[device_id] = left
+            return
+        self.links.pop(device_id, None)
+        self.metrics.connected.set(len(self.links))
+        self._offline(device_id)
+        self._queue(Outgoing(device_topic(device_id, "status"), b"offline", True, "status"))
+
+    # -- authorization (embedded broker) --------------------------------------------
+
+    def may_subscribe(self, device_id: str, topic_filter: str) -> bool:
+        record = self.records.get(device_id)
+        try:
+            if record is None:
+                raise TopicRefused("forbidden", f"device {device_id!r} is not registered")
+            check_subscribe(record, topic_filter)
+        except TopicRefused as refused:
+            self.refusals.refuse(refused.reason, device_id, f"SUBSCRIBE {topic_filter!r}: {refused}")
+            return False
+        return True
+
+    def may_receive(self, device_id: str, topic: str) -> bool:
+        record = self.records.get(device_id)
+        return record is not None and topic_may_receive(record, topic)
+
+    def retained_kv(self, device_id: str, topic_filter: str) -> list[tuple[str, bytes]]:
+        """The KV topics matching a new subscription, from the store (the broker keeps no copy)."""
+        record = self.records.get(device_id)
+        if record is None or not topic_filter.startswith(KV):
+            return []
+        literal = literal_prefix(topic_filter[len(KV):])
+        prefix = topic_filter[len(KV):] if literal is None else literal
+        try:
+            entries = self.scope.kv.list(prefix)
+        except KonsulError:
+            return []
+        found = []
+        for entry in entries:
+            topic = kv_topic(entry.key)
+            if topic and matches(topic_filter, topic) and record.may_read(entry.key):
+                found.append((topic, entry.value))
+        return found
+
+    # -- inbound ---------------------------------------------------------------------
+
+    def congested(self) -> bool:
+        return len(self._kv_writes) + len(self._hook_calls) > HIGH_WATER
+
+    def received(self, device_id: str | None, publish: Publish, who: str, done: Done | None) -> None:
+        """One PUBLISH from a device (``device_id`` None: via an external broker).
+
+        ``done(ok)`` is called once it is handled: at once, or for a KV write
+        once it is durable. A refused message is handled too (it is dropped,
+        as mosquitto does), so that a client does not resend it forever.
+        """
+        try:
+            if device_id is None:
+                topic = parse_topic(publish.topic)
+            else:
+                record = self.records.get(device_id)
+                if record is None:
+                    raise TopicRefused("forbidden", f"device {device_id!r} is not registered")
+                topic = check_publish(record, publish.topic)
+            if topic.kind == "kv":
+                self._write_kv(topic.key, publish, who, done)
+                return
+            if topic.kind == "status":
+                if check_status(publish.payload):
+                    self.ctx.presence.seen(topic.device_id, "mqtt")
+                    if device_id is None:
+                        self.seen_via_broker.add(topic.device_id)
+                else:
+                    self._offline(topic.device_id)
+                    self.seen_via_broker.discard(topic.device_id)
+                self.metrics.received.labels("status").inc()
+            elif topic.kind in ("telemetry", "reported"):
+                document = decode_document(publish.payload, cbor=topic.kind == "telemetry")
+                self.metrics.received.labels(topic.kind).inc()
+                hook = self.ctx.extras.get(f"on_{topic.kind}")
+                if hook is not None:
+                    self._call_hook(hook, (topic.device_id, document), who)
+            else:  # desired seen through an external broker: ours, or someone else's business
+                pass
+        except TopicRefused as refused:
+            self.refusals.refuse(refused.reason, who, f"PUBLISH {publish.topic!r}: {refused}")
+        except PayloadRefused as refused:
+            self.refusals.refuse("payload", who, f"PUBLISH {publish.topic!r}: {refused}")
+        if done is not None:
+            done(True)
+
+    def _write_kv(self, key: str, publish: Publish, who: str, done: Done | None) -> None:
+        try:
+            check_value(publish.payload)
+        except KonsulError as error:
+            self.refusals.refuse("invalid", who, f"PUBLISH {publish.topic!r}: {error}")
+            self._republish(key)  # put the broker's retained copy back to what the store holds
+            if done is not None:
+                done(True)
+            return
+        if publish.qos == 0 and len(self._kv_writes) >= MAX_BACKLOG:
+            self.refusals.refuse("overload", who, f"PUBLISH {publish.topic!r}: {len(self._kv_writes)} writes queued")
+            return
+        # An empty payload deletes, retained or not: "publish nothing here".
+        write = ("set", key, publish.payload, 0) if publish.payload else ("delete", key)
+        self.metrics.received.labels("kv_write" if publish.payload else "kv_delete").inc()
+        self._kv_writes.append((write, done))
+        self._kv_wake.set()
+
+    def _call_hook(self, hook: Callable[..., Any], args: tuple, who: str) -> None:
+        if len(self._hook_calls) >= MAX_BACKLOG:
+            self.refusals.refuse("overload", who, f"{len(self._hook_calls)} messages wait for the agent")
+            return
+        self._hook_calls.append((hook, args))
+        self._hook_wake.set()
+
+    def broker_lost(self) -> None:
+        """The external broker is gone: nobody's status can be known until it is back."""
+        for device_id in self.seen_via_broker:
+            self._offline(device_id)
+        self.seen_via_broker.clear()
+
+    def _offline(self, device_id: str) -> None:
+        if self.ctx.presence.get(device_id).protocol == "mqtt":
+            self.ctx.presence.offline(device_id)
+
+    # -- outbound ----------------------------------------------------------------------
+
+    def publish_desired(self, device_id: str, state: dict[str, Any] | None) -> None:
+        """(Re)publish a device's full desired state, retained; None clears it."""
+        check_device_id(device_id)
+        payload = b"" if state is None else json.dumps(state, separators=(",", ":"), sort_keys=True).encode()
+        if payload:
+            self.desired[device_id] = payload
+        else:
+            self.desired.pop(device_id, None)
+        self._queue(Outgoing(device_topic(device_id, "desired"), payload, True, "desired"))
+
+    def _queue(self, message: Outgoing) -> None:
+        self._outgoing.append(message)
+        self._out_wake.set()
+
+    def _republish(self, key: str) -> None:
+        self._dirty_keys[key] = None
+        self._out_wake.set()
+
+    def _on_change(self, collection: str, keys: set[str]) -> None:
+        if collection == "kv":
+            for key in sorted(keys):
+                self._dirty_keys[key] = None
+            self._out_wake.set()
+        elif collection == "devices":
+            for key in keys:
+                device_id = key[2:]
+                if device_id in self.records:
+                    record = self.scope.devices.get(device_id)
+                    if record is None:  # deleted: its connections go too
+                        del self.records[device_id]
+                        self._kicks.append(device_id)
+                        self._out_wake.set()
+                    else:
+                        self.records[device_id] = record
+
+    # -- tasks ---------------------------------------------------------------------------
+
+    async def run(self, outlet: Outlet, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.outlet = outlet
+        self.scope.listeners.append(self._on_change)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._kv_writer)
+                nursery.start_soon(self._hook_runner)
+                nursery.start_soon(self._pump)
+                task_status.started()
+        finally:
+            self.scope.listeners.remove(self._on_change)
+
+    async def _kv_writer(self) -> None:
+        # Batches are pipelined: the next one is applied while the store commits
+        # the last, and commits that queue together share one transaction.
+        # ``nursery.start`` returns only once a batch is applied in memory and
+        # queued for the store, so batches reach both in the order they came.
+        async with trio.open_nursery() as nursery:
+            while True:
+                await self._kv_wake.wait()
+                self._kv_wake = trio.Event()
+                while self._kv_writes:
+                    await self._commits.acquire()
+                    batch = [self._kv_writes.popleft() for _ in range(min(MAX_BATCH, len(self._kv_writes)))]
+                    await nursery.start(self._apply, batch)
+
+    async def _apply(self, batch: list[tuple[tuple, Done | None]], *, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            task_status.started()
+            try:
+                await self.scope.kv_apply([write for write, _ in batch])
+                ok = True
+            except KonsulError as error:
+                # Not acknowledged: a QoS 1 sender keeps the message and resends it.
+                log.error("%d KV writes failed, not acknowledged: %s", len(batch), error)
+                ok = False
+            results = [(done, ok) for _, done in batch if done is not None]
+            if results or not self.congested():
+                await self.outlet.settle(results)
+        finally:
+            self._commits.release()
+
+    async def _hook_runner(self) -> None:
+        while True:
+            await self._hook_wake.wait()
+            self._hook_wake = trio.Event()
+            while self._hook_calls:
+                hook, args = self._hook_calls.popleft()
+                try:
+                    result = hook(*args)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    log.exception("hook %r failed on a message from %s", hook, args[0])
+            await self.outlet.settle([])  # readers paused on a full queue may go on
+
+    async def _pump(self) -> None:
+        while True:
+            await self._out_wake.wait()
+            self._out_wake = trio.Event()
+            messages = self._take_outgoing()
+            kicks, self._kicks = self._kicks, []
+            for device_id in kicks:
+                await self.outlet.kick(device_id)
+            if messages:
+                await self.outlet.send(messages)
+                for message in messages:
+                    self.metrics.published.labels(message.kind).inc()
+
+    def _take_outgoing(self) -> list[Outgoing]:
+        messages, self._outgoing = self._outgoing, []
+        keys, self._dirty_keys = self._dirty_keys, {}
+        for key in keys:
+            topic = kv_topic(key)
+            if topic is None:
+                continue  # '+' or '#' in the key: not expressible as a topic
+            entry = self.scope.kv.get(key)
+            messages.append(Outgoing(topic, b"" if entry is None else entry.value, True, "kv"))
+        return messages
+
+    def kv_messages(self) -> list[Outgoing]:
+        """Every KV key as a retained message (for a broker that must be brought up to date)."""
+        found = []
+        for entry in self.scope.kv.list(""):
+            topic = kv_topic(entry.key)
+            if topic is not None:
+                found.append(Outgoing(topic, entry.value, True, "kv"))
+        return found
+

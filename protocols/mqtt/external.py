@@ -1,0 +1,273 @@
+"""External-broker mode: the agent as an MQTT client of an existing broker (trio).
+
+``--mqtt-broker mqtt://[user:password@]host:port`` makes the agent attach to a
+broker such as mosquitto instead of embedding one. The topic contract is the
+same; the broker authenticates devices and enforces its own ACLs (MQTT 3.1.1
+does not tell a subscriber who published a message, so the agent can check
+topics and payloads but not device allowances; docs/mqtt.md has a mosquitto
+ACL that mirrors the embedded rules).
+
+The client is ours, on trio, built on the sans-IO ``frames`` codec: it needs
+only CONNECT, SUBSCRIBE, PUBLISH at QoS 0/1 and pings, and owning it keeps
+asyncio out of this mode and reconnection inside the agent's nursery.
+
+Three things make a client-side gateway correct:
+
+- **Retained replays are not writes.** On every (re)connect the broker replays
+  its retained ``konsul/v1/kv/...`` messages (retain flag set). They may be
+  stale (the store moved on while the agent was away), so they are never
+  applied; instead the agent publishes the store's every key, and clears
+  retained topics whose key the store does not have. Only live messages
+  (retain flag clear) are writes.
+- **Our own publishes come back.** The agent subscribes to ``konsul/v1/kv/#``
+  and so receives what it publishes there. MQTT 3.1.1 has no "no local"
+  option, so each publish is remembered per topic, and the first live message
+  on that topic carrying the same payload is taken as its echo. The broker
+  keeps one publisher's messages in order, so echoes arrive in order.
+- **Acknowledge after handling.** A QoS 1 delivery is acknowledged once the
+  agent is done with it (a KV write: durable), in arrival order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from urllib.parse import urlsplit
+
+import trio
+
+from konsul.protocols.gateway import GatewayContext
+
+from . import frames
+from .core import Done, MqttGateway, Outgoing
+from .frames import FrameSplitter, Publish
+from .topics import DEVICES, KV
+
+log = logging.getLogger("konsul.mqtt")
+
+SUBSCRIPTIONS = [
+    (DEVICES + "+/telemetry", 1),
+    (DEVICES + "+/reported", 1),
+    (DEVICES + "+/status", 1),
+    (KV + "#", 1),
+]
+KEEPALIVE = 30
+CONNECT_TIMEOUT = 10.0
+RETRY_MIN, RETRY_MAX = 0.5, 30.0
+# What ends a session and makes the link try again (anything else is a bug and propagates).
+LINK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, frames.ProtocolViolation)
+MAX_ECHOES = 10_000  # per topic; past this the broker is not echoing and we stop waiting
+
+
+def parse_broker_url(url: str) -> tuple[str, int, str | None, str | None]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+        shown = f"{parts.scheme}://{parts.hostname or ''}"  # never echo a password
+        raise ValueError(f"--mqtt-broker must be mqtt://[user:password@]host[:port], got {shown!r}...")
+    return parts.hostname, parts.port or 1883, parts.username, parts.password
+
+
+class BrokerLink:
+    """One connection at a time to the external broker, re-established on loss."""
+
+    def __init__(self, gateway: MqttGateway, url: str, client_id: str) -> None:
+        self.gateway = gateway
+        self.url = url
+        self.host, self.port, self.username, self.password = parse_broker_url(url)
+        self.client_id = client_id
+        self.who = f"broker {self.host}:{self.port}"
+        self._out: trio.MemorySendChannel[bytes] | None = None
+        self._acks = frames.OrderedAcks()
+        self._echoes: dict[str, deque[bytes]] = {}
+        self._packet_id = 0
+        self._subscribed = trio.Event()
+        self._session_scope = trio.CancelScope()
+
+    # -- Outlet ------------------------------------------------------------------------
+
+    async def send(self, messages: list[Outgoing]) -> None:
+        if self._out is None:
+            return  # not connected: the next session republishes the whole state
+        for message in messages:
+            self._publish(message)
+
+    async def settle(self, results: list[tuple[Done, bool]]) -> None:
+        for done, ok in results:
+            done(ok)
+
+    async def kick(self, device_id: str) -> None:
+        log.warning("device %s was deleted; the external broker's ACL must shut it out", device_id)
+
+    # -- the connection ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        delay = RETRY_MIN
+        while True:
+            try:
+                stream = await trio.open_tcp_stream(self.host, self.port)
+            except OSError as error:
+                log.warning("cannot reach the MQTT broker %s:%s (%s); retrying in %gs", self.host, self.port, error, delay)
+            else:
+                try:
+                    async with stream:
+                        await self._session(stream)
+                except* LINK_ERRORS as group:
+                    error = group.exceptions[0]
+                    log.warning("lost the MQTT broker %s:%s (%s); reconnecting", self.host, self.port, error)
+                    if self._subscribed.is_set():  # it had worked: try again soon
+                        delay = RETRY_MIN
+                finally:
+                    self._out = None
+                    self.gateway.broker_lost()
+            await trio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+    async def _session(self, stream: trio.SocketStream) -> None:
+        out_send, out_receive = trio.open_memory_channel[bytes](math.inf)
+        self._acks = frames.OrderedAcks()
+        self._echoes.clear()
+        self._subscribed = trio.Event()
+        splitter = FrameSplitter(max_body=256 * 1024 * 1024)
+        await stream.send_all(
+            frames.encode_connect(self.client_id, keepalive=KEEPALIVE, username=self.username, password=self.password)
+        )
+        with trio.fail_after(CONNECT_TIMEOUT):
+            frame = await _next_frame(stream, splitter)
+        _present, code = frames.decode_connack(frame)
+        if code != frames.ACCEPTED:
+            raise ConnectionError(f"the broker refused the connection (CONNACK {code})")
+        async with trio.open_nursery() as nursery:
+            self._session_scope = nursery.cancel_scope
+            nursery.start_soon(self._writer, stream, out_receive)
+            nursery.start_soon(self._pinger, out_send)
+            self._out = out_send
+            out_send.send_nowait(frames.encode_subscribe(self._next_id(), SUBSCRIPTIONS))
+            nursery.start_soon(self._reader, stream, splitter)
+            with trio.fail_after(CONNECT_TIMEOUT):
+                await self._subscribed.wait()
+            log.info("mqtt attached to the external broker %s:%s as %s", self.host, self.port, self.client_id)
+            # The broker may hold stale retained state: bring it up to date.
+            await self.send(self.gateway.kv_messages())
+            await self.send([Outgoing(f"{DEVICES}{d}/desired", p, True, "desired") for d, p in self.gateway.desired.items()])
+
+    async def _writer(self, stream: trio.SocketStream, outbox: trio.MemoryReceiveChannel[bytes]) -> None:
+        async for data in outbox:
+            chunks = [data]
+            while True:  # coalesce what queued meanwhile into one write
+                try:
+                    chunks.append(outbox.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await stream.send_all(b"".join(chunks))
+
+    async def _pinger(self, out: trio.MemorySendChannel[bytes]) -> None:
+        while True:
+            await trio.sleep(KEEPALIVE / 2)
+            out.send_nowait(frames.encode_pingreq())
+
+    async def _reader(self, stream: trio.SocketStream, splitter: FrameSplitter) -> None:
+        while True:
+            # The broker answers a ping within the keep-alive; silence means a dead link.
+            with trio.fail_after(KEEPALIVE * 1.5):
+                frame = await _next_frame(stream, splitter)
+            if frame.type == frames.PUBLISH:
+                self._delivered(frames.decode_publish(frame))
+            elif frame.type == frames.SUBACK:
+                if any(code == 0x80 for code in frame.body[2:]):
+                    raise ConnectionError(f"the broker refused a subscription to {SUBSCRIPTIONS} (check its ACL)")
+                self._subscribed.set()
+            elif frame.type == frames.PUBREL:  # not expected at QoS 1, answered anyway
+                self._out.send_nowait(frames.encode_pubcomp(frames.decode_packet_id(frame)))
+
+    # -- messages ----------------------------------------------------------------------
+
+    def _delivered(self, publish: Publish) -> None:
+        entry = self._acks.expect(publish.packet_id, publish.qos) if publish.qos else None
+        done = (lambda ok: self._settle(entry, ok)) if entry is not None else None
+        if publish.retain:
+            # A replay of the broker's retained copy: state, never news.
+            if publish.topic.startswith(KV):
+                self._check_replayed(publish)
+            elif publish.topic.endswith("/status"):
+                self.gateway.received(None, publish, self.who, done)
+                return
+        elif publish.topic.startswith(KV) and self._is_echo(publish):
+            pass
+        else:
+            self.gateway.received(None, publish, self.who, done)
+            return
+        if done is not None:
+            done(True)
+
+    def _check_replayed(self, publish: Publish) -> None:
+        key = publish.topic[len(KV):]
+        try:
+            entry = self.gateway.scope.kv.get(key)
+        except Exception:  # not a key the store could hold: clear it
+            entry = None
+        if entry is None and publish.payload:
+            self._publish(Outgoing(publish.topic, b"", True, "kv"))
+
+    def _is_echo(self, publish: Publish) -> bool:
+        pending = self._echoes.get(publish.topic)
+        if pending and pending[0] == publish.payload:
+            pending.popleft()
+            if not pending:
+                del self._echoes[publish.topic]
+            return True
+        return False
+
+    def _publish(self, message: Outgoing) -> None:
+        if self._out is None:
+            return
+        if message.topic.startswith(KV):
+            pending = self._echoes.setdefault(message.topic, deque())
+            if len(pending) >= MAX_ECHOES:
+                pending.clear()
+            pending.append(message.payload)
+        packet_id = self._next_id() if message.qos else None
+        self._out.send_nowait(frames.encode_publish(message.topic, message.payload, message.qos, message.retain, packet_id))
+
+    def _settle(self, entry: list, ok: bool) -> None:
+        if self._out is None:
+            return
+        if not ok:  # not durable: drop the link so the broker redelivers
+            log.warning("a write from the broker failed; reconnecting so that it is delivered again")
+            self._session_scope.cancel()
+            return
+        due = self._acks.ready(entry)
+        if due:
+            self._out.send_nowait(due)
+
+    def _next_id(self) -> int:
+        self._packet_id = self._packet_id % 65535 + 1
+        return self._packet_id
+
+
+async def _next_frame(stream: trio.SocketStream, splitter: FrameSplitter) -> frames.Frame:
+    while True:
+        frame = splitter.next_frame()
+        if frame is not None:
+            return frame
+        data = await stream.receive_some(65536)
+        if not data:
+            raise trio.BrokenResourceError("the broker closed the connection")
+        splitter.feed(data)
+
+
+async def run_external(gateways: GatewayContext, url: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Attach to the broker at ``url`` until cancelled; starts at once and keeps retrying."""
+    gateway = MqttGateway(gateways)
+    link = BrokerLink(gateway, url, client_id=f"konsul-edge-{gateways.site}")
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.run, link)
+            gateways.extras["publish_desired"] = gateway.publish_desired
+            gateways.extras["mqtt_gateway"] = gateway
+            nursery.start_soon(link.run)
+            # Local-first: the agent serves everything else while the broker is away.
+            task_status.started(f"mqtt://{link.host}:{link.port}")  # never the password
+    finally:
+        gateways.extras.pop("publish_desired", None)
+        gateways.extras.pop("mqtt_gateway", None)

@@ -1,0 +1,160 @@
+"""The MQTT topic contract (CONTRACT.md, "MQTT") and who may use which topic.
+
+Every topic a device may touch is either one of its own device topics,
+``konsul/v1/devices/<id>/{telemetry,reported,desired,status}``, or a KV topic,
+``konsul/v1/kv/<key>``. Anything else is outside the contract and refused.
+
+Access rules, applied by both the embedded broker and the external-broker
+client:
+
+- a device publishes its own telemetry, reported state and status, and KV keys
+  under its ``KVWrite`` prefixes; ``desired`` is written by the agent only;
+- a device subscribes under its own device topics and under ``konsul/v1/kv/``;
+  a KV filter must be able to match a key the device may read, and every KV
+  message is checked again per key on delivery, because a prefix allowance
+  (``conf``) does not line up with topic levels (``config/x``, ``conference``).
+
+These are pure functions over strings and a :class:`DeviceRecord`, so they are
+tested without a broker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from konsul.sync.devices import DeviceRecord, check_device_id
+from konsul.sync.errors import KonsulError
+from konsul.sync.limits import check_key
+
+ROOT = "konsul/v1/"
+DEVICES = ROOT + "devices/"
+KV = ROOT + "kv/"
+DEVICE_LEAVES = ("telemetry", "reported", "desired", "status")
+# What a device may publish on its own device topics; "desired" is the agent's.
+DEVICE_PUBLISHES = ("telemetry", "reported", "status")
+STATUS_VALUES = (b"online", b"offline")
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """A topic of the contract: ``kind`` is a device leaf or ``"kv"``."""
+
+    kind: str
+    device_id: str = ""
+    key: str = ""
+
+
+class TopicRefused(Exception):
+    """A topic or filter this device may not use; ``reason`` labels the metric."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def device_topic(device_id: str, leaf: str) -> str:
+    return f"{DEVICES}{device_id}/{leaf}"
+
+
+def kv_topic(key: str) -> str | None:
+    """The topic of a KV key, or None for keys MQTT cannot name (``+`` and ``#``)."""
+    if "+" in key or "#" in key:
+        return None
+    return KV + key
+
+
+def parse_topic(topic: str) -> Topic:
+    """The contract topic ``topic`` names; raises :class:`TopicRefused` ("topic")."""
+    if topic.startswith(KV):
+        key = topic[len(KV):]
+        try:
+            check_key(key)
+        except KonsulError as error:
+            raise TopicRefused("topic", f"{topic!r} does not name a valid KV key: {error}") from None
+        return Topic("kv", key=key)
+    if topic.startswith(DEVICES):
+        device_id, sep, leaf = topic[len(DEVICES):].partition("/")
+        if sep and leaf in DEVICE_LEAVES and _valid_id(device_id):
+            return Topic(leaf, device_id=device_id)
+    raise TopicRefused("topic", f"{topic!r} is outside the topic contract (konsul/v1/devices/<id>/..., konsul/v1/kv/<key>)")
+
+
+def check_publish(record: DeviceRecord, topic: str) -> Topic:
+    """The topic if ``record``'s device may publish to it, else :class:`TopicRefused`."""
+    parsed = parse_topic(topic)
+    if parsed.kind == "kv":
+        if not record.may_write(parsed.key):
+            raise TopicRefused(
+                "forbidden", f"device {record.device_id!r} may not write KV key {parsed.key!r} (KVWrite {list(record.kv_write)})"
+            )
+    elif parsed.device_id != record.device_id:
+        raise TopicRefused("forbidden", f"device {record.device_id!r} may not publish to another device's topic {topic!r}")
+    elif parsed.kind not in DEVICE_PUBLISHES:
+        raise TopicRefused("forbidden", f"{topic!r} is written by the agent only")
+    return parsed
+
+
+def check_subscribe(record: DeviceRecord, topic_filter: str) -> None:
+    """Raise :class:`TopicRefused` unless ``record``'s device may subscribe to ``topic_filter``."""
+    if topic_filter.startswith(KV):
+        literal = literal_prefix(topic_filter[len(KV):])
+        if literal is None:  # no wildcard: one key
+            key = parse_topic(topic_filter).key
+            if not record.may_read(key):
+                raise TopicRefused("forbidden", f"device {record.device_id!r} may not read KV key {key!r}")
+            return
+        readable = record.kv_read + record.kv_write
+        if not any(prefix.startswith(literal) or literal.startswith(prefix) for prefix in readable):
+            raise TopicRefused(
+                "forbidden", f"{topic_filter!r} matches no KV key device {record.device_id!r} may read (KVRead {list(record.kv_read)})"
+            )
+        return
+    if topic_filter.startswith(DEVICES):
+        levels = topic_filter[len(DEVICES):].split("/")
+        if levels[0] != record.device_id:  # also "+" and "#": other devices' topics
+            raise TopicRefused("forbidden", f"device {record.device_id!r} may only subscribe to its own device topics")
+        if len(levels) == 2 and (levels[1] in DEVICE_LEAVES or levels[1] in ("+", "#")):
+            return
+    raise TopicRefused(
+        "topic", f"{topic_filter!r} is outside the topic contract (konsul/v1/devices/<own id>/..., konsul/v1/kv/...)"
+    )
+
+
+def may_receive(record: DeviceRecord, topic: str) -> bool:
+    """Whether a message on ``topic`` may be delivered to ``record``'s device."""
+    if topic.startswith(KV):
+        return record.may_read(topic[len(KV):])
+    if topic.startswith(DEVICES):
+        return topic[len(DEVICES):].partition("/")[0] == record.device_id
+    return False
+
+
+def literal_prefix(topic_filter: str) -> str | None:
+    """The part of a filter before its first wildcard level; None if it has none."""
+    levels = topic_filter.split("/")
+    for index, level in enumerate(levels):
+        if level in ("+", "#"):
+            return "/".join(levels[:index]) + ("/" if index else "")
+    return None
+
+
+def matches(topic_filter: str, topic: str) -> bool:
+    """MQTT 3.1.1 topic matching (section 4.7): ``+`` one level, ``#`` the rest."""
+    if "+" not in topic_filter and "#" not in topic_filter:
+        return topic_filter == topic
+    filter_levels = topic_filter.split("/")
+    topic_levels = topic.split("/")
+    for index, level in enumerate(filter_levels):
+        if level == "#":
+            return True
+        if index >= len(topic_levels) or level not in ("+", topic_levels[index]):
+            return False
+    return len(filter_levels) == len(topic_levels)
+
+
+def _valid_id(device_id: str) -> bool:
+    try:
+        check_device_id(device_id)
+    except KonsulError:
+        return False
+    return True
