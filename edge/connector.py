@@ -27,6 +27,7 @@ from konsul.sync.hlc import Stamp
 from konsul.sync.link import LinkClosed, SyncLink
 from konsul.sync.replica import GLOBAL_SCOPE, Replica
 from konsul.sync.session import SyncSession
+from konsul.sync.wire import MAX_FRAME_BYTES
 
 log = logging.getLogger("konsul.edge.sync")
 
@@ -131,7 +132,9 @@ class HubConnector:
             while True:
                 disconnects = (OSError, HandshakeError, ConnectionClosed, LinkClosed, trio.TooSlowError)
                 try:
-                    async with open_websocket_url(self.url, connect_timeout=HANDSHAKE_TIMEOUT_S) as ws:
+                    async with open_websocket_url(
+                        self.url, connect_timeout=HANDSHAKE_TIMEOUT_S, max_message_size=MAX_FRAME_BYTES
+                    ) as ws:
                         await self._session(ws)
                 except Exception as error:  # cancellation is a BaseException and passes
                     reason = _first_of(error, disconnects)

@@ -112,6 +112,8 @@ class Scope:
         for collection in versions.values():
             for version in collection.all_versions():
                 self.clock.observe(version.stamp)
+        # Everything just loaded is on disk, own writes included.
+        self._durable_own_stamp = self.clock.last
 
     def _load_collection(self, collection: str) -> VersionedMap:
         doc = Doc()

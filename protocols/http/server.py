@@ -7,6 +7,8 @@ from functools import partial
 
 import trio
 
+from konsul.sync.wire import MAX_FRAME_BYTES
+
 
 async def serve_app(app, host: str, port: int, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` on ``host:port`` until cancelled; reports the URL it bound (port 0 resolved)."""
@@ -20,6 +22,9 @@ async def serve_app(app, host: str, port: int, *, task_status: trio.TaskStatus[s
     # our logging configuration decides (no duplicated start-up lines).
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 1.0
+    # A sync diff or snapshot travels as one WebSocket message; hypercorn's
+    # default (16 MiB) would cut a large reconciliation short.
+    config.websocket_max_message_size = MAX_FRAME_BYTES
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(partial(serve, app, config, shutdown_trigger=trio.sleep_forever))
         task_status.started(binds[0])

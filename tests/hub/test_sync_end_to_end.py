@@ -106,3 +106,35 @@ def test_hub_answers_for_sites_and_pushes_config_to_them(tmp_path):
     finally:
         edge.stop()
         hub.stop()
+
+
+def test_a_backlog_larger_than_a_megabyte_syncs_both_ways(tmp_path):
+    """A reconciliation diff travels as one frame: no 1 MiB message limit may cut it."""
+    port = free_port()
+    hub = HubProcess(tmp_path / "hub", port)
+    edge = EdgeProcess(tmp_path / "e1", site="s1", hub_url=hub.url)
+    try:
+        eventually(lambda: connected_sites(hub) == {"s1"}, what="edge connected")
+        # Edge -> hub: written while the hub is down.
+        hub.stop(signal.SIGKILL)
+        up = {f"up/{i}": bytes([65 + i]) * 400_000 for i in range(4)}  # 1.6 MB
+        for key, value in up.items():
+            httpx.put(f"{edge.url}/v1/kv/{key}", content=value, timeout=30).raise_for_status()
+        hub = HubProcess(tmp_path / "hub", port)
+        for key, value in up.items():
+            eventually(lambda key=key, value=value: raw(hub.url, key, "s1") == value, what=f"{key} at the hub")
+        # Hub -> edge: written at the hub for the site while the edge is down.
+        edge.stop()
+        down = {f"down/{i}": bytes([97 + i]) * 400_000 for i in range(4)}
+        for key, value in down.items():
+            httpx.put(f"{hub.url}/v1/kv/{key}?dc=s1", content=value, timeout=30).raise_for_status()
+        edge = EdgeProcess(tmp_path / "e1", site="s1", hub_url=hub.url)
+        for key, value in down.items():
+            eventually(lambda key=key, value=value: raw(edge.url, key) == value, what=f"{key} at the edge")
+        eventually(
+            lambda: httpx.get(f"{edge.url}/v1/sync/status").json()["Peers"][0]["PendingChanges"] == 0,
+            what="the edge sees its writes confirmed after a restart",
+        )
+    finally:
+        edge.stop()
+        hub.stop()
