@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import queue
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,12 +18,8 @@ import cbor2
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
-
 from agents import AgentProcess, EdgeProcess
-
 from konsul.protocols.mqtt import frames
-
-pytestmark = pytest.mark.skipif(shutil.which("mosquitto_sub") is None, reason="needs mosquitto-clients")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,9 @@ import pytest
 from agents import AgentProcess, EdgeProcess, free_port
 from test_mqtt_embedded import eventually, metric, mosquitto_pub, mosquitto_sub, stop_spawned  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
+# Debian installs the broker in /usr/sbin, which not every PATH has.
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
 
 ATTACHED = r"mqtt attached to the external broker"
 
@@ -25,7 +27,7 @@ ATTACHED = r"mqtt attached to the external broker"
 def start_mosquitto(directory, port: int) -> AgentProcess:
     config = directory / "mosquitto.conf"
     config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n")
-    broker = AgentProcess(["-c", str(config)], command=["mosquitto"])
+    broker = AgentProcess(["-c", str(config)], command=[MOSQUITTO])
     try:
         broker.wait_for(r"mosquitto version \S+ running")
     except AssertionError:
@@ -128,7 +130,7 @@ def test_credentials_in_the_broker_url(tmp_path):
     # As root, mosquitto drops to its own user, who cannot read pytest's private temp dir.
     user = "user root\n" if os.geteuid() == 0 else ""
     config.write_text(f"{user}listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwords}\nlog_dest stderr\n")
-    broker = AgentProcess(["-c", str(config)], command=["mosquitto"])
+    broker = AgentProcess(["-c", str(config)], command=[MOSQUITTO])
     try:
         broker.wait_for(r"mosquitto version \S+ running")
         wrong = EdgeProcess(tmp_path / "wrong", extra=["--mqtt-broker", f"mqtt://konsul:nope@127.0.0.1:{port}"])

@@ -8,21 +8,16 @@ and the telemetry and reported hooks the twin will use.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 
 import pytest
 import trio
 import trio_asyncio
-
 from agents import AgentProcess
-
 from konsul.protocols.gateway import GatewayContext
 from konsul.protocols.mqtt import frames, run_mqtt_gateway
 from konsul.sync.devices import DeviceRecord, PresenceTable
 from konsul.sync.replica import Replica
-
-pytestmark = pytest.mark.skipif(shutil.which("mosquitto_sub") is None, reason="needs mosquitto-clients")
 
 
 @pytest.fixture
