@@ -18,6 +18,7 @@ from konsul.protocols.gateway import GatewayContext
 from konsul.protocols.mqtt import frames, run_mqtt_gateway
 from konsul.sync.devices import DeviceRecord, PresenceTable
 from konsul.sync.replica import Replica
+from test_mqtt_embedded import mosquitto_sub, stop_spawned  # noqa: F401 (fixture)
 
 
 @pytest.fixture
@@ -43,21 +44,9 @@ async def device(ctx: GatewayContext, device_id: str, **fields) -> str:
     return token
 
 
-_spawned: list[AgentProcess] = []
-
-
-@pytest.fixture(autouse=True)
-def stop_spawned():
-    yield
-    while _spawned:
-        _spawned.pop().stop()
-
-
 def sub(ctx: GatewayContext, *args: str) -> AgentProcess:
-    """A running mosquitto_sub (stopped after the test)."""
-    process = AgentProcess(["-h", "127.0.0.1", "-p", str(ctx.extras["port"]), "-v", *args], command=["mosquitto_sub"])
-    _spawned.append(process)
-    return process
+    """A running mosquitto_sub (stopped after the test by ``stop_spawned``)."""
+    return mosquitto_sub(ctx.extras["port"], *args)
 
 
 async def wait_for(process: AgentProcess, pattern: str) -> None:
