@@ -510,16 +510,22 @@ def cmd_kv_put(args: argparse.Namespace) -> int:
         ok = client.call("PUT", kv_path(args.key), params=params, content=value).json()
     if args.format == "json":
         print_json(ok)
-    if ok is not True:
-        if args.cas is not None:
-            raise CommandError(
-                f"cas_mismatch: {args.key!r} was not written: its ModifyIndex is not {args.cas} "
-                "(it changed since you read it); read it again and retry"
-            )
-        raise CommandError(f"{args.key!r} was not written (the agent answered {ok!r})")
+    _require_done(ok, args, "written")
     if args.format == "table":
         out(f"Success! Data written to: {args.key}")
     return 0
+
+
+def _require_done(ok: object, args: argparse.Namespace, done: str) -> None:
+    """Turn the agent's ``false`` into an error that says why (a CAS mismatch, usually)."""
+    if ok is True:
+        return
+    if args.cas is not None:
+        raise CommandError(
+            f"cas_mismatch: {args.key!r} was not {done}: its ModifyIndex is not {args.cas} "
+            "(it changed since you read it); read it again and retry"
+        )
+    raise CommandError(f"{args.key!r} was not {done} (the agent answered {ok!r})")
 
 
 def cmd_kv_delete(args: argparse.Namespace) -> int:
@@ -534,13 +540,7 @@ def cmd_kv_delete(args: argparse.Namespace) -> int:
         ok = client.call("DELETE", kv_path(args.key), params=params).json()
     if args.format == "json":
         print_json(ok)
-    if ok is not True:
-        if args.cas is not None:
-            raise CommandError(
-                f"cas_mismatch: {args.key!r} was not deleted: its ModifyIndex is not {args.cas} "
-                "(it changed since you read it); read it again and retry"
-            )
-        raise CommandError(f"{args.key!r} was not deleted (the agent answered {ok!r})")
+    _require_done(ok, args, "deleted")
     if args.format == "table":
         out(f"Success! Deleted keys with prefix: {args.key}" if args.recurse else f"Success! Deleted key: {args.key}")
     return 0

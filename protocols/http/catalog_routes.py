@@ -16,9 +16,8 @@ from .responses import json_response
 catalog_api = Blueprint("catalog", __name__)
 
 
-def _scope_and_services(ctx):
-    scope = ctx.scope(request.args.get("dc"))
-    return scope, scope.catalog.services()
+def _scope(ctx):
+    return ctx.scope(request.args.get("dc"))
 
 
 async def _block_on_catalog(ctx, scope) -> dict[str, str]:
@@ -83,7 +82,7 @@ def _checks_of(ctx, scope, entry: ServiceEntry) -> list[CheckStatus]:
 @catalog_api.route("/v1/catalog/services", methods=["GET"])
 async def catalog_services() -> Response:
     ctx = current_app.config["KONSUL"]
-    scope, _ = _scope_and_services(ctx)
+    scope = _scope(ctx)
     headers = await _block_on_catalog(ctx, scope)
     found: dict[str, set[str]] = {}
     for entry in scope.catalog.services():
@@ -94,7 +93,7 @@ async def catalog_services() -> Response:
 @catalog_api.route("/v1/catalog/service/<name>", methods=["GET"])
 async def catalog_service(name: str) -> Response:
     ctx = current_app.config["KONSUL"]
-    scope, _ = _scope_and_services(ctx)
+    scope = _scope(ctx)
     headers = await _block_on_catalog(ctx, scope)
     tags = request.args.getlist("tag")
     body = [
@@ -108,9 +107,10 @@ async def catalog_service(name: str) -> Response:
 @catalog_api.route("/v1/catalog/nodes", methods=["GET"])
 async def catalog_nodes() -> Response:
     ctx = current_app.config["KONSUL"]
-    scope, services = _scope_and_services(ctx)
+    scope = _scope(ctx)
     headers = await _block_on_catalog(ctx, scope)
-    nodes = {e.node for e in services}
+    # Read after blocking: the answer must show the change that woke us.
+    nodes = {e.node for e in scope.catalog.services()}
     if scope.name == ctx.site:
         nodes.add(ctx.node)
     return json_response([_node_json(ctx, n, scope.name) for n in sorted(nodes)], headers=headers)
@@ -127,7 +127,7 @@ async def catalog_datacenters() -> Response:
 @catalog_api.route("/v1/health/service/<name>", methods=["GET"])
 async def health_service(name: str) -> Response:
     ctx = current_app.config["KONSUL"]
-    scope, _ = _scope_and_services(ctx)
+    scope = _scope(ctx)
     headers = await _block_on_catalog(ctx, scope)
     tags = request.args.getlist("tag")
     passing_only = flag("passing")
@@ -158,7 +158,7 @@ async def health_service(name: str) -> Response:
 @catalog_api.route("/v1/health/checks/<name>", methods=["GET"])
 async def health_checks(name: str) -> Response:
     ctx = current_app.config["KONSUL"]
-    scope, _ = _scope_and_services(ctx)
+    scope = _scope(ctx)
     headers = await _block_on_catalog(ctx, scope)
     body = [
         check_json(c, e.node)
@@ -175,7 +175,7 @@ async def health_state(state: str) -> Response:
     ctx = current_app.config["KONSUL"]
     if state != "any" and state not in STATES:
         raise InvalidArgument(f"state is one of any, {', '.join(STATES)}")
-    scope, _ = _scope_and_services(ctx)
+    scope = _scope(ctx)
     headers = await _block_on_catalog(ctx, scope)
     body = [
         check_json(c, e.node)
