@@ -23,6 +23,8 @@ from konsul.protocols.gateway import GatewayContext
 
 from .check_runner import CheckRunner
 from .connector import HubConnector, sync_url
+from .device_bridge import DeviceBridge
+from .telemetry_buffer import DEFAULT_LIMIT_BYTES, TelemetryBuffer
 
 log = logging.getLogger("konsul.edge")
 
@@ -39,6 +41,7 @@ class EdgeConfig:
     hub_url: str = ""
     allow_anonymous: bool = False
     durability: str = "full"
+    telemetry_buffer_bytes: int = DEFAULT_LIMIT_BYTES
 
 
 @dataclass
@@ -73,11 +76,18 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
         config.data_dir, config.durability, auto_compact=not config.hub_url, epoch_authority=False
     )
     ready = False
+    buffer = None
     try:
+        # Opened after the replica, which holds the data directory's lock.
+        buffer = TelemetryBuffer(
+            Path(config.data_dir) / "telemetry.db", config.telemetry_buffer_bytes, config.durability
+        )
         async with trio.open_nursery() as nursery:
             await nursery.start(replica.run)
+            await nursery.start(buffer.run)
             site = replica.scope(config.site)
             replica.scope(GLOBAL_SCOPE)
+            bridge = DeviceBridge(site, buffer)
             checks = CheckTable(trio.current_time)
             presence = PresenceTable()
             for service in site.catalog.services():
@@ -87,7 +97,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
             await nursery.start(runner.run)
             connector = None
             if config.hub_url:
-                connector = HubConnector(config.hub_url, replica, config.site, checks, presence)
+                connector = HubConnector(config.hub_url, replica, config.site, checks, presence, buffer)
                 await nursery.start(connector.run)
             ctx = HttpContext(
                 replica=replica,
@@ -102,9 +112,11 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                     "Replica": replica.replica_id,
                     "HubURL": config.hub_url or None,
                     "Peers": [] if connector is None else [connector.status()],
+                    "Telemetry": buffer.status(),
                 },
                 hub_url=config.hub_url,
                 presence=presence,
+                telemetry=bridge,
             )
             app = create_app(ctx)
             http_url = await nursery.start(serve_app, app, host, port)
@@ -116,7 +128,9 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 allow_anonymous=config.allow_anonymous,
                 registry=ctx.registry,
             )
+            bridge.install(gateways)
             bound = await nursery.start(run_device_gateways, gateways, config)
+            await nursery.start(bridge.run)
             ready = True
             log.info(
                 "edge %s (node %s, replica %s, data %s): http listening on %s",
@@ -128,6 +142,8 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
             )
             task_status.started(EdgeInfo(http_url, replica.replica_id, bound.get("mqtt"), bound.get("coap")))
     finally:
+        if buffer is not None:
+            buffer.close()
         replica.close()
 
 

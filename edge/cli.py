@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         "full",
         choices=["full", "relaxed"],
     )
+    add_flag(
+        edge,
+        "--telemetry-buffer",
+        "the most disk the telemetry buffer may take while the hub is away (bytes, or e.g. 64MiB, "
+        "1GB); past it the oldest samples are dropped and counted",
+        "64MiB",
+    )
     edge.set_defaults(run=cmd_edge)
 
     hub = commands.add_parser("hub", help="run the central hub", description="Run the hub edges sync with.")
@@ -111,8 +118,23 @@ def cmd_edge(args: argparse.Namespace) -> int:
         hub_url=args.hub_url,
         allow_anonymous=args.allow_anonymous,
         durability=args.durability,
+        telemetry_buffer_bytes=parse_size(args.telemetry_buffer, "--telemetry-buffer"),
     )
     return run_until_signal(run_edge, config)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Bytes from ``65536``, ``64MiB``, ``1GB``...; a usage error otherwise."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
+    unit = _SIZE_UNITS.get(match.group(2).lower()) if match else None
+    if unit is None:
+        raise SystemExit(f"konsul: {flag} must be a size like 65536, 64MiB or 1GB, not {text!r}")
+    return int(match.group(1)) * unit
 
 
 def cmd_hub(args: argparse.Namespace) -> int:

@@ -29,6 +29,9 @@ from konsul.sync.replica import GLOBAL_SCOPE, Replica
 from konsul.sync.session import SyncSession
 from konsul.sync.wire import MAX_FRAME_BYTES
 
+from .telemetry_buffer import TelemetryBuffer
+from .telemetry_forwarder import TelemetryForwarder
+
 log = logging.getLogger("konsul.edge.sync")
 
 BACKOFF_START_S = 0.2
@@ -62,7 +65,13 @@ class HubConnector:
     """Keeps one edge in sync with its hub."""
 
     def __init__(
-        self, hub_url: str, replica: Replica, site: str, checks: CheckTable, presence: PresenceTable | None = None
+        self,
+        hub_url: str,
+        replica: Replica,
+        site: str,
+        checks: CheckTable,
+        presence: PresenceTable | None = None,
+        telemetry: TelemetryBuffer | None = None,
     ) -> None:
         self.hub_url = hub_url
         self.url = sync_url(hub_url)
@@ -83,6 +92,7 @@ class HubConnector:
         self._link: SyncLink | None = None
         self._acked_dirty = trio.Event()
         checks.listeners.append(self._push_checks)
+        self.forwarder = None if telemetry is None else TelemetryForwarder(telemetry, site)
         self.presence = presence
         if presence is not None:
             presence.listeners.append(lambda device_id, state: self._push_presence())
@@ -96,7 +106,7 @@ class HubConnector:
         for name in self.scopes:
             scope = self.replica.scope(name)
             after = self.acked.get(name)
-            for versions in (scope.kv.versions, scope.catalog.versions):
+            for versions in (scope.kv.versions, scope.catalog.versions, scope.devices.versions):
                 total += sum(
                     1 for v in versions.all_versions()
                     if v.stamp.replica == me and (after is None or v.stamp > after)
@@ -162,6 +172,7 @@ class HubConnector:
             ws.send_message,
             on_covered=self._covered,
             rebase_after=lambda scope, collection: self.acked.get(scope),
+            on_ephemeral=self._on_ephemeral,
         )
         sent_before, received_before = 0, 0
         try:
@@ -173,6 +184,8 @@ class HubConnector:
                         await link.receive(await ws.get_message())
                 self._opened(link)
                 nursery.start_soon(self._resync_forever, link)
+                if self.forwarder is not None:
+                    nursery.start_soon(self.forwarder.run, link)
                 while True:
                     frame = await ws.get_message()
                     if not isinstance(frame, bytes):
@@ -222,6 +235,11 @@ class HubConnector:
                 await self.replica.store.commit(batch)
             except Exception as error:  # the next ack tries again
                 log.warning("could not store the hub's acknowledgement: %s", error)
+
+    def _on_ephemeral(self, scope: str, kind: str, data: Any) -> None:
+        if self.forwarder is not None and self.forwarder.on_ephemeral(kind, data):
+            return
+        log.debug("ignoring an ephemeral %r message from the hub", kind)
 
     def _push_presence(self) -> None:
         """Device presence as an ephemeral snapshot: it churns, so it never enters the CRDT."""

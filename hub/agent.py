@@ -40,15 +40,19 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
     from .fleet_routes import fleet_api, site_summaries
     from .sites import SiteRegistry
     from .sync_endpoint import sync_api
+    from .telemetry_store import TelemetryStore
 
     host, port = split_addr(config.http_addr, "--http-addr")
     replica = Replica.open(config.data_dir, config.durability, per_scope_stores=True)
+    telemetry = None
     try:
+        # Opened after the replica, which holds the data directory's lock.
+        telemetry = TelemetryStore(Path(config.data_dir) / "telemetry.db", config.durability)
         async with trio.open_nursery() as nursery:
             await nursery.start(replica.run)
             await replica.open_scope(GLOBAL_SCOPE)
             sites = SiteRegistry()
-            hub_state = {"replica": replica, "sites": sites, "links": set()}
+            hub_state = {"replica": replica, "sites": sites, "links": set(), "telemetry": telemetry}
             ctx = HttpContext(
                 replica=replica,
                 site=GLOBAL_SCOPE,
@@ -57,8 +61,12 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
                 role="hub",
                 remote_check_status=sites.check_status,
                 remote_presence=sites.device_presence,
+                telemetry=telemetry,
             )
-            ctx.sync_status = lambda: {"Peers": [_peer_status(summary) for summary in site_summaries(hub_state)]}
+            ctx.sync_status = lambda: {
+                "Peers": [_peer_status(summary) for summary in site_summaries(hub_state)],
+                "Telemetry": telemetry.status(),
+            }
             app = create_app(ctx, extra_blueprints=[sync_api, fleet_api])
             app.config["KONSUL_HUB"] = hub_state
             http_url = await nursery.start(serve_app, app, host, port)
@@ -71,6 +79,8 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
             )
             task_status.started(HubInfo(http_url, replica.replica_id))
     finally:
+        if telemetry is not None:
+            telemetry.close()
         replica.close()
 
 

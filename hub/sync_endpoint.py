@@ -14,6 +14,7 @@ from konsul.sync.session import SyncSession
 from konsul.sync.wire import WireError, decode
 
 from .sites import SiteRegistry
+from .telemetry_store import TelemetryIntake
 
 log = logging.getLogger("konsul.hub")
 
@@ -51,17 +52,19 @@ async def sync_socket() -> None:
         await websocket.send(frame)
 
     session = SyncSession("hub", "hub", replica.replica_id, [])
-    link = SyncLink(
-        session,
-        replica.scope,
-        transmit,
-        on_ephemeral=lambda scope, kind, data: _on_ephemeral(sites, scope, kind, data),
-    )
+
+    def on_ephemeral(scope: str, kind: str, data) -> None:
+        if not intake.offer(kind, data):
+            _on_ephemeral(sites, scope, kind, data)
+
+    link = SyncLink(session, replica.scope, transmit, on_ephemeral=on_ephemeral)
+    intake = TelemetryIntake(hub["telemetry"], link)
     hub["links"].add(link)
     registered = False
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(link.run)
+            nursery.start_soon(intake.run)
             frame = first
             while True:
                 await link.receive(frame)

@@ -28,6 +28,7 @@ from .batch import WriteBatch
 from .errors import InvalidArgument, NotFound
 from .hlc import Stamp
 from .records import RecordCollection
+from .twin import TwinView
 
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 DEFAULT_KV_READ = ("",)  # the whole keyspace, read-only
@@ -98,7 +99,27 @@ class DeviceRecord:
 
 
 class DeviceRegistry(RecordCollection):
-    """Device records of one scope on one replica."""
+    """Device records and twins (``twin.py``) of one scope on one replica."""
+
+    def __init__(self, versions, index, clock) -> None:
+        super().__init__(versions, index, clock)
+        self.twin = TwinView(lambda: self.versions, clock)
+
+    def apply_remote(self, update: bytes, batch: WriteBatch) -> set[str]:
+        touched = super().apply_remote(update, batch)
+        self.twin.note(touched)
+        return touched
+
+    def write_twin(self, side: str, device_id: str, document: dict, replace: bool, batch: WriteBatch) -> set[str]:
+        """Set a device's desired or reported state; returns the keys written (maybe none)."""
+        if self.get(device_id) is None:
+            raise NotFound(f"no device {device_id!r} is registered")
+        changes = self.twin.changes(side, device_id, document, replace)
+        if not changes:
+            return set()
+        touched = self.twin.write(side, device_id, changes)
+        self._changed(batch)
+        return touched
 
     def get(self, device_id: str) -> DeviceRecord | None:
         current = self.versions.current(f"d/{device_id}")
@@ -129,11 +150,14 @@ class DeviceRegistry(RecordCollection):
         self._changed(batch)
         return self.get(record.device_id), token
 
-    def delete(self, device_id: str, batch: WriteBatch) -> None:
+    def delete(self, device_id: str, batch: WriteBatch) -> set[str]:
+        """Delete a record and its twin; returns the keys written."""
         if self.get(device_id) is None:
             raise NotFound(f"no device {device_id!r} is registered")
         self.versions.write(f"d/{device_id}", self.clock.now(), None)
+        touched = {f"d/{device_id}"} | self.twin.clear(device_id)
         self._changed(batch)
+        return touched
 
     def verify(self, device_id: str, token: str) -> DeviceRecord | None:
         """The record if ``token`` is this device's, else None (constant-time compare)."""

@@ -29,6 +29,7 @@ from .hlc import HybridClock, Stamp
 from .kv import KvState, ScopeIndex, decode_payload
 from .limits import check_flags, check_key, check_prefix, check_value
 from .store import Store
+from .twin import check_document
 from .versioned import Version, VersionedMap
 
 COLLECTIONS = ("kv", "catalog", "devices")
@@ -268,10 +269,28 @@ class Scope:
     async def delete_device(self, device_id: str) -> None:
         batch = self._begin()
         try:
-            self.devices.delete(device_id, batch)
+            touched = self.devices.delete(device_id, batch)
         finally:
             self._batch = None
-        await self._finish(batch, "devices", {f"d/{device_id}"})
+        await self._finish(batch, "devices", touched)
+
+    async def write_twin(
+        self, side: str, device_id: str, document: dict, *, replace: bool = False
+    ) -> dict:
+        """Merge (or with ``replace``, set) a device's desired or reported state.
+
+        Returns the side's document afterwards. Writing what is already there
+        changes nothing and costs no commit.
+        """
+        check_document(document, side)
+        batch = self._begin()
+        try:
+            touched = self.devices.write_twin(side, device_id, document, replace, batch)
+        finally:
+            self._batch = None
+        if touched:
+            await self._finish(batch, "devices", touched)
+        return self.devices.twin.document(side, device_id)
 
     # -- replication -------------------------------------------------------------
 

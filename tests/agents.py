@@ -134,3 +134,22 @@ class HubProcess(_Listening):
     def __init__(self, data_dir: Path, port: int = 0) -> None:
         super().__init__(["hub", "--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{port}"])
         self._ready(data_dir)
+
+
+def eventually(condition, timeout: float = 30.0, what: str = "condition"):
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds.
+
+    Exceptions count as "not yet" (an agent that is restarting refuses
+    connections), and the last one is shown if the deadline passes.
+    """
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = condition()
+        except Exception as error:  # noqa: BLE001 - reported on timeout
+            last = error
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(0.05)  # polling interval, not a synchronisation
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")

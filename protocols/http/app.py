@@ -19,6 +19,8 @@ from .kv_routes import kv_api
 from .metrics import HttpMetrics, make_registry
 from .device_routes import device_api
 from .ops_routes import ops_api
+from .telemetry_routes import telemetry_api
+from .twin_routes import twin_api
 from .txn_routes import txn_api
 from .responses import error_response
 
@@ -52,7 +54,7 @@ def create_app(ctx: HttpContext, extra_blueprints: tuple | list = ()) -> QuartTr
     if ctx.registry is None:
         ctx.registry = make_registry(ctx.replica, lambda: ctx.sync_status())
     metrics = HttpMetrics(ctx.registry)
-    for blueprint in (kv_api, txn_api, agent_api, catalog_api, device_api, ops_api, *extra_blueprints):
+    for blueprint in (kv_api, txn_api, agent_api, catalog_api, device_api, twin_api, telemetry_api, ops_api, *extra_blueprints):
         app.register_blueprint(blueprint)
 
     @app.errorhandler(KonsulError)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -13,6 +13,17 @@ from konsul.sync.devices import Presence, PresenceTable
 from konsul.sync.errors import NotFound
 from konsul.sync.replica import GLOBAL_SCOPE, Replica
 from konsul.sync.scope import Scope
+from konsul.sync.telemetry import Sample
+
+
+class TelemetrySource(Protocol):
+    """Where an agent keeps telemetry: the edge's buffer, the hub's store."""
+
+    async def ingest(self, site: str, items: list[tuple[str, Any]]) -> None: ...
+
+    async def samples(
+        self, devices: list[tuple[str, str]], since_ms: int | None, until_ms: int | None, limit: int
+    ) -> list[tuple[str, Sample]]: ...
 
 
 class ChangeFeed:
@@ -74,6 +85,7 @@ class HttpContext:
     presence: PresenceTable = field(default_factory=PresenceTable)
     # (site, device id) -> presence; the edge's own table, the hub's per-site reports
     remote_presence: Callable[[str, str], Presence | None] = lambda site, device: None
+    telemetry: TelemetrySource | None = None
 
     def device_presence(self, site: str, device_id: str) -> Presence:
         if site == self.site and self.role == "edge":

@@ -8,6 +8,7 @@ from quart import Blueprint, Response, current_app, request
 
 from konsul.sync.devices import DEFAULT_KV_READ, DeviceRecord, Presence, check_device_id
 from konsul.sync.errors import InvalidArgument, NotFound
+from konsul.sync.replica import GLOBAL_SCOPE
 
 from .agent_routes import _fields, json_body
 from .params import flag
@@ -66,21 +67,27 @@ def parse_device(device_id: str, body: dict, existing: DeviceRecord | None) -> D
 
 @device_api.route("/v1/devices", methods=["GET"])
 async def list_devices() -> Response:
+    """One site's devices; at the hub, ``?dc=global`` lists every site's (the fleet)."""
     ctx = current_app.config["KONSUL"]
-    scope = ctx.scope(request.args.get("dc"))
+    dc = request.args.get("dc")
+    if ctx.role == "hub" and dc in (None, GLOBAL_SCOPE):
+        scopes = [scope for _name, scope in sorted(ctx.replica.scopes.items())]
+    else:
+        scopes = [ctx.scope(dc)]
     tags = request.args.getlist("tag")
     kind = request.args.get("type")
     online = request.args.get("online")
     found = []
-    for record in scope.devices.records():
-        presence = ctx.device_presence(scope.name, record.device_id)
-        if kind is not None and record.type != kind:
-            continue
-        if not all(t in record.tags for t in tags):
-            continue
-        if online is not None and presence.online != (online.lower() in ("1", "true", "yes", "")):
-            continue
-        found.append(device_json(record, presence, scope.name))
+    for scope in scopes:
+        for record in scope.devices.records():
+            presence = ctx.device_presence(scope.name, record.device_id)
+            if kind is not None and record.type != kind:
+                continue
+            if not all(t in record.tags for t in tags):
+                continue
+            if online is not None and presence.online != (online.lower() in ("1", "true", "yes", "")):
+                continue
+            found.append(device_json(record, presence, scope.name))
     return json_response(found)
 
 

@@ -78,6 +78,26 @@ class SyncCollector:
             received.add_metric(name, peer["BytesReceived"])
             conflicts.add_metric(name, peer["Conflicts"])
         yield from (connected, pending, sent, received, conflicts)
+        yield from telemetry_metrics(self.sync_status().get("Telemetry") or {})
+
+
+_TELEMETRY_FIGURES = {
+    # status field: (metric, help, counter?)
+    "Buffered": ("konsul_telemetry_buffered", "Samples in the edge's buffer, not yet at the hub", False),
+    "BufferedBytes": ("konsul_telemetry_buffered_bytes", "Bytes the buffered samples take", False),
+    "Dropped": ("konsul_telemetry_dropped", "Samples dropped because the buffer was full", True),
+    "Forwarded": ("konsul_telemetry_forwarded", "Samples the hub confirmed as stored", True),
+    "Ingested": ("konsul_telemetry_ingested", "Samples taken from devices since start", True),
+    "Stored": ("konsul_telemetry_stored", "Samples stored at the hub", False),
+    "Duplicates": ("konsul_telemetry_duplicates", "Samples received again and skipped", True),
+}
+
+
+def telemetry_metrics(status: dict):
+    for name, (metric, help_text, counter) in _TELEMETRY_FIGURES.items():
+        if name in status:
+            family = CounterMetricFamily if counter else GaugeMetricFamily
+            yield family(metric, help_text, value=status[name])
 
 
 def make_registry(replica: Replica, sync_status=None) -> CollectorRegistry:

@@ -40,7 +40,7 @@ import trio
 
 from konsul.protocols.gateway import AuthError, GatewayContext
 from konsul.sync.devices import DeviceRecord, check_device_id
-from konsul.sync.errors import KonsulError
+from konsul.sync.errors import KonsulError, StoreError
 from konsul.sync.limits import check_value
 
 from . import frames
@@ -89,7 +89,9 @@ class MqttGateway:
         self.desired: dict[str, bytes] = {}  # the last desired state published per device
         self.seen_via_broker: set[str] = set()  # online by their status, through an external broker
         self._kv_writes: deque[tuple[tuple, Done | None]] = deque()
-        self._hook_calls: deque[tuple[Callable[..., Any], tuple]] = deque()
+        self._hook_calls: deque[tuple[Callable[..., Any], tuple, str, Done | None]] = deque()
+        self._telemetry: deque[tuple[tuple[str, Any], str, Done | None]] = deque()
+        self._telemetry_wake = trio.Event()
         self._dirty_keys: dict[str, None] = {}  # insertion-ordered set
         self._outgoing: list[Outgoing] = []
         self._kicks: list[str] = []
@@ -187,7 +189,7 @@ class MqttGateway:
     # -- inbound ---------------------------------------------------------------------
 
     def congested(self) -> bool:
-        return len(self._kv_writes) + len(self._hook_calls) > HIGH_WATER
+        return len(self._kv_writes) + len(self._hook_calls) + len(self._telemetry) > HIGH_WATER
 
     def received(self, device_id: str | None, publish: Publish, who: str, done: Done | None) -> None:
         """One PUBLISH from a device (``device_id`` None: via an external broker).
@@ -219,9 +221,13 @@ class MqttGateway:
             elif topic.kind in ("telemetry", "reported"):
                 document = decode_document(publish.payload, cbor=topic.kind == "telemetry")
                 self.metrics.received.labels(topic.kind).inc()
+                if topic.kind == "telemetry" and "ingest_telemetry" in self.ctx.extras:
+                    self._queue_telemetry(topic.device_id, document, publish, who, done)
+                    return
                 hook = self.ctx.extras.get(f"on_{topic.kind}")
                 if hook is not None:
-                    self._call_hook(hook, (topic.device_id, document), who)
+                    self._call_hook(hook, (topic.device_id, document), who, done)
+                    return
             else:  # desired seen through an external broker: ours, or someone else's business
                 pass
         except TopicRefused as refused:
@@ -249,12 +255,21 @@ class MqttGateway:
         self._kv_writes.append((write, done))
         self._kv_wake.set()
 
-    def _call_hook(self, hook: Callable[..., Any], args: tuple, who: str) -> None:
+    def _call_hook(self, hook: Callable[..., Any], args: tuple, who: str, done: Done | None) -> None:
         if len(self._hook_calls) >= MAX_BACKLOG:
             self.refusals.refuse("overload", who, f"{len(self._hook_calls)} messages wait for the agent")
+            if done is not None:
+                done(True)  # dropped, as a refused message is
             return
-        self._hook_calls.append((hook, args))
+        self._hook_calls.append((hook, args, who, done))
         self._hook_wake.set()
+
+    def _queue_telemetry(self, device_id: str, document: Any, publish: Publish, who: str, done: Done | None) -> None:
+        if publish.qos == 0 and len(self._telemetry) >= MAX_BACKLOG:
+            self.refusals.refuse("overload", who, f"PUBLISH {publish.topic!r}: {len(self._telemetry)} samples queued")
+            return
+        self._telemetry.append(((device_id, document), who, done))
+        self._telemetry_wake.set()
 
     def broker_lost(self) -> None:
         """The external broker is gone: nobody's status can be known until it is back."""
@@ -293,6 +308,8 @@ class MqttGateway:
             self._out_wake.set()
         elif collection == "devices":
             for key in keys:
+                if not key.startswith("d/"):
+                    continue  # a twin field: the agent publishes desired state itself
                 device_id = key[2:]
                 if device_id in self.records:
                     record = self.scope.devices.get(device_id)
@@ -312,6 +329,7 @@ class MqttGateway:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._kv_writer)
                 nursery.start_soon(self._hook_runner)
+                nursery.start_soon(self._telemetry_writer)
                 nursery.start_soon(self._pump)
                 task_status.started()
         finally:
@@ -348,18 +366,59 @@ class MqttGateway:
             self._commits.release()
 
     async def _hook_runner(self) -> None:
+        # A QoS 1 message is acknowledged once its hook returned (reported
+        # state is durable in the twin by then); a refused one is dropped, and
+        # one the store could not take is not acknowledged, so it comes again.
         while True:
             await self._hook_wake.wait()
             self._hook_wake = trio.Event()
             while self._hook_calls:
-                hook, args = self._hook_calls.popleft()
+                hook, args, who, done = self._hook_calls.popleft()
+                ok = True
                 try:
                     result = hook(*args)
                     if inspect.isawaitable(result):
                         await result
+                except StoreError as error:
+                    log.error("a message from %s was not stored, not acknowledged: %s", who, error)
+                    ok = False
+                except KonsulError as error:
+                    self.refusals.refuse("payload", who, str(error))
                 except Exception:
-                    log.exception("hook %r failed on a message from %s", hook, args[0])
+                    log.exception("hook %r failed on a message from %s", hook, who)
+                await self.outlet.settle([] if done is None else [(done, ok)])
             await self.outlet.settle([])  # readers paused on a full queue may go on
+
+    async def _telemetry_writer(self) -> None:
+        # Like KV writes: batches pipelined, each acknowledged once durable.
+        async with trio.open_nursery() as nursery:
+            while True:
+                await self._telemetry_wake.wait()
+                self._telemetry_wake = trio.Event()
+                while self._telemetry:
+                    await self._commits.acquire()
+                    count = min(MAX_BATCH, len(self._telemetry))
+                    batch = [self._telemetry.popleft() for _ in range(count)]
+                    await nursery.start(self._store_telemetry, batch)
+
+    async def _store_telemetry(self, batch: list, *, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            task_status.started()
+            ingest = self.ctx.extras["ingest_telemetry"]
+            try:
+                refusals = await ingest([item for item, _who, _done in batch])
+                ok = True
+            except KonsulError as error:
+                log.error("%d telemetry samples not stored, not acknowledged: %s", len(batch), error)
+                refusals, ok = [None] * len(batch), False
+            for (_item, who, _done), refusal in zip(batch, refusals):
+                if refusal is not None:
+                    self.refusals.refuse("payload", who, f"telemetry sample: {refusal}")
+            results = [(done, ok) for _item, _who, done in batch if done is not None]
+            if results or not self.congested():
+                await self.outlet.settle(results)
+        finally:
+            self._commits.release()
 
     async def _pump(self) -> None:
         while True:

@@ -1,0 +1,175 @@
+"""The hub's telemetry: every site's samples, each kept once.
+
+Edges forward batches over the sync connection; each batch is stored in one
+transaction and acknowledged once durable. The primary key is (site, device,
+seq), and a sample already there is skipped, so an edge that sends a batch
+again (after a crash, or a lost acknowledgement) never makes a sample count
+twice.
+
+Telemetry lives in ``telemetry.db`` in the hub's data directory, apart from the
+replicated state. It is kept without limit for now; retention is an operator
+decision still to be made (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from konsul.sync.errors import InvalidArgument, StoreError, StoreFull
+from konsul.sync.link import SyncLink
+from konsul.sync.telemetry import ACK_KIND, BATCH_KIND, Sample, open_database, parse_batch
+
+log = logging.getLogger("konsul.hub.telemetry")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS samples (
+    site TEXT NOT NULL,
+    device TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (site, device, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS samples_by_time ON samples (site, device, time_ms);
+"""
+
+
+class TelemetryStore:
+    """Durable, deduplicated telemetry of every site."""
+
+    def __init__(self, path: Path, durability: str = "full") -> None:
+        self.path = path
+        self._db = open_database(path, durability, _SCHEMA)
+        self._lock = trio.Lock()
+        (self.count,) = self._db.execute("SELECT count(*) FROM samples").fetchone()
+        self.received = 0
+        self.duplicates = 0
+
+    def close(self) -> None:
+        self._db.close()
+
+    async def store(self, site: str, samples: list[Sample], received_ms: int) -> int:
+        """Store a batch durably; returns how many samples were new."""
+        def insert() -> int:
+            db = self._db
+            before = db.total_changes
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "INSERT OR IGNORE INTO samples (site, device, seq, time_ms, received_ms, data) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [(site, s.device, s.seq, s.time_ms, received_ms, s.data) for s in samples],
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return db.total_changes - before
+
+        async with self._lock:
+            try:
+                new = await trio.to_thread.run_sync(insert)
+            except sqlite3.Error as error:
+                if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(error):
+                    raise StoreFull(f"{self.path}: the disk is full ({error})") from error
+                raise StoreError(f"{self.path}: {error}") from error
+        self.count += new
+        self.received += len(samples)
+        self.duplicates += len(samples) - new
+        return new
+
+    async def samples(
+        self, devices: list[tuple[str, str]], since_ms: int | None, until_ms: int | None, limit: int
+    ) -> list[tuple[str, Sample]]:
+        """The newest ``limit`` samples of ``devices`` ((site, device) pairs) in [since, until), oldest first."""
+        def read() -> list[tuple[str, Sample]]:
+            found: list[tuple[str, Sample]] = []
+            for site, device in devices:
+                rows = self._db.execute(
+                    "SELECT device, seq, time_ms, data FROM samples WHERE site = ? AND device = ? "
+                    "AND time_ms >= ? AND time_ms < ? ORDER BY time_ms DESC, seq DESC LIMIT ?",
+                    (site, device, since_ms or 0, until_ms or 2**62, limit),
+                ).fetchall()
+                found.extend((site, Sample(*row)) for row in rows)
+            found.sort(key=lambda pair: (pair[1].time_ms, pair[0], pair[1].device, pair[1].seq))
+            return found[-limit:] if limit else []
+
+        async with self._lock:
+            return await trio.to_thread.run_sync(read)
+
+    async def ingest(self, site: str, items: list[tuple[str, Any]]) -> None:
+        raise InvalidArgument(
+            "telemetry is ingested at the device's edge (POST there); the hub stores what edges forward"
+        )
+
+    def status(self) -> dict[str, int]:
+        return {"Stored": self.count, "Duplicates": self.duplicates}
+
+    async def count_for(self, site: str, device: str) -> int:
+        def read() -> int:
+            return self._db.execute(
+                "SELECT count(*) FROM samples WHERE site = ? AND device = ?", (site, device)
+            ).fetchone()[0]
+
+        async with self._lock:
+            return await trio.to_thread.run_sync(read)
+
+
+class TelemetryIntake:
+    """One edge connection's telemetry batches, stored in order and acknowledged.
+
+    Batches queue here from the link's ephemeral messages (which must not
+    block) and are stored one at a time; the edge keeps only a few in flight,
+    so the queue stays short, and one that grows past ``MAX_QUEUED`` means a
+    misbehaving peer, whose batches are then dropped unacknowledged (it sends
+    them again).
+    """
+
+    MAX_QUEUED = 64
+
+    def __init__(self, store: TelemetryStore, link: SyncLink) -> None:
+        self.store = store
+        self.link = link
+        self._queue: deque[Any] = deque()
+        self._wake = trio.Event()
+
+    def offer(self, kind: str, data: Any) -> bool:
+        """Queue a telemetry batch; returns whether the message was one."""
+        if kind != BATCH_KIND:
+            return False
+        if len(self._queue) >= self.MAX_QUEUED:
+            log.warning("dropping a telemetry batch: %d wait to be stored", len(self._queue))
+        else:
+            self._queue.append(data)
+            self._wake.set()
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._queue:
+                data = self._queue.popleft()
+                site = self.link.peer.site if self.link.peer is not None else None
+                try:
+                    batch_id, samples = parse_batch(data)
+                except InvalidArgument as error:
+                    log.warning("ignoring a malformed telemetry batch from %s: %s", site, error)
+                    continue
+                if site is None:
+                    continue
+                try:
+                    await self.store.store(site, samples, int(time.time() * 1000))
+                    ok = True
+                except StoreError as error:
+                    log.error("telemetry from %s not stored: %s", site, error)
+                    ok = False
+                self.link.send_ephemeral(site, ACK_KIND, {"b": batch_id, "ok": ok})

@@ -1,0 +1,107 @@
+"""``/v1/devices/<id>/telemetry`` and the fleet query ``/v1/telemetry``.
+
+An edge ingests (``POST``, answered once the samples are durable in its
+buffer) and shows the newest samples it holds; the hub shows everything edges
+forwarded, for any site (``?dc=<site>``), and across the fleet by device type
+or tag (``/v1/telemetry?type=&tag=``). Where the samples come from is the
+agent's business: it puts a :class:`~.context.TelemetrySource` in the context.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from quart import Blueprint, Response, current_app, request
+
+from konsul.sync.devices import check_device_id
+from konsul.sync.errors import InvalidArgument, NotFound
+from konsul.sync.replica import GLOBAL_SCOPE
+from konsul.sync.telemetry import sample_fields, sample_json
+
+from .agent_routes import json_body_any
+from .params import int_arg
+from .responses import json_response
+
+telemetry_api = Blueprint("telemetry", __name__)
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 10_000
+MAX_SAMPLES_PER_POST = 1_000
+
+
+def time_arg(name: str) -> int | None:
+    """Milliseconds since 1970 from ``?since=`` / ``?until=``: unix seconds or RFC 3339."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(float(raw) * 1000)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidArgument(f"{name}={raw!r} is neither unix seconds nor an RFC 3339 time") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+    return int(parsed.timestamp() * 1000)
+
+
+def _window() -> tuple[int | None, int | None, int]:
+    limit = int_arg("limit", DEFAULT_LIMIT, minimum=1)
+    if limit > MAX_LIMIT:
+        raise InvalidArgument(f"limit is at most {MAX_LIMIT}")
+    return time_arg("since"), time_arg("until"), limit
+
+
+def _source():
+    source = current_app.config["KONSUL"].telemetry
+    if source is None:
+        raise NotFound("this agent keeps no telemetry")
+    return source
+
+
+@telemetry_api.route("/v1/devices/<device_id>/telemetry", methods=["GET", "POST"])
+async def device_telemetry(device_id: str) -> Response:
+    ctx = current_app.config["KONSUL"]
+    scope = ctx.scope(request.args.get("dc"))
+    check_device_id(device_id)
+    source = _source()
+    if request.method == "POST":
+        if scope.devices.get(device_id) is None:
+            raise NotFound(f"no device {device_id!r} is registered in {scope.name!r}")
+        body = await json_body_any()
+        documents = body if isinstance(body, list) else [body]
+        if not 1 <= len(documents) <= MAX_SAMPLES_PER_POST:
+            raise InvalidArgument(f"post 1 to {MAX_SAMPLES_PER_POST} samples: an object, or a list of objects")
+        for document in documents:
+            sample_fields(document)  # all or nothing: a bad sample refuses the request
+        await source.ingest(scope.name, [(device_id, document) for document in documents])
+        return json_response({"Stored": len(documents)})
+    since, until, limit = _window()
+    found = await source.samples([(scope.name, device_id)], since, until, limit)
+    return json_response([sample_json(site, sample) for site, sample in found])
+
+
+@telemetry_api.route("/v1/telemetry", methods=["GET"])
+async def fleet_telemetry() -> Response:
+    """Samples of every device of a type or with tags, in one site or (at the hub) all."""
+    ctx = current_app.config["KONSUL"]
+    kind = request.args.get("type")
+    tags = request.args.getlist("tag")
+    if kind is None and not tags:
+        raise InvalidArgument("name the devices: ?type=<device type> and/or ?tag=<tag> (repeatable)")
+    dc = request.args.get("dc")
+    if ctx.role == "hub" and dc in (None, GLOBAL_SCOPE):
+        scopes = [s for name, s in sorted(ctx.replica.scopes.items()) if name != GLOBAL_SCOPE]
+    else:
+        scopes = [ctx.scope(dc)]
+    devices = [
+        (scope.name, record.device_id)
+        for scope in scopes
+        for record in scope.devices.records()
+        if (kind is None or record.type == kind) and all(tag in record.tags for tag in tags)
+    ]
+    since, until, limit = _window()
+    found = await _source().samples(devices, since, until, limit)
+    return json_response([sample_json(site, sample) for site, sample in found])
