@@ -9,12 +9,16 @@ breaks ties, so the order is total and the same on every replica.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 
-@dataclass(frozen=True, order=True, slots=True)
-class Stamp:
+class Stamp(NamedTuple):
+    """Ordered as (wall_ms, counter, replica).
+
+    A tuple, not a dataclass: stamps are compared, hashed and sorted for
+    every version a replica holds, and tuples do that in C.
+    """
+
     wall_ms: int
     counter: int
     replica: str
