@@ -187,8 +187,13 @@ class KvState:
         flags: int = 0,
         cas: int | None = None,
         ttl_ms: int | None = None,
+        stage: bool = False,
     ) -> bool:
-        """Write a key; returns False when a check-and-set does not match."""
+        """Write a key; returns False when a check-and-set does not match.
+
+        With ``stage``, the CRDT change waits for ``versions.flush()`` (the
+        caller's job, before the batch is committed).
+        """
         check_key(key)
         check_value(value)
         check_flags(flags)
@@ -198,7 +203,8 @@ class KvState:
             return False
         stamp = self.clock.now()
         expires = stamp.wall_ms + ttl_ms if ttl_ms else None
-        superseded = self.versions.write(key, stamp, encode_payload(value, flags, expires))
+        write = self.versions.stage if stage else self.versions.write
+        superseded = write(key, stamp, encode_payload(value, flags, expires))
         index = self._next_index(batch)
         old = self._entries.get(key)
         entry = KvEntry(key, value, flags, old.create_index if old else index, index, stamp, expires)

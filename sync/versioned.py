@@ -74,6 +74,10 @@ class VersionedMap:
         self._live: dict[str, dict[Stamp, bytes | None]] = {}
         self._touched: set[str] = set()
         self._removed: list[Version] = []
+        # Staged writes (see stage()): version ids to remove from the document
+        # and versions to insert, applied together by flush().
+        self._staged_removes: list[str] = []
+        self._staged_inserts: dict[str, bytes] = {}
         # Bytes the live versions need in a fresh document (ids plus payloads):
         # what compaction would shrink the document to.
         self.live_bytes = 0
@@ -117,6 +121,7 @@ class VersionedMap:
         Returns the superseded versions, the current one first.
         """
         with self.doc.transaction() as txn:
+            self._flush(txn)
             return self._write(txn, key, stamp, payload)
 
     def write_many(
@@ -124,7 +129,46 @@ class VersionedMap:
     ) -> dict[str, list[Version]]:
         """Several writes in one transaction (one update, one durable record)."""
         with self.doc.transaction() as txn:
+            self._flush(txn)
             return {key: self._write(txn, key, stamp, payload) for key, stamp, payload in writes}
+
+    def stage(self, key: str, stamp: Stamp, payload: bytes | None) -> list[Version]:
+        """Like :meth:`write`, but the document changes only at :meth:`flush`.
+
+        The view (``versions``, ``current``, ...) shows the write at once. Many
+        staged writes then cost one transaction and one update between them. A
+        version staged and superseded before the flush never reaches the
+        document, as if it had been inserted and removed in one update.
+        """
+        old = self.versions(key)
+        inserts, removes = self._staged_inserts, self._staged_removes
+        for version in old:
+            vid = version_id(key, version.stamp)
+            if inserts.pop(vid, None) is None:
+                removes.append(vid)
+        inserts[version_id(key, stamp)] = _TOMBSTONE if payload is None else payload
+        self._show(key, stamp, payload, old)
+        return old
+
+    @property
+    def staged(self) -> bool:
+        return bool(self._staged_inserts or self._staged_removes)
+
+    def flush(self) -> None:
+        """Apply the staged writes to the document, in one transaction."""
+        if self._staged_inserts or self._staged_removes:
+            with self.doc.transaction() as txn:
+                self._flush(txn)
+
+    def _flush(self, txn: Transaction) -> None:
+        if not (self._staged_inserts or self._staged_removes):
+            return
+        native, raw_txn = self._map.integrated, txn._txn  # see _write
+        for vid in self._staged_removes:
+            native.remove(raw_txn, vid)
+        for vid, payload in self._staged_inserts.items():
+            native.insert(raw_txn, vid, payload)
+        self._staged_removes, self._staged_inserts = [], {}
 
     def _write(
         self, txn: Transaction, key: str, stamp: Stamp, payload: bytes | None
@@ -137,6 +181,10 @@ class VersionedMap:
         for version in old:
             native.remove(raw_txn, version_id(key, version.stamp))
         native.insert(raw_txn, version_id(key, stamp), _TOMBSTONE if payload is None else payload)
+        self._show(key, stamp, payload, old)
+        return old
+
+    def _show(self, key: str, stamp: Stamp, payload: bytes | None, old: list[Version]) -> None:
         # Local writes keep the view in step directly; the map observer
         # (costly: it converts every event) runs only for remote updates.
         live = self._live.get(key)
@@ -147,11 +195,11 @@ class VersionedMap:
             self.live_bytes -= _entry_size(key, version.payload)
         live[stamp] = payload
         self.live_bytes += _entry_size(key, payload)
-        return old
 
     def restore(self, versions: Iterable[Version]) -> None:
         """Add versions as they are, superseding nothing (to build a new epoch)."""
         with self.doc.transaction() as txn:
+            self._flush(txn)
             native, raw_txn = self._map.integrated, txn._txn  # see _write
             for version in versions:
                 payload = _TOMBSTONE if version.payload is None else version.payload
@@ -180,6 +228,7 @@ class VersionedMap:
         Returns the user keys it touched and the versions it removed (those the
         remote writer superseded).
         """
+        self.flush()
         self._touched, self._removed = set(), []
         subscription = self._map.observe(self._on_map_event)
         try:
