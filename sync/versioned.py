@@ -17,6 +17,12 @@ is a version too (a tombstone, payload ``None``), so a concurrent older write
 can never bring a value back.
 
 User keys never contain NUL (the key rules forbid it), so the split is exact.
+
+Version ids name their stamp in the compact form (``Stamp.compact``, 16
+characters). Documents written before it hold ids with the long form (30
+characters); they are read as they are, and removing such a version names its
+id exactly as the document has it (``_legacy_ids``). Compaction rewrites them
+in the compact form.
 """
 
 from __future__ import annotations
@@ -47,14 +53,16 @@ def _entry_size(key: str, payload: bytes | None) -> int:
     return len(key) + _STAMP_CHARS + (len(payload) if payload else 0)
 
 
-_STAMP_CHARS = 32  # an encoded stamp with a 12-character replica id
+_STAMP_CHARS = 18  # a compact stamp with a 12-character replica id, and NUL
 
 
 def version_id(key: str, stamp: Stamp) -> str:
-    return f"{key}{_SEP}{stamp.encode()}"
+    """The map key of a new version: the stamp in its compact form."""
+    return f"{key}{_SEP}{stamp.compact()}"
 
 
 def parse_version_id(vid: str) -> tuple[str, Stamp]:
+    """Key and stamp of a version id, in either stamp form."""
     key, stamp = vid.split(_SEP, 1)
     return key, Stamp.decode(stamp)
 
@@ -78,6 +86,9 @@ class VersionedMap:
         # and versions to insert, applied together by flush().
         self._staged_removes: list[str] = []
         self._staged_inserts: dict[str, bytes] = {}
+        # Ids of live versions whose text is not version_id(key, stamp): the
+        # long stamp form of older documents.
+        self._legacy_ids: dict[tuple[str, Stamp], str] = {}
         # Bytes the live versions need in a fresh document (ids plus payloads):
         # what compaction would shrink the document to.
         self.live_bytes = 0
@@ -143,7 +154,7 @@ class VersionedMap:
         old = self.versions(key)
         inserts, removes = self._staged_inserts, self._staged_removes
         for version in old:
-            vid = version_id(key, version.stamp)
+            vid = self._existing_id(key, version.stamp)
             if inserts.pop(vid, None) is None:
                 removes.append(vid)
         inserts[version_id(key, stamp)] = _TOMBSTONE if payload is None else payload
@@ -179,7 +190,7 @@ class VersionedMap:
         # transaction, and for entries the view says exist, call the native map.
         native, raw_txn = self._map.integrated, txn._txn
         for version in old:
-            native.remove(raw_txn, version_id(key, version.stamp))
+            native.remove(raw_txn, self._existing_id(key, version.stamp))
         native.insert(raw_txn, version_id(key, stamp), _TOMBSTONE if payload is None else payload)
         self._show(key, stamp, payload, old)
         return old
@@ -248,8 +259,19 @@ class VersionedMap:
             else:
                 self._add(vid, change["newValue"])
 
+    def _existing_id(self, key: str, stamp: Stamp) -> str:
+        """The id of a live version, as the document has it (to remove it)."""
+        if self._legacy_ids:
+            found = self._legacy_ids.pop((key, stamp), None)
+            if found is not None:
+                return found
+        return version_id(key, stamp)
+
     def _add(self, vid: str, raw: bytes | bytearray) -> None:
-        key, stamp = parse_version_id(vid)
+        key, text = vid.split(_SEP, 1)
+        stamp = Stamp.decode(text)
+        if "." in text and stamp.compact() != text:
+            self._legacy_ids[(key, stamp)] = vid
         payload = bytes(raw) if raw else None
         found = self._live.setdefault(key, {})
         if stamp not in found:
@@ -259,6 +281,8 @@ class VersionedMap:
 
     def _remove(self, vid: str) -> None:
         key, stamp = parse_version_id(vid)
+        if self._legacy_ids:
+            self._legacy_ids.pop((key, stamp), None)
         found = self._live.get(key)
         if found is not None and stamp in found:
             payload = found.pop(stamp)
