@@ -266,25 +266,39 @@ class KvState:
         now = self.clock.wall_ms()
         changed: set[str] = set()
         index = None
+        live_of, entries, observe = self.versions.live, self._entries, self.clock.observe
         for key in touched:
-            live = self.versions.versions(key)
-            if live:
-                self.clock.observe(live[0].stamp)
-            for loser in live[1:]:
-                self._record_conflict(loser, batch)
-            old = self._entries.get(key)
-            new = self._visible(key, now, (0, 0))
-            if _same_version(old, new):
+            # Most keys hold one version: read it without building Version objects.
+            found = live_of(key)
+            if not found:
+                stamp = payload = None
+            elif len(found) == 1:
+                ((stamp, payload),) = found.items()
+            else:
+                current, *losers = self.versions.versions(key)
+                for loser in losers:
+                    self._record_conflict(loser, batch)
+                stamp, payload = current.stamp, current.payload
+            if stamp is not None:
+                observe(stamp)
+            old = entries.get(key)
+            visible = None
+            if payload is not None:
+                if old is not None and old.stamp == stamp and (old.expires_ms is None or old.expires_ms > now):
+                    continue  # shown already, and still live
+                value, flags, expires = decode_payload(payload)
+                if expires is None or expires > now:
+                    visible = (value, flags, expires)
+            if visible is None and old is None:
                 continue
             if index is None:
                 index = self._next_index(batch)
             changed.add(key)
-            if new is None:
+            if visible is None:
                 self._hide(key, batch)
             else:
                 create = old.create_index if old else index
-                entry = KvEntry(key, new.value, new.flags, create, index, new.stamp, new.expires_ms)
-                self._show(entry)
+                self._show(KvEntry(key, value, flags, create, index, stamp, expires))
                 batch.kv_index[(self.scope, key)] = (create, index)
         return changed
 
@@ -418,9 +432,3 @@ class KvState:
 def _signed64(flags: int) -> int:
     """Flags (unsigned 64-bit) as SQLite's signed INTEGER; ``load`` undoes it."""
     return flags - 2**64 if flags >= 2**63 else flags
-
-
-def _same_version(old: KvEntry | None, new: KvEntry | None) -> bool:
-    if old is None or new is None:
-        return old is new
-    return old.stamp == new.stamp

@@ -112,6 +112,10 @@ class VersionedMap:
             return [Version(key, stamp, payload)]
         return [Version(key, s, p) for s, p in sorted(found.items(), reverse=True)]
 
+    def live(self, key: str) -> dict[Stamp, bytes | None] | None:
+        """The live versions of ``key`` by stamp, unordered; read, never change it."""
+        return self._live.get(key)
+
     def current(self, key: str) -> Version | None:
         found = self._live.get(key)
         if not found:
