@@ -5,6 +5,18 @@ per-replica views, the scope's change counter, and the glue to the store:
 every change is applied in memory, collected into one :class:`WriteBatch`
 (CRDT update, index rows, history) and acknowledged once the store has it.
 
+Grouped puts
+------------
+``kv_put`` is the hot path: with many concurrent writers, a pycrdt transaction,
+a Yjs update and an ``updates`` row per put cost more than the rest of the put.
+So puts that arrive together form a :class:`_PutGroup`. Each applies itself to
+the view at once (reads after it see it) and stages its CRDT change; the first
+put of a group, its leader, yields once so that the writers ready to run join
+it, then seals the group: one transaction and one update for every staged put,
+one batch queued in the store. Every put of the group is acknowledged once that
+batch is durable. Any other change seals the open group first, so the document,
+its update log and the batches keep the order the changes were made in.
+
 Compaction
 ----------
 A Yjs document keeps a trace of everything ever deleted. When a collection's
@@ -19,12 +31,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import trio
 from pycrdt import Doc
 
 from .batch import WriteBatch
 from .catalog import ServiceCatalog, ServiceEntry
 from .devices import DeviceRecord, DeviceRegistry
-from .errors import InvalidArgument
+from .errors import InvalidArgument, StoreError
 from .hlc import HybridClock, Stamp
 from .kv import KvState, ScopeIndex, decode_payload
 from .limits import check_flags, check_key, check_prefix, check_value
@@ -52,6 +65,20 @@ class _DocState:
     epoch: int
     snapshot_bytes: int
     log_bytes: int
+
+
+class _PutGroup:
+    """Puts that share one CRDT transaction and one batch (see the module doc)."""
+
+    __slots__ = ("batch", "keys", "round", "own_stamp", "done", "error")
+
+    def __init__(self) -> None:
+        self.batch = WriteBatch()
+        self.keys: set[str] = set()
+        self.round = None  # the store round, once sealed
+        self.own_stamp: Stamp | None = None
+        self.done = trio.Event()
+        self.error: BaseException | None = None
 
 
 class Scope:
@@ -82,6 +109,7 @@ class Scope:
         self.epoch_listeners: list[Callable[[str], None]] = []
         self._durable_own_stamp: Stamp | None = None
         self._batch: WriteBatch | None = None
+        self._open_group: _PutGroup | None = None
         self._docs: dict[str, _DocState] = {}
         self.compactions = 0
         self._compacting = False
@@ -91,6 +119,10 @@ class Scope:
 
     def load(self) -> None:
         """(Re)build the whole scope from the store."""
+        group, self._open_group = self._open_group, None
+        if group is not None:
+            # Its puts were in memory only, and memory is rebuilt from disk.
+            group.error = StoreError("an earlier write failed, so this one was not stored")
         store, name = self.store, self.name
         row = store.query("SELECT idx, kv_index, conflicts FROM scope_state WHERE scope = ?", name)
         index, kv_last, conflicts = row[0] if row else (0, 0, 0)
@@ -159,14 +191,65 @@ class Scope:
         cas: int | None = None,
         ttl_ms: int | None = None,
     ) -> bool:
-        batch = self._begin()
+        group = self._open_group
+        leader = group is None
+        if leader:
+            group = self._open_group = _PutGroup()
+        self._batch = group.batch
         try:
-            ok = self.kv.put(key, value, batch, flags=flags, cas=cas, ttl_ms=ttl_ms)
+            ok = self.kv.put(key, value, group.batch, flags=flags, cas=cas, ttl_ms=ttl_ms, stage=True)
+        except BaseException:
+            if leader:  # nobody joined yet, and a put that raises changed nothing
+                self._open_group = None
+            raise
         finally:
             self._batch = None
-        if ok:
-            await self._finish(batch, "kv", {key})
-        return ok
+        if not ok:
+            if leader:
+                self._open_group = None
+            return False
+        group.keys.add(key)
+        if leader:
+            await self._lead(group)
+        else:
+            await group.done.wait()
+            if group.error is not None:
+                raise group.error
+        return True
+
+    async def _lead(self, group: _PutGroup) -> None:
+        """Seal ``group`` once the ready writers joined it; report its commit to all."""
+        # Shielded: the others' acknowledgements wait on this task.
+        with trio.CancelScope(shield=True):
+            await trio.lowlevel.checkpoint()
+            if self._open_group is group:
+                self._seal()
+            if group.round is not None:
+                try:
+                    await self.store.wait(group.round)
+                except BaseException as error:
+                    group.error = error
+        if group.error is not None:
+            group.done.set()
+            raise group.error
+        self._committed(group.batch, "kv", group.keys, None, group.own_stamp)
+        group.done.set()
+        await self._compact_if_needed("kv")
+
+    def _seal(self) -> None:
+        """Flush the open group's staged puts into its batch and queue it."""
+        group, self._open_group = self._open_group, None
+        assert group is not None
+        self._batch = group.batch
+        try:
+            self.kv.versions.flush()
+            group.batch.scope_state[self.name] = (self.index.value, self.kv.last_index, self.kv.conflicts)
+            group.own_stamp = self.clock.last
+            group.round = self.store.enqueue(group.batch)
+        except Exception as error:
+            group.error = error
+        finally:
+            self._batch = None
 
     async def kv_delete(self, key: str, *, recurse: bool = False, cas: int | None = None) -> bool:
         batch = self._begin()
@@ -379,6 +462,8 @@ class Scope:
             self._compacting = False
 
     async def _compact(self, collection: str) -> None:
+        if self._open_group is not None:
+            self._seal()
         old = self._versions(collection)
         now = self.clock.wall_ms()
         kept: list[Version] = []
@@ -421,6 +506,8 @@ class Scope:
         return self._collection(collection).versions
 
     def _begin(self) -> WriteBatch:
+        if self._open_group is not None:
+            self._seal()  # earlier puts go first
         self._batch = WriteBatch()
         return self._batch
 
@@ -432,6 +519,13 @@ class Scope:
         # one (they queue in order), so once it commits they are all durable.
         own_stamp = self.clock.last
         await self.store.commit(batch)
+        self._committed(batch, collection, keys, origin, own_stamp)
+        await self._compact_if_needed(collection)
+
+    def _committed(
+        self, batch: WriteBatch, collection: str, keys: set[str], origin: object, own_stamp: Stamp | None
+    ) -> None:
+        """Tell the listeners about a durable batch."""
         self._durable_own_stamp = own_stamp
         for listener in list(self.listeners):
             listener(collection, keys)
@@ -439,5 +533,7 @@ class Scope:
             if scope == self.name:
                 for on_update in list(self.update_listeners):
                     on_update(name, update, origin)
+
+    async def _compact_if_needed(self, collection: str) -> None:
         if self.auto_compact and self.needs_compaction(collection):
             await self.compact(collection)

@@ -183,12 +183,24 @@ class Store:
 
     async def commit(self, batch: WriteBatch) -> None:
         """Return once ``batch`` is durable; raise :class:`StoreError` if it is not."""
+        await self.wait(self.enqueue(batch))
+
+    def enqueue(self, batch: WriteBatch) -> _Round:
+        """Queue ``batch`` for the next round; :meth:`wait` on the result.
+
+        Batches commit in the order they are queued, so a caller that must
+        order its batches against others queues them synchronously.
+        """
         if not self._running:
             raise StoreError("the store is not running")
         with self._lock:
             round_ = self._next
             round_.batches.append(batch)
             self._work.notify()
+        return round_
+
+    async def wait(self, round_: _Round) -> None:
+        """Return once ``round_`` is durable; raise :class:`StoreError` if it is not."""
         await round_.done.wait()
         if round_.error is not None:
             raise round_.error

@@ -17,6 +17,12 @@ is a version too (a tombstone, payload ``None``), so a concurrent older write
 can never bring a value back.
 
 User keys never contain NUL (the key rules forbid it), so the split is exact.
+
+Version ids name their stamp in the compact form (``Stamp.compact``, 16
+characters). Documents written before it hold ids with the long form (30
+characters); they are read as they are, and removing such a version names its
+id exactly as the document has it (``_legacy_ids``). Compaction rewrites them
+in the compact form.
 """
 
 from __future__ import annotations
@@ -47,14 +53,16 @@ def _entry_size(key: str, payload: bytes | None) -> int:
     return len(key) + _STAMP_CHARS + (len(payload) if payload else 0)
 
 
-_STAMP_CHARS = 32  # an encoded stamp with a 12-character replica id
+_STAMP_CHARS = 18  # a compact stamp with a 12-character replica id, and NUL
 
 
 def version_id(key: str, stamp: Stamp) -> str:
-    return f"{key}{_SEP}{stamp.encode()}"
+    """The map key of a new version: the stamp in its compact form."""
+    return f"{key}{_SEP}{stamp.compact()}"
 
 
 def parse_version_id(vid: str) -> tuple[str, Stamp]:
+    """Key and stamp of a version id, in either stamp form."""
     key, stamp = vid.split(_SEP, 1)
     return key, Stamp.decode(stamp)
 
@@ -74,6 +82,13 @@ class VersionedMap:
         self._live: dict[str, dict[Stamp, bytes | None]] = {}
         self._touched: set[str] = set()
         self._removed: list[Version] = []
+        # Staged writes (see stage()): version ids to remove from the document
+        # and versions to insert, applied together by flush().
+        self._staged_removes: list[str] = []
+        self._staged_inserts: dict[str, bytes] = {}
+        # Ids of live versions whose text is not version_id(key, stamp): the
+        # long stamp form of older documents.
+        self._legacy_ids: dict[tuple[str, Stamp], str] = {}
         # Bytes the live versions need in a fresh document (ids plus payloads):
         # what compaction would shrink the document to.
         self.live_bytes = 0
@@ -97,6 +112,10 @@ class VersionedMap:
             return [Version(key, stamp, payload)]
         return [Version(key, s, p) for s, p in sorted(found.items(), reverse=True)]
 
+    def live(self, key: str) -> dict[Stamp, bytes | None] | None:
+        """The live versions of ``key`` by stamp, unordered; read, never change it."""
+        return self._live.get(key)
+
     def current(self, key: str) -> Version | None:
         found = self._live.get(key)
         if not found:
@@ -117,6 +136,7 @@ class VersionedMap:
         Returns the superseded versions, the current one first.
         """
         with self.doc.transaction() as txn:
+            self._flush(txn)
             return self._write(txn, key, stamp, payload)
 
     def write_many(
@@ -124,7 +144,46 @@ class VersionedMap:
     ) -> dict[str, list[Version]]:
         """Several writes in one transaction (one update, one durable record)."""
         with self.doc.transaction() as txn:
+            self._flush(txn)
             return {key: self._write(txn, key, stamp, payload) for key, stamp, payload in writes}
+
+    def stage(self, key: str, stamp: Stamp, payload: bytes | None) -> list[Version]:
+        """Like :meth:`write`, but the document changes only at :meth:`flush`.
+
+        The view (``versions``, ``current``, ...) shows the write at once. Many
+        staged writes then cost one transaction and one update between them. A
+        version staged and superseded before the flush never reaches the
+        document, as if it had been inserted and removed in one update.
+        """
+        old = self.versions(key)
+        inserts, removes = self._staged_inserts, self._staged_removes
+        for version in old:
+            vid = self._existing_id(key, version.stamp)
+            if inserts.pop(vid, None) is None:
+                removes.append(vid)
+        inserts[version_id(key, stamp)] = _TOMBSTONE if payload is None else payload
+        self._show(key, stamp, payload, old)
+        return old
+
+    @property
+    def staged(self) -> bool:
+        return bool(self._staged_inserts or self._staged_removes)
+
+    def flush(self) -> None:
+        """Apply the staged writes to the document, in one transaction."""
+        if self._staged_inserts or self._staged_removes:
+            with self.doc.transaction() as txn:
+                self._flush(txn)
+
+    def _flush(self, txn: Transaction) -> None:
+        if not (self._staged_inserts or self._staged_removes):
+            return
+        native, raw_txn = self._map.integrated, txn._txn  # see _write
+        for vid in self._staged_removes:
+            native.remove(raw_txn, vid)
+        for vid, payload in self._staged_inserts.items():
+            native.insert(raw_txn, vid, payload)
+        self._staged_removes, self._staged_inserts = [], {}
 
     def _write(
         self, txn: Transaction, key: str, stamp: Stamp, payload: bytes | None
@@ -135,8 +194,12 @@ class VersionedMap:
         # transaction, and for entries the view says exist, call the native map.
         native, raw_txn = self._map.integrated, txn._txn
         for version in old:
-            native.remove(raw_txn, version_id(key, version.stamp))
+            native.remove(raw_txn, self._existing_id(key, version.stamp))
         native.insert(raw_txn, version_id(key, stamp), _TOMBSTONE if payload is None else payload)
+        self._show(key, stamp, payload, old)
+        return old
+
+    def _show(self, key: str, stamp: Stamp, payload: bytes | None, old: list[Version]) -> None:
         # Local writes keep the view in step directly; the map observer
         # (costly: it converts every event) runs only for remote updates.
         live = self._live.get(key)
@@ -147,11 +210,11 @@ class VersionedMap:
             self.live_bytes -= _entry_size(key, version.payload)
         live[stamp] = payload
         self.live_bytes += _entry_size(key, payload)
-        return old
 
     def restore(self, versions: Iterable[Version]) -> None:
         """Add versions as they are, superseding nothing (to build a new epoch)."""
         with self.doc.transaction() as txn:
+            self._flush(txn)
             native, raw_txn = self._map.integrated, txn._txn  # see _write
             for version in versions:
                 payload = _TOMBSTONE if version.payload is None else version.payload
@@ -180,6 +243,7 @@ class VersionedMap:
         Returns the user keys it touched and the versions it removed (those the
         remote writer superseded).
         """
+        self.flush()
         self._touched, self._removed = set(), []
         subscription = self._map.observe(self._on_map_event)
         try:
@@ -199,8 +263,19 @@ class VersionedMap:
             else:
                 self._add(vid, change["newValue"])
 
+    def _existing_id(self, key: str, stamp: Stamp) -> str:
+        """The id of a live version, as the document has it (to remove it)."""
+        if self._legacy_ids:
+            found = self._legacy_ids.pop((key, stamp), None)
+            if found is not None:
+                return found
+        return version_id(key, stamp)
+
     def _add(self, vid: str, raw: bytes | bytearray) -> None:
-        key, stamp = parse_version_id(vid)
+        key, text = vid.split(_SEP, 1)
+        stamp = Stamp.decode(text)
+        if "." in text and stamp.compact() != text:
+            self._legacy_ids[(key, stamp)] = vid
         payload = bytes(raw) if raw else None
         found = self._live.setdefault(key, {})
         if stamp not in found:
@@ -210,6 +285,8 @@ class VersionedMap:
 
     def _remove(self, vid: str) -> None:
         key, stamp = parse_version_id(vid)
+        if self._legacy_ids:
+            self._legacy_ids.pop((key, stamp), None)
         found = self._live.get(key)
         if found is not None and stamp in found:
             payload = found.pop(stamp)

@@ -25,7 +25,9 @@ from typing import Any
 
 import cbor2
 
-PROTOCOL_VERSION = 1
+# 2: version ids carry compact stamps and KV payloads may be plain values
+# (sync/hlc.py, sync/kv.py); a version 1 agent could not read them.
+PROTOCOL_VERSION = 2
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 _SCOPED = {"s": str, "c": str, "e": int}

@@ -21,6 +21,35 @@ def test_encoded_stamps_sort_like_stamps(a, b):
     assert Stamp.decode(a.encode()) == a
 
 
+@given(stamps)
+def test_compact_stamps_decode_to_the_same_stamp(a):
+    text = a.compact()
+    assert Stamp.decode(text) == a
+    # 16 characters, 18 with a counter of 64 or more; the long form past 2109.
+    expected = 30 if a.wall_ms >= 64**7 else 16 if a.counter < 64 else 18
+    assert len(text) == expected
+    assert "." not in text or text == a.encode()
+
+
+@given(stamps, stamps)
+def test_compact_stamps_of_one_length_sort_like_stamps(a, b):
+    if len(a.compact()) == len(b.compact()):
+        assert (a.compact() < b.compact()) == (a < b)
+
+
+@pytest.mark.parametrize("replica", ["a", "e1", "ABCDEF012345", "-12345678901", "0123456789abc"])
+def test_other_replica_ids_keep_the_long_form(replica):
+    stamp = Stamp(1_764_230_000_000, 7, replica)
+    assert stamp.compact() == stamp.encode()
+    assert Stamp.decode(stamp.compact()) == stamp
+
+
+@pytest.mark.parametrize("text", ["", "abc", "P7R7B7y4-HC4Osa", "P7R7B7y4-HC4Osa!", "P7R7B7y4-HC4Osa+"])
+def test_malformed_stamps_are_rejected(text):
+    with pytest.raises(ValueError):
+        Stamp.decode(text)
+
+
 def test_stamps_follow_the_wall_clock():
     wall = WallClock()
     clock = HybridClock("r1", wall)

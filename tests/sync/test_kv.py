@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import cbor2
 import pytest
 import trio
 from hypothesis import given, settings
@@ -13,6 +14,7 @@ from sync_support import BASE_MS, WallClock, send, serve, sync_all, view
 
 from konsul.sync.errors import CasMissingKey
 from konsul.sync.hlc import Stamp
+from konsul.sync.kv import decode_payload, encode_payload
 from konsul.sync.replica import Replica
 
 EARLY_MS = BASE_MS + 1_000
@@ -456,3 +458,20 @@ async def test_replicas_converge_and_lose_no_acknowledged_write(ops):
             for i, key, stamp, _ in acked:
                 assert stamp in {h.stamp for h in scope(i).kv.history(key)}
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "value,flags,expires",
+    [(b"v", 0, None), (b"", 0, None), (b"\x83v", 0, None), (b"v", 7, None), (b"v", 0, 123), (b"", 2**64 - 1, 5)],
+)
+def test_payloads_round_trip_and_plain_writes_skip_cbor(value, flags, expires):
+    payload = encode_payload(value, flags, expires)
+    assert payload  # an empty payload is a tombstone
+    assert decode_payload(payload) == (value, flags, expires)
+    if not flags and expires is None:
+        assert payload == b"\x00" + value
+
+
+def test_payloads_written_before_the_plain_form_still_decode():
+    assert decode_payload(cbor2.dumps([b"old", 0, None])) == (b"old", 0, None)
+    assert decode_payload(cbor2.dumps([b"", 3, 99])) == (b"", 3, 99)

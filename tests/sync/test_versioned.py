@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from pycrdt import Doc
+from pycrdt import Doc, Map
 
 from konsul.sync.hlc import Stamp
 from konsul.sync.versioned import VersionedMap
@@ -102,3 +102,78 @@ def test_restore_into_a_fresh_document_keeps_conflicts():
     fresh.restore(b.all_versions())
     assert fresh.versions("k") == b.versions("k")
     assert fresh.live_bytes == b.live_bytes
+
+
+def long_form_doc(versions: list[tuple[str, Stamp, bytes]]) -> bytes:
+    """A document as written before compact stamps: ids with the long form."""
+    doc = Doc(client_id=7)
+    versions_map = doc.get("versions", type=Map)
+    with doc.transaction():
+        for key, stamp, payload in versions:
+            versions_map[f"{key}\x00{stamp.encode()}"] = payload
+    return doc.get_update()
+
+
+OLD = Stamp(1_764_230_000_000, 0, "0123456789ab")
+NEW = Stamp(1_764_230_000_500, 0, "ba9876543210")
+
+
+def test_new_versions_get_compact_ids():
+    versioned, _ = new_map(1)
+    versioned.write("k", NEW, b"new")
+    assert list(versioned._map.keys()) == [f"k\x00{NEW.compact()}"]
+    assert len(NEW.compact()) == 16
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_versions_with_long_form_ids_are_read_and_superseded(staged):
+    doc = Doc(client_id=1)
+    doc.apply_update(long_form_doc([("k", OLD, b"old"), ("j", OLD, b"other")]))
+    versioned = VersionedMap(doc, lambda update: None)
+    assert [(v.stamp, v.payload) for v in versioned.versions("k")] == [(OLD, b"old")]
+    if staged:
+        superseded = versioned.stage("k", NEW, b"new")
+        versioned.flush()
+    else:
+        superseded = versioned.write("k", NEW, b"new")
+    assert [v.stamp for v in superseded] == [OLD]
+    # The old version is gone from the document itself, not only from the view.
+    assert sorted(versioned._map.keys()) == sorted([f"j\x00{OLD.encode()}", f"k\x00{NEW.compact()}"])
+    reloaded = VersionedMap(Doc(), lambda update: None)
+    reloaded.apply_update(doc.get_update())
+    assert [(v.stamp, v.payload) for v in reloaded.versions("k")] == [(NEW, b"new")]
+
+
+def test_a_replica_with_long_form_ids_converges_with_one_writing_compact_ones():
+    legacy = long_form_doc([("k", OLD, b"old")])
+    first, first_log = new_map(1)
+    second, second_log = new_map(2)
+    first.apply_update(legacy)
+    second.apply_update(legacy)
+    first.write("k", NEW, b"new")
+    deliver(first_log, second)
+    assert [(v.stamp, v.payload) for v in second.versions("k")] == [(NEW, b"new")]
+    assert list(second._map.keys()) == [f"k\x00{NEW.compact()}"]
+
+
+def test_staged_writes_reach_the_document_in_one_update():
+    versioned, updates = new_map(1)
+    versioned.write("k", OLD, b"old")
+    updates.clear()
+    versioned.stage("k", NEW, b"new")
+    versioned.stage("j", NEW, b"j")
+    assert [v.payload for v in versioned.versions("k")] == [b"new"]  # visible at once
+    assert updates == []
+    versioned.flush()
+    assert len(updates) == 1
+    other, _ = new_map(2)
+    other.apply_update(versioned.doc.get_update())
+    assert sorted((v.key, v.payload) for v in other.all_versions()) == [("j", b"j"), ("k", b"new")]
+
+
+def test_a_version_staged_and_superseded_before_the_flush_never_reaches_the_document():
+    versioned, updates = new_map(1)
+    versioned.stage("k", OLD, b"first")
+    versioned.stage("k", NEW, b"second")
+    versioned.flush()
+    assert list(versioned._map.keys()) == [f"k\x00{NEW.compact()}"]
