@@ -1,0 +1,3 @@
+"""CPython stand-in for MicroPython's ``ustruct``."""
+
+from struct import calcsize, pack, pack_into, unpack, unpack_from  # noqa: F401
