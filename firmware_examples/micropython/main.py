@@ -174,6 +174,7 @@ class Device:
         self.led_pin.value(0)
         self.desired = None  # the latest desired payload, not applied yet
         self.pending = None  # the sample sent but not acknowledged yet
+        self.sent = 0  # samples acknowledged, over all sessions
 
     def topic(self, leaf):
         return ("konsul/v1/devices/%s/%s" % (self.id, leaf)).encode()
@@ -227,13 +228,13 @@ def open_session(device):
     return client
 
 
-def run_session(client, device, seqs, thermometer, sent, max_samples):
+def run_session(client, device, seqs, thermometer, max_samples):
     """Sample, send and follow desired until max_samples are acknowledged."""
     client.publish(device.topic("reported"), device.reported(), qos=1)
     keepalive_ms = setting("KEEPALIVE", 60) * 1000
     last_sample = None
     last_sent = utime.ticks_ms()
-    while max_samples is None or sent < max_samples:
+    while max_samples is None or device.sent < max_samples:
         client.check_msg()
         if device.desired is not None and device.apply_desired():
             client.publish(device.topic("reported"), device.reported(), qos=1)
@@ -251,13 +252,12 @@ def run_session(client, device, seqs, thermometer, sent, max_samples):
         if device.pending is not None:
             client.publish(device.topic("telemetry"), device.pending, qos=1)
             device.pending = None
-            sent += 1
+            device.sent += 1
             last_sent = now
         elif utime.ticks_diff(now, last_sent) >= keepalive_ms // 2:
             client.ping()
             last_sent = now
         utime.sleep_ms(POLL_MS)
-    return sent
 
 
 def close(client):
@@ -273,7 +273,6 @@ def main(max_samples=None):
     seqs = SeqCounter(setting("STATE_FILE", "konsul_seq"))
     thermometer = Thermometer()
     backoff = Backoff(setting("RECONNECT_MIN", 1), setting("RECONNECT_MAX", 60))
-    sent = 0
     while True:
         client = None
         try:
@@ -282,12 +281,12 @@ def main(max_samples=None):
             client = open_session(device)
             log("connected to", config.AGENT_HOST, "as", device.id)
             backoff.reset()
-            sent = run_session(client, device, seqs, thermometer, sent, max_samples)
+            run_session(client, device, seqs, thermometer, max_samples)
             # A clean DISCONNECT suppresses the Will: say offline ourselves.
             client.publish(device.topic("status"), b"offline", retain=True, qos=1)
             client.disconnect()
-            log("done after", sent, "samples")
-            return sent
+            log("done after", device.sent, "samples")
+            return device.sent
         # umqtt reports a broken or refused connection as OSError,
         # MQTTException (CONNACK code), IndexError (EOF inside a packet) or
         # AssertionError (an unexpected packet): all mean "start again".
