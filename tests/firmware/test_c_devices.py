@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIRMWARE, DeviceEdge, wait_until
+from device_edge import FIRMWARE, DeviceEdge, wait_until
 
 SOURCES = FIRMWARE / "c"
 BUILD_DEPS = ["build-essential", "pkg-config", "libcoap3-dev", "libmosquitto-dev"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIRMWARE, DeviceEdge, wait_until
+from device_edge import FIRMWARE, DeviceEdge, start_edge, wait_until
 
 MICROPYTHON = FIRMWARE / "micropython"
 
@@ -118,8 +118,6 @@ def test_desired_state_is_applied_and_reported_back(edge, boards):
 
 
 def test_reconnects_after_the_agent_restarts(tmp_path, boards):
-    from conftest import DeviceEdge, start_edge
-
     first = start_edge(tmp_path / "edge")
     board = boards(first, "mpy-3", interval=0.1)
     board.boot(max_samples=40)
