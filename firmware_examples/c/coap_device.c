@@ -10,8 +10,9 @@
  *      temp_c. The agent answers 2.04 only once the sample is durable; until
  *      then the sample stays pending and is sent again unchanged (same seq,
  *      which the agent deduplicates).
- *   4. The registration is refreshed, and the observation renewed, every
- *      lifetime/2: an agent that restarted has forgotten both.
+ *   4. The registration is refreshed every lifetime/2, and the observation
+ *      renewed when its last notification is older than its Max-Age: an
+ *      agent that restarted has forgotten both.
  *   5. A request that times out (libcoap's CON retransmissions exhausted)
  *      means the agent is away: start again from 1 after a backoff with jitter.
  *   6. After the wanted samples, DELETE the registration (offline) and exit.
@@ -48,6 +49,7 @@ struct device {
     bool waiting[REQ_KINDS];
     bool registered;
     double registered_at, retry_at;
+    double observe_fresh_until; /* renew the observation when its last notification went stale */
     char location[128]; /* the registration's Location-Path */
     bool report_due;
     uint8_t sample[128]; /* the pending sample, sent until acknowledged */
@@ -210,9 +212,19 @@ static void apply_desired(const coap_pdu_t *received)
         fprintf(stderr, "desired state is not a CBOR map, ignored\n");
         return;
     }
-    device_apply(&dev.state, &dev.args, interval.kind == CBOR_NUMBER, interval.number, led.kind == CBOR_BOOL,
-                 led.boolean);
-    dev.report_due = true;
+    if (device_apply(&dev.state, &dev.args, interval.kind == CBOR_NUMBER, interval.number, led.kind == CBOR_BOOL,
+                     led.boolean))
+        dev.report_due = true;
+}
+
+/* RFC 7641 3.3.1: a notification is fresh for its Max-Age (60 s if absent);
+ * after that the client asks again. This is also how the device notices an
+ * agent that restarted and forgot the observation. */
+static double max_age(const coap_pdu_t *received)
+{
+    coap_opt_iterator_t it;
+    coap_opt_t *opt = coap_check_option(received, COAP_OPTION_MAXAGE, &it);
+    return opt ? (double)coap_decode_var_bytes(coap_opt_value(opt), coap_opt_length(opt)) : 60.0;
 }
 
 static void keep_location(const coap_pdu_t *received)
@@ -263,8 +275,10 @@ static coap_response_t on_response(coap_session_t *session, const coap_pdu_t *se
         }
         break;
     case REQ_OBSERVE:
-        if (ok)
+        if (ok) {
             apply_desired(received);
+            dev.observe_fresh_until = monotonic_s() + max_age(received) + 5;
+        }
         break;
     case REQ_TELEMETRY:
         if (ok) {
@@ -326,6 +340,10 @@ static void step(double now)
     }
     if (now - dev.registered_at >= dev.args.lifetime / 2.0 && !dev.waiting[REQ_REGISTER])
         send_register(); /* refresh; its answer renews the observation */
+    if (now >= dev.observe_fresh_until && !dev.waiting[REQ_OBSERVE] && !dev.waiting[REQ_REGISTER]) {
+        dev.observe_fresh_until = now + 60; /* until its answer sets it */
+        send_observe();
+    }
     if (dev.report_due && !dev.waiting[REQ_REPORTED])
         send_reported();
     if (dev.sample_len == 0 && now - dev.last_sample >= dev.state.interval) {

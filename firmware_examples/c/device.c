@@ -101,9 +101,10 @@ uint64_t seq_next(struct seq_counter *seq)
     return seq->epoch << SEQ_BITS | seq->count++;
 }
 
-void device_apply(struct device_state *state, const struct device_args *args,
+bool device_apply(struct device_state *state, const struct device_args *args,
                   bool has_interval, double interval, bool has_led, bool led)
 {
+    struct device_state before = *state;
     if (has_interval && interval >= MIN_INTERVAL)
         state->interval = interval;
     if (has_led) {
@@ -118,8 +119,11 @@ void device_apply(struct device_state *state, const struct device_args *args,
             }
         }
     }
+    if (before.interval == state->interval && before.led == state->led)
+        return false;
     printf("desired applied: interval %g led %s\n", state->interval, state->led ? "on" : "off");
     fflush(stdout);
+    return true;
 }
 
 double read_temperature_c(void)

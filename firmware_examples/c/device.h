@@ -41,8 +41,8 @@ struct device_state {
     double interval;
     bool led;
 };
-/* Applies the given fields (has_* false: leave as is); logs what changed. */
-void device_apply(struct device_state *state, const struct device_args *args,
+/* Applies the given fields (has_* false: leave as is); true if the state changed. */
+bool device_apply(struct device_state *state, const struct device_args *args,
                   bool has_interval, double interval, bool has_led, bool led);
 
 double read_temperature_c(void);

@@ -93,9 +93,9 @@ static void on_message(struct mosquitto *mosq, void *obj, const struct mosquitto
         fprintf(stderr, "desired state is not a JSON object, ignored\n");
         return;
     }
-    device_apply(&d->state, &d->args, interval.kind == JSON_NUMBER, interval.number,
-                 led.kind == JSON_BOOL, led.boolean);
-    d->report_due = true;
+    if (device_apply(&d->state, &d->args, interval.kind == JSON_NUMBER, interval.number,
+                     led.kind == JSON_BOOL, led.boolean))
+        d->report_due = true;
 }
 
 static void on_publish(struct mosquitto *mosq, void *obj, int mid)
