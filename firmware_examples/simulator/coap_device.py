@@ -1,7 +1,5 @@
-"""A simulated device over CoAP, on asyncio (aiocoap), hosted by the fleet's trio-asyncio loop.
+"""A simulated device over CoAP, on asyncio (aiocoap), on the fleet's CoAP thread (``coap_host``).
 
-Each device is one asyncio coroutine, entered from trio once per device
-(``aio_as_trio``), so no call crosses the trio/asyncio boundary per message.
 Each connection of a device has its own aiocoap client context, so its own
 UDP port: aiocoap allows one confirmable exchange at a time per remote
 endpoint (NSTART = 1), and a fleet sharing one socket would send one
@@ -21,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from typing import Any
 
 import cbor2
@@ -29,11 +26,29 @@ from aiocoap import Context, Message
 from aiocoap import error as coap_error
 from aiocoap.numbers.codes import Code
 
-from .device import FleetCounters, SimDevice
+from .device import Counts, SimDevice
 
 CBOR = 60
 LIFETIME = 300  # seconds of registration lifetime; refreshed at 3/4 of it
-REQUEST_TIMEOUT = 30.0
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def _completed(future: asyncio.Future) -> Any:
+    """Await an aiocoap response future without cancelling it when the wait is cancelled.
+
+    aiocoap completes its futures itself, and logs an InvalidStateError for one
+    cancelled under it; ``Context.shutdown()`` ends what is still pending, and
+    the result is then retrieved here so that asyncio does not log it either.
+    """
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(_retrieve)
+        raise
 
 
 class CoapRefused(Exception):
@@ -43,7 +58,7 @@ class CoapRefused(Exception):
 class CoapSession:
     """One connection (registration) of one device; ends by raising, or returning after a random drop."""
 
-    def __init__(self, device: SimDevice, context: Context, base_uri: str, counters: FleetCounters) -> None:
+    def __init__(self, device: SimDevice, context: Context, base_uri: str, counters: Counts) -> None:
         self.device = device
         self.context = context
         self.base_uri = base_uri
@@ -53,15 +68,25 @@ class CoapSession:
             credentials.append(f"tk={device.token}")
         self.credentials = tuple(credentials)
         self.location: tuple[str, ...] = ()
+        self.remote: Any = None  # the agent's aiocoap remote, once known
         self.interval_changed = asyncio.Event()
 
-    async def request(self, code: Code, path: tuple[str, ...], payload: bytes = b"", query: tuple[str, ...] = ()) -> Message:
-        message = Message(
-            code=code, uri=self.base_uri, uri_path=path, uri_query=self.credentials + query, payload=payload
-        )
+    def message(self, code: Code, path: tuple[str, ...], payload: bytes = b"", query: tuple[str, ...] = (), **options: Any) -> Message:
+        if self.remote is None:
+            message = Message(code=code, uri=self.base_uri, payload=payload, **options)
+        else:
+            # The agent's address as resolved for the first request: a Uri
+            # makes aiocoap resolve it again, in a thread, for every request.
+            message = Message(code=code, payload=payload, **options)
+            message.remote = self.remote
+        message.opt.uri_path = path
+        message.opt.uri_query = self.credentials + query
         if payload:
             message.opt.content_format = CBOR
-        response = await asyncio.wait_for(self.context.request(message).response, REQUEST_TIMEOUT)
+        return message
+
+    async def request(self, code: Code, path: tuple[str, ...], payload: bytes = b"", query: tuple[str, ...] = ()) -> Message:
+        response = await _completed(self.context.request(self.message(code, path, payload, query)).response)
         if not response.code.is_successful():
             detail = response.payload.decode("utf-8", "replace")[:200]
             raise CoapRefused(f"{code.name} /{'/'.join(path)}: {response.code} {detail}")
@@ -73,18 +98,16 @@ class CoapSession:
     async def register(self) -> None:
         response = await self.request(Code.POST, ("rd",), query=(f"lt={LIFETIME}",))
         self.location = tuple(response.opt.location_path)
+        self.remote = response.remote
 
     async def report(self, state: dict[str, Any]) -> None:
         await self.request(Code.POST, self.device_path("reported"), cbor2.dumps(state))
         self.counters.reported_sent += 1
 
     async def follow_desired(self) -> None:
-        message = Message(
-            code=Code.GET, uri=self.base_uri, uri_path=self.device_path("desired"), uri_query=self.credentials, observe=0
-        )
-        observed = self.context.request(message)
+        observed = self.context.request(self.message(Code.GET, self.device_path("desired"), observe=0))
         try:
-            await self.on_desired(await asyncio.wait_for(observed.response, REQUEST_TIMEOUT))
+            await self.on_desired(await _completed(observed.response))
             async for notification in observed.observation:
                 await self.on_desired(notification)
         finally:
@@ -120,7 +143,8 @@ class CoapSession:
         for seq, payload in list(device.unacked.items()):
             counters.samples_resent += 1
             await self.send_sample(seq, payload)
-        now = time.monotonic()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         next_sample = now + device.rng.uniform(0, device.interval)
         refresh_at = now + LIFETIME * 0.75
         drop_at = now + device.disconnect_after()
@@ -128,10 +152,11 @@ class CoapSession:
             wake = min(next_sample, refresh_at, drop_at)
             if not math.isinf(wake):
                 try:
-                    await asyncio.wait_for(self.interval_changed.wait(), max(0.0, wake - time.monotonic()))
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout_at(wake):
+                        await self.interval_changed.wait()
+                except TimeoutError:
                     pass
-            now = time.monotonic()
+            now = loop.time()
             if self.interval_changed.is_set():
                 self.interval_changed.clear()
                 next_sample = min(next_sample, now + device.interval)
@@ -170,7 +195,7 @@ LOST_CONNECTION = (OSError, asyncio.TimeoutError, coap_error.Error, CoapRefused)
 
 
 async def run_coap_device(
-    device: SimDevice, base_uri: str, counters: FleetCounters, connecting: asyncio.Semaphore
+    device: SimDevice, base_uri: str, counters: Counts, connecting: asyncio.Semaphore
 ) -> None:
     """Keep ``device`` registered over CoAP until cancelled, re-registering with backoff."""
     first = True
@@ -186,11 +211,11 @@ async def run_coap_device(
                 await session.register()
             device.connected()
             counters.connects += 1
-            counters.connected_coap += 1
+            counters.connected += 1
             try:
                 await session.run()
             finally:
-                counters.connected_coap -= 1
+                counters.connected -= 1
         except LOST_CONNECTION as exc:
             counters.failed(device.device_id, f"coap: {exc or type(exc).__name__}")
         finally:

@@ -45,7 +45,10 @@ async def run_for(config: FleetConfig, duration: float, report_every: float) -> 
 
 def main(config: FleetConfig, duration: float, report_every: float) -> int:
     """Run ``konsul sim``; prints the final summary. Exit status 0 unless start-up failed."""
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per provisioned device otherwise
+    # One line per provisioned device, per CoAP retransmission otherwise; the
+    # summary lines count what matters.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("coap").setLevel(logging.WARNING)
     try:
         counters = trio.run(run_for, config, duration, report_every)
     except ValueError as error:

@@ -35,16 +35,14 @@ def seq_base(now: float | None = None) -> int:
 
 
 @dataclass
-class FleetCounters:
-    """What the whole fleet has done so far; read it any time (single-threaded)."""
+class Counts:
+    """What one protocol's devices have done; written by one thread only (see FleetCounters)."""
 
-    devices: int = 0
-    connected_mqtt: int = 0
-    connected_coap: int = 0
+    connected: int = 0
     samples_sent: int = 0
     samples_acked: int = 0
-    samples_resent: int = 0  # sent again after a reconnect, not yet acknowledged before
-    samples_throttled: int = 0  # not taken: too many samples awaiting their ack
+    samples_resent: int = 0  # sent again after a reconnect, not acknowledged before
+    samples_throttled: int = 0  # not taken: too many samples awaiting their acknowledgement
     desired_applied: int = 0
     reported_sent: int = 0
     connects: int = 0
@@ -53,18 +51,41 @@ class FleetCounters:
     failures: int = 0  # connections lost or refused, requests that failed
     last_failure: str = ""
 
-    @property
-    def connected(self) -> int:
-        return self.connected_mqtt + self.connected_coap
-
     def failed(self, device_id: str, what: str) -> None:
         self.failures += 1
         self.last_failure = f"{device_id}: {what}"
 
+
+_TOTALLED = [name for name in Counts.__dataclass_fields__ if name != "last_failure"]
+
+
+class FleetCounters:
+    """What the whole fleet has done so far: per protocol, and totals as attributes.
+
+    MQTT devices run on trio and CoAP devices on an asyncio thread, so each
+    side counts into its own :class:`Counts` (``+=`` from two threads could
+    lose increments); ``counters.samples_acked`` and the other totals add the
+    two up when read.
+    """
+
+    def __init__(self) -> None:
+        self.devices = 0
+        self.mqtt = Counts()
+        self.coap = Counts()
+
+    def __getattr__(self, name: str) -> int:
+        if name in _TOTALLED:
+            return getattr(self.mqtt, name) + getattr(self.coap, name)
+        raise AttributeError(name)
+
+    @property
+    def last_failure(self) -> str:
+        return self.coap.last_failure or self.mqtt.last_failure
+
     def summary(self) -> str:
         """The one-line report the simulator prints periodically."""
         line = (
-            f"sim: {self.connected}/{self.devices} connected (mqtt {self.connected_mqtt}, coap {self.connected_coap}), "
+            f"sim: {self.connected}/{self.devices} connected (mqtt {self.mqtt.connected}, coap {self.coap.connected}), "
             f"samples {self.samples_sent} sent / {self.samples_acked} acked, "
             f"desired {self.desired_applied} applied, reconnects {self.reconnects} "
             f"({self.random_disconnects} random), failures {self.failures}"

@@ -2,9 +2,9 @@
 
 :func:`run_fleet` is the library entry point (``konsul sim``, ``konsul dev``
 and the benchmarks use it): it starts the devices in its own nursery and
-hands back the :class:`FleetCounters` they update. MQTT devices run on trio
-directly; CoAP devices run on asyncio (aiocoap) inside one trio-asyncio
-loop that the fleet opens only when it has CoAP devices.
+hands back the :class:`FleetCounters` they update. MQTT devices run on trio;
+CoAP devices (aiocoap) on an asyncio loop in one thread, started only when
+the fleet has CoAP devices (``coap_host`` says why).
 
 With tokens (the default), each device is created first with
 ``PUT /v1/devices/<id>`` on the agent's HTTP API, which returns its token
@@ -16,18 +16,19 @@ token is known, so a large fleet comes up while the rest is provisioned.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from .device import FleetCounters, SimDevice, seq_base
 
+if TYPE_CHECKING:
+    from .coap_host import CoapThread
+
 PROTOCOLS = ("mqtt", "coap", "mixed")
 PROVISIONING_CONCURRENCY = 8
-CONNECTING_CONCURRENCY = 32  # handshakes at once: a 1,000-device start is not a SYN flood
+CONNECTING_CONCURRENCY = 32  # MQTT handshakes at once: a 1,000-device start is not a SYN flood
 
 
 @dataclass(frozen=True)
@@ -118,13 +119,14 @@ async def run_fleet(
     counters.devices = len(chosen)
     seed = config.seed if config.seed is not None else random.randrange(1 << 32)
     base = seq_base()
-    has_coap = any(protocol == "coap" for _, protocol in chosen)
     has_mqtt = any(protocol == "mqtt" for _, protocol in chosen)
+    has_coap = any(protocol == "coap" for _, protocol in chosen)
     mqtt_host, mqtt_port = split_addr(config.mqtt_addr) if has_mqtt else ("", 0)
+    coap_uri = coap_base_uri(config.coap_addr) if has_coap else ""
     provisioner = None if config.anonymous or not chosen else Provisioner(config.http_addr)
     connecting = trio.CapacityLimiter(CONNECTING_CONCURRENCY)
 
-    async def start_device(device_id: str, protocol: str, coap: CoapHost | None) -> None:
+    async def start_device(device_id: str, protocol: str, coap: CoapThread | None) -> None:
         token = None if provisioner is None else await provisioner.token(device_id)
         device = SimDevice(
             device_id=device_id,
@@ -136,13 +138,18 @@ async def run_fleet(
             seq=base,
         )
         if protocol == "mqtt":
-            await run_mqtt_device(device, mqtt_host, mqtt_port, counters, connecting)
+            await run_mqtt_device(device, mqtt_host, mqtt_port, counters.mqtt, connecting)
         else:
             assert coap is not None
-            await coap.run(device, counters)
+            coap.start_device(device)  # from here on the device lives on the CoAP thread
 
     try:
-        async with _coap_host(config.coap_addr if has_coap else None) as coap, trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
+            coap = None
+            if has_coap:
+                from .coap_host import CoapThread
+
+                coap = await nursery.start(CoapThread(coap_uri, counters.coap).run)
             for device_id, protocol in chosen:
                 nursery.start_soon(start_device, device_id, protocol, coap)
             task_status.started(counters)
@@ -152,36 +159,9 @@ async def run_fleet(
                 await provisioner.aclose()
 
 
-class CoapHost:
-    """The asyncio side of the fleet's CoAP devices, inside a trio-asyncio loop."""
-
-    def __init__(self, coap_addr: str) -> None:
-        host, port = split_addr(coap_addr)
-        self.base_uri = f"coap://{host if ':' not in host else f'[{host}]'}:{port}"
-        self.connecting: Any = None  # an asyncio.Semaphore, made on first use (asyncio is imported lazily)
-
-    async def run(self, device: SimDevice, counters: FleetCounters) -> None:
-        import asyncio
-
-        import trio_asyncio
-
-        from .coap_device import run_coap_device
-
-        if self.connecting is None:
-            self.connecting = asyncio.Semaphore(CONNECTING_CONCURRENCY)
-        await trio_asyncio.aio_as_trio(run_coap_device)(device, self.base_uri, counters, self.connecting)
-
-
-@asynccontextmanager
-async def _coap_host(coap_addr: str | None) -> AsyncIterator[CoapHost | None]:
-    """A :class:`CoapHost` in a trio-asyncio loop, opened only when some device speaks CoAP."""
-    if coap_addr is None:
-        yield None
-        return
-    import trio_asyncio
-
-    async with trio_asyncio.open_loop():
-        yield CoapHost(coap_addr)
+def coap_base_uri(coap_addr: str) -> str:
+    host, port = split_addr(coap_addr)
+    return f"coap://{host if ':' not in host else f'[{host}]'}:{port}"
 
 
 async def report_periodically(counters: FleetCounters, every: float, emit=print) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import trio
 
 from . import mqtt_codec as codec
-from .device import FleetCounters, SimDevice
+from .device import Counts, SimDevice
 
 KEEPALIVE = 60  # seconds
 CONNECT_TIMEOUT = 10.0
@@ -45,7 +45,7 @@ def _json(document: dict[str, Any]) -> bytes:
 class MqttSession:
     """One connection of one device; ends by raising, or by returning after a random drop."""
 
-    def __init__(self, device: SimDevice, stream: trio.SocketStream, counters: FleetCounters) -> None:
+    def __init__(self, device: SimDevice, stream: trio.SocketStream, counters: Counts) -> None:
         self.device = device
         self.stream = stream
         self.counters = counters
@@ -195,7 +195,7 @@ class MqttSession:
 
 
 async def run_mqtt_device(
-    device: SimDevice, host: str, port: int, counters: FleetCounters, connecting: trio.CapacityLimiter
+    device: SimDevice, host: str, port: int, counters: Counts, connecting: trio.CapacityLimiter
 ) -> None:
     """Keep ``device`` connected over MQTT until cancelled, reconnecting with backoff."""
     first = True
@@ -212,7 +212,7 @@ async def run_mqtt_device(
                     await session.handshake()
                 device.connected()
                 counters.connects += 1
-                counters.connected_mqtt += 1
+                counters.connected += 1
                 try:
                     await session.start()
                     async with trio.open_nursery() as nursery:
@@ -220,7 +220,7 @@ async def run_mqtt_device(
                         await session.drive()
                         nursery.cancel_scope.cancel()
                 finally:
-                    counters.connected_mqtt -= 1
+                    counters.connected -= 1
         except* LOST_CONNECTION as group:
             exc = _first_leaf(group)
             counters.failed(device.device_id, f"mqtt: {exc or type(exc).__name__}")
