@@ -105,14 +105,13 @@ class CoapSession:
         self.counters.reported_sent += 1
 
     async def follow_desired(self) -> None:
+        # Not cancelled on the way out: the context's shutdown right after ends
+        # it, and aiocoap 0.4 raises (in a task nobody awaits) when it has to
+        # fail an observation that was cancelled first.
         observed = self.context.request(self.message(Code.GET, self.device_path("desired"), observe=0))
-        try:
-            await self.on_desired(await _completed(observed.response))
-            async for notification in observed.observation:
-                await self.on_desired(notification)
-        finally:
-            if not observed.observation.cancelled:
-                observed.observation.cancel()
+        await self.on_desired(await _completed(observed.response))
+        async for notification in observed.observation:
+            await self.on_desired(notification)
         raise CoapRefused("the agent ended the observation of desired state")
 
     async def on_desired(self, response: Message) -> None:
@@ -217,7 +216,7 @@ async def run_coap_device(
             finally:
                 counters.connected -= 1
         except LOST_CONNECTION as exc:
-            counters.failed(device.device_id, f"coap: {exc or type(exc).__name__}")
+            counters.failed(device.device_id, f"coap: {str(exc) or type(exc).__name__}")
         finally:
             if context is not None:
                 await context.shutdown()

@@ -223,5 +223,5 @@ async def run_mqtt_device(
                     counters.connected -= 1
         except* LOST_CONNECTION as group:
             exc = _first_leaf(group)
-            counters.failed(device.device_id, f"mqtt: {exc or type(exc).__name__}")
+            counters.failed(device.device_id, f"mqtt: {str(exc) or type(exc).__name__}")
         await trio.sleep(device.backoff())
