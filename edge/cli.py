@@ -200,11 +200,38 @@ def cmd_dev(args: argparse.Namespace) -> int:
                     allow_anonymous=True,
                 ),
             )
+            if args.sim_devices > 0:
+                await nursery.start(run_dev_fleet, edge, args.sim_devices)
             task_status.started((hub, edge))
+
+    async def run_dev_fleet(edge, devices: int, *, task_status) -> None:
+        from konsul.simulator import FleetConfig, run_fleet
+
+        protocols = [name for name, addr in (("mqtt", edge.mqtt_addr), ("coap", edge.coap_addr)) if addr]
+        if not protocols:
+            task_status.started()
+            return
+        config = FleetConfig(
+            devices=devices,
+            protocol="mixed" if len(protocols) == 2 else protocols[0],
+            http_addr=edge.http_url.split("://", 1)[1],
+            mqtt_addr=edge.mqtt_addr or "",
+            coap_addr=edge.coap_addr or "",
+            rate=0.2,  # a sample every 5 s: alive, not noisy
+            anonymous=True,
+            prefix="dev-sim-",
+            seed=1,
+        )
+        await run_fleet(config, task_status=task_status)
 
     def announce(infos) -> None:
         hub, edge = infos
         address = edge.http_url.split("://", 1)[1]
+        sim_line = (
+            f"{args.sim_devices} (dev-sim-0000...), MQTT and CoAP, a sample every 5 s: curl {edge.http_url}/v1/devices"
+            if args.sim_devices > 0
+            else "none (--sim-devices)"
+        )
         print(
             f"""
 Konsul dev is running (data in {data_dir}):
@@ -212,6 +239,7 @@ Konsul dev is running (data in {data_dir}):
   hub                {hub.http_url}   every site (?dc=dev) and the fleet-wide scope (?dc=global)
   MQTT for devices   {edge.mqtt_addr or "off"}   anonymous devices allowed in dev
   CoAP for devices   {edge.coap_addr or "off"} (UDP)
+  simulated devices  {sim_line}
 
 Try it:
   curl -X PUT --data 'hello' {edge.http_url}/v1/kv/greeting
