@@ -10,7 +10,7 @@ import sys
 import trio
 
 from .device import FleetCounters
-from .fleet import FleetConfig, report_periodically, run_fleet
+from .fleet import FleetConfig, ProvisioningError, report_periodically, run_fleet
 
 
 def _emit(line: str) -> None:
@@ -43,6 +43,18 @@ async def run_for(config: FleetConfig, duration: float, report_every: float) -> 
     return counters
 
 
+def _user_error(error: BaseException) -> BaseException | None:
+    """The first error inside a (possibly nested) exception group that the user can act on."""
+    if isinstance(error, (ProvisioningError, ValueError)):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _user_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
 def main(config: FleetConfig, duration: float, report_every: float) -> int:
     """Run ``konsul sim``; prints the final summary. Exit status 0 unless start-up failed."""
     # One line per provisioned device, per CoAP retransmission otherwise; the
@@ -51,8 +63,11 @@ def main(config: FleetConfig, duration: float, report_every: float) -> int:
     logging.getLogger("coap").setLevel(logging.WARNING)
     try:
         counters = trio.run(run_for, config, duration, report_every)
-    except ValueError as error:
-        print(f"konsul sim: {error}", file=sys.stderr)
+    except BaseException as error:  # noqa: BLE001 - reported below or re-raised
+        reason = _user_error(error)
+        if reason is None:
+            raise
+        print(f"konsul sim: {reason}", file=sys.stderr)
         return 2
     _emit(counters.summary().replace("sim:", "sim: final:", 1))
     return 0

@@ -73,6 +73,10 @@ def split_addr(addr: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class ProvisioningError(Exception):
+    """The agent's HTTP API did not give a device its token; says what to check."""
+
+
 class Provisioner:
     """Creates devices on the agent's HTTP API and collects their tokens."""
 
@@ -84,17 +88,25 @@ class Provisioner:
 
     async def token(self, device_id: str) -> str:
         """A token for ``device_id``: created with it, or rotated if the device exists."""
+        import httpx
+
         body = {"Type": "sim", "Tags": ["sim"]}
-        async with self.limiter:
-            response = await self.client.put(f"/v1/devices/{device_id}", json=body)
-            response.raise_for_status()
-            token = response.json().get("Token")
-            if token is None:
-                response = await self.client.put(f"/v1/devices/{device_id}?rotate-token", json=body)
+        try:
+            async with self.limiter:
+                response = await self.client.put(f"/v1/devices/{device_id}", json=body)
                 response.raise_for_status()
                 token = response.json().get("Token")
+                if token is None:
+                    response = await self.client.put(f"/v1/devices/{device_id}?rotate-token", json=body)
+                    response.raise_for_status()
+                    token = response.json().get("Token")
+        except httpx.HTTPError as exc:
+            raise ProvisioningError(
+                f"cannot create device {device_id!r} at {self.client.base_url}: {exc} "
+                "(is the edge running there? --http-addr; or run it with --allow-anonymous and use --anonymous)"
+            ) from None
         if not token:
-            raise RuntimeError(f"the agent issued no token for {device_id!r} (PUT /v1/devices/{device_id}?rotate-token)")
+            raise ProvisioningError(f"the agent issued no token for {device_id!r} (PUT /v1/devices/{device_id}?rotate-token)")
         return token
 
     async def aclose(self) -> None:
