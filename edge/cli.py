@@ -98,10 +98,65 @@ def build_parser() -> argparse.ArgumentParser:
         "dev", help="run a hub and an edge on localhost with embedded defaults", description="Try Konsul in one command."
     )
     add_flag(dev, "--data-dir", "where the dev agents keep their state", str(Path.home() / ".konsul" / "dev"))
+    add_flag(dev, "--sim-devices", "simulated devices to start (mixed MQTT and CoAP); 0 starts none", "5", type=int)
     dev.set_defaults(run=cmd_dev)
+
+    add_sim_command(commands)
 
     client_commands.add_commands(commands, add_flag)
     return parser
+
+
+def add_sim_command(commands) -> None:
+    sim = commands.add_parser(
+        "sim",
+        help="simulate a fleet of devices against a running edge",
+        description="Drive simulated devices over MQTT and CoAP against a running `konsul edge`: each sends "
+        "telemetry, follows its desired state (the `interval` field sets seconds between samples), reports "
+        "its state and disconnects at random. Prints a summary line periodically.",
+    )
+    add_flag(sim, "--devices", "how many devices", "10", type=int)
+    add_flag(sim, "--protocol", "mqtt, coap, or mixed (alternating)", "mixed", choices=["mqtt", "coap", "mixed"])
+    add_flag(sim, "--http-addr", "the edge's HTTP API, to create devices and get their tokens", DEFAULT_HTTP_ADDR)
+    add_flag(sim, "--mqtt-addr", "the edge's MQTT address", DEFAULT_MQTT_ADDR)
+    add_flag(sim, "--coap-addr", "the edge's CoAP address", DEFAULT_COAP_ADDR)
+    add_flag(sim, "--rate", "telemetry samples per second per device (desired `interval` overrides it)", "1", type=float)
+    add_flag(sim, "--disconnect-rate", "mean random disconnects per device per minute; 0 for none", "0", type=float)
+    add_flag(sim, "--duration", "seconds to run; 0 runs until Ctrl-C or SIGTERM", "0", type=float)
+    add_flag(sim, "--prefix", "device ids are this prefix and a number", "sim-")
+    add_flag(sim, "--seed", "random seed, for a reproducible fleet; empty picks one", "")
+    add_flag(sim, "--report-every", "seconds between summary lines; 0 for none", "5", type=float)
+    sim.add_argument(
+        "--anonymous",
+        action="store_true",
+        default=env_bool("--anonymous"),
+        help="connect without tokens, for an edge run with --allow-anonymous; devices register on first "
+        "contact (env KONSUL_ANONYMOUS)",
+    )
+    sim.set_defaults(run=cmd_sim)
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from konsul.simulator import command
+    from konsul.simulator.fleet import FleetConfig
+
+    try:
+        config = FleetConfig(
+            devices=args.devices,
+            protocol=args.protocol,
+            http_addr=args.http_addr,
+            mqtt_addr=args.mqtt_addr,
+            coap_addr=args.coap_addr,
+            rate=args.rate,
+            disconnect_rate=args.disconnect_rate,
+            anonymous=args.anonymous,
+            prefix=args.prefix,
+            seed=int(args.seed) if args.seed else None,
+        )
+    except ValueError as error:
+        print(f"konsul sim: {error}", file=sys.stderr)
+        return 2
+    return command.main(config, args.duration or float("inf"), args.report_every)
 
 
 def cmd_edge(args: argparse.Namespace) -> int:
@@ -167,11 +222,38 @@ def cmd_dev(args: argparse.Namespace) -> int:
                     allow_anonymous=True,
                 ),
             )
+            if args.sim_devices > 0:
+                await nursery.start(run_dev_fleet, edge, args.sim_devices)
             task_status.started((hub, edge))
+
+    async def run_dev_fleet(edge, devices: int, *, task_status) -> None:
+        from konsul.simulator import FleetConfig, run_fleet
+
+        protocols = [name for name, addr in (("mqtt", edge.mqtt_addr), ("coap", edge.coap_addr)) if addr]
+        if not protocols:
+            task_status.started()
+            return
+        config = FleetConfig(
+            devices=devices,
+            protocol="mixed" if len(protocols) == 2 else protocols[0],
+            http_addr=edge.http_url.split("://", 1)[1],
+            mqtt_addr=edge.mqtt_addr or "",
+            coap_addr=edge.coap_addr or "",
+            rate=0.2,  # a sample every 5 s: alive, not noisy
+            anonymous=True,
+            prefix="dev-sim-",
+            seed=1,
+        )
+        await run_fleet(config, task_status=task_status)
 
     def announce(infos) -> None:
         hub, edge = infos
         address = edge.http_url.split("://", 1)[1]
+        sim_line = (
+            f"{args.sim_devices} (dev-sim-0000...), MQTT and CoAP, a sample every 5 s: curl {edge.http_url}/v1/devices"
+            if args.sim_devices > 0
+            else "none (--sim-devices)"
+        )
         print(
             f"""
 Konsul dev is running (data in {data_dir}):
@@ -179,6 +261,7 @@ Konsul dev is running (data in {data_dir}):
   hub                {hub.http_url}   every site (?dc=dev) and the fleet-wide scope (?dc=global)
   MQTT for devices   {edge.mqtt_addr or "off"}   anonymous devices allowed in dev
   CoAP for devices   {edge.coap_addr or "off"} (UDP)
+  simulated devices  {sim_line}
 
 Try it:
   curl -X PUT --data 'hello' {edge.http_url}/v1/kv/greeting

@@ -1,0 +1,227 @@
+"""A simulated device over MQTT 3.1.1, on trio: one TCP connection and two tasks per device.
+
+Per connection the device sends CONNECT (client id = device id, user name =
+device id and password = token unless anonymous, Last Will ``offline``
+retained on its status topic), subscribes to its desired topic, reports its
+state, resends the samples the agent has not acknowledged yet, and then runs
+two tasks: a reader (acknowledgements, desired state, ping responses) and a
+driver that sends samples at the device's interval, pings when idle and
+drops the connection at random. A random drop is either a clean DISCONNECT
+(no Will) or a bare close, after which the agent publishes the Will.
+
+Samples go at QoS 1; a PUBACK means the agent has stored the sample. At
+most ``MAX_UNACKED`` samples wait for their PUBACK; while that many wait, a
+device takes no new samples (counted as throttled), as a device with a
+small buffer would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import trio
+
+from . import mqtt_codec as codec
+from .device import Counts, SimDevice
+
+KEEPALIVE = 60  # seconds
+CONNECT_TIMEOUT = 10.0
+MAX_UNACKED = 32
+LOST_CONNECTION = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, codec.MqttError)
+
+
+def _first_leaf(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
+
+
+def _json(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+class MqttSession:
+    """One connection of one device; ends by raising, or by returning after a random drop."""
+
+    def __init__(self, device: SimDevice, stream: trio.SocketStream, counters: Counts) -> None:
+        self.device = device
+        self.stream = stream
+        self.counters = counters
+        self.reader = codec.PacketReader()
+        self.send_lock = trio.Lock()
+        self.topic = f"konsul/v1/devices/{device.device_id}/"
+        self.inflight: dict[int, int | None] = {}  # packet id -> sample seq (None: not a sample)
+        self.next_packet_id = 0
+        self.last_sent = trio.current_time()
+        self.last_received = self.last_sent
+        self.interval_changed = trio.Event()
+
+    # -- wire --------------------------------------------------------------------------
+
+    async def send(self, data: bytes) -> None:
+        async with self.send_lock:
+            await self.stream.send_all(data)
+        self.last_sent = trio.current_time()
+
+    async def receive(self) -> list[codec.Packet]:
+        data = await self.stream.receive_some(65536)
+        if not data:
+            raise codec.MqttError("the agent closed the connection")
+        self.last_received = trio.current_time()
+        return self.reader.feed(data)
+
+    def packet_id(self, seq: int | None) -> int:
+        while True:
+            self.next_packet_id = self.next_packet_id % 65535 + 1
+            if self.next_packet_id not in self.inflight:
+                self.inflight[self.next_packet_id] = seq
+                return self.next_packet_id
+
+    async def publish(self, leaf: str, payload: bytes, seq: int | None = None) -> None:
+        await self.send(codec.encode_publish(self.topic + leaf, payload, qos=1, packet_id=self.packet_id(seq)))
+
+    # -- phases ------------------------------------------------------------------------
+
+    async def handshake(self) -> None:
+        device = self.device
+        anonymous = device.token is None
+        await self.send(
+            codec.encode_connect(
+                device.device_id,
+                keepalive=KEEPALIVE,
+                username=None if anonymous else device.device_id,
+                password=device.token,
+                will=(self.topic + "status", b"offline", 1, True),
+            )
+        )
+        with trio.fail_after(CONNECT_TIMEOUT):
+            while True:
+                for packet in await self.receive():
+                    if packet.type != codec.CONNACK:
+                        raise codec.MqttError(f"expected CONNACK, got packet type {packet.type}")
+                    code = codec.decode_connack(packet)
+                    if code:
+                        raise codec.MqttError(f"the agent refused the connection (CONNACK {code})")
+                    return
+
+    async def start(self) -> None:
+        """After CONNACK: subscribe, report, resend what the agent has not acknowledged."""
+        self.next_packet_id += 1
+        self.inflight[self.next_packet_id] = None
+        await self.send(codec.encode_subscribe(self.next_packet_id, self.topic + "desired", 1))
+        await self.publish("reported", _json(self.device.initial_report()))
+        self.counters.reported_sent += 1
+        for seq, payload in list(self.device.unacked.items()):
+            await self.publish("telemetry", payload, seq)
+            self.counters.samples_resent += 1
+
+    async def read_loop(self) -> None:
+        while True:
+            for packet in await self.receive():
+                if packet.type == codec.PUBACK:
+                    self.acknowledged(codec.decode_packet_id(packet))
+                elif packet.type == codec.PUBLISH:
+                    await self.on_publish(codec.decode_publish(packet))
+                elif packet.type == codec.SUBACK:
+                    self.inflight.pop(codec.decode_packet_id(packet), None)
+                    if packet.body[2:] == b"\x80":
+                        raise codec.MqttError("the agent refused the subscription to desired state")
+                elif packet.type != codec.PINGRESP:
+                    raise codec.MqttError(f"unexpected packet type {packet.type} from the agent")
+
+    def acknowledged(self, packet_id: int) -> None:
+        seq = self.inflight.pop(packet_id, None)
+        if seq is not None and self.device.unacked.pop(seq, None) is not None:
+            self.counters.samples_acked += 1
+
+    async def on_publish(self, message: codec.InboundPublish) -> None:
+        if message.packet_id is not None:
+            await self.send(codec.encode_puback(message.packet_id))
+        if message.topic != self.topic + "desired" or not message.payload:
+            return
+        try:
+            desired = json.loads(message.payload)
+        except ValueError:
+            self.counters.failed(self.device.device_id, "desired state is not JSON")
+            return
+        before = self.device.interval
+        reported = self.device.apply_desired(desired)
+        if reported is None:
+            return
+        self.counters.desired_applied += 1
+        if self.device.interval != before:
+            self.interval_changed.set()
+        await self.publish("reported", _json(reported))
+        self.counters.reported_sent += 1
+
+    async def drive(self) -> None:
+        """Samples, pings and the random drop; returns when the device drops the connection."""
+        device, counters = self.device, self.counters
+        now = trio.current_time()
+        next_sample = now + device.rng.uniform(0, device.interval)  # spread the fleet's samples
+        drop_at = now + device.disconnect_after()
+        while True:
+            ping_at = self.last_sent + KEEPALIVE * 0.75
+            if self.last_received < self.last_sent - KEEPALIVE / 2:
+                raise codec.MqttError("the agent stopped answering")
+            wake = min(next_sample, ping_at, drop_at)
+            if not math.isinf(wake):
+                with trio.move_on_at(wake):
+                    await self.interval_changed.wait()
+            now = trio.current_time()
+            if self.interval_changed.is_set():
+                self.interval_changed = trio.Event()
+                next_sample = min(next_sample, now + device.interval)
+                continue
+            if now >= drop_at:
+                counters.random_disconnects += 1
+                if device.rng.random() < 0.5:
+                    await self.send(codec.DISCONNECT_BYTES)  # clean: the agent discards the Will
+                return
+            if now >= next_sample:
+                next_sample = max(next_sample + device.interval, now)
+                if len(device.unacked) >= MAX_UNACKED:
+                    counters.samples_throttled += 1
+                    continue
+                sample = device.next_sample()
+                payload = _json(sample)
+                device.unacked[sample["seq"]] = payload
+                await self.publish("telemetry", payload, sample["seq"])
+                counters.samples_sent += 1
+            elif now >= ping_at:
+                await self.send(codec.PINGREQ_BYTES)
+
+
+async def run_mqtt_device(
+    device: SimDevice, host: str, port: int, counters: Counts, connecting: trio.CapacityLimiter
+) -> None:
+    """Keep ``device`` connected over MQTT until cancelled, reconnecting with backoff."""
+    first = True
+    while True:
+        if not first:
+            counters.reconnects += 1
+        first = False
+        try:
+            async with connecting:
+                stream = await trio.open_tcp_stream(host, port)
+            async with stream:
+                session = MqttSession(device, stream, counters)
+                async with connecting:
+                    await session.handshake()
+                device.connected()
+                counters.connects += 1
+                counters.connected += 1
+                try:
+                    await session.start()
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(session.read_loop)
+                        await session.drive()
+                        nursery.cancel_scope.cancel()
+                finally:
+                    counters.connected -= 1
+        except* LOST_CONNECTION as group:
+            exc = _first_leaf(group)
+            counters.failed(device.device_id, f"mqtt: {str(exc) or type(exc).__name__}")
+        await trio.sleep(device.backoff())
