@@ -24,12 +24,15 @@ is that adapter, standing between the socket and amqtt:
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter
 
 from . import frames
 from .frames import Connect, FrameSplitter, ProtocolViolation
+
+log = logging.getLogger("konsul.mqtt")
 
 READ_SIZE = 65536
 CONNECT_TIMEOUT = 10.0
@@ -102,7 +105,17 @@ class DeviceConnection(ReaderAdapter):
         """Write frames for the device; a device that stops reading is cut off, not buffered for."""
         if self.closed:
             return
-        self.writer.write(data)
+        if self.writer.transport.is_closing():
+            # The device hung up (half-closed or gone) before, say, a PUBACK
+            # whose write became durable after it left: nobody to tell.
+            self.closed = True
+            return
+        try:
+            self.writer.write(data)
+        except (RuntimeError, ConnectionError) as error:  # "write() after write_eof()", a reset
+            log.debug("dropping %d bytes for %s: %s", len(data), self.who, error)
+            self.closed = True
+            return
         if self.writer.transport.get_write_buffer_size() > MAX_UNSENT:
             self.agent.refusals.refuse("overload", self.who, f"not reading: over {MAX_UNSENT} bytes unsent")
             self.writer.transport.abort()

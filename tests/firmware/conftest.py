@@ -16,4 +16,6 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeviceEdge]:
     """One edge serving MQTT and CoAP for a test module; tests use their own device ids."""
     process = start_edge(tmp_path_factory.mktemp("firmware-edge"))
     yield process
-    process.stop()
+    code = process.stop()
+    # An edge that died under a test shows why in the test report.
+    assert code == 0, f"the edge exited with {code}:\n{process.output[-6000:]}"
