@@ -322,7 +322,13 @@ def _startup_error(error: BaseException) -> BaseException | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Positional lists such as `devices desired ID F=V ...` may continue after
+        # an option (`... --replace F=V`), which argparse leaves over; nothing else may.
+        if not hasattr(args, "fields") or any(arg.startswith("-") for arg in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.fields = [*args.fields, *extra]
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

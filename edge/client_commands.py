@@ -1,4 +1,4 @@
-"""Client commands: ``konsul kv ...`` and ``konsul services ...``.
+"""Client commands: ``konsul kv ...`` and ``konsul services ...`` (``devices``: ``device_commands.py``).
 
 They talk HTTP to a running agent (an edge, or the hub with ``--dc``) through its
 Consul-compatible API, like the ``consul`` CLI does. Every client command takes
@@ -61,7 +61,7 @@ class UsageError(Exception):
 
 
 def add_commands(commands: argparse._SubParsersAction, add_flag: Callable[..., None]) -> None:
-    """Add ``kv`` and ``services`` to the ``konsul`` parser's subcommands."""
+    """Add ``kv``, ``services`` and ``devices`` to the ``konsul`` parser's subcommands."""
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("agent connection and output")
     add_flag(
@@ -225,6 +225,10 @@ def add_commands(commands: argparse._SubParsersAction, add_flag: Callable[..., N
         "remove a service from the agent",
     )
     deregister.add_argument("service_id", metavar="ID", help="the service ID")
+
+    from .device_commands import add_device_commands
+
+    add_device_commands(commands, sub)
 
 
 def _runner(command: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser):
