@@ -61,8 +61,8 @@ class DeviceBridge:
         if error is not None:
             raise error
 
-    async def on_reported(self, device_id: str, document: Any) -> None:
-        await self.scope.write_twin("reported", device_id, document)
+    async def on_reported(self, device_id: str, document: Any, replace: bool = False) -> None:
+        await self.scope.write_twin("reported", device_id, document, replace=replace)
 
     def desired_state(self, device_id: str) -> dict[str, Any]:
         return self.scope.devices.twin.document("desired", device_id)

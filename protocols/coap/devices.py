@@ -4,8 +4,9 @@ Storage of telemetry and of the twin belongs to the agent, not to this
 gateway: it validates documents (a CBOR map or a JSON object), counts them and
 hands them to hooks the agent may put in ``gateways.extras``:
 
-- ``on_telemetry(device_id, document)`` and ``on_reported(device_id, document)``,
-  plain functions or trio async functions;
+- ``on_telemetry(device_id, document)`` and ``on_reported(device_id, document
+  [, replace])``, plain functions or trio async functions (a PUT of reported
+  state passes ``replace=True``; a POST merges);
 - ``desired_state(device_id) -> dict``, read for every GET and notification of
   ``/desired``;
 
@@ -101,7 +102,7 @@ class DeviceResource(ExplainedResource, resource.ObservableResource, resource.Pa
     async def render_put(self, request: Message) -> Message:
         device_id, kind = await self._target(request, "PUT")
         document = document_from_payload(request.payload, request_format(request, DOCUMENT_FORMATS))
-        await self._hand_over(kind, device_id, document)
+        await self._hand_over(kind, device_id, document, replace=True)
         return Message(code=Code.CHANGED)
 
     # -- helpers -------------------------------------------------------------------------
@@ -126,12 +127,14 @@ class DeviceResource(ExplainedResource, resource.ObservableResource, resource.Pa
         caller.check_is(device_id)
         return device_id, kind
 
-    async def _hand_over(self, kind: str, device_id: str, document: dict[str, Any]) -> None:
+    async def _hand_over(self, kind: str, device_id: str, document: dict[str, Any], replace: bool = False) -> None:
+        """Give a document to the agent's hook; a PUT of reported state replaces it (POST merges)."""
         self.counted(kind)
         hook = self.gateways.extras.get(f"on_{kind}")
         if hook is None:
             return
+        args = (device_id, document, True) if replace else (device_id, document)
         if inspect.iscoroutinefunction(hook):
-            await self.run_trio(hook, device_id, document)
+            await self.run_trio(hook, *args)
         else:
-            hook(device_id, document)
+            hook(*args)

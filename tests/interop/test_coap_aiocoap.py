@@ -266,3 +266,28 @@ def test_global_scope_and_unknown_scope(edge):
         assert other.code == Code.NOT_FOUND and other.payload.startswith(b"unknown_scope: ")
 
     run(scenario)
+
+
+def test_telemetry_is_stored_reported_merges_or_replaces_and_desired_is_read(edge):
+    async def exchange(client):
+        base = f"{edge.coap}/devices/meter-2"
+        for n in range(3):
+            sent = await request(client, Code.POST, f"{base}/telemetry", cbor2.dumps({"seq": n, "kwh": 1.5 * n}))
+            assert sent.code == Code.CHANGED, sent.payload
+        bad_seq = await request(client, Code.POST, f"{base}/telemetry", cbor2.dumps({"seq": "one"}))
+        assert bad_seq.code == Code.BAD_REQUEST
+        await request(client, Code.POST, f"{base}/reported", cbor2.dumps({"fw": "2.0", "interval": 5}))
+        merged = httpx.get(f"{edge.url}/v1/devices/meter-2/reported").json()
+        await request(client, Code.PUT, f"{base}/reported", cbor2.dumps({"interval": 10}))
+        replaced = httpx.get(f"{edge.url}/v1/devices/meter-2/reported").json()
+        httpx.put(f"{edge.url}/v1/devices/meter-2/desired", json={"interval": 10, "led": True}).raise_for_status()
+        desired = await request(client, Code.GET, f"{base}/desired")
+        return merged, replaced, cbor2.loads(desired.payload)
+
+    merged, replaced, desired = run(exchange)
+    assert merged == {"fw": "2.0", "interval": 5}
+    assert replaced == {"interval": 10}
+    assert desired == {"interval": 10, "led": True}
+    samples = httpx.get(f"{edge.url}/v1/devices/meter-2/telemetry").json()
+    assert [(s["Seq"], s["Data"]["kwh"]) for s in samples] == [(0, 0.0), (1, 1.5), (2, 3.0)]
+    assert httpx.get(f"{edge.url}/v1/devices/meter-2/twin").json()["Delta"] == {"led": True}
