@@ -114,9 +114,7 @@ class HubConnector:
         return total
 
     def status(self) -> dict[str, Any]:
-        conflicts = sum(
-            self.replica.scope(n).kv.conflicts + self.replica.scope(n).catalog.conflicts for n in self.scopes
-        )
+        conflicts = sum(self.replica.scope(n).conflicts() for n in self.scopes)
         return {
             "Peer": self.hub_url,
             "Connected": self.connected,

@@ -32,7 +32,7 @@ def site_summaries(hub: dict) -> list[dict]:
                 "LagSeconds": 0.0 if connected and state.pending_to_edge == 0 or last_seen is None
                 else round(now - last_seen, 3),
                 "PendingToEdge": state.pending_to_edge,
-                "Conflicts": 0 if scope is None else scope.kv.conflicts + scope.catalog.conflicts,
+                "Conflicts": 0 if scope is None else scope.conflicts(),
                 "BytesSent": state.bytes_sent,
                 "BytesReceived": state.bytes_received,
             }

@@ -429,6 +429,10 @@ class Scope:
         await self._finish(batch, collection, changed)
         return changed
 
+    def conflicts(self) -> int:
+        """Concurrent writes that lost, in every collection (KV keys, services, device records and twins)."""
+        return self.kv.conflicts + self.catalog.conflicts + self.devices.conflicts
+
     def durable_own_stamp(self, collection: str) -> Stamp | None:
         """A stamp no earlier than every own write to this scope that is durable here."""
         return self._durable_own_stamp

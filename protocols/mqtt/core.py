@@ -6,8 +6,9 @@ only its :class:`Outlet` (how messages reach devices) differs.
 Inbound, a device's PUBLISH arrives in :meth:`MqttGateway.received`:
 
 - telemetry (JSON object or CBOR map) and reported state (JSON object) are
-  checked, counted and handed to the ``on_telemetry`` / ``on_reported`` hooks
-  in ``GatewayContext.extras`` (the twin and telemetry storage come later);
+  checked, counted and handed to the agent's hooks in ``GatewayContext.extras``:
+  telemetry in batches to ``ingest_telemetry`` (one durable append each, a QoS 1
+  PUBACK once it returns), reported state to ``on_reported`` one at a time;
 - a status (``online``/``offline``) updates presence;
 - a KV topic is a write: writes queue and are applied in batches, one durable
   transaction per batch (``Scope.kv_apply``), which is what lets one device

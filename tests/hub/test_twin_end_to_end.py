@@ -130,6 +130,10 @@ def test_desired_state_written_on_both_sides_of_a_partition_merges_and_reaches_t
             eventually(lambda url=url, dc=dc: twin(url, "pump-1", dc)["Desired"] == merged, what=f"merge at {url}")
             conflicts = twin(url, "pump-1", dc)["Conflicts"]
             assert [(c["Side"], c["Field"], c["Value"]) for c in conflicts] == [("desired", "mode", "auto")]
+        # The conflict is counted where operators look for them, too.
+        assert [s["Conflicts"] for s in httpx.get(f"{hub.url}/v1/sites").json()] == [1]
+        # The hub's fleet-wide listing shows the device with its site.
+        assert [(d["ID"], d["Site"]) for d in httpx.get(f"{hub.url}/v1/devices").json()] == [("pump-1", "s1")]
 
         # Reported state comes from the device; the delta is what it has yet to apply.
         device.client.publish("konsul/v1/devices/pump-1/reported", json.dumps({"interval": 30, "mode": "boost"}), qos=1).wait_for_publish(10)
