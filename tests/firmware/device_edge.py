@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import socket
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from agents import EdgeProcess, free_port  # noqa: E402
+from agents import EdgeProcess, eventually, free_port  # noqa: E402,F401 (eventually: for the tests)
 
 FIRMWARE = Path(__file__).resolve().parents[2] / "firmware_examples"
-T = TypeVar("T")
 
 
 class DeviceEdge(EdgeProcess):
@@ -65,15 +61,3 @@ def _free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def wait_until(condition: Callable[[], T], timeout: float = 20.0, what: str = "condition") -> T:
-    """Poll ``condition`` every 50 ms until it returns something truthy; that value."""
-    deadline = time.monotonic() + timeout
-    last: T = condition()
-    while not last:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value {last!r}")
-        time.sleep(0.05)
-        last = condition()
-    return last

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from device_edge import FIRMWARE, DeviceEdge, wait_until
+from device_edge import FIRMWARE, DeviceEdge, eventually
 
 SOURCES = FIRMWARE / "c"
 BUILD_DEPS = ["build-essential", "pkg-config", "libcoap3-dev", "libmosquitto-dev"]
@@ -69,7 +69,7 @@ def test_samples_arrive_with_unique_seq_across_restarts(edge, programs, tmp_path
     finish(run_device(program, edge, device_id, token, port, tmp_path, samples=3))
     out = finish(run_device(program, edge, device_id, token, port, tmp_path, samples=3))  # a restart
 
-    samples = wait_until(lambda: len(edge.telemetry(device_id)) >= 6 and edge.telemetry(device_id),
+    samples = eventually(lambda: len(edge.telemetry(device_id)) >= 6 and edge.telemetry(device_id),
                          what="6 samples")
     seqs = [s["Seq"] for s in samples]
     assert len(samples) == 6 and len(set(seqs)) == 6 and seqs == sorted(seqs), samples
@@ -79,7 +79,7 @@ def test_samples_arrive_with_unique_seq_across_restarts(edge, programs, tmp_path
         assert isinstance(sample["Data"]["temp_c"], float)
         assert abs(sample["Data"]["ts"] - time.time()) < 120
     assert edge.reported(device_id) == {"interval": 0.1, "led": False, "firmware": "1.0.0"}, out
-    wait_until(lambda: not edge.online(device_id), what=f"{device_id} offline after saying goodbye")
+    eventually(lambda: not edge.online(device_id), what=f"{device_id} offline after saying goodbye")
 
 
 @pytest.mark.parametrize("kind", ["mqtt", "coap"])
@@ -90,12 +90,12 @@ def test_desired_state_is_applied_and_reported_back(edge, programs, tmp_path, ki
     edge.set_desired(device_id, {"interval": 0.2, "led": True})  # there before the device comes
     proc = run_device(programs / f"{kind}_device", edge, device_id, token, port, tmp_path, samples=0, interval=0.5)
     try:
-        wait_until(lambda: edge.reported(device_id).get("led") is True, what="led on reported")
+        eventually(lambda: edge.reported(device_id).get("led") is True, what="led on reported")
         assert edge.reported(device_id)["interval"] == 0.2
         assert edge.online(device_id)
 
         edge.set_desired(device_id, {"interval": 0.3, "led": False})  # a change while it runs
-        wait_until(lambda: edge.reported(device_id) == {"interval": 0.3, "led": False, "firmware": "1.0.0"},
+        eventually(lambda: edge.reported(device_id) == {"interval": 0.3, "led": False, "firmware": "1.0.0"},
                    what="the new desired state reported")
     finally:
         out = stop(proc)

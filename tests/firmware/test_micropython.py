@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from device_edge import FIRMWARE, DeviceEdge, start_edge, wait_until
+from device_edge import FIRMWARE, DeviceEdge, start_edge, eventually
 
 MICROPYTHON = FIRMWARE / "micropython"
 
@@ -87,7 +87,7 @@ def test_samples_carry_a_seq_unique_across_reboots(edge, boards):
     board.boot(max_samples=3)  # a reboot: same flash, same config
     out = board.finish()
 
-    samples = wait_until(lambda: len(edge.telemetry("mpy-1")) >= 6 and edge.telemetry("mpy-1"), what="6 samples")
+    samples = eventually(lambda: len(edge.telemetry("mpy-1")) >= 6 and edge.telemetry("mpy-1"), what="6 samples")
     seqs = [s["Seq"] for s in samples]
     assert len(samples) == 6 and len(set(seqs)) == 6, samples
     assert seqs == sorted(seqs)
@@ -98,35 +98,35 @@ def test_samples_carry_a_seq_unique_across_reboots(edge, boards):
         assert abs(data["ts"] - time.time()) < 120, "the clock was known, so samples carry ts"
     assert edge.reported("mpy-1") == {"interval": 0.1, "led": False, "firmware": "1.0.0"}, out
     # It said goodbye itself (a clean DISCONNECT suppresses the Will).
-    wait_until(lambda: not edge.online("mpy-1"), what="mpy-1 offline")
+    eventually(lambda: not edge.online("mpy-1"), what="mpy-1 offline")
 
 
 def test_desired_state_is_applied_and_reported_back(edge, boards):
     board = boards(edge, "mpy-2", interval=0.5)
     edge.set_desired("mpy-2", {"interval": 0.2, "led": True})  # retained: waiting when it connects
     board.boot(max_samples=None)
-    wait_until(lambda: edge.reported("mpy-2").get("led") is True, what="led on reported")
+    eventually(lambda: edge.reported("mpy-2").get("led") is True, what="led on reported")
     assert edge.reported("mpy-2")["interval"] == 0.2
-    wait_until(lambda: edge.online("mpy-2"), what="mpy-2 online")
+    eventually(lambda: edge.online("mpy-2"), what="mpy-2 online")
 
     edge.set_desired("mpy-2", {"interval": 0.3, "led": False})  # a change while connected
-    wait_until(lambda: edge.reported("mpy-2") == {"interval": 0.3, "led": False, "firmware": "1.0.0"},
+    eventually(lambda: edge.reported("mpy-2") == {"interval": 0.3, "led": False, "firmware": "1.0.0"},
                what="the new desired state reported")
 
     board.power_off()
-    wait_until(lambda: not edge.online("mpy-2"), what="the Will marking mpy-2 offline")
+    eventually(lambda: not edge.online("mpy-2"), what="the Will marking mpy-2 offline")
 
 
 def test_reconnects_after_the_agent_restarts(tmp_path, boards):
     first = start_edge(tmp_path / "edge")
     board = boards(first, "mpy-3", interval=0.1)
     board.boot(max_samples=40)
-    wait_until(lambda: len(first.telemetry("mpy-3")) >= 5, what="samples before the restart")
+    eventually(lambda: len(first.telemetry("mpy-3")) >= 5, what="samples before the restart")
     first.stop()
     second = DeviceEdge(tmp_path / "edge", first.mqtt[1], first.coap[1])
     try:
         board.finish(timeout=60)
-        samples = wait_until(lambda: len(second.telemetry("mpy-3")) >= 40 and second.telemetry("mpy-3"),
+        samples = eventually(lambda: len(second.telemetry("mpy-3")) >= 40 and second.telemetry("mpy-3"),
                              what="all 40 samples")
         seqs = [s["Seq"] for s in samples]
         assert len(seqs) == 40 == len(set(seqs)), "each sample once: the one in flight is resent, deduplicated"

@@ -3,25 +3,10 @@
 from __future__ import annotations
 
 import signal
-import time
 
 import httpx
-from agents import EdgeProcess, HubProcess, free_port
+from agents import EdgeProcess, HubProcess, eventually, free_port
 
-
-def eventually(condition, timeout: float = 30.0, what: str = "condition"):
-    """Poll ``condition`` until it is truthy or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = condition()
-        except httpx.HTTPError as error:
-            last = error
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(0.05)  # polling interval, not a synchronisation
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 def raw(url: str, key: str, dc: str | None = None) -> bytes | None:

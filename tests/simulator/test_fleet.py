@@ -5,29 +5,16 @@ Synchronised on conditions polled with a deadline, never on sleeps.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from agents import AgentProcess, EdgeProcess
+from agents import AgentProcess, EdgeProcess, eventually
 
 DEVICES = 20
 PREFIX = "fleet-"
 
-
-def wait_until(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    """The first truthy value of ``condition()``, polled every 50 ms until ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last value: {value!r}")
-        time.sleep(0.05)  # polling interval of a condition with a deadline
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +66,7 @@ def test_the_edge_lists_every_device_online_over_both_protocols(fleet, http):
         devices = fleet_devices(http)
         return devices if len(devices) == DEVICES and all(d["Online"] for d in devices) else None
 
-    devices = wait_until(all_online, what=f"{DEVICES} simulated devices online")
+    devices = eventually(all_online, what=f"{DEVICES} simulated devices online")
     assert sorted(d["ID"] for d in devices) == [f"{PREFIX}{i:04d}" for i in range(DEVICES)]
     assert {d["Type"] for d in devices} == {"sim"} and all(d["Tags"] == ["sim"] for d in devices)
     protocols = {d["ID"]: d["Protocol"] for d in devices}
@@ -90,7 +77,7 @@ def test_the_edge_lists_every_device_online_over_both_protocols(fleet, http):
 
 @pytest.mark.parametrize("device", [f"{PREFIX}0002", f"{PREFIX}0003"], ids=["mqtt", "coap"])
 def test_a_desired_interval_is_applied_and_reported(fleet, http, device):
-    wait_until(lambda: len(fleet_devices(http)) == DEVICES, what="the fleet registered")
+    eventually(lambda: len(fleet_devices(http)) == DEVICES, what="the fleet registered")
     assert http.put(f"/v1/devices/{device}/desired", json={"interval": 0.2, "mode": "eco"}).status_code in (200, 204)
 
     def reported() -> dict | None:
@@ -98,7 +85,7 @@ def test_a_desired_interval_is_applied_and_reported(fleet, http, device):
         state = response.json() if response.status_code == 200 else {}
         return state if state.get("interval") == 0.2 else None
 
-    state = wait_until(reported, what=f"{device} reporting interval 0.2")
+    state = eventually(reported, what=f"{device} reporting interval 0.2")
     assert state["mode"] == "eco"
 
 
@@ -124,7 +111,7 @@ def test_anonymous_devices_register_on_first_contact_and_come_back_after_random_
         # once, and retried: that is counted as a failure, so not asserted here.)
         sim.wait_for(r"sim: 4/4 connected .* reconnects ([4-9]|\d\d+) \(\d+ random\)", timeout=60)
         with httpx.Client(base_url=edge.url, timeout=10) as http:
-            listed = wait_until(
+            listed = eventually(
                 lambda: [d for d in http.get("/v1/devices").json() if d["ID"].startswith("anon-")],
                 what="anonymous devices registered",
             )
