@@ -56,7 +56,7 @@ async def wait_for(process: AgentProcess, pattern: str) -> None:
 async def eventually(check, what: str) -> None:
     with trio.fail_after(10):
         while not check():
-            await trio.sleep(0.02)
+            await trio.sleep(0.05)  # polling interval under a deadline
 
 
 async def test_persistent_session_gets_the_desired_updates_queued_while_away(gateway):
