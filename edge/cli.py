@@ -271,6 +271,10 @@ Try it:
   KONSUL_HTTP_ADDR={address} konsul kv get fleet/mode --dc global
   KONSUL_HTTP_ADDR={address} konsul kv list
   curl {hub.http_url}/v1/sites
+  KONSUL_HTTP_ADDR={address} konsul devices list
+  KONSUL_HTTP_ADDR={address} konsul devices desired dev-sim-0000 interval=2      # the device follows
+  KONSUL_HTTP_ADDR={address} konsul devices telemetry dev-sim-0000
+  curl '{hub.http_url}/v1/devices/dev-sim-0000/telemetry?dc=dev&limit=5'     # forwarded to the hub
   mosquitto_sub -h 127.0.0.1 -p {(edge.mqtt_addr or ":1883").rsplit(":", 1)[1]} -i watcher -t 'konsul/v1/kv/#' -v
   coap-client -m get coap://{edge.coap_addr or "127.0.0.1:5683"}/kv/greeting
 

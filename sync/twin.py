@@ -197,8 +197,20 @@ class TwinView:
 
 
 def same_value(a: Any, b: Any) -> bool:
-    """JSON equality: ``1`` and ``true`` differ, key order does not matter."""
-    return cbor2.dumps(a, canonical=True) == cbor2.dumps(b, canonical=True)
+    """JSON equality: ``2`` and ``2.0`` are the same number, ``1`` and ``true`` are not."""
+    return _comparable(a) == _comparable(b)
+
+
+def _comparable(value: Any) -> Any:
+    if isinstance(value, bool) or value is None:
+        return ("literal", value)
+    if isinstance(value, (int, float)):
+        return ("number", value)  # Python compares 2 == 2.0
+    if isinstance(value, dict):
+        return ("object", frozenset((k, _comparable(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return ("array", tuple(_comparable(v) for v in value))
+    return ("other", value)
 
 
 def _conflict(side: str, name: str, version: Version) -> TwinConflict:

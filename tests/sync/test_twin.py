@@ -71,6 +71,10 @@ async def test_replace_merge_and_delta(open_replica):
     assert scope.devices.twin.delta("led-7") == {"led": False}
     await scope.write_twin("reported", "led-7", {"led": False})
     assert scope.devices.twin.delta("led-7") == {}
+    # JSON has one kind of number: a device reporting 5.0 for 5 has applied it.
+    await scope.write_twin("desired", "led-7", {"interval": 5, "limits": {"max": 2}})
+    await scope.write_twin("reported", "led-7", {"interval": 5.0, "limits": {"max": 2.0}})
+    assert scope.devices.twin.delta("led-7") == {}
 
 
 async def test_writing_what_is_there_costs_no_commit(open_replica):
