@@ -39,7 +39,8 @@ import trio
 from .batch import WriteBatch
 from .errors import StoreCorrupt, StoreError, StoreFull, StoreLocked
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+KNOWN_VERSIONS = (1, 2)  # what open() reads; older ones are migrated to SCHEMA_VERSION
 DB_NAME = "konsul.db"
 LOCK_NAME = "LOCK"
 
@@ -49,7 +50,7 @@ CREATE TABLE IF NOT EXISTS docs(
     scope TEXT, collection TEXT, epoch INTEGER NOT NULL, snapshot BLOB NOT NULL,
     PRIMARY KEY(scope, collection)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS updates(
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     scope TEXT NOT NULL, collection TEXT NOT NULL, epoch INTEGER NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS scope_state(
     scope TEXT PRIMARY KEY, idx INTEGER NOT NULL, kv_index INTEGER NOT NULL,
@@ -60,8 +61,34 @@ CREATE TABLE IF NOT EXISTS kv_index(
 CREATE TABLE IF NOT EXISTS kv_history(
     scope TEXT, key TEXT, stamp TEXT, op TEXT NOT NULL, flags INTEGER NOT NULL,
     size INTEGER NOT NULL, conflict INTEGER NOT NULL, value BLOB,
-    PRIMARY KEY(scope, key, stamp)) WITHOUT ROWID;
+    PRIMARY KEY(scope, stamp, key)) WITHOUT ROWID;
 """
+# Why the layout is what it is (schema version 2). A commit round's cost is
+# mostly its fsync, which grows with the pages it writes, so rows a round adds
+# should land on as few pages as possible:
+# - kv_history is clustered by stamp, so new rows append to the last page and
+#   the rows trimmed past history_depth (the oldest) sit together at the front.
+#   Clustered by key (version 1), every overwritten key dirtied its own page.
+#   History is read only at start-up, whole, so no per-key index is needed.
+# - updates has no AUTOINCREMENT: its seq orders a collection's log, and a new
+#   row still gets a larger one than every row kept; AUTOINCREMENT cost one
+#   more page per round (sqlite_sequence).
+
+# Version 1 -> 2: the same columns, other primary keys. The old tables are
+# renamed, the new ones created by _SCHEMA, the rows copied, the old dropped,
+# all in one transaction.
+_RENAME_V1 = (
+    "ALTER TABLE kv_history RENAME TO kv_history_v1",
+    "ALTER TABLE updates RENAME TO updates_v1",
+)
+_COPY_V1 = (
+    "INSERT INTO kv_history(scope, key, stamp, op, flags, size, conflict, value) "
+    "SELECT scope, key, stamp, op, flags, size, conflict, value FROM kv_history_v1",
+    "DROP TABLE kv_history_v1",
+    "INSERT INTO updates(seq, scope, collection, epoch, data) "
+    "SELECT seq, scope, collection, epoch, data FROM updates_v1",
+    "DROP TABLE updates_v1",
+)
 
 DURABILITY_MODES = {"full": "FULL", "relaxed": "NORMAL"}
 
@@ -132,14 +159,13 @@ class Store:
                 conn.execute(f"PRAGMA synchronous = {DURABILITY_MODES[durability]}")
                 conn.execute("PRAGMA journal_size_limit = 1048576")
                 conn.execute("PRAGMA busy_timeout = 0")
-                conn.executescript(_SCHEMA)
-                conn.execute(
-                    "INSERT OR IGNORE INTO meta(name, value) VALUES ('schema_version', ?)",
-                    (SCHEMA_VERSION,),
-                )
+                _prepare_schema(conn, path)
             except sqlite3.Error as error:
                 conn.close()
                 raise _store_error(error, path) from error
+            except BaseException:
+                conn.close()
+                raise
         except BaseException:
             os.close(lock_fd)
             raise
@@ -369,6 +395,39 @@ def _write_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:
         )
 
 
+def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
+    """Create the tables of a new database, or bring an older one up to date."""
+    found = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone()
+    version = None
+    if found:
+        row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+        version = row[0] if row else None
+    if version == SCHEMA_VERSION:
+        return
+    if version is not None and version not in KNOWN_VERSIONS:  # checked read-only first
+        raise StoreError(f"{path} has schema version {version}, which this agent does not know")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if version == 1:
+            for statement in _RENAME_V1:
+                conn.execute(statement)
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        if version == 1:
+            for statement in _COPY_V1:
+                conn.execute(statement)
+        conn.execute(
+            "INSERT OR REPLACE INTO meta(name, value) VALUES ('schema_version', ?)",
+            (SCHEMA_VERSION,),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def _lock_directory(directory: Path) -> int:
     lock_path = directory / LOCK_NAME
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -387,12 +446,12 @@ def _lock_directory(directory: Path) -> int:
 
 
 def _check_readonly(path: Path) -> None:
-    """Fail with StoreCorrupt if ``path`` is not a healthy SQLite database."""
+    """Fail if ``path`` is not a healthy SQLite database of a schema version we read."""
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             result = conn.execute("PRAGMA quick_check").fetchone()
-            conn.execute("SELECT count(*) FROM meta").fetchone()
+            row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
         finally:
             conn.close()
     except sqlite3.Error as error:
@@ -404,6 +463,13 @@ def _check_readonly(path: Path) -> None:
         raise StoreCorrupt(
             f"{path} failed its integrity check ({result[0]}). It was left untouched: "
             "restore it from a backup, or move it away to start with an empty store."
+        )
+    version = row[0] if row else None
+    if version is not None and version not in KNOWN_VERSIONS:
+        raise StoreError(
+            f"{path} has schema version {version}, which this agent does not know (it "
+            f"reads {', '.join(map(str, KNOWN_VERSIONS))}). It was left untouched: run a "
+            "newer agent on it."
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,8 @@ from sync_support import BASE_MS, WallClock, running, send, view
 from konsul.sync.catalog import CheckDefinition, ServiceEntry
 from konsul.sync.errors import StoreCorrupt, StoreError, StoreFull, StoreLocked
 from konsul.sync.replica import Replica
-from konsul.sync.store import DB_NAME
+from konsul.sync.kv import TRIM_ROWS
+from konsul.sync.store import DB_NAME, SCHEMA_VERSION
 
 KEYS = ["cfg/a", "cfg/b", "cfg/big", "conflicted", "gone/x", "gone/y", "ttl"]
 
@@ -253,3 +255,109 @@ async def test_a_full_disk_fails_the_write_and_keeps_earlier_data(tmp_path):
         assert after["entries"] == before["entries"]
         assert after["history"] == before["history"]
         assert after["services"] == before["services"]
+
+
+# -- schema versions ---------------------------------------------------------------------
+
+# The tables whose layout changed in schema version 2, as version 1 created them.
+V1_TABLES = """
+CREATE TABLE updates(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    scope TEXT NOT NULL, collection TEXT NOT NULL, epoch INTEGER NOT NULL, data BLOB NOT NULL);
+CREATE TABLE kv_history(
+    scope TEXT, key TEXT, stamp TEXT, op TEXT NOT NULL, flags INTEGER NOT NULL,
+    size INTEGER NOT NULL, conflict INTEGER NOT NULL, value BLOB,
+    PRIMARY KEY(scope, key, stamp)) WITHOUT ROWID;
+"""
+
+
+def downgrade_to_v1(db) -> None:
+    """Rewrite a closed database in the version 1 layout, rows unchanged."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        conn.execute("ALTER TABLE updates RENAME TO updates_v2")
+        conn.execute("ALTER TABLE kv_history RENAME TO kv_history_v2")
+        for statement in V1_TABLES.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute("INSERT INTO updates SELECT * FROM updates_v2")
+        conn.execute("INSERT INTO kv_history SELECT * FROM kv_history_v2")
+        conn.execute("DROP TABLE updates_v2")
+        conn.execute("DROP TABLE kv_history_v2")
+        conn.execute("UPDATE meta SET value = 1 WHERE name = 'schema_version'")
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def table_sql(db, name: str) -> str:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (name,)).fetchone()[0]
+    finally:
+        conn.close()
+
+
+async def test_a_version_1_data_dir_is_migrated_and_reads_the_same(tmp_path):
+    walls = {"a": WallClock(BASE_MS), "b": WallClock(BASE_MS + 10)}
+    async with running(Replica.open(tmp_path / "a", wall_ms=walls["a"])) as ra:
+        async with running(Replica.open(tmp_path / "b", wall_ms=walls["b"])) as rb:
+            await fill(ra.scope("site"), rb.scope("site"))
+            for i in range(20):  # more log rows and history to carry over
+                await ra.scope("site").kv_put("cfg/a", str(i).encode())
+            before = view(ra.scope("site"), KEYS)
+    db = tmp_path / "a" / DB_NAME
+    downgrade_to_v1(db)
+    assert "AUTOINCREMENT" in table_sql(db, "updates")
+
+    async with running(Replica.open(tmp_path / "a", wall_ms=walls["a"])) as replica:
+        scope = replica.scope("site")
+        assert view(scope, KEYS) == before
+        assert replica.store.meta("schema_version") == SCHEMA_VERSION == 2
+        assert "PRIMARY KEY(scope, stamp, key)" in table_sql(db, "kv_history")
+        assert "AUTOINCREMENT" not in table_sql(db, "updates")
+        assert not replica.store.query("SELECT name FROM sqlite_master WHERE name LIKE '%_v1'")
+        await scope.kv_put("cfg/a", b"after")
+        after = view(scope, KEYS)
+    async with running(Replica.open(tmp_path / "a", wall_ms=walls["a"])) as replica:
+        assert view(replica.scope("site"), KEYS) == after
+        assert after["history"]["cfg/a"][1].size == len(b"19")
+
+
+def test_a_data_dir_of_an_unknown_newer_schema_is_refused_and_left_untouched(tmp_path):
+    Replica.open(tmp_path).close()
+    db = tmp_path / DB_NAME
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("UPDATE meta SET value = 99 WHERE name = 'schema_version'")
+    conn.close()
+    content = db.read_bytes()
+    with pytest.raises(StoreError) as raised:
+        Replica.open(tmp_path)
+    assert "schema version 99" in str(raised.value)
+    assert str(db) in str(raised.value)
+    assert db.read_bytes() == content
+    with pytest.raises(StoreError):  # and again: the refusal released the directory
+        Replica.open(tmp_path)
+
+
+async def test_history_past_its_depth_is_trimmed_from_disk_in_bulk(tmp_path):
+    keys = [f"k{i}" for i in range(3)]
+    async with running(Replica.open(tmp_path, wall_ms=WallClock(), history_depth=2)) as replica:
+        scope = replica.scope("site")
+        for round_ in range(TRIM_ROWS):
+            for key in keys:
+                await scope.kv_put(key, str(round_).encode())
+        [(rows,)] = replica.store.query("SELECT count(*) FROM kv_history")
+        # Each key keeps 2 rows; at most TRIM_ROWS dropped ones wait to be deleted.
+        assert len(keys) * 2 <= rows < len(keys) * 2 + TRIM_ROWS
+        before = view(scope, keys)
+        assert all(len(before["history"][key]) == 1 + 2 for key in keys)
+    # After a restart memory shows the same, and the rows left over go later.
+    async with running(Replica.open(tmp_path, wall_ms=WallClock(), history_depth=2)) as replica:
+        scope = replica.scope("site")
+        assert view(scope, keys) == before
+        for round_ in range(TRIM_ROWS):
+            await scope.kv_put(keys[0], b"x")
+        [(rows,)] = replica.store.query("SELECT count(*) FROM kv_history")
+        assert rows < len(keys) * 2 + TRIM_ROWS
