@@ -14,6 +14,15 @@ The thread is dedicated, not borrowed per round from ``trio.to_thread``: a
 handoff costs one lock and one wakeup each way, and the thread starts the next
 round the moment it is free, so one round's fsync overlaps the next's writers.
 
+Checkpoints (copying the WAL into the database file, then an fsync of it) take
+tens of milliseconds. SQLite runs them inside a ``COMMIT`` once the WAL holds
+1,000 pages, so every round queued behind would wait. Here a second thread with
+its own connection runs them in ``PASSIVE`` mode, which neither blocks the
+writer nor waits for it, every ``CHECKPOINT_ROUNDS`` rounds and after each
+compaction; once it has copied the whole WAL, the writer's next transaction
+starts the WAL over. SQLite's own checkpoint stays as a backstop, far above
+what the background one leaves behind.
+
 If a round fails (disk full, I/O error) every batch of it, and every batch
 queued behind it, fails; nothing of them is on disk. The writer thread waits
 while the owner's ``on_failure`` hook reloads memory from disk, so memory never
@@ -92,6 +101,16 @@ _COPY_V1 = (
 
 DURABILITY_MODES = {"full": "FULL", "relaxed": "NORMAL"}
 
+# A background checkpoint after this many rounds (and after every compaction).
+CHECKPOINT_ROUNDS = 256
+# SQLite's own checkpoint, inside a COMMIT, only if the WAL reaches this many
+# pages anyway (the background thread stalled, or rounds are huge).
+WAL_BACKSTOP_PAGES = 10_000
+# After a compaction, free pages go back to the file system once they are at
+# least this many and a quarter of the file; fewer are reused by later writes,
+# and giving them back only for the file to grow again costs writes for nothing.
+VACUUM_MIN_FREE_PAGES = 256
+
 
 class _Round:
     """Batches that commit in one transaction; their writers share one event."""
@@ -132,6 +151,8 @@ class Store:
         self.on_failure: Callable[[Exception], None] | None = None
         self.rounds = 0
         self.batches = 0
+        self._checkpointer: _Checkpointer | None = None
+        self._rounds_since_checkpoint = 0
 
     # -- opening -------------------------------------------------------------
 
@@ -158,6 +179,7 @@ class Store:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute(f"PRAGMA synchronous = {DURABILITY_MODES[durability]}")
                 conn.execute("PRAGMA journal_size_limit = 1048576")
+                conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_BACKSTOP_PAGES}")
                 conn.execute("PRAGMA busy_timeout = 0")
                 _prepare_schema(conn, path)
             except sqlite3.Error as error:
@@ -237,6 +259,8 @@ class Store:
         self._failed = self._crash = None
         self._wakeup, exited = trio.Event(), trio.Event()
         token = trio.lowlevel.current_trio_token()
+        self._checkpointer = _Checkpointer(self.path, DURABILITY_MODES[self.durability])
+        self._checkpointer.start()
         threading.Thread(
             target=self._write_forever, args=(token, exited), name="konsul-store", daemon=True
         ).start()
@@ -259,6 +283,9 @@ class Store:
             # transaction is never abandoned half way.
             with trio.CancelScope(shield=True):
                 await exited.wait()
+                # A checkpoint in progress finishes; the thread then closes its
+                # connection, before close() closes the writer's.
+                await trio.to_thread.run_sync(self._checkpointer.stop)
             if self._failed is not None:
                 self._recover(self._failed)
             with self._lock:
@@ -333,18 +360,90 @@ class Store:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise _store_error(error, self.path) from error
+        self._rounds_since_checkpoint += 1
         if merged.snapshots:
-            # A compaction just freed the old log: give the pages and the WAL
-            # back to the file system, so the file follows the live content.
+            # A compaction just freed the old log.
             try:
-                self.checkpoint()
+                self._vacuum(VACUUM_MIN_FREE_PAGES)
             except sqlite3.Error:
                 pass  # an optimisation only; the next compaction tries again
+        if merged.snapshots or self._rounds_since_checkpoint >= CHECKPOINT_ROUNDS:
+            self._rounds_since_checkpoint = 0
+            if self._checkpointer is not None:
+                self._checkpointer.request()
+
+    def _vacuum(self, min_free_pages: int) -> None:
+        """Give free pages back to the file system if there are enough of them."""
+        conn = self._conn
+        [(free,)] = conn.execute("PRAGMA freelist_count").fetchall()
+        [(pages,)] = conn.execute("PRAGMA page_count").fetchall()
+        if free and free >= min_free_pages and free * 4 >= pages:
+            # Through executescript: execute() steps the pragma once, and each
+            # step frees one page only.
+            conn.executescript("PRAGMA incremental_vacuum;")
 
     def checkpoint(self) -> None:
-        """Give freed pages back to the file system (after compaction)."""
-        self._conn.execute("PRAGMA incremental_vacuum")
-        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        """Give every free page and the WAL back to the file system.
+
+        Only while :meth:`run` is not running: it uses the writer's connection.
+        """
+        self._vacuum(1)
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
+class _Checkpointer:
+    """Copies the WAL into the database file on its own connection and thread.
+
+    See the module doc. ``PASSIVE`` never waits on the writer and never makes
+    it wait; a checkpoint that fails (a full disk) is tried again at the next
+    request, and SQLite's own checkpoint remains the backstop.
+    """
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        self._path = path
+        self._synchronous = synchronous
+        self._cond = threading.Condition()
+        self._due = False
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="konsul-checkpoint", daemon=True)
+        self.runs = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request(self) -> None:
+        with self._cond:
+            self._due = True
+            self._cond.notify()
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it (blocking)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        except sqlite3.Error:
+            return  # the writer's own checkpoint takes over
+        try:
+            while True:
+                with self._cond:
+                    while not (self._due or self._stopping):
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    self._due = False
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self.runs += 1
+                except sqlite3.Error:
+                    pass
+        finally:
+            conn.close()
 
 
 def _write_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:

@@ -361,3 +361,52 @@ async def test_history_past_its_depth_is_trimmed_from_disk_in_bulk(tmp_path):
             await scope.kv_put(keys[0], b"x")
         [(rows,)] = replica.store.query("SELECT count(*) FROM kv_history")
         assert rows < len(keys) * 2 + TRIM_ROWS
+
+
+# -- giving space back ---------------------------------------------------------------------
+
+
+async def test_compaction_gives_a_large_freed_log_back_and_checkpoints_in_the_background(tmp_path):
+    async with running(Replica.open(tmp_path, wall_ms=WallClock())) as replica:
+        scope = replica.scope("site")
+        scope.auto_compact = False
+        for i in range(400):
+            await scope.kv_put(f"big/{i}", bytes(4000))
+        await scope.kv_delete("big/", recurse=True)
+        [(pages_before,)] = replica.store.query("PRAGMA page_count")
+        await scope.compact("kv")
+        # The freed log (about 400 pages of 4 KiB) went back to the file system.
+        [(free,)] = replica.store.query("PRAGMA freelist_count")
+        [(pages,)] = replica.store.query("PRAGMA page_count")
+        assert free == 0
+        assert pages < pages_before / 2
+        # The compaction asked for a checkpoint, which runs on its own thread.
+        with trio.fail_after(10):
+            while replica.store._checkpointer.runs == 0:
+                await trio.sleep(0.01)
+    async with running(Replica.open(tmp_path, wall_ms=WallClock())) as replica:
+        assert replica.scope("site").kv.list("") == []
+
+
+def test_checkpoint_gives_every_free_page_back(tmp_path):
+    async def fill_and_empty(replica):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(replica.run)
+            scope = replica.scope("site")
+            scope.auto_compact = False
+            for i in range(50):
+                await scope.kv_put(f"k{i}", bytes(4000))
+            await scope.kv_delete("k", recurse=True)
+            await scope.compact("kv")
+            nursery.cancel_scope.cancel()
+
+    replica = Replica.open(tmp_path, wall_ms=WallClock())
+    try:
+        trio.run(fill_and_empty, replica)
+        replica.store.checkpoint()  # the writer has stopped: allowed now
+        assert replica.store.query("PRAGMA freelist_count") == [(0,)]
+        assert not (tmp_path / (DB_NAME + "-wal")).exists() or (
+            (tmp_path / (DB_NAME + "-wal")).stat().st_size == 0
+        )
+    finally:
+        replica.close()
