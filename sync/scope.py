@@ -41,7 +41,7 @@ from .errors import InvalidArgument, StoreError
 from .hlc import HybridClock, Stamp
 from .kv import KvState, ScopeIndex, decode_payload
 from .limits import check_flags, check_key, check_prefix, check_value
-from .store import Store
+from .store import Store, scope_counters
 from .twin import check_document
 from .versioned import Version, VersionedMap
 
@@ -124,8 +124,7 @@ class Scope:
             # Its puts were in memory only, and memory is rebuilt from disk.
             group.error = StoreError("an earlier write failed, so this one was not stored")
         store, name = self.store, self.name
-        row = store.query("SELECT idx, kv_index, conflicts FROM scope_state WHERE scope = ?", name)
-        index, kv_last, conflicts = row[0] if row else (0, 0, 0)
+        index, kv_last, conflicts = scope_counters(store.query, name)
         self.index.value = index
         versions = {c: self._load_collection(c) for c in COLLECTIONS}
         self.kv = KvState(name, versions["kv"], self.index, self.clock, self.history_depth)

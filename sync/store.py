@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS docs(
     PRIMARY KEY(scope, collection)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS updates(
     seq INTEGER PRIMARY KEY,
-    scope TEXT NOT NULL, collection TEXT NOT NULL, epoch INTEGER NOT NULL, data BLOB NOT NULL);
+    scope TEXT NOT NULL, collection TEXT NOT NULL, epoch INTEGER NOT NULL, data BLOB NOT NULL,
+    idx INTEGER, kv_index INTEGER, conflicts INTEGER);
 CREATE TABLE IF NOT EXISTS scope_state(
     scope TEXT PRIMARY KEY, idx INTEGER NOT NULL, kv_index INTEGER NOT NULL,
     conflicts INTEGER NOT NULL) WITHOUT ROWID;
@@ -82,6 +83,12 @@ CREATE TABLE IF NOT EXISTS kv_history(
 # - updates has no AUTOINCREMENT: its seq orders a collection's log, and a new
 #   row still gets a larger one than every row kept; AUTOINCREMENT cost one
 #   more page per round (sqlite_sequence).
+# - A scope's counters (idx, kv_index, conflicts) only ever rise, so the
+#   stored value is the largest found in scope_state and in the scope's
+#   updates rows. A round that writes an update row for a scope carries them
+#   there and leaves the scope_state row alone (one page less per round); the
+#   row is written by rounds without updates, and by a compaction just before
+#   it drops the log that carried them. Rows migrated from version 1 hold NULL.
 
 # Version 1 -> 2: the same columns, other primary keys. The old tables are
 # renamed, the new ones created by _SCHEMA, the rows copied, the old dropped,
@@ -448,16 +455,29 @@ class _Checkpointer:
 
 def _write_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:
     """Write one merged batch; the caller holds the transaction."""
+    counters = batch.scope_state
+    logged: set[str] = set()
     if batch.updates:
+        rows = []
+        for scope, collection, epoch, data in batch.updates:
+            state = counters.get(scope)
+            if state is None:
+                rows.append((scope, collection, epoch, data, None, None, None))
+            else:
+                rows.append((scope, collection, epoch, data, *state))
+                logged.add(scope)
         conn.executemany(
-            "INSERT INTO updates(scope, collection, epoch, data) VALUES (?, ?, ?, ?)",
-            batch.updates,
+            "INSERT INTO updates(scope, collection, epoch, data, idx, kv_index, conflicts) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
         )
     for (scope, collection), (epoch, snapshot) in batch.snapshots.items():
         conn.execute(
             "INSERT OR REPLACE INTO docs(scope, collection, epoch, snapshot) VALUES (?, ?, ?, ?)",
             (scope, collection, epoch, snapshot),
         )
+        # The counters the log carries move to scope_state before it goes.
+        conn.execute(_FOLD_COUNTERS, (scope, scope))
         # The snapshot holds everything the log of the epoch it replaces did.
         conn.execute(
             "DELETE FROM updates WHERE scope = ? AND collection = ? AND epoch != ?",
@@ -483,15 +503,40 @@ def _write_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:
         )
     if gone:
         conn.executemany("DELETE FROM kv_history WHERE scope = ? AND key = ? AND stamp = ?", gone)
-    if batch.scope_state:
+    unlogged = [(scope, *v) for scope, v in counters.items() if scope not in logged]
+    if unlogged:
         conn.executemany(
             "INSERT OR REPLACE INTO scope_state(scope, idx, kv_index, conflicts) VALUES (?, ?, ?, ?)",
-            [(scope, *v) for scope, v in batch.scope_state.items()],
+            unlogged,
         )
     if batch.meta:
         conn.executemany(
             "INSERT OR REPLACE INTO meta(name, value) VALUES (?, ?)", list(batch.meta.items())
         )
+
+
+# Raise a scope's scope_state row to the largest counters of its updates rows.
+_FOLD_COUNTERS = """
+INSERT INTO scope_state(scope, idx, kv_index, conflicts)
+SELECT ?, coalesce(max(idx), 0), coalesce(max(kv_index), 0), coalesce(max(conflicts), 0)
+FROM updates WHERE scope = ?
+ON CONFLICT(scope) DO UPDATE SET
+    idx = max(idx, excluded.idx),
+    kv_index = max(kv_index, excluded.kv_index),
+    conflicts = max(conflicts, excluded.conflicts)
+"""
+
+
+def scope_counters(conn_query: Callable[..., list[tuple[Any, ...]]], scope: str) -> tuple[int, int, int]:
+    """A scope's stored (idx, kv_index, conflicts): the largest of each, see the schema notes."""
+    found = [(0, 0, 0)]
+    found += conn_query("SELECT idx, kv_index, conflicts FROM scope_state WHERE scope = ?", scope)
+    found += conn_query(
+        "SELECT coalesce(max(idx), 0), coalesce(max(kv_index), 0), coalesce(max(conflicts), 0) "
+        "FROM updates WHERE scope = ?",
+        scope,
+    )
+    return tuple(max(column) for column in zip(*found))  # type: ignore[return-value]
 
 
 def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:

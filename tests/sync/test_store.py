@@ -16,7 +16,7 @@ from konsul.sync.catalog import CheckDefinition, ServiceEntry
 from konsul.sync.errors import StoreCorrupt, StoreError, StoreFull, StoreLocked
 from konsul.sync.replica import Replica
 from konsul.sync.kv import TRIM_ROWS
-from konsul.sync.store import DB_NAME, SCHEMA_VERSION
+from konsul.sync.store import DB_NAME, SCHEMA_VERSION, scope_counters
 
 KEYS = ["cfg/a", "cfg/b", "cfg/big", "conflicted", "gone/x", "gone/y", "ttl"]
 
@@ -281,7 +281,16 @@ def downgrade_to_v1(db) -> None:
         for statement in V1_TABLES.split(";"):
             if statement.strip():
                 conn.execute(statement)
-        conn.execute("INSERT INTO updates SELECT * FROM updates_v2")
+        # Version 1 kept every scope's counters in scope_state only.
+        def query_v2(sql: str, *params):
+            return conn.execute(sql.replace("FROM updates", "FROM updates_v2"), params).fetchall()
+
+        for (scope,) in conn.execute("SELECT DISTINCT scope FROM updates_v2").fetchall():
+            counters = scope_counters(query_v2, scope)
+            conn.execute("INSERT OR REPLACE INTO scope_state VALUES (?, ?, ?, ?)", (scope, *counters))
+        conn.execute(
+            "INSERT INTO updates SELECT seq, scope, collection, epoch, data FROM updates_v2"
+        )
         conn.execute("INSERT INTO kv_history SELECT * FROM kv_history_v2")
         conn.execute("DROP TABLE updates_v2")
         conn.execute("DROP TABLE kv_history_v2")
@@ -410,3 +419,40 @@ def test_checkpoint_gives_every_free_page_back(tmp_path):
         )
     finally:
         replica.close()
+
+
+async def test_the_counters_survive_restarts_around_compactions(tmp_path):
+    """idx, kv_index and conflicts ride on the update rows and move to scope_state
+    when a compaction drops the log: a restart at any point finds them again."""
+    wall = WallClock()
+
+    def counters(scope):
+        return (scope.index.value, scope.kv.last_index, scope.conflicts())
+
+    async def reopened():
+        async with running(Replica.open(tmp_path, wall_ms=wall)) as replica:
+            return counters(replica.scope("site"))
+
+    async with running(Replica.open(tmp_path, wall_ms=wall)) as replica:
+        scope = replica.scope("site")
+        scope.auto_compact = False
+        for i in range(20):
+            await scope.kv_put(f"k{i % 3}", str(i).encode())
+        await scope.register_service(ServiceEntry("node1", "db", "db", port=5432))
+        seen = counters(scope)
+    assert await reopened() == seen
+    async with running(Replica.open(tmp_path, wall_ms=wall)) as replica:
+        scope = replica.scope("site")
+        scope.auto_compact = False
+        await scope.compact("kv")  # the last thing before the restart
+        seen = counters(scope)
+        assert replica.store.query("SELECT count(*) FROM updates WHERE collection = 'kv'") == [(0,)]
+    assert await reopened() == seen
+    async with running(Replica.open(tmp_path, wall_ms=wall)) as replica:
+        scope = replica.scope("site")
+        await scope.kv_put("k0", b"after")
+        await scope.compact("catalog")
+        await scope.compact("kv")
+        seen = counters(scope)
+    assert await reopened() == seen
+    assert seen[0] > 21
