@@ -41,7 +41,8 @@ from .errors import InvalidArgument, StoreError
 from .hlc import HybridClock, Stamp
 from .kv import KvState, ScopeIndex, decode_payload
 from .limits import check_flags, check_key, check_prefix, check_value
-from .store import Store, scope_counters
+from .store import Store
+from .tables import kv_rows, scope_counters
 from .twin import check_document
 from .versioned import Version, VersionedMap
 
@@ -128,15 +129,8 @@ class Scope:
         self.index.value = index
         versions = {c: self._load_collection(c) for c in COLLECTIONS}
         self.kv = KvState(name, versions["kv"], self.index, self.clock, self.history_depth)
-        self.kv.load(
-            store.query("SELECT key, create_index, modify_index FROM kv_index WHERE scope = ?", name),
-            store.query(
-                "SELECT key, stamp, op, flags, size, conflict, value FROM kv_history WHERE scope = ?",
-                name,
-            ),
-            conflicts,
-            kv_last,
-        )
+        index_rows, history_rows = kv_rows(store.query, name)
+        self.kv.load(index_rows, history_rows, conflicts, kv_last)
         self.catalog = ServiceCatalog(versions["catalog"], self.index, self.clock)
         self.catalog.last_index = index
         self.devices = DeviceRegistry(versions["devices"], self.index, self.clock)

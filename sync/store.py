@@ -47,64 +47,12 @@ import trio
 
 from .batch import WriteBatch
 from .errors import StoreCorrupt, StoreError, StoreFull, StoreLocked
+from .tables import KNOWN_VERSIONS, SCHEMA_VERSION, prepare_schema, write_rows
 
-SCHEMA_VERSION = 2
-KNOWN_VERSIONS = (1, 2)  # what open() reads; older ones are migrated to SCHEMA_VERSION
+__all__ = ["DB_NAME", "SCHEMA_VERSION", "Store"]
+
 DB_NAME = "konsul.db"
 LOCK_NAME = "LOCK"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS docs(
-    scope TEXT, collection TEXT, epoch INTEGER NOT NULL, snapshot BLOB NOT NULL,
-    PRIMARY KEY(scope, collection)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS updates(
-    seq INTEGER PRIMARY KEY,
-    scope TEXT NOT NULL, collection TEXT NOT NULL, epoch INTEGER NOT NULL, data BLOB NOT NULL,
-    idx INTEGER, kv_index INTEGER, conflicts INTEGER);
-CREATE TABLE IF NOT EXISTS scope_state(
-    scope TEXT PRIMARY KEY, idx INTEGER NOT NULL, kv_index INTEGER NOT NULL,
-    conflicts INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS kv_index(
-    scope TEXT, key TEXT, create_index INTEGER NOT NULL, modify_index INTEGER NOT NULL,
-    PRIMARY KEY(scope, key)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS kv_history(
-    scope TEXT, key TEXT, stamp TEXT, op TEXT NOT NULL, flags INTEGER NOT NULL,
-    size INTEGER NOT NULL, conflict INTEGER NOT NULL, value BLOB,
-    PRIMARY KEY(scope, stamp, key)) WITHOUT ROWID;
-"""
-# Why the layout is what it is (schema version 2). A commit round's cost is
-# mostly its fsync, which grows with the pages it writes, so rows a round adds
-# should land on as few pages as possible:
-# - kv_history is clustered by stamp, so new rows append to the last page and
-#   the rows trimmed past history_depth (the oldest) sit together at the front.
-#   Clustered by key (version 1), every overwritten key dirtied its own page.
-#   History is read only at start-up, whole, so no per-key index is needed.
-# - updates has no AUTOINCREMENT: its seq orders a collection's log, and a new
-#   row still gets a larger one than every row kept; AUTOINCREMENT cost one
-#   more page per round (sqlite_sequence).
-# - A scope's counters (idx, kv_index, conflicts) only ever rise, so the
-#   stored value is the largest found in scope_state and in the scope's
-#   updates rows. A round that writes an update row for a scope carries them
-#   there and leaves the scope_state row alone (one page less per round); the
-#   row is written by rounds without updates, and by a compaction just before
-#   it drops the log that carried them. Rows migrated from version 1 hold NULL.
-
-# Version 1 -> 2: the same columns, other primary keys. The old tables are
-# renamed, the new ones created by _SCHEMA, the rows copied, the old dropped,
-# all in one transaction.
-_RENAME_V1 = (
-    "ALTER TABLE kv_history RENAME TO kv_history_v1",
-    "ALTER TABLE updates RENAME TO updates_v1",
-)
-_COPY_V1 = (
-    "INSERT INTO kv_history(scope, key, stamp, op, flags, size, conflict, value) "
-    "SELECT scope, key, stamp, op, flags, size, conflict, value FROM kv_history_v1",
-    "DROP TABLE kv_history_v1",
-    "INSERT INTO updates(seq, scope, collection, epoch, data) "
-    "SELECT seq, scope, collection, epoch, data FROM updates_v1",
-    "DROP TABLE updates_v1",
-)
 
 DURABILITY_MODES = {"full": "FULL", "relaxed": "NORMAL"}
 
@@ -188,7 +136,7 @@ class Store:
                 conn.execute("PRAGMA journal_size_limit = 1048576")
                 conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_BACKSTOP_PAGES}")
                 conn.execute("PRAGMA busy_timeout = 0")
-                _prepare_schema(conn, path)
+                prepare_schema(conn, path)
             except sqlite3.Error as error:
                 conn.close()
                 raise _store_error(error, path) from error
@@ -361,7 +309,7 @@ class Store:
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
-            _write_rows(conn, merged)
+            write_rows(conn, merged)
             conn.execute("COMMIT")
         except sqlite3.Error as error:
             if conn.in_transaction:
@@ -451,125 +399,6 @@ class _Checkpointer:
                     pass
         finally:
             conn.close()
-
-
-def _write_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:
-    """Write one merged batch; the caller holds the transaction."""
-    counters = batch.scope_state
-    logged: set[str] = set()
-    if batch.updates:
-        rows = []
-        for scope, collection, epoch, data in batch.updates:
-            state = counters.get(scope)
-            if state is None:
-                rows.append((scope, collection, epoch, data, None, None, None))
-            else:
-                rows.append((scope, collection, epoch, data, *state))
-                logged.add(scope)
-        conn.executemany(
-            "INSERT INTO updates(scope, collection, epoch, data, idx, kv_index, conflicts) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-    for (scope, collection), (epoch, snapshot) in batch.snapshots.items():
-        conn.execute(
-            "INSERT OR REPLACE INTO docs(scope, collection, epoch, snapshot) VALUES (?, ?, ?, ?)",
-            (scope, collection, epoch, snapshot),
-        )
-        # The counters the log carries move to scope_state before it goes.
-        conn.execute(_FOLD_COUNTERS, (scope, scope))
-        # The snapshot holds everything the log of the epoch it replaces did.
-        conn.execute(
-            "DELETE FROM updates WHERE scope = ? AND collection = ? AND epoch != ?",
-            (scope, collection, epoch),
-        )
-    upserts = [(s, k, *v) for (s, k), v in batch.kv_index.items() if v is not None]
-    deletes = [key for key, v in batch.kv_index.items() if v is None]
-    if upserts:
-        conn.executemany(
-            "INSERT OR REPLACE INTO kv_index(scope, key, create_index, modify_index) "
-            "VALUES (?, ?, ?, ?)",
-            upserts,
-        )
-    if deletes:
-        conn.executemany("DELETE FROM kv_index WHERE scope = ? AND key = ?", deletes)
-    rows = [(*key, *v) for key, v in batch.history.items() if v is not None]
-    gone = [key for key, v in batch.history.items() if v is None]
-    if rows:
-        conn.executemany(
-            "INSERT OR REPLACE INTO kv_history(scope, key, stamp, op, flags, size, conflict, value) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-    if gone:
-        conn.executemany("DELETE FROM kv_history WHERE scope = ? AND key = ? AND stamp = ?", gone)
-    unlogged = [(scope, *v) for scope, v in counters.items() if scope not in logged]
-    if unlogged:
-        conn.executemany(
-            "INSERT OR REPLACE INTO scope_state(scope, idx, kv_index, conflicts) VALUES (?, ?, ?, ?)",
-            unlogged,
-        )
-    if batch.meta:
-        conn.executemany(
-            "INSERT OR REPLACE INTO meta(name, value) VALUES (?, ?)", list(batch.meta.items())
-        )
-
-
-# Raise a scope's scope_state row to the largest counters of its updates rows.
-_FOLD_COUNTERS = """
-INSERT INTO scope_state(scope, idx, kv_index, conflicts)
-SELECT ?, coalesce(max(idx), 0), coalesce(max(kv_index), 0), coalesce(max(conflicts), 0)
-FROM updates WHERE scope = ?
-ON CONFLICT(scope) DO UPDATE SET
-    idx = max(idx, excluded.idx),
-    kv_index = max(kv_index, excluded.kv_index),
-    conflicts = max(conflicts, excluded.conflicts)
-"""
-
-
-def scope_counters(conn_query: Callable[..., list[tuple[Any, ...]]], scope: str) -> tuple[int, int, int]:
-    """A scope's stored (idx, kv_index, conflicts): the largest of each, see the schema notes."""
-    found = [(0, 0, 0)]
-    found += conn_query("SELECT idx, kv_index, conflicts FROM scope_state WHERE scope = ?", scope)
-    found += conn_query(
-        "SELECT coalesce(max(idx), 0), coalesce(max(kv_index), 0), coalesce(max(conflicts), 0) "
-        "FROM updates WHERE scope = ?",
-        scope,
-    )
-    return tuple(max(column) for column in zip(*found))  # type: ignore[return-value]
-
-
-def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
-    """Create the tables of a new database, or bring an older one up to date."""
-    found = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone()
-    version = None
-    if found:
-        row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
-        version = row[0] if row else None
-    if version == SCHEMA_VERSION:
-        return
-    if version is not None and version not in KNOWN_VERSIONS:  # checked read-only first
-        raise StoreError(f"{path} has schema version {version}, which this agent does not know")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        if version == 1:
-            for statement in _RENAME_V1:
-                conn.execute(statement)
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-        if version == 1:
-            for statement in _COPY_V1:
-                conn.execute(statement)
-        conn.execute(
-            "INSERT OR REPLACE INTO meta(name, value) VALUES ('schema_version', ?)",
-            (SCHEMA_VERSION,),
-        )
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 def _lock_directory(directory: Path) -> int:

@@ -16,7 +16,8 @@ from konsul.sync.catalog import CheckDefinition, ServiceEntry
 from konsul.sync.errors import StoreCorrupt, StoreError, StoreFull, StoreLocked
 from konsul.sync.replica import Replica
 from konsul.sync.kv import TRIM_ROWS
-from konsul.sync.store import DB_NAME, SCHEMA_VERSION, scope_counters
+from konsul.sync.store import DB_NAME, SCHEMA_VERSION
+from konsul.sync.tables import kv_rows, scope_counters
 
 KEYS = ["cfg/a", "cfg/b", "cfg/big", "conflicted", "gone/x", "gone/y", "ttl"]
 
@@ -272,25 +273,34 @@ CREATE TABLE kv_history(
 
 
 def downgrade_to_v1(db) -> None:
-    """Rewrite a closed database in the version 1 layout, rows unchanged."""
+    """Rewrite a closed database as version 1 would have left it.
+
+    Version 1 kept the counters in scope_state and every index and history row
+    in its table: fold what the log carries into them, then restore the old
+    layout of updates and kv_history.
+    """
     conn = sqlite3.connect(db, isolation_level=None)
+
+    def query(sql: str, *params):
+        return conn.execute(sql, params).fetchall()
+
     try:
         conn.execute("BEGIN")
+        for (scope,) in query("SELECT DISTINCT scope FROM updates"):
+            conn.execute("INSERT OR REPLACE INTO scope_state VALUES (?, ?, ?, ?)", (scope, *scope_counters(query, scope)))
+            index, history = kv_rows(query, scope)
+            conn.execute("DELETE FROM kv_index WHERE scope = ?", (scope,))
+            conn.execute("DELETE FROM kv_history WHERE scope = ?", (scope,))
+            conn.executemany("INSERT INTO kv_index VALUES (?, ?, ?, ?)", [(scope, *row) for row in index])
+            conn.executemany(
+                "INSERT INTO kv_history VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [(scope, *row) for row in history]
+            )
         conn.execute("ALTER TABLE updates RENAME TO updates_v2")
         conn.execute("ALTER TABLE kv_history RENAME TO kv_history_v2")
         for statement in V1_TABLES.split(";"):
             if statement.strip():
                 conn.execute(statement)
-        # Version 1 kept every scope's counters in scope_state only.
-        def query_v2(sql: str, *params):
-            return conn.execute(sql.replace("FROM updates", "FROM updates_v2"), params).fetchall()
-
-        for (scope,) in conn.execute("SELECT DISTINCT scope FROM updates_v2").fetchall():
-            counters = scope_counters(query_v2, scope)
-            conn.execute("INSERT OR REPLACE INTO scope_state VALUES (?, ?, ?, ?)", (scope, *counters))
-        conn.execute(
-            "INSERT INTO updates SELECT seq, scope, collection, epoch, data FROM updates_v2"
-        )
+        conn.execute("INSERT INTO updates SELECT seq, scope, collection, epoch, data FROM updates_v2")
         conn.execute("INSERT INTO kv_history SELECT * FROM kv_history_v2")
         conn.execute("DROP TABLE updates_v2")
         conn.execute("DROP TABLE kv_history_v2")
@@ -357,7 +367,7 @@ async def test_history_past_its_depth_is_trimmed_from_disk_in_bulk(tmp_path):
         for round_ in range(TRIM_ROWS):
             for key in keys:
                 await scope.kv_put(key, str(round_).encode())
-        [(rows,)] = replica.store.query("SELECT count(*) FROM kv_history")
+        rows = len(kv_rows(replica.store.query, "site")[1])  # what a restart reads
         # Each key keeps 2 rows; at most TRIM_ROWS dropped ones wait to be deleted.
         assert len(keys) * 2 <= rows < len(keys) * 2 + TRIM_ROWS
         before = view(scope, keys)
@@ -368,8 +378,10 @@ async def test_history_past_its_depth_is_trimmed_from_disk_in_bulk(tmp_path):
         assert view(scope, keys) == before
         for round_ in range(TRIM_ROWS):
             await scope.kv_put(keys[0], b"x")
+        assert len(kv_rows(replica.store.query, "site")[1]) < len(keys) * 2 + TRIM_ROWS
+        await scope.compact("kv")  # the log's rows move to the table, trimmed ones go
         [(rows,)] = replica.store.query("SELECT count(*) FROM kv_history")
-        assert rows < len(keys) * 2 + TRIM_ROWS
+        assert len(keys) * 2 <= rows < len(keys) * 2 + TRIM_ROWS
 
 
 # -- giving space back ---------------------------------------------------------------------
@@ -456,3 +468,39 @@ async def test_the_counters_survive_restarts_around_compactions(tmp_path):
         seen = counters(scope)
     assert await reopened() == seen
     assert seen[0] > 21
+
+
+async def test_index_and_history_rows_ride_on_the_log_until_a_compaction_folds_them(tmp_path):
+    wall = WallClock()
+    async with running(Replica.open(tmp_path, wall_ms=wall)) as replica:
+        scope = replica.scope("site")
+        scope.auto_compact = False
+        await scope.kv_put("a", b"1")
+        await scope.kv_put("a", b"2")  # a history row for "a"
+        await scope.kv_put("ttl", b"t", ttl_ms=1_000)
+        # A put writes its index and history rows with its update, not in the tables.
+        assert replica.store.query("SELECT count(*) FROM kv_index") == [(0,)]
+        assert replica.store.query("SELECT count(*) FROM kv_history") == [(0,)]
+        index, history = kv_rows(replica.store.query, "site")
+        assert sorted(row[0] for row in index) == ["a", "ttl"]
+        assert [row[0] for row in history] == ["a"]
+
+        # An expiry changes the index without an update: the log goes to the
+        # tables first, then the expiry, so nothing older overrides it.
+        wall.ms += 2_000
+        assert await scope.expire_due() == ["ttl"]
+        assert replica.store.query("SELECT key FROM kv_index") == [("a",)]
+        assert replica.store.query("SELECT count(*) FROM updates WHERE side IS NOT NULL") == [(0,)]
+        await scope.kv_put("b", b"3")
+        assert sorted(row[0] for row in kv_rows(replica.store.query, "site")[0]) == ["a", "b"]
+        before = view(scope, ["a", "b", "ttl"])
+    async with running(Replica.open(tmp_path, wall_ms=wall)) as replica:
+        scope = replica.scope("site")
+        scope.auto_compact = False
+        assert view(scope, ["a", "b", "ttl"]) == before
+        await scope.compact("kv")  # which also turns the expired "ttl" into a tombstone
+        before = view(scope, ["a", "b"])
+        assert sorted(replica.store.query("SELECT key FROM kv_index")) == [("a",), ("b",)]
+        assert replica.store.query("SELECT key FROM kv_history") == [("a",)]
+    async with running(Replica.open(tmp_path, wall_ms=wall)) as replica:
+        assert view(replica.scope("site"), ["a", "b"]) == before
