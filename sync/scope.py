@@ -214,7 +214,11 @@ class Scope:
         """Seal ``group`` once the ready writers joined it; report its commit to all."""
         # Shielded: the others' acknowledgements wait on this task.
         with trio.CancelScope(shield=True):
-            await trio.lowlevel.checkpoint()
+            if not self.store.idle:
+                # The group would wait for the disk anyway: let the writers
+                # that are ready join it first. A lone writer, which finds the
+                # store idle, goes straight to the disk.
+                await trio.lowlevel.checkpoint()
             if self._open_group is group:
                 self._seal()
             if group.round is not None:

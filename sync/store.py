@@ -108,6 +108,8 @@ class Store:
         self.rounds = 0
         self.batches = 0
         self._checkpointer: _Checkpointer | None = None
+        # Rounds queued or being written, as trio sees them (see idle).
+        self._outstanding = 0
         self._rounds_since_checkpoint = 0
 
     # -- opening -------------------------------------------------------------
@@ -199,9 +201,16 @@ class Store:
             raise StoreError("the store is not running")
         with self._lock:
             round_ = self._next
+            if not round_.batches:
+                self._outstanding += 1
             round_.batches.append(batch)
             self._work.notify()
         return round_
+
+    @property
+    def idle(self) -> bool:
+        """Nothing is queued or being written: a batch queued now is written at once."""
+        return self._outstanding == 0
 
     async def wait(self, round_: _Round) -> None:
         """Return once ``round_`` is durable; raise :class:`StoreError` if it is not."""
@@ -221,6 +230,7 @@ class Store:
             target=self._write_forever, args=(token, exited), name="konsul-store", daemon=True
         ).start()
         self._running = True
+        self._outstanding = 0
         task_status.started()
         try:
             while True:  # the thread wakes us only when something went wrong
@@ -276,6 +286,7 @@ class Store:
 
     def _round_done(self, round_: _Round) -> None:
         """In trio, for each round the writer thread has finished."""
+        self._outstanding -= 1
         if round_.error is None:
             self.rounds += 1
             self.batches += len(round_.batches)
@@ -292,6 +303,8 @@ class Store:
         self._failed = None
         with self._lock:
             queued, self._next = self._next, _Round()
+        if queued.batches:
+            self._outstanding -= 1
         queued.error = failed.error
         try:
             if self.on_failure is not None:
