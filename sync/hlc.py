@@ -9,6 +9,7 @@ breaks ties, so the order is total and the same on every replica.
 from __future__ import annotations
 
 import binascii
+import functools
 import time
 from binascii import a2b_base64, b2a_base64
 from typing import Callable, NamedTuple
@@ -54,22 +55,9 @@ class Stamp(NamedTuple):
         no ``.``, which every long form contains, and is in ASCII order, so a
         compact text sorts like its stamp among texts of the same length.
         """
-        wall, counter, replica = self
-        if wall >= _WALL_LIMIT or counter >= _COUNTER_LIMIT or len(replica) != 12:
-            return self.encode()
-        try:
-            packed = int(replica, 16)
-        except ValueError:
-            return self.encode()
-        if packed < 0 or "%012x" % packed != replica:  # upper case, sign, "_": not our ids
-            return self.encode()
-        # One integer of 16 (or 18) base-64 digits, through binascii's base64
-        # with the alphabet swapped: a tenth of the cost of digit arithmetic.
-        if counter < 64:
-            number = wall << 54 | counter << 48 | packed
-            return b2a_base64(number.to_bytes(12, "big"), newline=False).decode().translate(_TO_OURS)
-        number = wall << 66 | counter << 48 | packed
-        return b2a_base64(number.to_bytes(15, "big"), newline=False).decode().translate(_TO_OURS)[2:]
+        # A put computes the id of the version it adds and, when that version is
+        # superseded, of the same stamp again: remember the recent ones.
+        return _compact_cached(self)
 
     def iso(self) -> str:
         seconds, ms = divmod(self.wall_ms, 1000)
@@ -85,6 +73,54 @@ _TO_BASE64 = str.maketrans(_DIGITS, _BASE64)
 _WALL_LIMIT = 64**7
 _COUNTER_LIMIT = 64**3
 _MASK48 = (1 << 48) - 1
+
+
+def _compact_text(stamp: Stamp) -> str:
+    """The text of :meth:`Stamp.compact` (uncached).
+
+    The digits fall into three fields: 7 for the wall time, 1 (or 3) for the
+    counter and 8 for the replica id. Consecutive stamps share the wall time
+    and the replica, so those two fields are remembered and only the counter
+    digit is new.
+    """
+    wall, counter, replica = stamp
+    if wall >= _WALL_LIMIT or counter >= _COUNTER_LIMIT:
+        return stamp.encode()
+    replica_digits = _replica_digits(replica)
+    if replica_digits is None:
+        return stamp.encode()
+    if counter < 64:
+        return _wall_digits(wall) + _DIGITS[counter] + replica_digits
+    return (
+        _wall_digits(wall)
+        + _DIGITS[counter >> 12]
+        + _DIGITS[(counter >> 6) & 63]
+        + _DIGITS[counter & 63]
+        + replica_digits
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _wall_digits(wall: int) -> str:
+    """7 digits for a wall time below 64**7 (through binascii: 42 bits, 7 digits)."""
+    return b2a_base64((wall << 6).to_bytes(6, "big"), newline=False).decode().translate(_TO_OURS)[:7]
+
+
+@functools.lru_cache(maxsize=64)
+def _replica_digits(replica: str) -> str | None:
+    """8 digits for a 12-hex-digit replica id; None for other id forms."""
+    if len(replica) != 12:
+        return None
+    try:
+        packed = int(replica, 16)
+    except ValueError:
+        return None
+    if packed < 0 or "%012x" % packed != replica:  # upper case, sign, "_": not our ids
+        return None
+    return b2a_base64(packed.to_bytes(6, "big"), newline=False).decode().translate(_TO_OURS)
+
+
+_compact_cached = functools.lru_cache(maxsize=16384)(_compact_text)
 
 
 def _decode_compact(text: str) -> Stamp:

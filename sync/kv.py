@@ -8,6 +8,11 @@ replicas is kept beside it, per replica and persisted with the same batch:
 - history: superseded versions and conflict losers, at most ``history_depth`` per
   key, in ``kv_history``. Ordinary overwrites keep their metadata; conflict
   losers keep their value too, so a losing write is never silently gone.
+  Rows that fall off the end are deleted from disk in bulk, ``TRIM_ROWS`` at a
+  time: they are the oldest rows, so one bulk delete touches a few pages where
+  one delete per put would dirty a page of its own in every commit. Until then
+  (and after a crash) the disk may hold a few rows more than memory shows;
+  ``load`` keeps only the newest ``history_depth`` and trims the rest later.
 - TTL: a version carries its absolute expiry; a replica hides the key once its
   own clock passes it. Expiry changes no CRDT state, so it costs no sync traffic.
 """
@@ -52,6 +57,10 @@ class HistoryRecord:
     size: int
     conflict: bool  # lost a conflict against a concurrent write
     value: bytes | None  # kept for conflict losers
+
+
+# Rows past history_depth deleted from disk together (see the module doc).
+TRIM_ROWS = 256
 
 
 class ScopeIndex:
@@ -116,6 +125,8 @@ class KvState:
         self._expiry_heap: list[tuple[int, str, Stamp]] = []
         self._history: dict[str, deque[HistoryRecord]] = {}
         self._conflict_stamps: set[tuple[str, Stamp]] = set()
+        # History rows dropped from memory but still on disk: (key, encoded stamp).
+        self._untrimmed: dict[tuple[str, str], None] = {}
 
     # -- loading -------------------------------------------------------------
 
@@ -131,7 +142,9 @@ class KvState:
         for key, stamp, op, flags, size, conflict, value in sorted(history_rows, key=lambda r: r[1]):
             flags %= 2**64  # stored as SQLite's signed 64-bit INTEGER
             record = HistoryRecord(key, Stamp.decode(stamp), op, flags, size, bool(conflict), value)
-            self._remember(record)
+            dropped = self._remember(record)
+            if dropped is not None:
+                self._untrimmed[(key, dropped.stamp.encode())] = None
         self.conflicts = conflicts
         self.last_index = last_index
         now = self.clock.wall_ms()
@@ -404,15 +417,25 @@ class KvState:
 
     def _store_history(self, record: HistoryRecord, batch: WriteBatch) -> None:
         dropped = self._remember(record)
-        batch.history[(self.scope, record.key, record.stamp.encode())] = (
+        stamp = record.stamp.encode()
+        batch.history[(self.scope, record.key, stamp)] = (
             record.op,
             _signed64(record.flags),
             record.size,
             int(record.conflict),
             record.value,
         )
+        untrimmed = self._untrimmed
+        if untrimmed:
+            # A row stored again is wanted again: its pending delete must not win.
+            untrimmed.pop((record.key, stamp), None)
         if dropped is not None:
-            batch.history[(self.scope, record.key, dropped.stamp.encode())] = None
+            untrimmed[(record.key, dropped.stamp.encode())] = None
+            if len(untrimmed) >= TRIM_ROWS:
+                scope, history = self.scope, batch.history
+                for key, old in untrimmed:
+                    history[(scope, key, old)] = None
+                untrimmed.clear()
 
     def _remember(self, record: HistoryRecord) -> HistoryRecord | None:
         """Keep a record in memory; returns the one that fell off the end, if any."""

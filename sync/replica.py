@@ -72,7 +72,7 @@ class Replica:
         self._waiting_until: int | None = None
         store.on_failure = self._reload_after_failure
         if self.scope_dir is None:
-            for (name,) in store.query("SELECT DISTINCT scope FROM docs UNION SELECT scope FROM scope_state"):
+            for (name,) in store.query("SELECT scope FROM docs UNION SELECT scope FROM scope_state UNION SELECT scope FROM updates"):
                 self.scope(name)
 
     @classmethod

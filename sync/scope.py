@@ -42,6 +42,7 @@ from .hlc import HybridClock, Stamp
 from .kv import KvState, ScopeIndex, decode_payload
 from .limits import check_flags, check_key, check_prefix, check_value
 from .store import Store
+from .tables import kv_rows, scope_counters
 from .twin import check_document
 from .versioned import Version, VersionedMap
 
@@ -124,20 +125,12 @@ class Scope:
             # Its puts were in memory only, and memory is rebuilt from disk.
             group.error = StoreError("an earlier write failed, so this one was not stored")
         store, name = self.store, self.name
-        row = store.query("SELECT idx, kv_index, conflicts FROM scope_state WHERE scope = ?", name)
-        index, kv_last, conflicts = row[0] if row else (0, 0, 0)
+        index, kv_last, conflicts = scope_counters(store.query, name)
         self.index.value = index
         versions = {c: self._load_collection(c) for c in COLLECTIONS}
         self.kv = KvState(name, versions["kv"], self.index, self.clock, self.history_depth)
-        self.kv.load(
-            store.query("SELECT key, create_index, modify_index FROM kv_index WHERE scope = ?", name),
-            store.query(
-                "SELECT key, stamp, op, flags, size, conflict, value FROM kv_history WHERE scope = ?",
-                name,
-            ),
-            conflicts,
-            kv_last,
-        )
+        index_rows, history_rows = kv_rows(store.query, name)
+        self.kv.load(index_rows, history_rows, conflicts, kv_last)
         self.catalog = ServiceCatalog(versions["catalog"], self.index, self.clock)
         self.catalog.last_index = index
         self.devices = DeviceRegistry(versions["devices"], self.index, self.clock)
@@ -221,7 +214,11 @@ class Scope:
         """Seal ``group`` once the ready writers joined it; report its commit to all."""
         # Shielded: the others' acknowledgements wait on this task.
         with trio.CancelScope(shield=True):
-            await trio.lowlevel.checkpoint()
+            if not self.store.idle:
+                # The group would wait for the disk anyway: let the writers
+                # that are ready join it first. A lone writer, which finds the
+                # store idle, goes straight to the disk.
+                await trio.lowlevel.checkpoint()
             if self._open_group is group:
                 self._seal()
             if group.round is not None:

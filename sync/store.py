@@ -14,6 +14,16 @@ The thread is dedicated, not borrowed per round from ``trio.to_thread``: a
 handoff costs one lock and one wakeup each way, and the thread starts the next
 round the moment it is free, so one round's fsync overlaps the next's writers.
 
+Checkpoints (copying the WAL into the database file, then an fsync of it) take
+tens of milliseconds. SQLite runs them inside a ``COMMIT`` once the WAL holds
+1,000 pages, so every round queued behind would wait. Here a second thread with
+its own connection runs them in ``PASSIVE`` mode, which neither blocks the
+writer nor waits for it, every ``CHECKPOINT_ROUNDS`` rounds and after each
+compaction. Under steady writes it never quite catches up (rounds append while
+it copies), and the WAL starts over only once it is copied whole; so SQLite's
+own checkpoint still runs at 1,000 pages, but finds most of the WAL copied
+already and writes only the rest.
+
 If a round fails (disk full, I/O error) every batch of it, and every batch
 queued behind it, fails; nothing of them is on disk. The writer thread waits
 while the owner's ``on_failure`` hook reloads memory from disk, so memory never
@@ -38,32 +48,24 @@ import trio
 
 from .batch import WriteBatch
 from .errors import StoreCorrupt, StoreError, StoreFull, StoreLocked
+from .tables import KNOWN_VERSIONS, SCHEMA_VERSION, prepare_schema, write_rows
 
-SCHEMA_VERSION = 1
+__all__ = ["DB_NAME", "SCHEMA_VERSION", "Store"]
+
 DB_NAME = "konsul.db"
 LOCK_NAME = "LOCK"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS docs(
-    scope TEXT, collection TEXT, epoch INTEGER NOT NULL, snapshot BLOB NOT NULL,
-    PRIMARY KEY(scope, collection)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS updates(
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    scope TEXT NOT NULL, collection TEXT NOT NULL, epoch INTEGER NOT NULL, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS scope_state(
-    scope TEXT PRIMARY KEY, idx INTEGER NOT NULL, kv_index INTEGER NOT NULL,
-    conflicts INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS kv_index(
-    scope TEXT, key TEXT, create_index INTEGER NOT NULL, modify_index INTEGER NOT NULL,
-    PRIMARY KEY(scope, key)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS kv_history(
-    scope TEXT, key TEXT, stamp TEXT, op TEXT NOT NULL, flags INTEGER NOT NULL,
-    size INTEGER NOT NULL, conflict INTEGER NOT NULL, value BLOB,
-    PRIMARY KEY(scope, key, stamp)) WITHOUT ROWID;
-"""
-
 DURABILITY_MODES = {"full": "FULL", "relaxed": "NORMAL"}
+
+# A background checkpoint after this many rounds (and after every compaction).
+CHECKPOINT_ROUNDS = 128
+# SQLite's own checkpoint, inside a COMMIT, once the WAL holds this many pages
+# (SQLite's default); it copies what the background one has not.
+WAL_BACKSTOP_PAGES = 1000
+# After a compaction, free pages go back to the file system once they are at
+# least this many and a quarter of the file; fewer are reused by later writes,
+# and giving them back only for the file to grow again costs writes for nothing.
+VACUUM_MIN_FREE_PAGES = 256
 
 
 class _Round:
@@ -105,6 +107,10 @@ class Store:
         self.on_failure: Callable[[Exception], None] | None = None
         self.rounds = 0
         self.batches = 0
+        self._checkpointer: _Checkpointer | None = None
+        # Rounds queued or being written, as trio sees them (see idle).
+        self._outstanding = 0
+        self._rounds_since_checkpoint = 0
 
     # -- opening -------------------------------------------------------------
 
@@ -131,15 +137,15 @@ class Store:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute(f"PRAGMA synchronous = {DURABILITY_MODES[durability]}")
                 conn.execute("PRAGMA journal_size_limit = 1048576")
+                conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_BACKSTOP_PAGES}")
                 conn.execute("PRAGMA busy_timeout = 0")
-                conn.executescript(_SCHEMA)
-                conn.execute(
-                    "INSERT OR IGNORE INTO meta(name, value) VALUES ('schema_version', ?)",
-                    (SCHEMA_VERSION,),
-                )
+                prepare_schema(conn, path)
             except sqlite3.Error as error:
                 conn.close()
                 raise _store_error(error, path) from error
+            except BaseException:
+                conn.close()
+                raise
         except BaseException:
             os.close(lock_fd)
             raise
@@ -195,9 +201,16 @@ class Store:
             raise StoreError("the store is not running")
         with self._lock:
             round_ = self._next
+            if not round_.batches:
+                self._outstanding += 1
             round_.batches.append(batch)
             self._work.notify()
         return round_
+
+    @property
+    def idle(self) -> bool:
+        """Nothing is queued or being written: a batch queued now is written at once."""
+        return self._outstanding == 0
 
     async def wait(self, round_: _Round) -> None:
         """Return once ``round_`` is durable; raise :class:`StoreError` if it is not."""
@@ -211,10 +224,13 @@ class Store:
         self._failed = self._crash = None
         self._wakeup, exited = trio.Event(), trio.Event()
         token = trio.lowlevel.current_trio_token()
+        self._checkpointer = _Checkpointer(self.path, DURABILITY_MODES[self.durability])
+        self._checkpointer.start()
         threading.Thread(
             target=self._write_forever, args=(token, exited), name="konsul-store", daemon=True
         ).start()
         self._running = True
+        self._outstanding = 0
         task_status.started()
         try:
             while True:  # the thread wakes us only when something went wrong
@@ -233,6 +249,9 @@ class Store:
             # transaction is never abandoned half way.
             with trio.CancelScope(shield=True):
                 await exited.wait()
+                # A checkpoint in progress finishes; the thread then closes its
+                # connection, before close() closes the writer's.
+                await trio.to_thread.run_sync(self._checkpointer.stop)
             if self._failed is not None:
                 self._recover(self._failed)
             with self._lock:
@@ -267,6 +286,7 @@ class Store:
 
     def _round_done(self, round_: _Round) -> None:
         """In trio, for each round the writer thread has finished."""
+        self._outstanding -= 1
         if round_.error is None:
             self.rounds += 1
             self.batches += len(round_.batches)
@@ -283,6 +303,8 @@ class Store:
         self._failed = None
         with self._lock:
             queued, self._next = self._next, _Round()
+        if queued.batches:
+            self._outstanding -= 1
         queued.error = failed.error
         try:
             if self.on_failure is not None:
@@ -301,72 +323,96 @@ class Store:
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
-            _write_rows(conn, merged)
+            write_rows(conn, merged)
             conn.execute("COMMIT")
         except sqlite3.Error as error:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise _store_error(error, self.path) from error
+        self._rounds_since_checkpoint += 1
         if merged.snapshots:
-            # A compaction just freed the old log: give the pages and the WAL
-            # back to the file system, so the file follows the live content.
+            # A compaction just freed the old log.
             try:
-                self.checkpoint()
+                self._vacuum(VACUUM_MIN_FREE_PAGES)
             except sqlite3.Error:
                 pass  # an optimisation only; the next compaction tries again
+        if merged.snapshots or self._rounds_since_checkpoint >= CHECKPOINT_ROUNDS:
+            self._rounds_since_checkpoint = 0
+            if self._checkpointer is not None:
+                self._checkpointer.request()
+
+    def _vacuum(self, min_free_pages: int) -> None:
+        """Give free pages back to the file system if there are enough of them."""
+        conn = self._conn
+        [(free,)] = conn.execute("PRAGMA freelist_count").fetchall()
+        [(pages,)] = conn.execute("PRAGMA page_count").fetchall()
+        if free and free >= min_free_pages and free * 4 >= pages:
+            # Through executescript: execute() steps the pragma once, and each
+            # step frees one page only.
+            conn.executescript("PRAGMA incremental_vacuum;")
 
     def checkpoint(self) -> None:
-        """Give freed pages back to the file system (after compaction)."""
-        self._conn.execute("PRAGMA incremental_vacuum")
-        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        """Give every free page and the WAL back to the file system.
+
+        Only while :meth:`run` is not running: it uses the writer's connection.
+        """
+        self._vacuum(1)
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
-def _write_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:
-    """Write one merged batch; the caller holds the transaction."""
-    if batch.updates:
-        conn.executemany(
-            "INSERT INTO updates(scope, collection, epoch, data) VALUES (?, ?, ?, ?)",
-            batch.updates,
-        )
-    for (scope, collection), (epoch, snapshot) in batch.snapshots.items():
-        conn.execute(
-            "INSERT OR REPLACE INTO docs(scope, collection, epoch, snapshot) VALUES (?, ?, ?, ?)",
-            (scope, collection, epoch, snapshot),
-        )
-        # The snapshot holds everything the log of the epoch it replaces did.
-        conn.execute(
-            "DELETE FROM updates WHERE scope = ? AND collection = ? AND epoch != ?",
-            (scope, collection, epoch),
-        )
-    upserts = [(s, k, *v) for (s, k), v in batch.kv_index.items() if v is not None]
-    deletes = [key for key, v in batch.kv_index.items() if v is None]
-    if upserts:
-        conn.executemany(
-            "INSERT OR REPLACE INTO kv_index(scope, key, create_index, modify_index) "
-            "VALUES (?, ?, ?, ?)",
-            upserts,
-        )
-    if deletes:
-        conn.executemany("DELETE FROM kv_index WHERE scope = ? AND key = ?", deletes)
-    rows = [(*key, *v) for key, v in batch.history.items() if v is not None]
-    gone = [key for key, v in batch.history.items() if v is None]
-    if rows:
-        conn.executemany(
-            "INSERT OR REPLACE INTO kv_history(scope, key, stamp, op, flags, size, conflict, value) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-    if gone:
-        conn.executemany("DELETE FROM kv_history WHERE scope = ? AND key = ? AND stamp = ?", gone)
-    if batch.scope_state:
-        conn.executemany(
-            "INSERT OR REPLACE INTO scope_state(scope, idx, kv_index, conflicts) VALUES (?, ?, ?, ?)",
-            [(scope, *v) for scope, v in batch.scope_state.items()],
-        )
-    if batch.meta:
-        conn.executemany(
-            "INSERT OR REPLACE INTO meta(name, value) VALUES (?, ?)", list(batch.meta.items())
-        )
+class _Checkpointer:
+    """Copies the WAL into the database file on its own connection and thread.
+
+    See the module doc. ``PASSIVE`` never waits on the writer and never makes
+    it wait; a checkpoint that fails (a full disk) is tried again at the next
+    request, and SQLite's own checkpoint remains the backstop.
+    """
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        self._path = path
+        self._synchronous = synchronous
+        self._cond = threading.Condition()
+        self._due = False
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="konsul-checkpoint", daemon=True)
+        self.runs = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request(self) -> None:
+        with self._cond:
+            self._due = True
+            self._cond.notify()
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it (blocking)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        except sqlite3.Error:
+            return  # the writer's own checkpoint takes over
+        try:
+            while True:
+                with self._cond:
+                    while not (self._due or self._stopping):
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    self._due = False
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self.runs += 1
+                except sqlite3.Error:
+                    pass
+        finally:
+            conn.close()
 
 
 def _lock_directory(directory: Path) -> int:
@@ -387,12 +433,12 @@ def _lock_directory(directory: Path) -> int:
 
 
 def _check_readonly(path: Path) -> None:
-    """Fail with StoreCorrupt if ``path`` is not a healthy SQLite database."""
+    """Fail if ``path`` is not a healthy SQLite database of a schema version we read."""
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             result = conn.execute("PRAGMA quick_check").fetchone()
-            conn.execute("SELECT count(*) FROM meta").fetchone()
+            row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
         finally:
             conn.close()
     except sqlite3.Error as error:
@@ -404,6 +450,13 @@ def _check_readonly(path: Path) -> None:
         raise StoreCorrupt(
             f"{path} failed its integrity check ({result[0]}). It was left untouched: "
             "restore it from a backup, or move it away to start with an empty store."
+        )
+    version = row[0] if row else None
+    if version is not None and version not in KNOWN_VERSIONS:
+        raise StoreError(
+            f"{path} has schema version {version}, which this agent does not know (it "
+            f"reads {', '.join(map(str, KNOWN_VERSIONS))}). It was left untouched: run a "
+            "newer agent on it."
         )
 
 

@@ -37,6 +37,12 @@ def test_compact_stamps_of_one_length_sort_like_stamps(a, b):
         assert (a.compact() < b.compact()) == (a < b)
 
 
+def test_compact_texts_are_pinned():
+    """Version ids are stored and exchanged: their text must never change."""
+    assert Stamp(1_764_230_000_000, 7, "abcdef012345").compact() == "Of3ILq-6ewrj-HC4"
+    assert Stamp(1_764_230_000_000, 4097, "abcdef012345").compact() == "Of3ILq-0-0ewrj-HC4"
+
+
 @pytest.mark.parametrize("replica", ["a", "e1", "ABCDEF012345", "-12345678901", "0123456789abc"])
 def test_other_replica_ids_keep_the_long_form(replica):
     stamp = Stamp(1_764_230_000_000, 7, replica)
