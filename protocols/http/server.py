@@ -1,19 +1,49 @@
-"""Serving an app with hypercorn under trio, the same way for the edge and the hub."""
+"""Serving an app with hypercorn under trio, the same way for the edge and the hub.
+
+Theory of operation. hypercorn keeps its protocol core (``hypercorn.protocol``:
+h11 and h2 state, ASGI HTTP and WebSocket streams) apart from its runtime
+adapters (``hypercorn.trio``: sockets, tasks, timers). We use the core as it is
+and drive it with our own, leaner trio adapter, ``Connection``. What hypercorn's
+trio adapter does per request, and what this one does instead (each measured
+on a bare ASGI app, docs/benchmarks.md, "HTTP KV"):
+
+- the keep-alive timer is a task: every request stops it and every response
+  restarts it, i.e. a lock, a ``nursery.start`` of a new task and the
+  cancellation (a raised and caught ``Cancelled``) of the old one, twice per
+  request. Here the timer is the deadline of the cancel scope the connection's
+  only reader already waits in: idle moves the deadline, busy clears it;
+- every send takes a trio lock with a checkpoint, opens a shielded cancel
+  scope and calls ``send_all``, also for the empty chunk h11 produces for the
+  end of a sized body. Here empty chunks are not sent and the lock is taken
+  without a checkpoint when it is free;
+- every read sits in a ``fail_after(inf)`` scope when no read timeout is set;
+- every request opens a memory channel through ``open_memory_channel[...]``,
+  whose generic-alias subscription alone is a measurable cost.
+
+The protocol core itself, the app task per request, HTTP/2 and WebSockets are
+hypercorn's own and unchanged; only plain TCP is served (konsul binds no TLS).
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from functools import partial
+from math import inf
+from typing import Any
 
 import trio
 
 from konsul.sync.wire import MAX_FRAME_BYTES
 
+log = logging.getLogger(__name__)
+
+MAX_RECV = 2**16
+
 
 async def serve_app(app, host: str, port: int, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` on ``host:port`` until cancelled; reports the URL it bound (port 0 resolved)."""
     from hypercorn.config import Config
-    from hypercorn.trio import serve
 
     config = Config()
     config.bind = [f"{host}:{port}"]
@@ -25,6 +55,167 @@ async def serve_app(app, host: str, port: int, *, task_status: trio.TaskStatus[s
     # A sync diff or snapshot travels as one WebSocket message; hypercorn's
     # default (16 MiB) would cut a large reconciliation short.
     config.websocket_max_message_size = MAX_FRAME_BYTES
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=trio.sleep_forever))
-        task_status.started(binds[0])
+    await serve(app, config, task_status=task_status)
+
+
+async def serve(app, config, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """hypercorn's ``worker_serve`` for plain TCP with ``Connection`` as the runtime adapter.
+
+    Runs the ASGI lifespan, binds ``config.bind``, reports the first bound URL
+    and serves until cancelled (cancellation is shutdown, as for every konsul
+    component).
+    """
+    from hypercorn.trio.lifespan import Lifespan
+    from hypercorn.trio.worker_context import WorkerContext
+    from hypercorn.typing import ConnectionState
+    from hypercorn.utils import repr_socket_addr, wrap_app
+
+    wrapped = wrap_app(app, config.wsgi_max_body_size, None)
+    lifespan_state: dict = {}
+    lifespan = Lifespan(wrapped, config, lifespan_state)
+    context = WorkerContext(None)
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        sockets = config.create_sockets()
+        if sockets.secure_sockets or sockets.quic_sockets:
+            raise ValueError("serve() binds plain TCP only")
+        listeners = []
+        binds = []
+        for sock in sockets.insecure_sockets:
+            sock.listen(config.backlog)
+            listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+            binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+        for bind in binds:
+            await config.log.info(f"Running on {bind} (CTRL + C to quit)")
+        handler = partial(Connection, wrapped, config, context, ConnectionState(lifespan_state.copy()))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(trio.serve_listeners, _run_connection(handler), listeners))
+            task_status.started(binds[0])
+
+
+def _run_connection(handler: Callable[[trio.SocketStream], Connection]) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    async def run(stream: trio.SocketStream) -> None:
+        await handler(stream).run()
+
+    return run
+
+
+class TaskGroup:
+    """hypercorn's trio ``TaskGroup``: the app of each request runs in its own task."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    async def spawn_app(self, app, config, scope, send):
+        from hypercorn.trio.task_group import _handle
+
+        # Not open_memory_channel[...]: subscripting the generic costs more
+        # than the channel.
+        app_send, app_receive = trio.open_memory_channel(config.max_app_queue_size)
+        self._nursery.start_soon(
+            _handle, app, config, scope, app_receive.receive, send, trio.to_thread.run_sync, trio.from_thread.run
+        )
+        return app_send.send
+
+    def spawn(self, func: Callable, *args: Any) -> None:
+        self._nursery.start_soon(func, *args)
+
+
+class Connection:
+    """One TCP connection: reads into hypercorn's protocol core and sends what it emits.
+
+    The keep-alive timeout is the deadline of the read: while no request is in
+    flight (the protocol reports ``Updated(idle=True)``) the read may wait
+    ``keep_alive_timeout`` seconds, after which the connection closes; while a
+    request is in flight (a blocking query may take minutes) it waits without
+    a deadline, as hypercorn's own idle timer does.
+    """
+
+    def __init__(self, app, config, context, state, stream: trio.SocketStream) -> None:
+        self.app = app
+        self.config = config
+        self.context = context
+        self.state = state
+        self.stream = stream
+        self.protocol: Any = None
+        self._send_lock = trio.Lock()
+        self._idle_deadline = trio.current_time() + config.keep_alive_timeout
+        self._read_scope: trio.CancelScope | None = None
+
+    async def run(self) -> None:
+        from hypercorn.protocol import ProtocolWrapper
+        from hypercorn.utils import parse_socket_addr
+
+        try:
+            socket = self.stream.socket
+            client = parse_socket_addr(socket.family, socket.getpeername())
+            server = parse_socket_addr(socket.family, socket.getsockname())
+            async with trio.open_nursery() as nursery:
+                self.protocol = ProtocolWrapper(
+                    self.app, self.config, self.context, TaskGroup(nursery), self.state,
+                    False, client, server, self.protocol_send, "http/1.1",
+                )
+                await self.protocol.initiate()
+                await self._read_data()
+        except OSError:
+            pass
+        finally:
+            await self._close()
+
+    async def protocol_send(self, event) -> None:
+        from hypercorn.events import Closed, RawData, Updated
+
+        if type(event) is RawData:
+            if not event.data:
+                return  # h11's end of a sized body: nothing to put on the wire
+            lock = self._send_lock
+            if lock.locked():
+                await lock.acquire()
+            else:
+                lock.acquire_nowait()
+            try:
+                with trio.CancelScope(shield=True):
+                    await self.stream.send_all(event.data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.protocol.handle(Closed())
+            finally:
+                lock.release()
+        elif type(event) is Updated:
+            self._idle_deadline = trio.current_time() + self.config.keep_alive_timeout if event.idle else inf
+            if self._read_scope is not None:
+                self._read_scope.deadline = self._read_deadline()
+        elif type(event) is Closed:
+            await self._close()
+            await self.protocol.handle(Closed())
+
+    def _read_deadline(self) -> float:
+        if self.config.read_timeout is None:
+            return self._idle_deadline
+        return min(self._idle_deadline, trio.current_time() + self.config.read_timeout)
+
+    async def _read_data(self) -> None:
+        from hypercorn.events import Closed, RawData
+
+        while True:
+            with trio.CancelScope(deadline=self._read_deadline()) as scope:
+                self._read_scope = scope
+                try:
+                    data = await self.stream.receive_some(MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    break
+                finally:
+                    self._read_scope = None
+            if scope.cancelled_caught:
+                break  # idle for keep_alive_timeout, or a read took read_timeout
+            await self.protocol.handle(RawData(bytes(data)))
+            if not data:
+                break
+        await self.protocol.handle(Closed())
+
+    async def _close(self) -> None:
+        try:
+            await self.stream.send_eof()
+        except (trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError):
+            pass  # already gone
+        await self.stream.aclose()
