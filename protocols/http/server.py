@@ -22,6 +22,12 @@ on a bare ASGI app, docs/benchmarks.md, "HTTP KV"):
 
 The protocol core itself, the app task per request, HTTP/2 and WebSockets are
 hypercorn's own and unchanged; only plain TCP is served (konsul binds no TLS).
+
+In front of the core sits an optional fast path (``kv_fast_path.KvFastPath``,
+found in the app's config as ``KONSUL_FAST_PATH``): while the core has no
+request in flight and nothing buffered, the connection first offers the bytes
+it read to the fast path, which answers a plain KV read or write itself and
+declines anything else; declined bytes go to the core untouched.
 """
 
 from __future__ import annotations
@@ -55,10 +61,11 @@ async def serve_app(app, host: str, port: int, *, task_status: trio.TaskStatus[s
     # A sync diff or snapshot travels as one WebSocket message; hypercorn's
     # default (16 MiB) would cut a large reconciliation short.
     config.websocket_max_message_size = MAX_FRAME_BYTES
-    await serve(app, config, task_status=task_status)
+    fast_path = getattr(app, "config", {}).get("KONSUL_FAST_PATH")
+    await serve(app, config, fast_path=fast_path, task_status=task_status)
 
 
-async def serve(app, config, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(app, config, *, fast_path=None, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """hypercorn's ``worker_serve`` for plain TCP with ``Connection`` as the runtime adapter.
 
     Runs the ASGI lifespan, binds ``config.bind``, reports the first bound URL
@@ -88,7 +95,9 @@ async def serve(app, config, *, task_status: trio.TaskStatus[str] = trio.TASK_ST
             binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
         for bind in binds:
             await config.log.info(f"Running on {bind} (CTRL + C to quit)")
-        handler = partial(Connection, wrapped, config, context, ConnectionState(lifespan_state.copy()))
+        handler = partial(
+            Connection, wrapped, config, context, ConnectionState(lifespan_state.copy()), fast_path=fast_path
+        )
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(trio.serve_listeners, _run_connection(handler), listeners))
             task_status.started(binds[0])
@@ -99,6 +108,12 @@ def _run_connection(handler: Callable[[trio.SocketStream], Connection]) -> Calla
         await handler(stream).run()
 
     return run
+
+
+def _raw(data: bytes):
+    from hypercorn.events import RawData
+
+    return RawData(data=data)
 
 
 class TaskGroup:
@@ -132,8 +147,10 @@ class Connection:
     a deadline, as hypercorn's own idle timer does.
     """
 
-    def __init__(self, app, config, context, state, stream: trio.SocketStream) -> None:
+    def __init__(self, app, config, context, state, stream: trio.SocketStream, *, fast_path=None) -> None:
         self.app = app
+        self.fast_path = fast_path
+        self._pending = b""  # read, offered to the fast path, not yet answered
         self.config = config
         self.context = context
         self.state = state
@@ -208,10 +225,54 @@ class Connection:
                     self._read_scope = None
             if scope.cancelled_caught:
                 break  # idle for keep_alive_timeout, or a read took read_timeout
+            if data and self.fast_path is not None and self._core_idle():
+                data = await self._answer_fast(bytes(data))
+                if data is None:
+                    continue  # answered, or waiting for the rest of a request
+            elif self._pending:
+                data, self._pending = self._pending + data, b""
             await self.protocol.handle(RawData(bytes(data)))
             if not data:
                 break
         await self.protocol.handle(Closed())
+
+    def _core_idle(self) -> bool:
+        """Whether the protocol core is between requests with nothing buffered."""
+        import h11
+
+        core = self.protocol.protocol
+        connection = getattr(core, "connection", None)
+        return (
+            type(connection) is h11.Connection
+            and core.stream is None
+            and connection.our_state is h11.IDLE
+            and connection.their_state is h11.IDLE
+            and not connection.trailing_data[0]
+        )
+
+    async def _answer_fast(self, data: bytes) -> bytes | None:
+        """Answers what the fast path takes; returns the bytes the core must have, if any."""
+        from .kv_fast_path import Incomplete
+
+        buffer = self._pending + data
+        self._pending = b""
+        while buffer:
+            try:
+                request = self.fast_path.parse(buffer)
+            except Incomplete:
+                self._pending = buffer
+                return None
+            if request is None:
+                return buffer
+            method, key, query, body, consumed = request
+            self._idle_deadline = inf  # busy: a durable write may take a while
+            response = await self.fast_path.respond(method, key, query, body)
+            if response is None:
+                return buffer
+            buffer = buffer[consumed:]
+            await self.protocol_send(_raw(response))
+            self._idle_deadline = trio.current_time() + self.config.keep_alive_timeout
+        return None
 
     async def _close(self) -> None:
         try:
