@@ -38,9 +38,20 @@ from functools import partial
 from math import inf
 from typing import Any
 
+import h11
 import trio
+from hypercorn.config import Config
+from hypercorn.events import Closed, RawData, Updated
+from hypercorn.protocol import ProtocolWrapper
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.task_group import _handle
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import parse_socket_addr, repr_socket_addr, wrap_app
 
 from konsul.sync.wire import MAX_FRAME_BYTES
+
+from .kv_fast_path import Incomplete
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +60,6 @@ MAX_RECV = 2**16
 
 async def serve_app(app, host: str, port: int, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` on ``host:port`` until cancelled; reports the URL it bound (port 0 resolved)."""
-    from hypercorn.config import Config
-
     config = Config()
     config.bind = [f"{host}:{port}"]
     config.accesslog = None
@@ -72,11 +81,6 @@ async def serve(app, config, *, fast_path=None, task_status: trio.TaskStatus[str
     and serves until cancelled (cancellation is shutdown, as for every konsul
     component).
     """
-    from hypercorn.trio.lifespan import Lifespan
-    from hypercorn.trio.worker_context import WorkerContext
-    from hypercorn.typing import ConnectionState
-    from hypercorn.utils import repr_socket_addr, wrap_app
-
     wrapped = wrap_app(app, config.wsgi_max_body_size, None)
     lifespan_state: dict = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
@@ -110,12 +114,6 @@ def _run_connection(handler: Callable[[trio.SocketStream], Connection]) -> Calla
     return run
 
 
-def _raw(data: bytes):
-    from hypercorn.events import RawData
-
-    return RawData(data=data)
-
-
 class TaskGroup:
     """hypercorn's trio ``TaskGroup``: the app of each request runs in its own task."""
 
@@ -123,8 +121,6 @@ class TaskGroup:
         self._nursery = nursery
 
     async def spawn_app(self, app, config, scope, send):
-        from hypercorn.trio.task_group import _handle
-
         # Not open_memory_channel[...]: subscripting the generic costs more
         # than the channel.
         app_send, app_receive = trio.open_memory_channel(config.max_app_queue_size)
@@ -161,9 +157,6 @@ class Connection:
         self._read_scope: trio.CancelScope | None = None
 
     async def run(self) -> None:
-        from hypercorn.protocol import ProtocolWrapper
-        from hypercorn.utils import parse_socket_addr
-
         try:
             socket = self.stream.socket
             client = parse_socket_addr(socket.family, socket.getpeername())
@@ -181,8 +174,6 @@ class Connection:
             await self._close()
 
     async def protocol_send(self, event) -> None:
-        from hypercorn.events import Closed, RawData, Updated
-
         if type(event) is RawData:
             if not event.data:
                 return  # h11's end of a sized body: nothing to put on the wire
@@ -212,8 +203,6 @@ class Connection:
         return min(self._idle_deadline, trio.current_time() + self.config.read_timeout)
 
     async def _read_data(self) -> None:
-        from hypercorn.events import Closed, RawData
-
         while True:
             with trio.CancelScope(deadline=self._read_deadline()) as scope:
                 self._read_scope = scope
@@ -238,8 +227,6 @@ class Connection:
 
     def _core_idle(self) -> bool:
         """Whether the protocol core is between requests with nothing buffered."""
-        import h11
-
         core = self.protocol.protocol
         connection = getattr(core, "connection", None)
         return (
@@ -252,8 +239,6 @@ class Connection:
 
     async def _answer_fast(self, data: bytes) -> bytes | None:
         """Answers what the fast path takes; returns the bytes the core must have, if any."""
-        from .kv_fast_path import Incomplete
-
         buffer = self._pending + data
         self._pending = b""
         while buffer:
@@ -261,6 +246,10 @@ class Connection:
                 request = self.fast_path.parse(buffer)
             except Incomplete:
                 self._pending = buffer
+                if b"\r\n\r\n" in buffer:
+                    # The head is in, the body is arriving: busy, as the core
+                    # counts a request from its head on.
+                    self._idle_deadline = inf
                 return None
             if request is None:
                 return buffer
@@ -270,7 +259,7 @@ class Connection:
             if response is None:
                 return buffer
             buffer = buffer[consumed:]
-            await self.protocol_send(_raw(response))
+            await self.protocol_send(RawData(data=response))
             self._idle_deadline = trio.current_time() + self.config.keep_alive_timeout
         return None
 
