@@ -15,7 +15,8 @@ go to hypercorn untouched, which then answers or refuses them as it always did):
 - a key of printable ASCII without ``%`` (so no unescaping question arises);
 - a query that is empty, or only ``dc=<name>`` and, for GET, ``raw``;
 - a ``Content-Length`` body (none for GET; at most ``MAX_BODY`` for PUT), no
-  ``Transfer-Encoding``, ``Expect``, ``Upgrade`` or ``Connection`` header.
+  ``Transfer-Encoding``, ``Expect`` or ``Upgrade`` header, and ``Connection``
+  only as ``keep-alive``.
 
 The answers are the quart routes' answers byte for byte in status, headers and
 body (``kv_routes``), the error form included, and count in
@@ -110,7 +111,13 @@ class KvFastPath:
                 length = int(value)
             elif name == b"host":
                 host = True
-            elif name in (b"transfer-encoding", b"expect", b"upgrade", b"connection"):
+            elif name == b"connection":
+                # HTTP/1.1 keeps the connection by default; python-requests (so
+                # py-consul) still says so on every request. Anything else
+                # (close, upgrade) is the core's.
+                if value.strip(b" \t").lower() != b"keep-alive":
+                    return None
+            elif name in (b"transfer-encoding", b"expect", b"upgrade"):
                 return None
         length = length or 0
         if not host or length > MAX_BODY or (method == b"GET" and length):

@@ -94,6 +94,21 @@ def test_same_answer_as_the_route(client, method, target, body):
     assert fast == routed
 
 
+def test_keep_alive_header_as_python_requests_sends_it(client):
+    extra = "Connection: keep-alive\r\nAccept: */*\r\nUser-Agent: python-requests/2.32\r\n"
+    data = request("PUT", "/v1/kv/fast/ka", b"kept", extra)
+    assert KvFastPath.parse(None, data) is not None
+    client.send(data)
+    assert client.response()[2] == b"true"
+    for target in ("/v1/kv/fast/ka", "/v1/kv/fast/ka?raw"):
+        client.send(request("GET", target, extra=extra))
+        fast = client.response()
+        client.send(request("GET", with_zz(target), extra=extra))
+        routed = client.response()
+        fast[1].pop(b"date"), routed[1].pop(b"date")
+        assert fast == routed
+
+
 def test_pipelined_requests_mixed_with_the_routes(client):
     client.send(
         request("PUT", "/v1/kv/fast/p1", b"one")
@@ -152,6 +167,7 @@ def test_parse_plain_put_and_get():
         b"PUT /v1/kv/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
         b"PUT /v1/kv/a HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
         b"PUT /v1/kv/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx",
+        b"PUT /v1/kv/a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nContent-Length: 1\r\n\r\nx",
         b"PUT /v1/kv/a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
         b"PUT /v1/kv/a HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
         b"PUT /v1/kv/a HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1),
