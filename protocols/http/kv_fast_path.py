@@ -129,12 +129,12 @@ class KvFastPath:
 
     async def respond(self, method: bytes, key: bytes, query: bytes, body: bytes) -> bytes | None:
         """The response to a parsed request, or ``None`` when its query is not a plain one."""
-        dc, raw = None, False
+        dc, raw, seen_dc = None, False, False
         if query:
             for item in query.split(b"&"):
                 name, eq, value = item.partition(b"=")
-                if name == b"dc" and _DC_BYTES.issuperset(value):
-                    dc = value.decode() or None
+                if name == b"dc" and not seen_dc and _DC_BYTES.issuperset(value):
+                    dc, seen_dc = value.decode() or None, True
                 elif name == b"raw" and method == b"GET" and not value:
                     raw = True
                 else:

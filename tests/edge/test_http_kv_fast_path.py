@@ -80,6 +80,8 @@ def with_zz(target: str) -> str:
         ("GET", "/v1/kv/fast/a", b""),
         ("GET", "/v1/kv/fast/a?raw", b""),
         ("GET", "/v1/kv/fast/a?dc=global", b""),
+        ("GET", "/v1/kv/fast/a?dc=&raw", b""),
+        ("GET", "/v1/kv/fast/a?dc=global&dc=elsewhere", b""),
         ("GET", "/v1/kv/fast/missing", b""),
         ("PUT", "/v1/kv//leading-slash", b"v"),
         ("PUT", "/v1/kv/fast/a?dc=elsewhere", b"v"),
