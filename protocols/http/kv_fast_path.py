@@ -101,7 +101,7 @@ class KvFastPath:
         host = False
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
-            if not colon or not name or name[-1] in b" \t":
+            if not colon or not name or name[0] in b" \t" or name[-1] in b" \t":
                 return None
             name = name.lower()
             if name == b"content-length":

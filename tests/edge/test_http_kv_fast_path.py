@@ -165,6 +165,7 @@ def test_parse_plain_put_and_get():
         b"GET /v1/kv/a HTTP/1.0\r\nHost: x\r\n\r\n",
         b"GET /v1/kv/a HTTP/1.1\r\n\r\n",  # no Host
         b"GET /v1/kv/a HTTP/1.1\r\nHost : x\r\n\r\n",
+        b"GET /v1/kv/a HTTP/1.1\r\nHost: x\r\n folded: y\r\n\r\n",
         b"GET /v1/kv/a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx",
         b"PUT /v1/kv/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
         b"PUT /v1/kv/a HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
