@@ -11,7 +11,11 @@ req/s and server CPU per request. The variants, from leanest to konsul's stack:
   Content-Length bytes) on trio streams: about the least Python can do;
 - ``h11``: the h11 state machine on trio streams, no ASGI;
 - ``asgi``: hypercorn's trio worker with a bare ASGI app (no framework);
-- ``quart``: quart-trio on hypercorn with one route, as konsul's HTTP API runs.
+- ``quart``: quart-trio on hypercorn with one route, as konsul's HTTP API ran
+  until konsul drove hypercorn's protocol core with its own trio adapter;
+- ``lean``: the bare ASGI app on hypercorn's protocol core driven by konsul's
+  adapter (``konsul.protocols.http.server``);
+- ``lean-quart``: the one-route quart-trio app on that adapter.
 """
 
 from __future__ import annotations
@@ -112,12 +116,15 @@ def main() -> None:
         trio.run(partial(trio.serve_tcp, handler, port, host="127.0.0.1"))
         return
     from hypercorn.config import Config
-    from hypercorn.trio import serve
 
     config = Config()
     config.bind = [f"127.0.0.1:{port}"]
     config.accesslog = None
-    app = asgi_app if variant == "asgi" else quart_app()
+    app = asgi_app if variant in ("asgi", "lean") else quart_app()
+    if variant.startswith("lean"):
+        from konsul.protocols.http.server import serve
+    else:
+        from hypercorn.trio import serve
     trio.run(partial(serve, app, config))
 
 

@@ -443,7 +443,9 @@ FLOOR_VARIANTS = {
     "raw": "hand-written HTTP/1.1 reader on trio streams",
     "h11": "h11 on trio streams, no ASGI",
     "asgi": "hypercorn (trio worker) + bare ASGI app",
-    "quart": "hypercorn + quart-trio, one route (konsul's HTTP stack, no konsul code)",
+    "quart": "hypercorn (trio worker) + quart-trio, one route (konsul's HTTP stack before the lean adapter)",
+    "lean": "hypercorn's protocol core on konsul's trio adapter + bare ASGI app",
+    "lean-quart": "hypercorn's protocol core on konsul's trio adapter + quart-trio, one route",
 }
 
 

@@ -15,6 +15,7 @@ from konsul.sync.limits import MAX_VALUE_BYTES
 from .agent_routes import agent_api
 from .catalog_routes import catalog_api
 from .context import HttpContext
+from .kv_fast_path import KvFastPath
 from .kv_routes import kv_api
 from .metrics import HttpMetrics, make_registry
 from .device_routes import device_api
@@ -54,6 +55,9 @@ def create_app(ctx: HttpContext, extra_blueprints: tuple | list = ()) -> QuartTr
     if ctx.registry is None:
         ctx.registry = make_registry(ctx.replica, lambda: ctx.sync_status())
     metrics = HttpMetrics(ctx.registry)
+    # Plain KV reads and writes are answered before hypercorn's protocol core
+    # (server.py); everything else reaches the routes below.
+    app.config["KONSUL_FAST_PATH"] = KvFastPath(ctx, metrics)
     for blueprint in (kv_api, txn_api, agent_api, catalog_api, device_api, twin_api, telemetry_api, ops_api, *extra_blueprints):
         app.register_blueprint(blueprint)
 
