@@ -6,7 +6,11 @@ the only module of the gateway that crosses it:
 - trio -> asyncio: :func:`run_coap_gateway` (trio) creates and shuts down the
   aiocoap server context through ``aio_as_trio``.
 - asyncio -> trio: resources await ``run_trio(fn, *args)`` (``trio_as_aio``)
-  for whatever writes state (KV writes, device registration, trio hooks).
+  for whatever writes state (conditional KV writes, deletes, device
+  registration, trio hooks). Unconditional KV puts, the common write, do not
+  cross per request: the resource calls ``KvWriter.submit`` synchronously
+  (both loops share one thread) and awaits an asyncio future that the
+  writer's trio task resolves once the put's batch is durable (writer.py).
   Reads (GET, Observe notifications) are plain in-memory lookups and never
   cross, which keeps the hot path as fast as a bare aiocoap server.
 - state changes: the scope announces durable changes to listeners from trio;
@@ -26,7 +30,9 @@ import trio_asyncio
 
 from ..aio_loop import run_callbacks_in_batches
 from ..gateway import GatewayContext
+from .dedup import compact_duplicates
 from .site import CoapGateway
+from .writer import KvWriter
 
 log = logging.getLogger("konsul.coap")
 
@@ -122,7 +128,8 @@ async def run_coap_gateway(
     def run_trio(fn, *args, **kwargs):
         return trio_asyncio.trio_as_aio(partial(fn, **kwargs) if kwargs else fn, loop=loop)(*args)
 
-    gateway = CoapGateway(gateways, run_trio)
+    writer = KvWriter(loop.create_future)
+    gateway = CoapGateway(gateways, run_trio, writer)
     # aiocoap sets SO_REUSEPORT by default, which would let a second agent bind
     # the same port silently and split the traffic; we want "address in use".
     os.environ.setdefault("AIOCOAP_REUSE_PORT", "0")
@@ -134,6 +141,10 @@ async def run_coap_gateway(
         raise OSError(exc.errno, f"cannot listen for CoAP on {addr}: {exc.strerror or exc}") from None
     _drain_datagrams(context)
     _render_without_naming(context)
+    for tokens in context.request_interfaces:
+        manager = getattr(tokens, "token_interface", None)
+        if manager is not None:
+            compact_duplicates(manager)
 
     def on_change(scope_name: str, collection: str, keys: set[str]) -> None:
         if collection == "kv":
@@ -152,9 +163,10 @@ async def run_coap_gateway(
 
     gateways.extras["notify_desired"] = notify_desired
     try:
-        shown = f"[{host}]" if ":" in host else host
-        task_status.started(f"{shown}:{_bound_port(context)}")
-        await trio.sleep_forever()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            shown = f"[{host}]" if ":" in host else host
+            task_status.started(f"{shown}:{_bound_port(context)}")
     finally:
         for scope, listener in zip(scopes, listeners, strict=True):
             scope.listeners.remove(listener)
