@@ -8,7 +8,7 @@ trio, a clean shutdown, and a clear error when the port is taken.
 
 from __future__ import annotations
 
-import asyncio
+import socket
 
 import cbor2
 import pytest
@@ -145,11 +145,13 @@ async def test_concurrent_puts_share_commits_and_are_durable_when_answered(tmp_p
         # 40 endpoints with one PUT each, all in flight at once (an aiocoap
         # client would send them one at a time: NSTART=1)
         targets = [(f"k/{i}", query) for i in range(40)] + [("k/g", query + "&dc=global")]
-        socks = [trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) for _ in targets]
+        plain = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in targets]
+        socks = [trio.socket.from_stdlib_socket(sock) for sock in plain]
         try:
-            for sock, (key, q) in zip(socks, targets, strict=True):
-                await sock.connect((host, int(port)))
-                await sock.send(_put(key, q, cbor2.dumps(key.encode()), mid=7))
+            for sock, (key, q) in zip(plain, targets, strict=True):
+                sock.connect((host, int(port)))
+            for sock, (key, q) in zip(plain, targets, strict=True):  # no checkpoint in between
+                sock.send(_put(key, q, cbor2.dumps(key.encode()), mid=7))
             codes = []
             with trio.fail_after(10):
                 for sock in socks:
@@ -159,7 +161,7 @@ async def test_concurrent_puts_share_commits_and_are_durable_when_answered(tmp_p
                 sock.close()
         assert codes == [0x41] * 41  # 2.01 Created
         # every answer came after its write was durable, and the writes shared commits
-        assert store.rounds - rounds_before < 20
+        assert store.rounds - rounds_before < 10
         assert h.gateways.scope.kv.get("k/39").value == b"k/39"
         assert h.gateways.global_scope.kv.get("k/g").value == b"k/g"
         assert store.query("SELECT count(*) FROM updates")[0][0] > 0
