@@ -389,6 +389,11 @@ def main() -> int:
         help="which brokers, comma-separated (konsul-relaxed: the edge with --durability relaxed)",
     )
     parser.add_argument("--reps", type=int, default=3, help="runs per cell, each on a fresh broker (median reported)")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(f"{p}q{q}" for p, q in SCENARIOS),
+        help="which cells, as PUBLISHERSqQOS, comma-separated (e.g. 1q1 for one publisher at QoS 1)",
+    )
     parser.add_argument("--serve-amqtt", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_amqtt:
@@ -403,6 +408,8 @@ def main() -> int:
         "mosquitto": start_mosquitto,
     }
     names = [name for name in args.brokers.split(",") if name]
+    wanted = set(args.scenarios.split(","))
+    scenarios = [(p, q) for p, q in SCENARIOS if f"{p}q{q}" in wanted]
     results: dict[str, dict] = {}
     log(machine())
     with tempfile.TemporaryDirectory(prefix="konsul-mqtt-bench-") as tmp:
@@ -410,11 +417,12 @@ def main() -> int:
             # A fresh broker for every measurement: retained messages pile up
             # (one per message here), and amqtt slows down with every one.
             figures = results[name] = {}
-            with running(starters[name], fresh_dir(tmp, name)) as broker:
-                figures["rss_idle"] = broker.rss_kb()
-                figures["rss_clients"] = idle_clients(broker, args.idle)
-            log(f"{name}: {figures['rss_idle'] / 1024:.1f} MiB idle, {figures['rss_clients'] / 1024:.1f} MiB with {args.idle} clients")
-            for publisher_count, qos in SCENARIOS:
+            if args.idle:
+                with running(starters[name], fresh_dir(tmp, name)) as broker:
+                    figures["rss_idle"] = broker.rss_kb()
+                    figures["rss_clients"] = idle_clients(broker, args.idle)
+                log(f"{name}: {figures['rss_idle'] / 1024:.1f} MiB idle, {figures['rss_clients'] / 1024:.1f} MiB with {args.idle} clients")
+            for publisher_count, qos in scenarios:
                 total = args.messages if qos == 0 else args.messages // 2
                 cells = []
                 for _ in range(args.reps):
@@ -424,11 +432,11 @@ def main() -> int:
                     log(f"{name}: {publisher_count:>3} -> 1 QoS {qos}: {cell['rate']:>8,.0f} msg/s delivered "
                         f"({cell['received']}/{cell['sent']}), broker CPU {cell['cpu_us']:.0f} us/msg")
                 figures[(publisher_count, qos)] = sorted(cells, key=lambda c: c["rate"])[len(cells) // 2]
-    print(report(results, names, args))
+    print(report(results, names, scenarios, args))
     return 0
 
 
-def report(results: dict, names: list[str], args: argparse.Namespace) -> str:
+def report(results: dict, names: list[str], scenarios: list[tuple[int, int]], args: argparse.Namespace) -> str:
     lines = [
         f"machine: {machine()}",
         f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}; messages per QoS 0 cell {args.messages} (QoS 1: half); median of {args.reps}",
@@ -441,7 +449,7 @@ def report(results: dict, names: list[str], args: argparse.Namespace) -> str:
     if "konsul-edge" in names and "mosquitto" in names:
         header += f"{'edge/mosquitto':>16}"
     lines.append(header)
-    for publisher_count, qos in SCENARIOS:
+    for publisher_count, qos in scenarios:
         row = f"{publisher_count:>3} -> 1, QoS {qos} "
         for name in names:
             cell = results[name][(publisher_count, qos)]
@@ -452,6 +460,8 @@ def report(results: dict, names: list[str], args: argparse.Namespace) -> str:
                 rate = results[peer][(publisher_count, qos)]["rate"]
                 row += f"{edge['rate'] / rate:>{width - 1}.2f}x" if rate else f"{'-':>{width}}"
         lines.append(row)
+    if not args.idle:
+        return "\n".join(lines)
     lines.append("")
     lines.append(f"resident memory, MiB: idle / with {args.idle} idle clients")
     for name in names:
