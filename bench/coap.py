@@ -284,15 +284,15 @@ def http(url: str, method: str, path: str, body: bytes) -> bytes:
     return reply.content
 
 
-def start_edge(work: Path, durability: str) -> tuple[Server, int, str]:
-    data = work / f"edge-{durability}"
+def start_edge(work: Path, durability: str, python: str = sys.executable, label: str = "") -> tuple[Server, int, str]:
+    data = work / f"edge-{durability}{label}"
     server = Server(
         [
-            sys.executable, "-m", "konsul.edge.cli", "edge",
+            python, "-m", "konsul.edge.cli", "edge",
             "--site", "bench", "--data-dir", str(data), "--http-addr", "127.0.0.1:0",
             "--mqtt-addr", "", "--coap-addr", "127.0.0.1:0", "--durability", durability,
         ],
-        work / f"edge-{durability}.log",
+        work / f"edge-{durability}{label}.log",
         r"http listening on (http://\S+)",
     )
     url = server.match.group(1)
@@ -329,7 +329,7 @@ def measure(target: Target, code: int, args) -> tuple[LoadResult, float]:
 TARGETS = ("libcoap", "bare", "trio", "batched", "full", "relaxed")
 
 
-def start_targets(work: Path, libcoap: str, wanted: list[str]) -> list[Target]:
+def start_targets(work: Path, libcoap: str, wanted: list[str], baseline: str | None = None) -> list[Target]:
     targets = []
     if "libcoap" in wanted:
         port = free_udp_port()
@@ -353,6 +353,9 @@ def start_targets(work: Path, libcoap: str, wanted: list[str]) -> list[Target]:
         if durability in wanted:
             server, port, query = start_edge(work, durability)
             targets.append(Target(f"konsul edge ({durability})", server, port, "kv/bench/value", query))
+    if baseline:
+        server, port, query = start_edge(work, "full", baseline, "-baseline")
+        targets.append(Target("konsul edge (baseline)", server, port, "kv/bench/value", query))
     return targets
 
 
@@ -367,6 +370,11 @@ def main() -> int:
         "--targets",
         default=",".join(TARGETS),
         help="comma-separated subset of " + ",".join(TARGETS) + " (the bare aiocoap server always runs)",
+    )
+    parser.add_argument(
+        "--baseline-python",
+        help="also measure the edge (full) of another checkout, run by this interpreter "
+        "(e.g. /work/main/.venv/bin/python): before and after in the same rounds",
     )
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--under-trio", action="store_true", help=argparse.SUPPRESS)
@@ -392,7 +400,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="konsul-coap-bench-") as tmp:
         targets: list[Target] = []
         try:
-            targets = start_targets(Path(tmp), libcoap, args.targets.split(","))
+            targets = start_targets(Path(tmp), libcoap, args.targets.split(","), args.baseline_python)
             # Rounds interleave the targets, so a burst of other load on the
             # machine hits all of them alike instead of one.
             for round_number in range(1, args.rounds + 1):

@@ -106,10 +106,10 @@ class Broker:
                 self.proc.wait()
 
 
-def start_edge(workdir: Path, publishers: int, durability: str = "full") -> Broker:
+def start_edge(workdir: Path, publishers: int, durability: str = "full", venv_bin: Path | None = None) -> Broker:
     broker = Broker(
         "konsul-edge",
-        [str(VENV_BIN / "konsul"), "edge", "--site", "bench", "--data-dir", str(workdir / "edge-data"),
+        [str((venv_bin or VENV_BIN) / "konsul"), "edge", "--site", "bench", "--data-dir", str(workdir / "edge-data"),
          "--http-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0", "--coap-addr", "", "--allow-anonymous",
          "--durability", durability],
         "http listening on",
@@ -386,13 +386,19 @@ def main() -> int:
     parser.add_argument(
         "--brokers",
         default="konsul-edge,konsul-relaxed,amqtt,mosquitto",
-        help="which brokers, comma-separated (konsul-relaxed: the edge with --durability relaxed)",
+        help="which brokers, comma-separated (konsul-relaxed: the edge with --durability relaxed; "
+        "konsul-baseline: see --baseline-bin)",
     )
     parser.add_argument("--reps", type=int, default=3, help="runs per cell, each on a fresh broker (median reported)")
     parser.add_argument(
         "--scenarios",
         default=",".join(f"{p}q{q}" for p, q in SCENARIOS),
         help="which cells, as PUBLISHERSqQOS, comma-separated (e.g. 1q1 for one publisher at QoS 1)",
+    )
+    parser.add_argument(
+        "--baseline-bin",
+        help="the bin directory of another checkout's virtualenv (e.g. /work/main/.venv/bin); "
+        "broker konsul-baseline is its edge",
     )
     parser.add_argument("--serve-amqtt", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -405,6 +411,7 @@ def main() -> int:
         "konsul-edge": lambda d: start_edge(d, 100),
         "konsul-relaxed": lambda d: start_edge(d, 100, "relaxed"),
         "amqtt": start_amqtt,
+        "konsul-baseline": lambda d: start_edge(d, 100, venv_bin=Path(args.baseline_bin)),
         "mosquitto": start_mosquitto,
     }
     names = [name for name in args.brokers.split(",") if name]
