@@ -53,7 +53,7 @@ from .topics import may_receive as topic_may_receive
 log = logging.getLogger("konsul.mqtt")
 
 MAX_BATCH = 1000  # KV writes per transaction
-COMMITS_IN_FLIGHT = 4  # batches applied and waiting for the store at once
+COMMITS_IN_FLIGHT = 2  # batches applied and waiting for the store at once (see docs/benchmarks.md, MQTT)
 HIGH_WATER = 5000  # queued writes and hook calls past which readers pause
 MAX_BACKLOG = 50_000  # past this, QoS 0 input is refused ("overload")
 
