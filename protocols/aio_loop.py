@@ -25,7 +25,14 @@ through ``inspect``), which asyncio does only in debug mode; that check was a
 tenth of the CPU of a CoAP GET at the edge. Outside debug mode it is skipped
 here too.
 
-This replaces two methods of trio-asyncio's loop object. It checks the parts
+Third, trio-asyncio keeps a cancelled timer in its heap until it would have
+fired. asyncio rebuilds its heap once more than half of it is cancelled
+timers; without that, every ``asyncio.timeout`` around a read (the MQTT
+connections' keep-alive deadline, 90 s ahead) left a handle behind, and the
+heap grew by the read rate times 90 s, each push and pop comparing its way
+through it. The same rule as asyncio's is applied here.
+
+This replaces three methods of trio-asyncio's loop object. It checks the parts
 it relies on and leaves the loop as it is (logging why) when they are not
 there, e.g. after a trio-asyncio release changed them.
 """
@@ -43,6 +50,7 @@ log = logging.getLogger("konsul.aio")
 
 _MARK = "_konsul_batched"
 _BATCH_LIMIT = 1000  # callbacks per trio turn, at most
+_MIN_PURGE = 100  # cancelled timers before the heap is worth rebuilding
 
 
 def _check_nothing(callback: Any, method: str) -> None:
@@ -91,7 +99,8 @@ def run_callbacks_in_batches(loop: Any) -> bool:
                 except trio.WouldBlock:
                     break
                 if isinstance(handle, asyncio.TimerHandle):
-                    heapq.heappush(timers, handle)
+                    if not handle._cancelled:  # cancelled before it got here
+                        heapq.heappush(timers, handle)
                 elif isinstance(handle, AsyncHandle):
                     sniffio_library.name = previous
                     handle._context.run(loop._nursery.start_soon, handle._run, name=handle._callback)
@@ -102,7 +111,20 @@ def run_callbacks_in_batches(loop: Any) -> bool:
         finally:
             sniffio_library.name = previous
 
+    cancelled = 0
+
+    def timer_handle_cancelled(handle: Any) -> None:
+        # asyncio's rule (base_events.py): purge once more than half the
+        # heap, and at least 100 handles, are cancelled timers.
+        nonlocal cancelled
+        cancelled += 1
+        if cancelled > _MIN_PURGE and cancelled > len(timers) // 2:
+            timers[:] = [timer for timer in timers if not timer._cancelled]
+            heapq.heapify(timers)
+            cancelled = 0
+
     loop._main_loop_one = main_loop_one
+    loop._timer_handle_cancelled = timer_handle_cancelled
     if not loop.get_debug():
         loop._check_callback = _check_nothing
     setattr(loop, _MARK, True)

@@ -93,3 +93,22 @@ async def test_errors_in_callbacks_go_to_the_exception_handler() -> None:
         loop.call_soon(done.set)
         await done.wait()
         assert isinstance(reported[0]["exception"], ValueError)
+
+
+async def test_cancelled_timers_do_not_pile_up_in_the_heap() -> None:
+    async with trio_asyncio.open_loop() as loop:
+        run_callbacks_in_batches(loop)
+        fired = trio.Event()
+        keep = loop.call_later(0.2, fired.set)
+        handles = [loop.call_later(3600, fired.set) for _ in range(1000)]
+        await trio.sleep(0.01)  # the loop takes them into its heap
+        assert len(loop._timers) == 1001
+        for handle in handles:
+            handle.cancel()
+        assert len(loop._timers) <= 500  # rebuilt once more than half was cancelled (asyncio's rule)
+        assert keep in loop._timers
+        loop.call_later(3600, fired.set).cancel()  # cancelled before it reaches the heap
+        await trio.sleep(0.01)
+        assert len(loop._timers) <= 500
+        with trio.fail_after(5):
+            await fired.wait()
