@@ -421,24 +421,29 @@ def main() -> int:
     log(machine())
     with tempfile.TemporaryDirectory(prefix="konsul-mqtt-bench-") as tmp:
         for name in names:
-            # A fresh broker for every measurement: retained messages pile up
-            # (one per message here), and amqtt slows down with every one.
             figures = results[name] = {}
             if args.idle:
                 with running(starters[name], fresh_dir(tmp, name)) as broker:
                     figures["rss_idle"] = broker.rss_kb()
                     figures["rss_clients"] = idle_clients(broker, args.idle)
                 log(f"{name}: {figures['rss_idle'] / 1024:.1f} MiB idle, {figures['rss_clients'] / 1024:.1f} MiB with {args.idle} clients")
-            for publisher_count, qos in scenarios:
-                total = args.messages if qos == 0 else args.messages // 2
-                cells = []
-                for _ in range(args.reps):
+        for publisher_count, qos in scenarios:
+            total = args.messages if qos == 0 else args.messages // 2
+            cells: dict[str, list[dict]] = {name: [] for name in names}
+            # Repetitions interleave the brokers, so a burst of other load on
+            # the machine hits all of them alike instead of one. A fresh broker
+            # for every measurement: retained messages pile up (one per
+            # message here), and amqtt slows down with every one.
+            for _ in range(args.reps):
+                for name in names:
                     with running(starters[name], fresh_dir(tmp, name)) as broker:
                         cell = run_scenario(broker, f"{publisher_count}q{qos}", publisher_count, qos, total)
-                    cells.append(cell)
+                    cells[name].append(cell)
                     log(f"{name}: {publisher_count:>3} -> 1 QoS {qos}: {cell['rate']:>8,.0f} msg/s delivered "
                         f"({cell['received']}/{cell['sent']}), broker CPU {cell['cpu_us']:.0f} us/msg")
-                figures[(publisher_count, qos)] = sorted(cells, key=lambda c: c["rate"])[len(cells) // 2]
+            for name in names:
+                ordered = sorted(cells[name], key=lambda c: c["rate"])
+                results[name][(publisher_count, qos)] = ordered[len(ordered) // 2]
     print(report(results, names, scenarios, args))
     return 0
 
@@ -455,6 +460,8 @@ def report(results: dict, names: list[str], scenarios: list[tuple[int, int]], ar
         header += f"{'edge/amqtt':>12}"
     if "konsul-edge" in names and "mosquitto" in names:
         header += f"{'edge/mosquitto':>16}"
+    if "konsul-edge" in names and "konsul-baseline" in names:
+        header += f"{'edge/baseline':>15}"
     lines.append(header)
     for publisher_count, qos in scenarios:
         row = f"{publisher_count:>3} -> 1, QoS {qos} "
@@ -462,7 +469,7 @@ def report(results: dict, names: list[str], scenarios: list[tuple[int, int]], ar
             cell = results[name][(publisher_count, qos)]
             row += f"{cell['rate']:>10,.0f} ({cell['received']}/{cell['sent']}; {cell['cpu_us']:.0f} us)".rjust(31)
         edge = results.get("konsul-edge", {}).get((publisher_count, qos))
-        for peer, width in (("amqtt", 12), ("mosquitto", 16)):
+        for peer, width in (("amqtt", 12), ("mosquitto", 16), ("konsul-baseline", 15)):
             if edge and peer in names:
                 rate = results[peer][(publisher_count, qos)]["rate"]
                 row += f"{edge['rate'] / rate:>{width - 1}.2f}x" if rate else f"{'-':>{width}}"
