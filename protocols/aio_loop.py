@@ -14,10 +14,8 @@ were already queued and the timers already due, up to the number queued when
 the turn began (so a callback that keeps rescheduling itself cannot starve
 trio), then returns to trio's scheduler. Order is kept: callbacks run in the
 order queued, and a trio task started from asyncio (``trio_as_aio``) is
-still waited for until it has started, as trio-asyncio does. Measured with
-bench/coap.py: it takes a bare aiocoap server under trio-asyncio from about
-0.6x to about 0.9x the CPU efficiency of the same server on plain asyncio
-(docs/benchmarks.md, CoAP).
+still waited for until it has started, as trio-asyncio does. What it was
+worth on bench/coap.py is in docs/benchmarks.md, CoAP.
 
 Second, trio-asyncio checks every callback given to ``call_soon``,
 ``call_later`` and ``call_at`` for being a coroutine (``_check_callback``,

@@ -7,8 +7,8 @@ keeps the response ``Message`` -- which references its request, both option
 sets, the remote, transport tunings -- until the timer fires: some thirty
 objects per request that the cyclic garbage collector traverses again and
 again. Under load (bench/coap.py, 1,000 requests/s) that held 250,000
-requests' objects at a time, and the collector took a quarter to a third of
-the edge's CPU.
+requests' objects at a time, and the collector took about 30% of the
+edge's CPU.
 
 :func:`compact_duplicates` replaces that bookkeeping on aiocoap's message
 manager with the same rule kept in plain data: a dict from (address, message
