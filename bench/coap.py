@@ -172,7 +172,7 @@ def drive(host: str, port: int, code: int, tail: bytes, endpoints: int, seconds:
 # -- the servers ---------------------------------------------------------------------------
 
 
-def bare_aiocoap_server(port: int, under_trio: bool = False) -> None:
+def bare_aiocoap_server(port: int, under_trio: bool = False, batched: bool = False) -> None:
     """The reference: aiocoap with one in-memory resource, on plain asyncio or under trio-asyncio.
 
     The trio-asyncio variant is hosted as konsul hosts aiocoap (one
@@ -212,7 +212,11 @@ def bare_aiocoap_server(port: int, under_trio: bool = False) -> None:
     import trio_asyncio
 
     async def trio_main() -> None:
-        async with trio_asyncio.open_loop():
+        async with trio_asyncio.open_loop() as loop:
+            if batched:
+                from konsul.protocols.aio_loop import run_callbacks_in_batches
+
+                run_callbacks_in_batches(loop)
             await trio_asyncio.aio_as_trio(aiocoap.Context.create_server_context)(
                 site, bind=("127.0.0.1", port), transports=["udp6"]
             )
@@ -280,15 +284,15 @@ def http(url: str, method: str, path: str, body: bytes) -> bytes:
     return reply.content
 
 
-def start_edge(work: Path, durability: str) -> tuple[Server, int, str]:
-    data = work / f"edge-{durability}"
+def start_edge(work: Path, durability: str, python: str = sys.executable, label: str = "") -> tuple[Server, int, str]:
+    data = work / f"edge-{durability}{label}"
     server = Server(
         [
-            sys.executable, "-m", "konsul.edge.cli", "edge",
+            python, "-m", "konsul.edge.cli", "edge",
             "--site", "bench", "--data-dir", str(data), "--http-addr", "127.0.0.1:0",
             "--mqtt-addr", "", "--coap-addr", "127.0.0.1:0", "--durability", durability,
         ],
-        work / f"edge-{durability}.log",
+        work / f"edge-{durability}{label}.log",
         r"http listening on (http://\S+)",
     )
     url = server.match.group(1)
@@ -322,21 +326,36 @@ def measure(target: Target, code: int, args) -> tuple[LoadResult, float]:
     return result, (target.server.cpu_seconds() - cpu) / result.seconds
 
 
-def start_targets(work: Path, libcoap: str) -> list[Target]:
+TARGETS = ("libcoap", "bare", "trio", "batched", "full", "relaxed")
+
+
+def start_targets(work: Path, libcoap: str, wanted: list[str], baseline: str | None = None) -> list[Target]:
     targets = []
-    port = free_udp_port()
-    server = Server([libcoap, "-A", "127.0.0.1", "-p", str(port), "-v", "0"], work / "libcoap.log", "")
-    targets.append(Target("libcoap coap-server", server, port, "example_data", ""))
-    wait_for_coap(port, "example_data")
-    port = free_udp_port()
+    if "libcoap" in wanted:
+        port = free_udp_port()
+        server = Server([libcoap, "-A", "127.0.0.1", "-p", str(port), "-v", "0"], work / "libcoap.log", "")
+        targets.append(Target("libcoap coap-server", server, port, "example_data", ""))
+        wait_for_coap(port, "example_data")
+    port = free_udp_port()  # the reference every ratio is taken against: always measured
     server = Server([sys.executable, __file__, "--bare-server", str(port)], work / "bare.log", "ready")
     targets.append(Target("bare aiocoap", server, port, "value", ""))
-    port = free_udp_port()
-    server = Server([sys.executable, __file__, "--bare-server", str(port), "--under-trio"], work / "trio.log", "ready")
-    targets.append(Target("bare aiocoap/trio-aio", server, port, "value", ""))
+    if "trio" in wanted:
+        port = free_udp_port()
+        argv = [sys.executable, __file__, "--bare-server", str(port), "--under-trio"]
+        server = Server(argv, work / "trio.log", "ready")
+        targets.append(Target("bare aiocoap/trio-aio", server, port, "value", ""))
+    if "batched" in wanted:
+        port = free_udp_port()
+        argv = [sys.executable, __file__, "--bare-server", str(port), "--under-trio", "--batched"]
+        server = Server(argv, work / "batched.log", "ready")
+        targets.append(Target("bare aiocoap/batched", server, port, "value", ""))
     for durability in ("full", "relaxed"):
-        server, port, query = start_edge(work, durability)
-        targets.append(Target(f"konsul edge ({durability})", server, port, "kv/bench/value", query))
+        if durability in wanted:
+            server, port, query = start_edge(work, durability)
+            targets.append(Target(f"konsul edge ({durability})", server, port, "kv/bench/value", query))
+    if baseline:
+        server, port, query = start_edge(work, "full", baseline, "-baseline")
+        targets.append(Target("konsul edge (baseline)", server, port, "kv/bench/value", query))
     return targets
 
 
@@ -347,11 +366,22 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all targets (the median is reported)")
     parser.add_argument("--endpoints", type=int, default=32, help="client endpoints (sockets) in parallel")
     parser.add_argument("--value-size", type=int, default=100, help="bytes per PUT")
+    parser.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help="comma-separated subset of " + ",".join(TARGETS) + " (the bare aiocoap server always runs)",
+    )
+    parser.add_argument(
+        "--baseline-python",
+        help="also measure the edge (full) of another checkout, run by this interpreter "
+        "(e.g. /work/main/.venv/bin/python): before and after in the same rounds",
+    )
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--under-trio", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--batched", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
-        bare_aiocoap_server(args.bare_server, args.under_trio)
+        bare_aiocoap_server(args.bare_server, args.under_trio, args.batched)
         return 0
     libcoap = shutil.which("coap-server") or shutil.which("coap-server-notls")
     if libcoap is None:
@@ -370,7 +400,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="konsul-coap-bench-") as tmp:
         targets: list[Target] = []
         try:
-            targets = start_targets(Path(tmp), libcoap)
+            targets = start_targets(Path(tmp), libcoap, args.targets.split(","), args.baseline_python)
             # Rounds interleave the targets, so a burst of other load on the
             # machine hits all of them alike instead of one.
             for round_number in range(1, args.rounds + 1):
@@ -392,6 +422,7 @@ def main() -> int:
                 target.server.stop()
     median = {case: statistics.median(values) for case, values in rates.items()}
     cost = {case: statistics.median(values) for case, values in costs.items()}
+    nan = float("nan")
     print(f"\n# medians (load average now {os.getloadavg()[0]:.2f}); capacity = 1 / server CPU per request")
     for op in ("GET", "PUT"):
         print(f"{op}")
@@ -402,8 +433,8 @@ def main() -> int:
             case = (name, op)
             print(
                 f"  {name:<24} req/s: {median[case] / median[bare]:.2f}x bare aiocoap, "
-                f"{median[case] / median[libcoap_rate]:.3f}x libcoap;  capacity: "
-                f"{cost[bare] / cost[case]:.2f}x bare aiocoap, {cost[libcoap_rate] / cost[case]:.3f}x libcoap"
+                f"{median[case] / median.get(libcoap_rate, nan):.3f}x libcoap;  capacity: "
+                f"{cost[bare] / cost[case]:.2f}x bare aiocoap, {cost.get(libcoap_rate, nan) / cost[case]:.3f}x libcoap"
             )
     return 0
 

@@ -106,10 +106,10 @@ class Broker:
                 self.proc.wait()
 
 
-def start_edge(workdir: Path, publishers: int, durability: str = "full") -> Broker:
+def start_edge(workdir: Path, publishers: int, durability: str = "full", venv_bin: Path | None = None) -> Broker:
     broker = Broker(
         "konsul-edge",
-        [str(VENV_BIN / "konsul"), "edge", "--site", "bench", "--data-dir", str(workdir / "edge-data"),
+        [str((venv_bin or VENV_BIN) / "konsul"), "edge", "--site", "bench", "--data-dir", str(workdir / "edge-data"),
          "--http-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0", "--coap-addr", "", "--allow-anonymous",
          "--durability", durability],
         "http listening on",
@@ -386,9 +386,20 @@ def main() -> int:
     parser.add_argument(
         "--brokers",
         default="konsul-edge,konsul-relaxed,amqtt,mosquitto",
-        help="which brokers, comma-separated (konsul-relaxed: the edge with --durability relaxed)",
+        help="which brokers, comma-separated (konsul-relaxed: the edge with --durability relaxed; "
+        "konsul-baseline: see --baseline-bin)",
     )
     parser.add_argument("--reps", type=int, default=3, help="runs per cell, each on a fresh broker (median reported)")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(f"{p}q{q}" for p, q in SCENARIOS),
+        help="which cells, as PUBLISHERSqQOS, comma-separated (e.g. 1q1 for one publisher at QoS 1)",
+    )
+    parser.add_argument(
+        "--baseline-bin",
+        help="the bin directory of another checkout's virtualenv (e.g. /work/main/.venv/bin); "
+        "broker konsul-baseline is its edge",
+    )
     parser.add_argument("--serve-amqtt", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_amqtt:
@@ -400,35 +411,44 @@ def main() -> int:
         "konsul-edge": lambda d: start_edge(d, 100),
         "konsul-relaxed": lambda d: start_edge(d, 100, "relaxed"),
         "amqtt": start_amqtt,
+        "konsul-baseline": lambda d: start_edge(d, 100, venv_bin=Path(args.baseline_bin)),
         "mosquitto": start_mosquitto,
     }
     names = [name for name in args.brokers.split(",") if name]
+    wanted = set(args.scenarios.split(","))
+    scenarios = [(p, q) for p, q in SCENARIOS if f"{p}q{q}" in wanted]
     results: dict[str, dict] = {}
     log(machine())
     with tempfile.TemporaryDirectory(prefix="konsul-mqtt-bench-") as tmp:
         for name in names:
-            # A fresh broker for every measurement: retained messages pile up
-            # (one per message here), and amqtt slows down with every one.
             figures = results[name] = {}
-            with running(starters[name], fresh_dir(tmp, name)) as broker:
-                figures["rss_idle"] = broker.rss_kb()
-                figures["rss_clients"] = idle_clients(broker, args.idle)
-            log(f"{name}: {figures['rss_idle'] / 1024:.1f} MiB idle, {figures['rss_clients'] / 1024:.1f} MiB with {args.idle} clients")
-            for publisher_count, qos in SCENARIOS:
-                total = args.messages if qos == 0 else args.messages // 2
-                cells = []
-                for _ in range(args.reps):
+            if args.idle:
+                with running(starters[name], fresh_dir(tmp, name)) as broker:
+                    figures["rss_idle"] = broker.rss_kb()
+                    figures["rss_clients"] = idle_clients(broker, args.idle)
+                log(f"{name}: {figures['rss_idle'] / 1024:.1f} MiB idle, {figures['rss_clients'] / 1024:.1f} MiB with {args.idle} clients")
+        for publisher_count, qos in scenarios:
+            total = args.messages if qos == 0 else args.messages // 2
+            cells: dict[str, list[dict]] = {name: [] for name in names}
+            # Repetitions interleave the brokers, so a burst of other load on
+            # the machine hits all of them alike instead of one. A fresh broker
+            # for every measurement: retained messages pile up (one per
+            # message here), and amqtt slows down with every one.
+            for _ in range(args.reps):
+                for name in names:
                     with running(starters[name], fresh_dir(tmp, name)) as broker:
                         cell = run_scenario(broker, f"{publisher_count}q{qos}", publisher_count, qos, total)
-                    cells.append(cell)
+                    cells[name].append(cell)
                     log(f"{name}: {publisher_count:>3} -> 1 QoS {qos}: {cell['rate']:>8,.0f} msg/s delivered "
                         f"({cell['received']}/{cell['sent']}), broker CPU {cell['cpu_us']:.0f} us/msg")
-                figures[(publisher_count, qos)] = sorted(cells, key=lambda c: c["rate"])[len(cells) // 2]
-    print(report(results, names, args))
+            for name in names:
+                ordered = sorted(cells[name], key=lambda c: c["rate"])
+                results[name][(publisher_count, qos)] = ordered[len(ordered) // 2]
+    print(report(results, names, scenarios, args))
     return 0
 
 
-def report(results: dict, names: list[str], args: argparse.Namespace) -> str:
+def report(results: dict, names: list[str], scenarios: list[tuple[int, int]], args: argparse.Namespace) -> str:
     lines = [
         f"machine: {machine()}",
         f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}; messages per QoS 0 cell {args.messages} (QoS 1: half); median of {args.reps}",
@@ -440,18 +460,22 @@ def report(results: dict, names: list[str], args: argparse.Namespace) -> str:
         header += f"{'edge/amqtt':>12}"
     if "konsul-edge" in names and "mosquitto" in names:
         header += f"{'edge/mosquitto':>16}"
+    if "konsul-edge" in names and "konsul-baseline" in names:
+        header += f"{'edge/baseline':>15}"
     lines.append(header)
-    for publisher_count, qos in SCENARIOS:
+    for publisher_count, qos in scenarios:
         row = f"{publisher_count:>3} -> 1, QoS {qos} "
         for name in names:
             cell = results[name][(publisher_count, qos)]
             row += f"{cell['rate']:>10,.0f} ({cell['received']}/{cell['sent']}; {cell['cpu_us']:.0f} us)".rjust(31)
         edge = results.get("konsul-edge", {}).get((publisher_count, qos))
-        for peer, width in (("amqtt", 12), ("mosquitto", 16)):
+        for peer, width in (("amqtt", 12), ("mosquitto", 16), ("konsul-baseline", 15)):
             if edge and peer in names:
                 rate = results[peer][(publisher_count, qos)]["rate"]
                 row += f"{edge['rate'] / rate:>{width - 1}.2f}x" if rate else f"{'-':>{width}}"
         lines.append(row)
+    if not args.idle:
+        return "\n".join(lines)
     lines.append("")
     lines.append(f"resident memory, MiB: idle / with {args.idle} idle clients")
     for name in names:

@@ -6,7 +6,11 @@ the only module of the gateway that crosses it:
 - trio -> asyncio: :func:`run_coap_gateway` (trio) creates and shuts down the
   aiocoap server context through ``aio_as_trio``.
 - asyncio -> trio: resources await ``run_trio(fn, *args)`` (``trio_as_aio``)
-  for whatever writes state (KV writes, device registration, trio hooks).
+  for whatever writes state (conditional KV writes, deletes, device
+  registration, trio hooks). Unconditional KV puts, the common write, do not
+  cross per request: the resource calls ``KvWriter.submit`` synchronously
+  (both loops share one thread) and awaits an asyncio future that the
+  writer's trio task resolves once the put's batch is durable (writer.py).
   Reads (GET, Observe notifications) are plain in-memory lookups and never
   cross, which keeps the hot path as fast as a bare aiocoap server.
 - state changes: the scope announces durable changes to listeners from trio;
@@ -24,8 +28,11 @@ from typing import Any
 import trio
 import trio_asyncio
 
+from ..aio_loop import run_callbacks_in_batches
 from ..gateway import GatewayContext
+from .dedup import compact_duplicates
 from .site import CoapGateway
+from .writer import KvWriter
 
 log = logging.getLogger("konsul.coap")
 
@@ -82,6 +89,29 @@ def _drain_datagrams(context: Any, batch: int = 64) -> None:
         transport._read_ready = read_waiting
 
 
+def _render_without_naming(context: Any) -> None:
+    """Render requests without formatting each one into its asyncio task's name.
+
+    aiocoap's ``Context.render_to_pipe`` names the task of every request
+    ``"Rendering for %r" % request``; the formatting was 8% of the CPU of a
+    GET (bench/coap.py). The rest is aiocoap's own code. If its shape
+    changes, aiocoap's method stays.
+    """
+    try:
+        from aiocoap.pipe import error_to_message, run_driving_pipe
+
+        render = context._render_to_pipe
+        context_log = context.log
+    except (ImportError, AttributeError) as exc:
+        log.debug("aiocoap's render_to_pipe kept: %s", exc)
+        return
+
+    def render_to_pipe(pipe: Any) -> None:
+        run_driving_pipe(error_to_message(pipe, context_log), render(pipe), name="CoAP request")
+
+    context.render_to_pipe = render_to_pipe
+
+
 async def run_coap_gateway(
     gateways: GatewayContext, addr: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -93,11 +123,13 @@ async def run_coap_gateway(
 
     host, port = parse_addr(addr)
     loop = trio_asyncio.current_loop.get()
+    run_callbacks_in_batches(loop)
 
     def run_trio(fn, *args, **kwargs):
         return trio_asyncio.trio_as_aio(partial(fn, **kwargs) if kwargs else fn, loop=loop)(*args)
 
-    gateway = CoapGateway(gateways, run_trio)
+    writer = KvWriter(loop.create_future)
+    gateway = CoapGateway(gateways, run_trio, writer)
     # aiocoap sets SO_REUSEPORT by default, which would let a second agent bind
     # the same port silently and split the traffic; we want "address in use".
     os.environ.setdefault("AIOCOAP_REUSE_PORT", "0")
@@ -108,6 +140,11 @@ async def run_coap_gateway(
     except OSError as exc:
         raise OSError(exc.errno, f"cannot listen for CoAP on {addr}: {exc.strerror or exc}") from None
     _drain_datagrams(context)
+    _render_without_naming(context)
+    for tokens in context.request_interfaces:
+        manager = getattr(tokens, "token_interface", None)
+        if manager is not None:
+            compact_duplicates(manager)
 
     def on_change(scope_name: str, collection: str, keys: set[str]) -> None:
         if collection == "kv":
@@ -126,9 +163,10 @@ async def run_coap_gateway(
 
     gateways.extras["notify_desired"] = notify_desired
     try:
-        shown = f"[{host}]" if ":" in host else host
-        task_status.started(f"{shown}:{_bound_port(context)}")
-        await trio.sleep_forever()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            shown = f"[{host}]" if ":" in host else host
+            task_status.started(f"{shown}:{_bound_port(context)}")
     finally:
         for scope, listener in zip(scopes, listeners, strict=True):
             scope.listeners.remove(listener)

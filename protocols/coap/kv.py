@@ -14,6 +14,9 @@ its observations with 4.04, as RFC 7641 prescribes for a resource gone.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import Protocol
+
 from aiocoap import Message, resource
 from aiocoap.numbers.codes import Code
 from konsul.sync.errors import KonsulError
@@ -34,6 +37,14 @@ from .formats import (
 )
 
 
+class PutSoon(Protocol):
+    """The batched writer as a resource sees it (:class:`.writer.KvWriter`)."""
+
+    def submit(self, scope: Scope, key: str, value: bytes) -> Awaitable[None]: ...
+
+    def pending(self, scope: Scope, key: str) -> bool: ...
+
+
 def make_etag(modify_index: int, fmt: int) -> bytes:
     tag = (modify_index << 8) | fmt
     return tag.to_bytes(max(1, (tag.bit_length() + 7) // 8), "big")
@@ -49,11 +60,15 @@ class KvResource(ExplainedResource, resource.ObservableResource, resource.PathCa
     rt = "konsul.kv"
     ct = " ".join(str(f) for f in VALUE_FORMATS)
 
-    def __init__(self, gateways: GatewayContext, access: Access, run_trio: RunTrio) -> None:
+    def __init__(
+        self, gateways: GatewayContext, access: Access, run_trio: RunTrio, put_soon: PutSoon | None = None
+    ) -> None:
         super().__init__()
         self.gateways = gateways
         self.access = access
         self.run_trio = run_trio
+        # Unconditional puts go to the batched writer (writer.py) when there is one.
+        self.put_soon = put_soon
         self._watching: dict[tuple[str, str], set] = {}
 
     # -- Observe -------------------------------------------------------------------
@@ -111,9 +126,15 @@ class KvResource(ExplainedResource, resource.ObservableResource, resource.PathCa
         fmt = request_format(request, VALUE_FORMATS)
         value = value_from_payload(request.payload, fmt)
         check_value(value)
-        existed = scope.kv.get(key) is not None
-        if not await self.run_trio(scope.kv_put, key, value, cas=self._cas(request, scope, key)):
-            raise self._precondition_failed(key)
+        cas = self._cas(request, scope, key)
+        put_soon = self.put_soon
+        if cas is None and put_soon is not None:
+            existed = scope.kv.get(key) is not None or put_soon.pending(scope, key)
+            await put_soon.submit(scope, key, value)  # resolves once durable
+        else:
+            existed = scope.kv.get(key) is not None
+            if not await self.run_trio(scope.kv_put, key, value, cas=cas):
+                raise self._precondition_failed(key)
         entry = scope.kv.get(key)
         etag = make_etag(entry.modify_index, fmt) if entry else None
         return Message(code=Code.CHANGED if existed else Code.CREATED, etag=etag)

@@ -19,7 +19,7 @@ from .blocks import LimitedBlock1Spool
 from .devices import DeviceResource
 from .directory import ResourceDirectory
 from .errors import with_diagnostic
-from .kv import KvResource
+from .kv import KvResource, PutSoon
 from .rd import (
     DirectoryTimer,
     LookupResource,
@@ -98,13 +98,13 @@ class EdgeSite(resource.Site):
 class CoapGateway:
     """The resources of one edge, built around a gateway context."""
 
-    def __init__(self, gateways: GatewayContext, run_trio: RunTrio) -> None:
+    def __init__(self, gateways: GatewayContext, run_trio: RunTrio, put_soon: PutSoon | None = None) -> None:
         self.gateways = gateways
         self.metrics = CoapMetrics(gateways.registry)
         self.access = Access(gateways, run_trio)
         self.directory = ResourceDirectory()
         self.timer = DirectoryTimer(self.directory, gateways.presence)
-        self.kv = KvResource(gateways, self.access, run_trio)
+        self.kv = KvResource(gateways, self.access, run_trio, put_soon)
         self.devices = DeviceResource(
             gateways, self.access, run_trio, lambda kind: self.metrics.documents.labels(kind).inc()
         )

@@ -24,7 +24,10 @@ import logging
 from typing import Any
 
 import trio
+import trio_asyncio
 from trio_asyncio import aio_as_trio, trio_as_aio
+
+from konsul.protocols.aio_loop import run_callbacks_in_batches
 
 from konsul.protocols.gateway import GatewayContext
 
@@ -81,6 +84,7 @@ async def run_embedded(
 ) -> None:
     """Run the embedded broker on ``host:port`` until cancelled; reports ``host:port`` bound."""
     quiet_amqtt()
+    run_callbacks_in_batches(trio_asyncio.current_loop.get())
     gateway = MqttGateway(gateways)
     broker = await aio_as_trio(_create_broker)(AgentPort(gateway, gateways.max_payload))
     try:

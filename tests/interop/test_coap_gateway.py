@@ -8,6 +8,8 @@ trio, a clean shutdown, and a clear error when the port is taken.
 
 from __future__ import annotations
 
+import socket
+
 import cbor2
 import pytest
 import trio
@@ -17,7 +19,8 @@ from aiocoap import Context, Message
 from aiocoap.numbers.codes import Code
 from konsul.protocols.coap import run_coap_gateway
 from konsul.protocols.gateway import GatewayContext
-from konsul.sync.devices import PresenceTable
+from konsul.protocols.coap.kv import make_etag
+from konsul.sync.devices import DeviceRecord, PresenceTable
 from konsul.sync.replica import Replica
 
 
@@ -125,3 +128,87 @@ async def test_a_taken_port_is_a_clear_error(tmp_path):
             await run_coap_gateway(h.gateways, h.uri.removeprefix("coap://"))
 
     await gateway_harness(tmp_path, {}, body, allow_anonymous=True)
+
+
+async def _writer_device(h: Harness, device_id: str = "w1") -> str:
+    """A device allowed to write under ``k/``; returns its URI query."""
+    _record, token = await h.gateways.scope.put_device(DeviceRecord(device_id, kv_write=("k/",)), new_token=True)
+    return f"?ep={device_id}&tk={token}"
+
+
+async def test_concurrent_puts_share_commits_and_are_durable_when_answered(tmp_path):
+    async def body(h: Harness):
+        query = await _writer_device(h)
+        store = h.gateways.scope.store
+        rounds_before = store.rounds
+        host, port = h.uri.removeprefix("coap://").rsplit(":", 1)
+        # 40 endpoints with one PUT each, all in flight at once (an aiocoap
+        # client would send them one at a time: NSTART=1)
+        targets = [(f"k/{i}", query) for i in range(40)] + [("k/g", query + "&dc=global")]
+        plain = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in targets]
+        socks = [trio.socket.from_stdlib_socket(sock) for sock in plain]
+        try:
+            for sock, (key, q) in zip(plain, targets, strict=True):
+                sock.connect((host, int(port)))
+            for sock, (key, q) in zip(plain, targets, strict=True):  # no checkpoint in between
+                sock.send(_put(key, q, cbor2.dumps(key.encode()), mid=7))
+            codes = []
+            with trio.fail_after(10):
+                for sock in socks:
+                    codes.append((await sock.recv(2048))[1])
+        finally:
+            for sock in socks:
+                sock.close()
+        assert codes == [0x41] * 41  # 2.01 Created
+        # every answer came after its write was durable, and the writes shared commits
+        assert store.rounds - rounds_before < 10
+        assert h.gateways.scope.kv.get("k/39").value == b"k/39"
+        assert h.gateways.global_scope.kv.get("k/g").value == b"k/g"
+        assert store.query("SELECT count(*) FROM updates")[0][0] > 0
+        again = await h.request(Code.PUT, f"/kv/k/0{query}", cbor2.dumps(b"w"))
+        assert again.code == Code.CHANGED
+        assert again.opt.etag == make_etag(h.gateways.scope.kv.get("k/0").modify_index, 60)
+
+    await gateway_harness(tmp_path, {}, body)
+
+
+async def test_a_retransmitted_request_gets_the_same_answer_and_is_applied_once(tmp_path):
+    async def body(h: Harness):
+        query = await _writer_device(h)
+        host, port = h.uri.removeprefix("coap://").rsplit(":", 1)
+        datagram = _put("k/x", query, cbor2.dumps(b"one"), mid=0x1234)
+        with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sock:
+            await sock.connect((host, int(port)))
+            answers = []
+            for _ in range(2):
+                await sock.send(datagram)
+                with trio.fail_after(5):
+                    answers.append(await sock.recv(2048))
+            assert answers[0] == answers[1]
+            assert answers[0][1] == 0x41  # 2.01 Created, both times
+            index = h.gateways.scope.kv.get("k/x").modify_index
+            # a new message id is a new request
+            await sock.send(datagram[:2] + b"\x12\x35" + datagram[4:])
+            with trio.fail_after(5):
+                assert (await sock.recv(2048))[1] == 0x44  # 2.04 Changed
+            assert h.gateways.scope.kv.get("k/x").modify_index > index
+
+    await gateway_harness(tmp_path, {}, body)
+
+
+def _put(key: str, query: str, payload: bytes, mid: int) -> bytes:
+    """A confirmable PUT of ``/kv/<key>?<query>`` with a one-byte token."""
+    options = [(11, b"kv")] + [(11, part.encode()) for part in key.split("/")]
+    options += [(15, item.encode()) for item in query.lstrip("?").split("&")]
+    return bytes([0x41, 0x03]) + mid.to_bytes(2, "big") + b"\xaa" + _options(options) + b"\xff" + payload
+
+
+def _options(options: list[tuple[int, bytes]]) -> bytes:
+    out, last = bytearray(), 0
+    for number, value in options:
+        delta = number - last
+        length = len(value)
+        head_len, ext_len = (length, b"") if length < 13 else (13, bytes([length - 13]))
+        out += bytes([(delta << 4) | head_len]) + ext_len + value
+        last = number
+    return bytes(out)
