@@ -89,6 +89,7 @@ class SyncLink:
         self.rebase_after = rebase_after
         self.peer: PeerHello | None = None
         self._peer_epoch: dict[tuple[str, str], int] = {}
+        self._snapshot_sent: dict[tuple[str, str], int] = {}  # the epoch last sent whole, per collection
         self._listening: list[tuple[Scope, Any, Any]] = []
         self.local_changes: dict[tuple[str, str], int] = {}
         self.unconfirmed: dict[tuple[str, str], int] = {}
@@ -197,15 +198,23 @@ class SyncLink:
     async def _on_update(self, event: UpdateReceived) -> None:
         scope = self.scope_for(event.scope)
         key = (event.scope, event.collection)
-        if event.snapshot:
+        if event.snapshot and event.epoch == scope.epoch(event.collection):
+            # Another snapshot of the epoch adopted already (the hub answers
+            # frames that crossed its compaction with one): it is the same
+            # document's state, so merge it; adopting again would rebase and
+            # resend every own write each time.
+            await scope.apply_remote(event.collection, event.update, origin=self)
+        elif event.snapshot:
             await scope.adopt_epoch(
                 event.collection, event.epoch, event.update, self.rebase_after(event.scope, event.collection)
             )
         elif event.epoch != scope.epoch(event.collection):
-            # The peer writes into another epoch: the hub answers with its own,
-            # the edge asks for it by stating where it is.
+            # The peer writes into another epoch: the hub answers with its own
+            # (once per epoch for data frames: a burst of them would otherwise
+            # bring a snapshot each), the edge asks for it by stating where it is.
             if self.is_hub:
-                self._send_snapshot(scope, event.collection)
+                if self._snapshot_sent.get(key) != scope.epoch(event.collection):
+                    self._send_snapshot(scope, event.collection)
             else:
                 self._send_state_vector(scope, event.collection)
             return
@@ -259,6 +268,7 @@ class SyncLink:
 
     def _send_snapshot(self, scope: Scope, collection: str) -> None:
         epoch = scope.epoch(collection)
+        self._snapshot_sent[(scope.name, collection)] = epoch
         state = scope.doc(collection).get_update()
         marker = _Marker(scope.durable_own_stamp(collection), self.local_changes.get((scope.name, collection), 0))
         self._peer_epoch[(scope.name, collection)] = epoch
