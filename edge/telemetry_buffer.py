@@ -31,7 +31,8 @@ from typing import Any
 
 import trio
 
-from konsul.sync.errors import InvalidArgument, KonsulError, StoreError, StoreFull
+from konsul.sync.errors import InvalidArgument, KonsulError
+from konsul.sync.store import store_error
 from konsul.sync.telemetry import Sample, SequenceNumbers, make_sample, open_database
 
 log = logging.getLogger("konsul.edge.telemetry")
@@ -142,14 +143,14 @@ class TelemetryBuffer:
                 round_, self._round = self._round, _Round()
                 try:
                     async with self._lock:
-                        freed, dropped = await trio.to_thread.run_sync(
+                        added, freed, dropped = await trio.to_thread.run_sync(
                             self._append, samples, self.bytes, self.in_flight_upto
                         )
                 except sqlite3.Error as error:
-                    round_.error = _store_error(error, self.path)
+                    round_.error = store_error(error, self.path)
                     log.error("telemetry not stored: %s", round_.error)
                 else:
-                    self.bytes += sum(row_size(s) for s in samples) - freed
+                    self.bytes += added - freed
                     self.count += len(samples) - dropped
                     self.dropped += dropped
                     self.ingested += len(samples)
@@ -164,10 +165,11 @@ class TelemetryBuffer:
                         listener()
                 round_.done.set()
 
-    def _append(self, samples: list[Sample], stored_bytes: int, in_flight_upto: int) -> tuple[int, int]:
-        """In the worker thread: make room, insert; returns (bytes freed, rows dropped)."""
+    def _append(self, samples: list[Sample], stored_bytes: int, in_flight_upto: int) -> tuple[int, int, int]:
+        """In the worker thread: make room, insert; returns (bytes added, bytes freed, rows dropped)."""
         db = self._db
-        incoming = sum(row_size(s) for s in samples)
+        rows = [(s.device, s.seq, s.time_ms, s.data, row_size(s)) for s in samples]
+        incoming = sum(row[4] for row in rows)
         excess = stored_bytes + incoming - self.limit_bytes
         freed = dropped = 0
         db.execute("BEGIN IMMEDIATE")
@@ -188,14 +190,13 @@ class TelemetryBuffer:
                         break
                 _add_counter(db, "dropped", dropped)
             db.executemany(
-                "INSERT INTO samples (device, seq, time_ms, data, size) VALUES (?, ?, ?, ?, ?)",
-                [(s.device, s.seq, s.time_ms, s.data, row_size(s)) for s in samples],
+                "INSERT INTO samples (device, seq, time_ms, data, size) VALUES (?, ?, ?, ?, ?)", rows
             )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return freed, dropped
+        return incoming, freed, dropped
 
     # -- forwarding ----------------------------------------------------------------
 
@@ -233,7 +234,7 @@ class TelemetryBuffer:
             try:
                 count, size = await trio.to_thread.run_sync(delete)
             except sqlite3.Error as error:
-                raise _store_error(error, self.path) from error
+                raise store_error(error, self.path) from error
         self.count -= count
         self.bytes -= size
         self.forwarded += count
@@ -278,8 +279,3 @@ def _add_counter(db: sqlite3.Connection, name: str, amount: int) -> None:
             (name, amount),
         )
 
-
-def _store_error(error: sqlite3.Error, path: Path) -> StoreError:
-    if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(error):
-        return StoreFull(f"{path}: the disk is full; the telemetry was not stored ({error})")
-    return StoreError(f"{path}: {error}")

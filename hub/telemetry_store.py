@@ -22,7 +22,8 @@ from typing import Any
 
 import trio
 
-from konsul.sync.errors import InvalidArgument, StoreError, StoreFull
+from konsul.sync.errors import InvalidArgument, StoreError
+from konsul.sync.store import store_error
 from konsul.sync.link import SyncLink
 from konsul.sync.telemetry import ACK_KIND, BATCH_KIND, Sample, open_database, parse_batch
 
@@ -78,9 +79,7 @@ class TelemetryStore:
             try:
                 new = await trio.to_thread.run_sync(insert)
             except sqlite3.Error as error:
-                if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(error):
-                    raise StoreFull(f"{self.path}: the disk is full ({error})") from error
-                raise StoreError(f"{self.path}: {error}") from error
+                raise store_error(error, self.path) from error
         self.count += new
         self.received += len(samples)
         self.duplicates += len(samples) - new

@@ -142,7 +142,7 @@ class Store:
                 prepare_schema(conn, path)
             except sqlite3.Error as error:
                 conn.close()
-                raise _store_error(error, path) from error
+                raise store_error(error, path) from error
             except BaseException:
                 conn.close()
                 raise
@@ -328,7 +328,7 @@ class Store:
         except sqlite3.Error as error:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            raise _store_error(error, self.path) from error
+            raise store_error(error, self.path) from error
         self._rounds_since_checkpoint += 1
         if merged.snapshots:
             # A compaction just freed the old log.
@@ -460,7 +460,8 @@ def _check_readonly(path: Path) -> None:
         )
 
 
-def _store_error(error: sqlite3.Error, path: Path) -> StoreError:
+def store_error(error: sqlite3.Error, path: Path) -> StoreError:
+    """The typed error for a failed SQLite operation on ``path`` (any Konsul database file)."""
     code = getattr(error, "sqlite_errorcode", None)
     if code == sqlite3.SQLITE_FULL or "full" in str(error):
         return StoreFull(f"{path}: the disk is full; the write was not stored ({error})")

@@ -328,15 +328,15 @@ class MqttGateway:
         self.scope.listeners.append(self._on_change)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._kv_writer)
+                nursery.start_soon(self._batch_writer, self._kv_writes, self._kv_lot, self._apply)
                 nursery.start_soon(self._hook_runner)
-                nursery.start_soon(self._telemetry_writer)
+                nursery.start_soon(self._batch_writer, self._telemetry, self._telemetry_lot, self._store_telemetry)
                 nursery.start_soon(self._pump)
                 task_status.started()
         finally:
             self.scope.listeners.remove(self._on_change)
 
-    async def _kv_writer(self) -> None:
+    async def _batch_writer(self, queue: deque, lot: trio.lowlevel.ParkingLot, apply: Callable[[list], Any]) -> None:
         # Batches are pipelined: up to COMMITS_IN_FLIGHT workers each take
         # whatever is queued, apply it and wait for the store, so the next
         # batch is applied while the last commits, and commits that queue
@@ -346,22 +346,23 @@ class MqttGateway:
         # both in the order they came. Standing workers rather than a task per
         # batch: at QoS 1 a batch is ~10 messages, and starting a task, a
         # nursery and their cancel scopes per batch was a tenth of the CPU.
+        # KV writes and telemetry samples each have their own queue and workers.
         async with trio.open_nursery() as nursery:
             for _ in range(COMMITS_IN_FLIGHT):
-                nursery.start_soon(self._kv_worker)
+                nursery.start_soon(self._batch_worker, queue, lot, apply)
 
-    async def _kv_worker(self) -> None:
+    async def _batch_worker(self, queue: deque, lot: trio.lowlevel.ParkingLot, apply: Callable[[list], Any]) -> None:
         while True:
-            while not self._kv_writes:
-                await self._kv_lot.park()
+            while not queue:
+                await lot.park()
             async with self._commits:
-                count = min(MAX_BATCH, len(self._kv_writes))
+                count = min(MAX_BATCH, len(queue))
                 if not count:
                     continue
-                batch = [self._kv_writes.popleft() for _ in range(count)]
-                if self._kv_writes:
-                    self._kv_lot.unpark()  # more than one batch waits: another worker may start
-                await self._apply(batch)
+                batch = [queue.popleft() for _ in range(count)]
+                if queue:
+                    lot.unpark()  # more than one batch waits: another worker may start
+                await apply(batch)
 
     async def _apply(self, batch: list[tuple[tuple, Done | None]]) -> None:
         try:
@@ -398,25 +399,6 @@ class MqttGateway:
                     log.exception("hook %r failed on a message from %s", hook, who)
                 await self.outlet.settle([] if done is None else [(done, ok)])
             await self.outlet.settle([])  # readers paused on a full queue may go on
-
-    async def _telemetry_writer(self) -> None:
-        # Like KV writes: standing workers, batches pipelined, each acknowledged once durable.
-        async with trio.open_nursery() as nursery:
-            for _ in range(COMMITS_IN_FLIGHT):
-                nursery.start_soon(self._telemetry_worker)
-
-    async def _telemetry_worker(self) -> None:
-        while True:
-            while not self._telemetry:
-                await self._telemetry_lot.park()
-            async with self._commits:
-                count = min(MAX_BATCH, len(self._telemetry))
-                if not count:
-                    continue
-                batch = [self._telemetry.popleft() for _ in range(count)]
-                if self._telemetry:
-                    self._telemetry_lot.unpark()
-                await self._store_telemetry(batch)
 
     async def _store_telemetry(self, batch: list) -> None:
         ingest = self.ctx.extras["ingest_telemetry"]
