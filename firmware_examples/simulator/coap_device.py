@@ -122,12 +122,10 @@ class CoapSession:
         except (ValueError, cbor2.CBORDecodeError):
             self.counters.failed(self.device.device_id, "desired state is not CBOR")
             return
-        before = self.device.interval
-        reported = self.device.apply_desired(desired)
+        reported, interval_changed = self.device.follow_desired(desired, self.counters)
         if reported is None:
             return
-        self.counters.desired_applied += 1
-        if self.device.interval != before:
+        if interval_changed:
             self.interval_changed.set()
         await self.report(reported)
 

@@ -141,6 +141,14 @@ class SimDevice:
         self.applied = reported
         return reported
 
+    def follow_desired(self, desired: Any, counters: FleetCounters) -> tuple[dict[str, Any] | None, bool]:
+        """:meth:`apply_desired`, counted; also whether the sample interval changed."""
+        before = self.interval
+        reported = self.apply_desired(desired)
+        if reported is not None:
+            counters.desired_applied += 1
+        return reported, self.interval != before
+
     def initial_report(self) -> dict[str, Any]:
         """What a device reports on connecting, before any desired state arrives."""
         return {**self.applied, "interval": self.interval, "protocol": self.protocol}

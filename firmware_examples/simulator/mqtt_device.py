@@ -146,12 +146,10 @@ class MqttSession:
         except ValueError:
             self.counters.failed(self.device.device_id, "desired state is not JSON")
             return
-        before = self.device.interval
-        reported = self.device.apply_desired(desired)
+        reported, interval_changed = self.device.follow_desired(desired, self.counters)
         if reported is None:
             return
-        self.counters.desired_applied += 1
-        if self.device.interval != before:
+        if interval_changed:
             self.interval_changed.set()
         await self.publish("reported", _json(reported))
         self.counters.reported_sent += 1
