@@ -8,6 +8,7 @@ test decides every fault, and what it checks does not depend on timing.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,26 @@ class Wire:
         self.frames.append(frame)
 
 
+class FleetClock:
+    """The wall clock of every replica in a test, rising at every reading.
+
+    Real clocks give writes made in one millisecond at different replicas the
+    same wall time, and their order is then the replica ids' (random). With
+    one clock that never repeats a reading, a write made after another always
+    carries the later stamp, as on replicas a millisecond or more apart.
+    """
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def __call__(self) -> int:
+        self.last = max(self.last + 1, int(time.time() * 1000))
+        return self.last
+
+
+FLEET_CLOCK = FleetClock()
+
+
 class Node:
     """A replica that can be stopped and started again from its store."""
 
@@ -43,9 +64,9 @@ class Node:
 
     async def start(self, nursery: trio.Nursery) -> None:
         if self.role == "hub":
-            replica = Replica.open(self.path, per_scope_stores=True)
+            replica = Replica.open(self.path, per_scope_stores=True, wall_ms=FLEET_CLOCK)
         else:
-            replica = Replica.open(self.path, auto_compact=False, epoch_authority=False)
+            replica = Replica.open(self.path, auto_compact=False, epoch_authority=False, wall_ms=FLEET_CLOCK)
         self.replica = replica
         self._stopped = trio.Event()
         self._cancel = await nursery.start(self._run, replica)
