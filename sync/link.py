@@ -205,6 +205,12 @@ class SyncLink:
             # resend every own write each time.
             await scope.apply_remote(event.collection, event.update, origin=self)
         elif event.snapshot:
+            # The hub is at this epoch from now on: the own writes the adoption
+            # re-applies go out to it at once (the update listener sends only to
+            # a peer at the scope's epoch). Left unsent, a later acknowledged
+            # frame would mark them as held by the hub, and the next adoption
+            # would not re-apply them.
+            self._peer_epoch[key] = event.epoch
             await scope.adopt_epoch(
                 event.collection, event.epoch, event.update, self.rebase_after(event.scope, event.collection)
             )

@@ -410,7 +410,8 @@ class Scope:
             batch.snapshots[(self.name, collection)] = (epoch, state)
             self._docs[collection] = _DocState(epoch, len(state), 0)
             fresh.on_update = self._recorder(collection)
-            lost = [v for v in mine if not fresh.merge_version(v)]
+            with fresh.doc.transaction():  # one update (one frame to the hub) for them all
+                lost = [v for v in mine if not fresh.merge_version(v)]
             touched = set(old.keys()) | set(fresh.keys())
             target = self._collection(collection)
             target.versions = fresh
