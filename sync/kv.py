@@ -315,9 +315,9 @@ class KvState:
                 batch.kv_index[(self.scope, key)] = (create, index)
         return changed
 
-    def record_lost_write(self, version: Version, batch: WriteBatch) -> None:
-        """Keep a write that lost while it was being merged into a new epoch."""
-        self._record_conflict(version, batch)
+    def past_stamps(self, key: str) -> set[Stamp]:
+        """Stamps of the versions of ``key`` this replica has seen superseded or lose (bounded)."""
+        return {record.stamp for record in self._history.get(key, ())}
 
     def expire(self, now_ms: int, batch: WriteBatch) -> list[str]:
         """Hide the keys whose TTL has passed; returns them."""

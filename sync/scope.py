@@ -392,10 +392,12 @@ class Scope:
 
         This replica's own versions stamped after ``rebase_after`` (the last own
         write the hub is known to hold) are written again into the new epoch
-        with their original stamps, unless a later version of their key is
-        there already, in which case they are kept in history as lost
-        conflicts. So an edge that was offline across a compaction loses
-        nothing it wrote, and later writes still win everywhere.
+        with their original stamps. Each supersedes only the versions of its
+        key this replica had seen and no longer holds (its own older ones, and
+        those its history records); a version it never saw was concurrent with
+        it and stays. So the later stamp wins as in any merge, the loser stays
+        readable and counted, and an edge that was offline across a compaction
+        loses nothing it wrote.
         """
         old = self._versions(collection)
         mine = sorted(
@@ -403,6 +405,14 @@ class Scope:
              if v.stamp.replica == self.clock.replica and (rebase_after is None or v.stamp > rebase_after)),
             key=lambda v: v.stamp,
         )
+        held = old.live
+        past = self.kv.past_stamps if collection == "kv" else (lambda key: ())
+
+        def saw(version: Version) -> bool:
+            if version.stamp in (held(version.key) or ()):
+                return False  # live here beside the own write: they were concurrent
+            return version.stamp.replica == self.clock.replica or version.stamp in past(version.key)
+
         fresh = VersionedMap(Doc(), lambda update: None)
         fresh.apply_update(state)
         batch = self._begin()
@@ -411,14 +421,13 @@ class Scope:
             self._docs[collection] = _DocState(epoch, len(state), 0)
             fresh.on_update = self._recorder(collection)
             with fresh.doc.transaction():  # one update (one frame to the hub) for them all
-                lost = [v for v in mine if not fresh.merge_version(v)]
+                for version in mine:
+                    fresh.merge_version(version, saw)
             touched = set(old.keys()) | set(fresh.keys())
             target = self._collection(collection)
             target.versions = fresh
             if collection == "kv":
-                for version in lost:
-                    self.kv.record_lost_write(version, batch)
-                changed = self.kv.refresh(touched, batch)
+                changed = self.kv.refresh(touched, batch)  # records the conflicts
             else:
                 changed = touched
                 target.last_index = self.index.bump()

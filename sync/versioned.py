@@ -186,9 +186,10 @@ class VersionedMap:
         self._staged_removes, self._staged_inserts = [], {}
 
     def _write(
-        self, txn: Transaction, key: str, stamp: Stamp, payload: bytes | None
+        self, txn: Transaction, key: str, stamp: Stamp, payload: bytes | None,
+        superseded: list[Version] | None = None,
     ) -> list[Version]:
-        old = self.versions(key)
+        old = self.versions(key) if superseded is None else superseded
         # pycrdt's Map item methods each open a nested transaction and look the
         # key up again, which costs as much as the change itself. Within our
         # transaction, and for entries the view says exist, call the native map.
@@ -222,20 +223,21 @@ class VersionedMap:
                 self._live.setdefault(version.key, {})[version.stamp] = version.payload
                 self.live_bytes += _entry_size(version.key, version.payload)
 
-    def merge_version(self, version: Version) -> bool:
+    def merge_version(self, version: Version, saw: Callable[[Version], bool]) -> None:
         """Bring a version from another document (an older epoch) into this one.
 
-        It supersedes the versions of its key with earlier stamps only. Returns
-        False, changing nothing, when a later version of the key is here: the
-        merged version lost.
+        It supersedes only the versions of its key with earlier stamps that
+        ``saw`` says its writer had seen; the others were concurrent with it and
+        stay, so the later stamp still wins and the loser stays readable, as
+        when two replicas exchange updates. A version already here changes
+        nothing.
         """
-        live = self._live.get(version.key, {})
-        if version.stamp in live:
-            return True
-        if any(stamp > version.stamp for stamp in live):
-            return False
-        self.write(version.key, version.stamp, version.payload)
-        return True
+        if version.stamp in self._live.get(version.key, ()):
+            return
+        with self.doc.transaction() as txn:
+            self._flush(txn)
+            seen = [v for v in self.versions(version.key) if v.stamp < version.stamp and saw(v)]
+            self._write(txn, version.key, version.stamp, version.payload, seen)
 
     def apply_update(self, update: bytes) -> tuple[set[str], list[Version]]:
         """Merge an update from another replica.

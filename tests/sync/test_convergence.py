@@ -305,3 +305,48 @@ async def catch_up_through_compactions(root: Path, seed: int, writes: int) -> No
 def test_edges_catch_up_while_the_hub_compacts_again_and_again(tmp_path):
     for seed in range(3):
         trio.run(catch_up_through_compactions, tmp_path / str(seed), seed, 100)
+
+
+def test_concurrent_writes_across_an_epoch_change_keep_the_loser_everywhere(tmp_path):
+    """Edge 2 writes offline while edge 1's concurrent writes reach the hub and the hub compacts.
+
+    Edge 2 then adopts the new epoch and writes its versions again: each must
+    supersede only what edge 2 had seen (the seed value), so edge 1's concurrent
+    version stays, as the loser ("a": edge 2 wrote first) or as the winner
+    ("b": edge 2 wrote last), at every replica.
+    """
+
+    async def scenario() -> None:
+        fleet = Fleet(tmp_path)
+        async with trio.open_nursery() as nursery:
+            await fleet.start(nursery)
+            hub = fleet.hub.replica.scope(GLOBAL_SCOPE)
+            e1, e2 = (edge.replica.scope(GLOBAL_SCOPE) for edge in fleet.edges[:2])
+            for key in ("a", "b"):
+                await hub.kv_put(key, b"seed")
+            for link in fleet.links.values():
+                await link.settle()
+            assert e2.kv.get("a").value == b"seed"
+            fleet.disconnect(2)
+            await e2.kv_put("a", b"from-e2")
+            await e1.kv_put("a", b"from-e1")
+            await e1.kv_put("b", b"from-e1")
+            await e2.kv_put("b", b"from-e2")
+            await fleet.links[1].settle()
+            await hub.compact("kv")
+            await fleet.links[1].settle()
+            await fleet.connect(2, nursery)
+            for _ in range(2):
+                for link in fleet.links.values():
+                    await link.settle()
+            assert hub.epoch("kv") == e2.epoch("kv") == 2
+            for node in (fleet.hub, *fleet.edges):
+                scope = node.replica.scope(GLOBAL_SCOPE)
+                for key, winner, loser in (("a", b"from-e1", b"from-e2"), ("b", b"from-e2", b"from-e1")):
+                    assert scope.kv.get(key).value == winner, (node.name, key)
+                    history = scope.kv.history(key)
+                    assert {h.value for h in history if h.conflict} == {loser}, (node.name, key, history)
+                assert scope.kv.conflicts == 2, node.name
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
