@@ -198,13 +198,7 @@ class SyncLink:
     async def _on_update(self, event: UpdateReceived) -> None:
         scope = self.scope_for(event.scope)
         key = (event.scope, event.collection)
-        if event.snapshot and event.epoch == scope.epoch(event.collection):
-            # Another snapshot of the epoch adopted already (the hub answers
-            # frames that crossed its compaction with one): it is the same
-            # document's state, so merge it; adopting again would rebase and
-            # resend every own write each time.
-            await scope.apply_remote(event.collection, event.update, origin=self)
-        elif event.snapshot:
+        if event.snapshot and event.epoch != scope.epoch(event.collection):
             # The hub is at this epoch from now on: the own writes the adoption
             # re-applies go out to it at once (the update listener sends only to
             # a peer at the scope's epoch). Left unsent, a later acknowledged
@@ -214,7 +208,15 @@ class SyncLink:
             await scope.adopt_epoch(
                 event.collection, event.epoch, event.update, self.rebase_after(event.scope, event.collection)
             )
-        elif event.epoch != scope.epoch(event.collection):
+            document = scope.doc(event.collection)
+        elif event.epoch == scope.epoch(event.collection):
+            # Data of this epoch, or another snapshot of the epoch adopted
+            # already (the hub answers frames that crossed its compaction with
+            # one): the same document's state, so merge it; adopting again would
+            # rebase and resend every own write each time.
+            document = scope.doc(event.collection)
+            await scope.apply_remote(event.collection, event.update, origin=self)
+        else:
             # The peer writes into another epoch: the hub answers with its own
             # (once per epoch for data frames: a burst of them would otherwise
             # bring a snapshot each), the edge asks for it by stating where it is.
@@ -224,11 +226,15 @@ class SyncLink:
             else:
                 self._send_state_vector(scope, event.collection)
             return
-        else:
-            await scope.apply_remote(event.collection, event.update, origin=self)
-        self._peer_epoch[key] = event.epoch
-        state = scope.doc(event.collection).get_state()
-        self._send(self.session.send_ack(event.scope, event.collection, event.epoch, event.seq, state))
+        # Applying can compact the hub's scope into a new epoch, whose snapshot
+        # went to the peer meanwhile: the peer is then at the new epoch (going
+        # back to this one would stop live updates to it), and the ack states
+        # what this message's epoch holds, so that the peer's writes count as
+        # confirmed.
+        if scope.epoch(event.collection) == event.epoch:
+            self._peer_epoch[key] = event.epoch
+        held = document.get_state()
+        self._send(self.session.send_ack(event.scope, event.collection, event.epoch, event.seq, held))
 
     def _on_covered(self, event: Covered) -> None:
         key = (event.scope, event.collection)

@@ -350,3 +350,38 @@ def test_concurrent_writes_across_an_epoch_change_keep_the_loser_everywhere(tmp_
             nursery.cancel_scope.cancel()
 
     trio.run(scenario)
+
+
+def test_hub_compacting_while_it_applies_an_edge_update_keeps_the_link_live(tmp_path, monkeypatch):
+    """The hub compacts inside the apply of an edge's frame (its log outgrew the live data).
+
+    The edge gets the new epoch's snapshot; the ack for its frame must still
+    confirm its write, and the hub must keep streaming to it in the new epoch
+    (it went back to thinking the edge was in the old one, and sent nothing
+    until the next periodic resync).
+    """
+    import konsul.sync.scope as scope_module
+
+    async def scenario() -> None:
+        fleet = Fleet(tmp_path)
+        async with trio.open_nursery() as nursery:
+            await fleet.start(nursery)
+            hub = fleet.hub.replica.scope(GLOBAL_SCOPE)
+            e1 = fleet.edges[0].replica.scope(GLOBAL_SCOPE)
+            await hub.kv_put("a", b"seed" * 100)
+            for link in fleet.links.values():
+                await link.settle()
+            monkeypatch.setattr(scope_module, "MIN_COMPACTION_BYTES", 0)
+            monkeypatch.setattr(scope_module, "COMPACTION_FACTOR", 1.0)
+            await e1.kv_put("a", b"from-e1" * 100)
+            written = e1.kv.get("a").stamp
+            await fleet.links[1].settle()
+            assert hub.epoch("kv") == 2 and e1.epoch("kv") == 2
+            assert fleet.acked_stamps[("e1", GLOBAL_SCOPE)] >= written
+            monkeypatch.setattr(scope_module, "MIN_COMPACTION_BYTES", 1 << 30)
+            await hub.kv_put("b", b"from-hub")
+            await fleet.links[1].settle()
+            assert e1.kv.get("b").value == b"from-hub"
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
