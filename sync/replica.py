@@ -68,6 +68,7 @@ class Replica:
         self.scopes: dict[str, Scope] = {}
         self._stores: dict[str, Store] = {}
         self._nursery: trio.Nursery | None = None
+        self._compaction_waiting = trio.Event()
         self._expiry_changed = trio.Event()
         self._waiting_until: int | None = None
         store.on_failure = self._reload_after_failure
@@ -113,6 +114,7 @@ class Replica:
                     if path.is_dir() and _SCOPE_NAME.fullmatch(path.name):
                         await self.open_scope(path.name)
             nursery.start_soon(self._expire_forever)
+            nursery.start_soon(self._compact_when_quiet_forever)
             task_status.started()
 
     def close(self) -> None:
@@ -123,7 +125,18 @@ class Replica:
     def _add_scope(self, name: str, store: Store) -> Scope:
         scope = self.scopes[name] = Scope(name, store, self.clock, self.history_depth, **self.scope_options)
         scope.listeners.append(self._on_change)
+        scope.on_compaction_waiting = self._compaction_waiting.set
         return scope
+
+    async def _compact_when_quiet_forever(self) -> None:
+        while True:
+            await self._compaction_waiting.wait()
+            self._compaction_waiting = trio.Event()
+            for scope in list(self.scopes.values()):
+                try:
+                    await scope.compact_when_quiet()
+                except Exception:  # the store logs and reloads; the next due compaction tries again
+                    log.exception("compacting scope %s failed", scope.name)
 
     async def _expire_forever(self) -> None:
         while True:

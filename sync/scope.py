@@ -54,6 +54,12 @@ COLLECTIONS = ("kv", "catalog", "devices")
 # A log of new keys is all live content and triggers nothing.
 COMPACTION_FACTOR = 1.8
 MIN_COMPACTION_BYTES = 64 * 1024
+# A compaction while replicas stream updates in (an edge catching up) makes
+# the hub send every connected edge a snapshot and makes edges still sending
+# in the old epoch adopt it and send their writes again. So while remote
+# updates keep arriving, a due compaction waits until they have paused this
+# long, unless what is stored grows past twice the threshold.
+COMPACTION_QUIET_S = 2.0
 
 Listener = Callable[[str, set[str]], None]
 # (collection, update, origin): every durable update; origin is the link that
@@ -114,6 +120,11 @@ class Scope:
         self._docs: dict[str, _DocState] = {}
         self.compactions = 0
         self._compacting = False
+        self._last_remote_update = -float("inf")  # trio time
+        self._compactions_waiting: set[str] = set()
+        # Called when a compaction waits for a pause; the replica then runs
+        # compact_when_quiet in the background.
+        self.on_compaction_waiting: Callable[[], None] = lambda: None
         self.load()
 
     # -- loading ---------------------------------------------------------------
@@ -457,10 +468,14 @@ class Scope:
         return sum(s.snapshot_bytes + s.log_bytes for s in self._docs.values())
 
     def needs_compaction(self, collection: str) -> bool:
+        return self._stored_beyond(collection, 1)
+
+    def _stored_beyond(self, collection: str, times: float) -> bool:
+        """Whether stored bytes exceed ``times`` the compaction threshold."""
         state = self._docs[collection]
         stored = state.snapshot_bytes + state.log_bytes
         live = self._versions(collection).live_bytes
-        return stored > COMPACTION_FACTOR * live + MIN_COMPACTION_BYTES
+        return stored > times * (COMPACTION_FACTOR * live + MIN_COMPACTION_BYTES)
 
     async def compact(self, collection: str) -> None:
         """Rebuild ``collection`` as a fresh document epoch with only live versions."""
@@ -531,6 +546,8 @@ class Scope:
         own_stamp = self.clock.last
         await self.store.commit(batch)
         self._committed(batch, collection, keys, origin, own_stamp)
+        if origin is not None:
+            self._last_remote_update = trio.current_time()
         await self._compact_if_needed(collection)
 
     def _committed(
@@ -546,5 +563,24 @@ class Scope:
                     on_update(name, update, origin)
 
     async def _compact_if_needed(self, collection: str) -> None:
-        if self.auto_compact and self.needs_compaction(collection):
-            await self.compact(collection)
+        if not (self.auto_compact and self.needs_compaction(collection)):
+            return
+        streaming = trio.current_time() < self._last_remote_update + COMPACTION_QUIET_S
+        if streaming and not self._stored_beyond(collection, 2):
+            if collection not in self._compactions_waiting:
+                self._compactions_waiting.add(collection)
+                self.on_compaction_waiting()
+            return
+        self._compactions_waiting.discard(collection)
+        await self.compact(collection)
+
+    async def compact_when_quiet(self) -> None:
+        """Run the compactions that wait for remote updates to pause (if still due then)."""
+        while self._compactions_waiting:
+            quiet_at = self._last_remote_update + COMPACTION_QUIET_S
+            if trio.current_time() < quiet_at:
+                await trio.sleep_until(quiet_at)
+                continue
+            for collection in sorted(self._compactions_waiting):
+                self._compactions_waiting.discard(collection)
+                await self._compact_if_needed(collection)

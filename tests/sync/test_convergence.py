@@ -373,6 +373,7 @@ def test_hub_compacting_while_it_applies_an_edge_update_keeps_the_link_live(tmp_
                 await link.settle()
             monkeypatch.setattr(scope_module, "MIN_COMPACTION_BYTES", 0)
             monkeypatch.setattr(scope_module, "COMPACTION_FACTOR", 1.0)
+            monkeypatch.setattr(scope_module, "COMPACTION_QUIET_S", 0)  # compact inside the apply
             await e1.kv_put("a", b"from-e1" * 100)
             written = e1.kv.get("a").stamp
             await fleet.links[1].settle()
@@ -385,3 +386,43 @@ def test_hub_compacting_while_it_applies_an_edge_update_keeps_the_link_live(tmp_
             nursery.cancel_scope.cancel()
 
     trio.run(scenario)
+
+
+def test_hub_waits_for_a_pause_in_incoming_updates_before_it_compacts(tmp_path, monkeypatch):
+    """A compaction due while an edge streams updates in waits until they pause.
+
+    (Compacting mid-stream sends every edge a snapshot and makes edges still
+    sending in the old epoch adopt it and send their writes again.)
+    """
+    import konsul.sync.scope as scope_module
+
+    clock = trio.testing.MockClock()
+
+    async def scenario() -> None:
+        fleet = Fleet(tmp_path)
+        async with trio.open_nursery() as nursery:
+            await fleet.start(nursery)
+            hub = fleet.hub.replica.scope(GLOBAL_SCOPE)
+            e1 = fleet.edges[0].replica.scope(GLOBAL_SCOPE)
+            await hub.kv_put("a", b"seed" * 100)
+            for link in fleet.links.values():
+                await link.settle()
+            monkeypatch.setattr(scope_module, "MIN_COMPACTION_BYTES", 0)
+            monkeypatch.setattr(scope_module, "COMPACTION_FACTOR", 1.0)
+            compacted = trio.Event()
+            hub.epoch_listeners.append(lambda collection: compacted.set())
+            await e1.kv_put("a", b"from-e1" * 100)
+            await fleet.links[1].settle()
+            assert hub.needs_compaction("kv") and hub.epoch("kv") == 1
+            clock.jump(scope_module.COMPACTION_QUIET_S / 2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert hub.epoch("kv") == 1
+            clock.jump(scope_module.COMPACTION_QUIET_S / 2)
+            await compacted.wait()  # once durable, with the snapshots queued for the edges
+            assert hub.epoch("kv") == 2
+            for link in fleet.links.values():
+                await link.settle()
+            assert e1.epoch("kv") == 2 and e1.kv.get("a").value == b"from-e1" * 100
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario, clock=clock)
