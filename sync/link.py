@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from pycrdt import get_update as missing_from
 
 from .hlc import Stamp
 from .scope import COLLECTIONS, Scope
@@ -90,6 +91,10 @@ class SyncLink:
         self.peer: PeerHello | None = None
         self._peer_epoch: dict[tuple[str, str], int] = {}
         self._snapshot_sent: dict[tuple[str, str], int] = {}  # the epoch last sent whole, per collection
+        # The epoch and state vector of the document when it was last sent as a
+        # diff or snapshot: it may have held updates not yet durable, which the
+        # update listener then forwards once they are (see _unsent_part).
+        self._answered: dict[tuple[str, str], tuple[int, bytes]] = {}
         self._listening: list[tuple[Scope, Any, Any]] = []
         self.local_changes: dict[tuple[str, str], int] = {}
         self.unconfirmed: dict[tuple[str, str], int] = {}
@@ -189,7 +194,9 @@ class SyncLink:
         self._peer_epoch[key] = event.epoch
         mine = scope.epoch(event.collection)
         if event.epoch == mine:
-            diff = scope.doc(event.collection).get_update(event.state_vector)
+            document = scope.doc(event.collection)
+            diff = document.get_update(event.state_vector)
+            self._answered[key] = (mine, document.get_state())
             self._send_update(scope, event.collection, diff)
         elif self.is_hub:
             self._send_snapshot(scope, event.collection)
@@ -251,9 +258,29 @@ class SyncLink:
                 self.local_changes[key] = self.local_changes.get(key, 0) + 1
             if origin is self or self._peer_epoch.get(key) != scope.epoch(collection):
                 return
-            self._send_update(scope, collection, update)
+            self._send_update(scope, collection, self._unsent_part(key, scope.epoch(collection), update))
 
         return on_update
+
+    def _unsent_part(self, key: tuple[str, str], epoch: int, update: bytes) -> bytes:
+        """What of a durable update the last diff or snapshot sent to the peer did not carry.
+
+        Those are built from the document in memory, which holds updates
+        applied but not yet durable; each is forwarded again once durable.
+        Durable updates arrive in the order they were applied, so once one
+        comes that the answer did not hold at all, neither did any after it.
+        """
+        answered = self._answered.get(key)
+        if answered is None:
+            return update
+        answered_epoch, state = answered
+        if answered_epoch != epoch:
+            del self._answered[key]
+            return update
+        unsent = missing_from(update, state)
+        if unsent == update:
+            del self._answered[key]
+        return unsent
 
     def _make_epoch_listener(self, scope: Scope):
         def on_epoch(collection: str) -> None:
@@ -281,6 +308,7 @@ class SyncLink:
     def _send_snapshot(self, scope: Scope, collection: str) -> None:
         epoch = scope.epoch(collection)
         self._snapshot_sent[(scope.name, collection)] = epoch
+        self._answered[(scope.name, collection)] = (epoch, scope.doc(collection).get_state())
         state = scope.doc(collection).get_update()
         marker = _Marker(scope.durable_own_stamp(collection), self.local_changes.get((scope.name, collection), 0))
         self._peer_epoch[(scope.name, collection)] = epoch

@@ -426,3 +426,66 @@ def test_hub_waits_for_a_pause_in_incoming_updates_before_it_compacts(tmp_path, 
             nursery.cancel_scope.cancel()
 
     trio.run(scenario, clock=clock)
+
+
+def test_hub_sends_an_update_it_answered_with_before_it_was_durable_only_once(tmp_path):
+    """The hub answers a state vector from memory, which may hold an update still being committed.
+
+    Once durable, that update is forwarded to the other edges; the edge that
+    got it in the answer must not receive it a second time.
+    """
+
+    async def scenario() -> None:
+        fleet = Fleet(tmp_path)
+        async with trio.open_nursery() as nursery:
+            await fleet.start(nursery)
+            for link in fleet.links.values():
+                await link.settle()
+            hub_store = fleet.hub.replica.scope(GLOBAL_SCOPE).store
+            committing, release = trio.Event(), trio.Event()
+            commit = hub_store.commit
+
+            async def slow_commit(batch):
+                committing.set()
+                await release.wait()
+                return await commit(batch)
+
+            hub_store.commit = slow_commit
+            value = bytes(range(256)) * 32  # 8 KiB: its frame is easy to tell from the rest
+            await fleet.edges[1].replica.scope(GLOBAL_SCOPE).kv_put("big", value)
+            e1_link, e2_link = fleet.links[1], fleet.links[2]
+            to_e1: list[int] = []  # sizes of the frames the hub sends e1
+            transmit = e1_link.hub_link._transmit
+
+            async def recording(frame: bytes) -> None:
+                to_e1.append(len(frame))
+                await transmit(frame)
+
+            e1_link.hub_link._transmit = recording
+            await trio.testing.wait_all_tasks_blocked()
+
+            taken = trio.Event()
+
+            async def hub_takes_e2_frames() -> None:
+                frames, e2_link.up.frames[:] = list(e2_link.up.frames), []
+                for frame in frames:
+                    await e2_link.hub_link.receive(frame)
+                taken.set()
+
+            nursery.start_soon(hub_takes_e2_frames)
+            await committing.wait()  # applied in the hub's memory, not durable yet
+            e1_link.edge_link.resync()
+            await trio.testing.wait_all_tasks_blocked()
+            await e1_link.deliver()  # e1's state vector up, the hub's answer (with "big") down
+            assert fleet.edges[0].replica.scope(GLOBAL_SCOPE).kv.get("big").value == value
+            release.set()
+            await taken.wait()  # durable at the hub, and forwarded
+            for _ in range(2):
+                for link in fleet.links.values():
+                    await link.settle()
+            hub_store.commit = commit
+            assert fleet.edges[2].replica.scope(GLOBAL_SCOPE).kv.get("big").value == value
+            assert len([size for size in to_e1 if size > len(value)]) == 1, to_e1
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
