@@ -17,6 +17,12 @@ one batch queued in the store. Every put of the group is acknowledged once that
 batch is durable. Any other change seals the open group first, so the document,
 its update log and the batches keep the order the changes were made in.
 
+A put that is still alone after that yield, and finds the store idle, commits
+on trio's thread (``Store.write_now``): there is nothing for its round to
+overlap with, and the two thread hand-offs would cost more than the commit.
+A leader that finds the store idle but its disk slow seals at once instead,
+without yielding: its group goes straight to the writer thread.
+
 Compaction
 ----------
 A Yjs document keeps a trace of everything ever deleted. When a collection's
@@ -71,11 +77,12 @@ class _DocState:
 class _PutGroup:
     """Puts that share one CRDT transaction and one batch (see the module doc)."""
 
-    __slots__ = ("batch", "keys", "round", "own_stamp", "done", "error")
+    __slots__ = ("batch", "keys", "puts", "round", "own_stamp", "done", "error")
 
     def __init__(self) -> None:
         self.batch = WriteBatch()
         self.keys: set[str] = set()
+        self.puts = 0
         self.round = None  # the store round, once sealed
         self.own_stamp: Stamp | None = None
         self.done = trio.Event()
@@ -202,6 +209,7 @@ class Scope:
                 self._open_group = None
             return False
         group.keys.add(key)
+        group.puts += 1
         if leader:
             await self._lead(group)
         else:
@@ -214,13 +222,13 @@ class Scope:
         """Seal ``group`` once the ready writers joined it; report its commit to all."""
         # Shielded: the others' acknowledgements wait on this task.
         with trio.CancelScope(shield=True):
-            if not self.store.idle:
-                # The group would wait for the disk anyway: let the writers
-                # that are ready join it first. A lone writer, which finds the
-                # store idle, goes straight to the disk.
+            store = self.store
+            if not store.idle or store.can_write_now:
+                # Let the writers that are ready join first: the group would
+                # wait for the disk anyway, or it learns whether it is alone.
                 await trio.lowlevel.checkpoint()
             if self._open_group is group:
-                self._seal()
+                self._seal(write_now=group.puts == 1 and store.can_write_now)
             if group.round is not None:
                 try:
                     await self.store.wait(group.round)
@@ -233,8 +241,11 @@ class Scope:
         group.done.set()
         await self._compact_if_needed("kv")
 
-    def _seal(self) -> None:
-        """Flush the open group's staged puts into its batch and queue it."""
+    def _seal(self, write_now: bool = False) -> None:
+        """Flush the open group's staged puts into its batch and queue it.
+
+        With ``write_now``, commit it on this thread instead (``Store.write_now``).
+        """
         group, self._open_group = self._open_group, None
         assert group is not None
         self._batch = group.batch
@@ -242,7 +253,10 @@ class Scope:
             self.kv.versions.flush()
             group.batch.scope_state[self.name] = (self.index.value, self.kv.last_index, self.kv.conflicts)
             group.own_stamp = self.clock.last
-            group.round = self.store.enqueue(group.batch)
+            if write_now:
+                self.store.write_now(group.batch)
+            else:
+                group.round = self.store.enqueue(group.batch)
         except Exception as error:
             group.error = error
         finally:

@@ -126,27 +126,35 @@ def prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
 # -- writing ------------------------------------------------------------------------
 
 
+INSERT_UPDATE = (
+    "INSERT INTO updates(scope, collection, epoch, data, idx, kv_index, conflicts, side) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def single_update_row(batch: WriteBatch) -> tuple | None:
+    """The one ``updates`` row that carries all of ``batch``, if it fits in one.
+
+    A lone put's batch does: one update, its scope's counters and its index and
+    history changes all ride on that row. Such a round is a single ``INSERT``
+    (see ``Store._write``).
+    """
+    if len(batch.updates) != 1 or batch.snapshots or batch.meta:
+        return None
+    side = _side_changes(batch)
+    rows, logged = _update_rows(batch, side)
+    if side or any(scope not in logged for scope in batch.scope_state):
+        return None  # something must go to a table of its own
+    return rows[0]
+
+
 def write_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:
     """Write one merged batch; the caller holds the transaction."""
     counters = batch.scope_state
     side = _side_changes(batch)
-    logged: set[str] = set()  # scopes whose counters an update row carries
-    if batch.updates:
-        last_kv = {scope: i for i, (scope, c, _, _) in enumerate(batch.updates) if c == "kv"}
-        rows = []
-        for i, (scope, collection, epoch, data) in enumerate(batch.updates):
-            state = counters.get(scope)
-            if state is not None:
-                logged.add(scope)
-            carried = None
-            if last_kv.get(scope) == i and scope in side:
-                carried = cbor2.dumps(side.pop(scope))
-            rows.append((scope, collection, epoch, data, *(state or (None, None, None)), carried))
-        conn.executemany(
-            "INSERT INTO updates(scope, collection, epoch, data, idx, kv_index, conflicts, side) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
+    rows, logged = _update_rows(batch, side)
+    if rows:
+        conn.executemany(INSERT_UPDATE, rows)
     for (scope, collection), (epoch, snapshot) in batch.snapshots.items():
         conn.execute(
             "INSERT OR REPLACE INTO docs(scope, collection, epoch, snapshot) VALUES (?, ?, ?, ?)",
@@ -175,6 +183,30 @@ def write_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:
         conn.executemany(
             "INSERT OR REPLACE INTO meta(name, value) VALUES (?, ?)", list(batch.meta.items())
         )
+
+
+def _update_rows(
+    batch: WriteBatch, side: dict[str, tuple[list[IndexChange], list[HistoryChange]]]
+) -> tuple[list[tuple], set[str]]:
+    """The ``updates`` rows of ``batch``, and the scopes whose counters they carry.
+
+    Takes from ``side`` the changes that ride on a row (see the module doc).
+    """
+    counters = batch.scope_state
+    logged: set[str] = set()
+    if not batch.updates:
+        return [], logged
+    last_kv = {scope: i for i, (scope, c, _, _) in enumerate(batch.updates) if c == "kv"}
+    rows = []
+    for i, (scope, collection, epoch, data) in enumerate(batch.updates):
+        state = counters.get(scope)
+        if state is not None:
+            logged.add(scope)
+        carried = None
+        if last_kv.get(scope) == i and scope in side:
+            carried = cbor2.dumps(side.pop(scope))
+        rows.append((scope, collection, epoch, data, *(state or (None, None, None)), carried))
+    return rows, logged
 
 
 def _side_changes(batch: WriteBatch) -> dict[str, tuple[list[IndexChange], list[HistoryChange]]]:
