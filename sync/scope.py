@@ -45,12 +45,12 @@ from .catalog import ServiceCatalog, ServiceEntry
 from .devices import DeviceRecord, DeviceRegistry
 from .errors import InvalidArgument, StoreError
 from .hlc import HybridClock, Stamp
-from .kv import KvState, ScopeIndex, decode_payload
+from .kv import KvState, ScopeIndex
 from .limits import check_flags, check_key, check_prefix, check_value
 from .store import Store
 from .tables import kv_rows, scope_counters
 from .twin import check_document
-from .versioned import Version, VersionedMap
+from .versioned import VersionedMap
 
 COLLECTIONS = ("kv", "catalog", "devices")
 
@@ -479,21 +479,9 @@ class Scope:
     async def _compact(self, collection: str) -> None:
         if self._open_group is not None:
             self._seal()
-        old = self._versions(collection)
-        now = self.clock.wall_ms()
-        kept: list[Version] = []
-        for key in list(old.keys()):
-            live = old.versions(key)
-            current = live[0]
-            if collection == "kv" and not current.deleted:
-                _, _, expires = decode_payload(current.payload)
-                if expires is not None and expires <= now:
-                    # An expired key keeps only the fact that it ended.
-                    kept.append(Version(key, current.stamp, None))
-                    continue
-            kept.extend(live)
-        fresh = VersionedMap(Doc(), lambda update: None)
-        fresh.restore(kept)
+        # An expired key keeps only the fact that it ended.
+        ended = self.kv.expired_keys(self.clock.wall_ms()) if collection == "kv" else ()
+        fresh = self._versions(collection).rebuilt(ended)
         snapshot = fresh.doc.get_update()
         state = self._docs[collection]
         epoch = state.epoch + 1 if self.epoch_authority else min(state.epoch, 0) - 1
