@@ -162,7 +162,7 @@ def write_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:
         )
         # What the log carries moves to the tables before it goes.
         conn.execute(_FOLD_COUNTERS, (scope, scope))
-        _fold_side(conn, scope, "collection = ? AND epoch != ?", (collection, epoch))
+        _fold_side(conn, scope, "collection = ? AND epoch != ?", (collection, epoch), deleting=True)
         # The snapshot holds everything the log of the epoch it replaces did.
         conn.execute(
             "DELETE FROM updates WHERE scope = ? AND collection = ? AND epoch != ?",
@@ -225,8 +225,15 @@ def _side_changes(batch: WriteBatch) -> dict[str, tuple[list[IndexChange], list[
     return side
 
 
-def _fold_side(conn: sqlite3.Connection, scope: str, where: str, params: tuple) -> None:
-    """Apply the ``side`` values of a scope's log rows matching ``where`` to the tables."""
+def _fold_side(
+    conn: sqlite3.Connection, scope: str, where: str, params: tuple, *, deleting: bool = False
+) -> None:
+    """Apply the ``side`` values of a scope's log rows matching ``where`` to the tables.
+
+    ``deleting``: the caller deletes those rows next, so their ``side`` is not
+    cleared first (each row holds an update, often over several pages, which
+    clearing would rewrite only for the delete to drop it).
+    """
     found = conn.execute(
         f"SELECT seq, side FROM updates WHERE scope = ? AND side IS NOT NULL AND {where} ORDER BY seq",
         (scope, *params),
@@ -235,7 +242,8 @@ def _fold_side(conn: sqlite3.Connection, scope: str, where: str, params: tuple) 
         return
     index, history = _replay([], [], (side for _, side in found))
     _apply_to_tables(conn, scope, index, history)
-    conn.executemany("UPDATE updates SET side = NULL WHERE seq = ?", [(seq,) for seq, _ in found])
+    if not deleting:
+        conn.executemany("UPDATE updates SET side = NULL WHERE seq = ?", [(seq,) for seq, _ in found])
 
 
 def _apply_to_tables(
