@@ -20,6 +20,10 @@ its update log and the batches keep the order the changes were made in.
 A put that is still alone after that yield, and finds the store idle, commits
 on trio's thread (``Store.write_now``): there is nothing for its round to
 overlap with, and the two thread hand-offs would cost more than the commit.
+Only if the group before was a lone put too: trio runs the tasks of a
+scheduling pass in random order, so a leader may find itself alone before the
+writers it has just acknowledged rejoin, and blocking them for a commit would
+cost more than the hand-offs.
 A leader that finds the store idle but its disk slow seals at once instead,
 without yielding: its group goes straight to the writer thread.
 
@@ -118,6 +122,7 @@ class Scope:
         self._durable_own_stamp: Stamp | None = None
         self._batch: WriteBatch | None = None
         self._open_group: _PutGroup | None = None
+        self._last_group_puts = 0  # puts in the group sealed last
         self._docs: dict[str, _DocState] = {}
         self.compactions = 0
         self._compacting = False
@@ -229,7 +234,8 @@ class Scope:
             # a lone put would pay for nothing.)
             await trio.lowlevel.cancel_shielded_checkpoint()
         if self._open_group is group:
-            self._seal(write_now=group.puts == 1 and store.can_write_now)
+            lone = group.puts == 1 and self._last_group_puts == 1
+            self._seal(write_now=lone and store.can_write_now)
         if group.round is not None:
             with trio.CancelScope(shield=True):
                 try:
@@ -250,6 +256,7 @@ class Scope:
         """
         group, self._open_group = self._open_group, None
         assert group is not None
+        self._last_group_puts = group.puts
         self._batch = group.batch
         try:
             self.kv.versions.flush()
