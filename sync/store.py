@@ -69,6 +69,13 @@ CHECKPOINT_PAGES = 640
 # SQLite's own checkpoint, inside a COMMIT, once the WAL holds this many pages
 # (SQLite's default); it copies what the background one has not.
 WAL_BACKSTOP_PAGES = 1000
+# Once copied whole, the WAL starts over from its beginning; it is truncated to
+# this size only if it grew past it. Big enough for the WAL between two
+# checkpoints (the backstop's 1,000 pages of 4 KiB and their frame headers), so
+# commits overwrite its blocks instead of growing the file: an fsync that grows
+# a file must also commit its new size (ext4: a journal commit), and lone puts
+# were about 20% slower with the WAL cut to 1 MiB after every checkpoint.
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
 # After a compaction, free pages go back to the file system once they are at
 # least this many and a quarter of the file; fewer are reused by later writes,
 # and giving them back only for the file to grow again costs writes for nothing.
@@ -148,7 +155,7 @@ class Store:
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute(f"PRAGMA synchronous = {DURABILITY_MODES[durability]}")
-                conn.execute("PRAGMA journal_size_limit = 1048576")
+                conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
                 conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_BACKSTOP_PAGES}")
                 conn.execute("PRAGMA busy_timeout = 0")
                 prepare_schema(conn, path)
