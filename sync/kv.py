@@ -200,6 +200,19 @@ class KvState:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
+    def expired_keys(self, now_ms: int) -> set[str]:
+        """Keys whose current version's TTL has passed by ``now_ms``, hidden or not."""
+        ended = set()
+        for key, found in self.versions.live_items():
+            stamp = max(found)
+            payload = found[stamp]
+            if payload is None or payload[0] == _PLAIN:
+                continue  # a tombstone, or a value with no TTL
+            _, _, expires = decode_payload(payload)
+            if expires is not None and expires <= now_ms:
+                ended.add(key)
+        return ended
+
     # -- writing -------------------------------------------------------------
 
     def put(

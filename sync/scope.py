@@ -17,6 +17,16 @@ one batch queued in the store. Every put of the group is acknowledged once that
 batch is durable. Any other change seals the open group first, so the document,
 its update log and the batches keep the order the changes were made in.
 
+A put that is still alone after that yield, and finds the store idle, commits
+on trio's thread (``Store.write_now``): there is nothing for its round to
+overlap with, and the two thread hand-offs would cost more than the commit.
+Only if the group before was a lone put too: trio runs the tasks of a
+scheduling pass in random order, so a leader may find itself alone before the
+writers it has just acknowledged rejoin, and blocking them for a commit would
+cost more than the hand-offs.
+A leader that finds the store idle but its disk slow seals at once instead,
+without yielding: its group goes straight to the writer thread.
+
 Compaction
 ----------
 A Yjs document keeps a trace of everything ever deleted. When a collection's
@@ -39,12 +49,12 @@ from .catalog import ServiceCatalog, ServiceEntry
 from .devices import DeviceRecord, DeviceRegistry
 from .errors import InvalidArgument, StoreError
 from .hlc import HybridClock, Stamp
-from .kv import KvState, ScopeIndex, decode_payload
+from .kv import KvState, ScopeIndex
 from .limits import check_flags, check_key, check_prefix, check_value
 from .store import Store
 from .tables import kv_rows, scope_counters
 from .twin import check_document
-from .versioned import Version, VersionedMap
+from .versioned import VersionedMap
 
 COLLECTIONS = ("kv", "catalog", "devices")
 
@@ -77,11 +87,12 @@ class _DocState:
 class _PutGroup:
     """Puts that share one CRDT transaction and one batch (see the module doc)."""
 
-    __slots__ = ("batch", "keys", "round", "own_stamp", "done", "error")
+    __slots__ = ("batch", "keys", "puts", "round", "own_stamp", "done", "error")
 
     def __init__(self) -> None:
         self.batch = WriteBatch()
         self.keys: set[str] = set()
+        self.puts = 0
         self.round = None  # the store round, once sealed
         self.own_stamp: Stamp | None = None
         self.done = trio.Event()
@@ -117,6 +128,7 @@ class Scope:
         self._durable_own_stamp: Stamp | None = None
         self._batch: WriteBatch | None = None
         self._open_group: _PutGroup | None = None
+        self._last_group_puts = 0  # puts in the group sealed last
         self._docs: dict[str, _DocState] = {}
         self.compactions = 0
         self._compacting = False
@@ -213,6 +225,7 @@ class Scope:
                 self._open_group = None
             return False
         group.keys.add(key)
+        group.puts += 1
         if leader:
             await self._lead(group)
         else:
@@ -223,18 +236,21 @@ class Scope:
 
     async def _lead(self, group: _PutGroup) -> None:
         """Seal ``group`` once the ready writers joined it; report its commit to all."""
-        # Shielded: the others' acknowledgements wait on this task.
-        with trio.CancelScope(shield=True):
-            if not self.store.idle:
-                # The group would wait for the disk anyway: let the writers
-                # that are ready join it first. A lone writer, which finds the
-                # store idle, goes straight to the disk.
-                await trio.lowlevel.checkpoint()
-            if self._open_group is group:
-                self._seal()
-            if group.round is not None:
+        # Never cancelled: the others' acknowledgements wait on this task.
+        store = self.store
+        if not store.idle or store.can_write_now:
+            # Let the writers that are ready join first: the group would wait
+            # for the disk anyway, or it learns whether it is alone. (A yield
+            # that is no cancel point costs a third of a shielded scope, which
+            # a lone put would pay for nothing.)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        if self._open_group is group:
+            lone = group.puts == 1 and self._last_group_puts == 1
+            self._seal(write_now=lone and store.can_write_now)
+        if group.round is not None:
+            with trio.CancelScope(shield=True):
                 try:
-                    await self.store.wait(group.round)
+                    await store.wait(group.round)
                 except BaseException as error:
                     group.error = error
         if group.error is not None:
@@ -244,16 +260,23 @@ class Scope:
         group.done.set()
         await self._compact_if_needed("kv")
 
-    def _seal(self) -> None:
-        """Flush the open group's staged puts into its batch and queue it."""
+    def _seal(self, write_now: bool = False) -> None:
+        """Flush the open group's staged puts into its batch and queue it.
+
+        With ``write_now``, commit it on this thread instead (``Store.write_now``).
+        """
         group, self._open_group = self._open_group, None
         assert group is not None
+        self._last_group_puts = group.puts
         self._batch = group.batch
         try:
             self.kv.versions.flush()
             group.batch.scope_state[self.name] = (self.index.value, self.kv.last_index, self.kv.conflicts)
             group.own_stamp = self.clock.last
-            group.round = self.store.enqueue(group.batch)
+            if write_now:
+                self.store.write_now(group.batch)
+            else:
+                group.round = self.store.enqueue(group.batch)
         except Exception as error:
             group.error = error
         finally:
@@ -490,21 +513,9 @@ class Scope:
     async def _compact(self, collection: str) -> None:
         if self._open_group is not None:
             self._seal()
-        old = self._versions(collection)
-        now = self.clock.wall_ms()
-        kept: list[Version] = []
-        for key in list(old.keys()):
-            live = old.versions(key)
-            current = live[0]
-            if collection == "kv" and not current.deleted:
-                _, _, expires = decode_payload(current.payload)
-                if expires is not None and expires <= now:
-                    # An expired key keeps only the fact that it ended.
-                    kept.append(Version(key, current.stamp, None))
-                    continue
-            kept.extend(live)
-        fresh = VersionedMap(Doc(), lambda update: None)
-        fresh.restore(kept)
+        # An expired key keeps only the fact that it ended.
+        ended = self.kv.expired_keys(self.clock.wall_ms()) if collection == "kv" else ()
+        fresh = self._versions(collection).rebuilt(ended)
         snapshot = fresh.doc.get_update()
         state = self._docs[collection]
         epoch = state.epoch + 1 if self.epoch_authority else min(state.epoch, 0) - 1

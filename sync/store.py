@@ -18,7 +18,7 @@ Checkpoints (copying the WAL into the database file, then an fsync of it) take
 tens of milliseconds. SQLite runs them inside a ``COMMIT`` once the WAL holds
 1,000 pages, so every round queued behind would wait. Here a second thread with
 its own connection runs them in ``PASSIVE`` mode, which neither blocks the
-writer nor waits for it, every ``CHECKPOINT_ROUNDS`` rounds and after each
+writer nor waits for it, every ``CHECKPOINT_PAGES`` WAL pages or so and after each
 compaction. Under steady writes it never quite catches up (rounds append while
 it copies), and the WAL starts over only once it is copied whole; so SQLite's
 own checkpoint still runs at 1,000 pages, but finds most of the WAL copied
@@ -40,6 +40,7 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ import trio
 
 from .batch import WriteBatch
 from .errors import StoreCorrupt, StoreError, StoreFull, StoreLocked
-from .tables import KNOWN_VERSIONS, SCHEMA_VERSION, prepare_schema, write_rows
+from .tables import INSERT_UPDATE, KNOWN_VERSIONS, SCHEMA_VERSION, prepare_schema, single_update_row, write_rows
 
 __all__ = ["DB_NAME", "SCHEMA_VERSION", "Store"]
 
@@ -57,15 +58,32 @@ LOCK_NAME = "LOCK"
 
 DURABILITY_MODES = {"full": "FULL", "relaxed": "NORMAL"}
 
-# A background checkpoint after this many rounds (and after every compaction).
-CHECKPOINT_ROUNDS = 128
+# A background checkpoint once the rounds since the last one wrote about this
+# many WAL pages (and after every compaction). A round writes about one page,
+# plus one per KiB of CRDT updates: measured, a lone put's round 1.2 pages, a
+# round of 33 puts (4.7 KB of updates, with their side values) 7. So lone puts
+# checkpoint every 640 rounds, 33-put rounds every 128, well before SQLite's
+# own checkpoint at WAL_BACKSTOP_PAGES. Each checkpoint ends with an fsync of
+# the database file, which the disk serves between the commits' own.
+CHECKPOINT_PAGES = 640
 # SQLite's own checkpoint, inside a COMMIT, once the WAL holds this many pages
 # (SQLite's default); it copies what the background one has not.
 WAL_BACKSTOP_PAGES = 1000
+# Once copied whole, the WAL starts over from its beginning; it is truncated to
+# this size only if it grew past it. Big enough for the WAL between two
+# checkpoints (the backstop's 1,000 pages of 4 KiB and their frame headers), so
+# commits overwrite its blocks instead of growing the file: an fsync that grows
+# a file must also commit its new size (ext4: a journal commit), and lone puts
+# were about 20% slower with the WAL cut to 1 MiB after every checkpoint.
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
 # After a compaction, free pages go back to the file system once they are at
 # least this many and a quarter of the file; fewer are reused by later writes,
 # and giving them back only for the file to grow again costs writes for nothing.
 VACUUM_MIN_FREE_PAGES = 256
+# write_now() is offered only while the last round committed within this many
+# seconds: it blocks the event loop for its commit, which a slow disk must not
+# turn into a stall (see write_now).
+WRITE_NOW_LIMIT = 0.002
 
 
 class _Round:
@@ -110,7 +128,8 @@ class Store:
         self._checkpointer: _Checkpointer | None = None
         # Rounds queued or being written, as trio sees them (see idle).
         self._outstanding = 0
-        self._rounds_since_checkpoint = 0
+        self._pages_since_checkpoint = 0  # estimated, see CHECKPOINT_PAGES
+        self._commits_fast = True  # the last round took under WRITE_NOW_LIMIT
 
     # -- opening -------------------------------------------------------------
 
@@ -136,7 +155,7 @@ class Store:
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute(f"PRAGMA synchronous = {DURABILITY_MODES[durability]}")
-                conn.execute("PRAGMA journal_size_limit = 1048576")
+                conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
                 conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_BACKSTOP_PAGES}")
                 conn.execute("PRAGMA busy_timeout = 0")
                 prepare_schema(conn, path)
@@ -211,6 +230,42 @@ class Store:
     def idle(self) -> bool:
         """Nothing is queued or being written: a batch queued now is written at once."""
         return self._outstanding == 0
+
+    @property
+    def can_write_now(self) -> bool:
+        """Whether :meth:`write_now` may be used: the store is idle and its disk fast."""
+        return (
+            self._running
+            and self._outstanding == 0
+            and not self._paused
+            and self._failed is None
+            and self._commits_fast
+        )
+
+    def write_now(self, batch: WriteBatch) -> None:
+        """Commit ``batch`` on the calling (trio) thread; return once it is durable.
+
+        For a lone write, which has nothing to share its round with: handing it
+        to the writer thread and hearing back costs two thread wake-ups, more
+        CPU than its commit (see docs/architecture.md, "The store"). It blocks
+        the event loop for the commit, so it is offered (``can_write_now``) only
+        while commits are fast, and only when the store is idle: the writer
+        thread then waits for work and leaves the connection alone, and nothing
+        can queue behind this batch while the loop is blocked.
+
+        Raises :class:`StoreError` if the batch is not durable, once the
+        owner's ``on_failure`` hook has reloaded memory from disk.
+        """
+        if not self.can_write_now:
+            raise RuntimeError("write_now() while the store is busy, stopped or slow")
+        try:
+            self._write([batch])
+        except StoreError as error:
+            if self.on_failure is not None:
+                self.on_failure(error)
+            raise
+        self.rounds += 1
+        self.batches += 1
 
     async def wait(self, round_: _Round) -> None:
         """Return once ``round_`` is durable; raise :class:`StoreError` if it is not."""
@@ -319,25 +374,36 @@ class Store:
                 self._work.notify()
 
     def _write(self, batches: list[WriteBatch]) -> None:
+        """Commit ``batches`` in one transaction (writer thread, or write_now)."""
+        started = time.perf_counter()
         merged = WriteBatch.combine(batches)
         conn = self._conn
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            write_rows(conn, merged)
-            conn.execute("COMMIT")
+            row = single_update_row(merged)
+            if row is not None:
+                # One statement outside BEGIN is a transaction of its own,
+                # committed (and synced) before execute() returns: the same
+                # durability as BEGIN ... COMMIT, two statements fewer.
+                conn.execute(INSERT_UPDATE, row)
+            else:
+                conn.execute("BEGIN IMMEDIATE")
+                write_rows(conn, merged)
+                conn.execute("COMMIT")
         except sqlite3.Error as error:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise store_error(error, self.path) from error
-        self._rounds_since_checkpoint += 1
+        finally:
+            self._commits_fast = time.perf_counter() - started < WRITE_NOW_LIMIT
+        self._pages_since_checkpoint += 1 + sum(len(update[3]) for update in merged.updates) // 1024
         if merged.snapshots:
             # A compaction just freed the old log.
             try:
                 self._vacuum(VACUUM_MIN_FREE_PAGES)
             except sqlite3.Error:
                 pass  # an optimisation only; the next compaction tries again
-        if merged.snapshots or self._rounds_since_checkpoint >= CHECKPOINT_ROUNDS:
-            self._rounds_since_checkpoint = 0
+        if merged.snapshots or self._pages_since_checkpoint >= CHECKPOINT_PAGES:
+            self._pages_since_checkpoint = 0
             if self._checkpointer is not None:
                 self._checkpointer.request()
 

@@ -126,27 +126,35 @@ def prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
 # -- writing ------------------------------------------------------------------------
 
 
+INSERT_UPDATE = (
+    "INSERT INTO updates(scope, collection, epoch, data, idx, kv_index, conflicts, side) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def single_update_row(batch: WriteBatch) -> tuple | None:
+    """The one ``updates`` row that carries all of ``batch``, if it fits in one.
+
+    A lone put's batch does: one update, its scope's counters and its index and
+    history changes all ride on that row. Such a round is a single ``INSERT``
+    (see ``Store._write``).
+    """
+    if len(batch.updates) != 1 or batch.snapshots or batch.meta:
+        return None
+    side = _side_changes(batch)
+    rows, logged = _update_rows(batch, side)
+    if side or any(scope not in logged for scope in batch.scope_state):
+        return None  # something must go to a table of its own
+    return rows[0]
+
+
 def write_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:
     """Write one merged batch; the caller holds the transaction."""
     counters = batch.scope_state
     side = _side_changes(batch)
-    logged: set[str] = set()  # scopes whose counters an update row carries
-    if batch.updates:
-        last_kv = {scope: i for i, (scope, c, _, _) in enumerate(batch.updates) if c == "kv"}
-        rows = []
-        for i, (scope, collection, epoch, data) in enumerate(batch.updates):
-            state = counters.get(scope)
-            if state is not None:
-                logged.add(scope)
-            carried = None
-            if last_kv.get(scope) == i and scope in side:
-                carried = cbor2.dumps(side.pop(scope))
-            rows.append((scope, collection, epoch, data, *(state or (None, None, None)), carried))
-        conn.executemany(
-            "INSERT INTO updates(scope, collection, epoch, data, idx, kv_index, conflicts, side) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
+    rows, logged = _update_rows(batch, side)
+    if rows:
+        conn.executemany(INSERT_UPDATE, rows)
     for (scope, collection), (epoch, snapshot) in batch.snapshots.items():
         conn.execute(
             "INSERT OR REPLACE INTO docs(scope, collection, epoch, snapshot) VALUES (?, ?, ?, ?)",
@@ -154,7 +162,7 @@ def write_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:
         )
         # What the log carries moves to the tables before it goes.
         conn.execute(_FOLD_COUNTERS, (scope, scope))
-        _fold_side(conn, scope, "collection = ? AND epoch != ?", (collection, epoch))
+        _fold_side(conn, scope, "collection = ? AND epoch != ?", (collection, epoch), deleting=True)
         # The snapshot holds everything the log of the epoch it replaces did.
         conn.execute(
             "DELETE FROM updates WHERE scope = ? AND collection = ? AND epoch != ?",
@@ -177,6 +185,30 @@ def write_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:
         )
 
 
+def _update_rows(
+    batch: WriteBatch, side: dict[str, tuple[list[IndexChange], list[HistoryChange]]]
+) -> tuple[list[tuple], set[str]]:
+    """The ``updates`` rows of ``batch``, and the scopes whose counters they carry.
+
+    Takes from ``side`` the changes that ride on a row (see the module doc).
+    """
+    counters = batch.scope_state
+    logged: set[str] = set()
+    if not batch.updates:
+        return [], logged
+    last_kv = {scope: i for i, (scope, c, _, _) in enumerate(batch.updates) if c == "kv"}
+    rows = []
+    for i, (scope, collection, epoch, data) in enumerate(batch.updates):
+        state = counters.get(scope)
+        if state is not None:
+            logged.add(scope)
+        carried = None
+        if last_kv.get(scope) == i and scope in side:
+            carried = cbor2.dumps(side.pop(scope))
+        rows.append((scope, collection, epoch, data, *(state or (None, None, None)), carried))
+    return rows, logged
+
+
 def _side_changes(batch: WriteBatch) -> dict[str, tuple[list[IndexChange], list[HistoryChange]]]:
     """The batch's kv_index and kv_history changes, per scope, in a CBOR-ready form."""
     side: dict[str, tuple[list[IndexChange], list[HistoryChange]]] = {}
@@ -193,8 +225,15 @@ def _side_changes(batch: WriteBatch) -> dict[str, tuple[list[IndexChange], list[
     return side
 
 
-def _fold_side(conn: sqlite3.Connection, scope: str, where: str, params: tuple) -> None:
-    """Apply the ``side`` values of a scope's log rows matching ``where`` to the tables."""
+def _fold_side(
+    conn: sqlite3.Connection, scope: str, where: str, params: tuple, *, deleting: bool = False
+) -> None:
+    """Apply the ``side`` values of a scope's log rows matching ``where`` to the tables.
+
+    ``deleting``: the caller deletes those rows next, so their ``side`` is not
+    cleared first (each row holds an update, often over several pages, which
+    clearing would rewrite only for the delete to drop it).
+    """
     found = conn.execute(
         f"SELECT seq, side FROM updates WHERE scope = ? AND side IS NOT NULL AND {where} ORDER BY seq",
         (scope, *params),
@@ -203,7 +242,8 @@ def _fold_side(conn: sqlite3.Connection, scope: str, where: str, params: tuple) 
         return
     index, history = _replay([], [], (side for _, side in found))
     _apply_to_tables(conn, scope, index, history)
-    conn.executemany("UPDATE updates SET side = NULL WHERE seq = ?", [(seq,) for seq, _ in found])
+    if not deleting:
+        conn.executemany("UPDATE updates SET side = NULL WHERE seq = ?", [(seq,) for seq, _ in found])
 
 
 def _apply_to_tables(

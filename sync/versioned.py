@@ -27,7 +27,7 @@ in the compact form.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 from pycrdt import Doc, Map, Transaction
@@ -47,6 +47,10 @@ class Version:
     @property
     def deleted(self) -> bool:
         return self.payload is None
+
+
+def _ignore_update(update: bytes) -> None:
+    pass
 
 
 def _entry_size(key: str, payload: bytes | None) -> int:
@@ -111,6 +115,10 @@ class VersionedMap:
             ((stamp, payload),) = found.items()
             return [Version(key, stamp, payload)]
         return [Version(key, s, p) for s, p in sorted(found.items(), reverse=True)]
+
+    def live_items(self) -> Iterable[tuple[str, dict[Stamp, bytes | None]]]:
+        """Every key with its live versions by stamp, unordered; read, never change them."""
+        return self._live.items()
 
     def live(self, key: str) -> dict[Stamp, bytes | None] | None:
         """The live versions of ``key`` by stamp, unordered; read, never change it."""
@@ -212,16 +220,33 @@ class VersionedMap:
         live[stamp] = payload
         self.live_bytes += _entry_size(key, payload)
 
-    def restore(self, versions: Iterable[Version]) -> None:
-        """Add versions as they are, superseding nothing (to build a new epoch)."""
-        with self.doc.transaction() as txn:
-            self._flush(txn)
-            native, raw_txn = self._map.integrated, txn._txn  # see _write
-            for version in versions:
-                payload = _TOMBSTONE if version.payload is None else version.payload
-                native.insert(raw_txn, version_id(version.key, version.stamp), payload)
-                self._live.setdefault(version.key, {})[version.stamp] = version.payload
-                self.live_bytes += _entry_size(version.key, version.payload)
+    def rebuilt(self, ended: Collection[str] = ()) -> VersionedMap:
+        """A fresh document with this map's live versions and nothing else (a new epoch).
+
+        A key in ``ended`` keeps only a tombstone with its current version's
+        stamp. The new map reports its updates to nobody until its
+        ``on_update`` is set. Built from the view in one transaction, with no
+        :class:`Version` objects: compaction runs this for every key, about
+        once per thousand puts in a busy scope.
+        """
+        fresh = VersionedMap(Doc(), _ignore_update)
+        self.flush()
+        live, live_bytes = fresh._live, self.live_bytes
+        with fresh.doc.transaction() as txn:
+            native, raw_txn = fresh._map.integrated, txn._txn  # see _write
+            for key, found in self._live.items():
+                if key in ended:
+                    for payload in found.values():
+                        live_bytes -= _entry_size(key, payload)
+                    found = {max(found): None}
+                    live_bytes += _entry_size(key, None)
+                else:
+                    found = dict(found)
+                live[key] = found
+                for stamp, payload in found.items():
+                    native.insert(raw_txn, version_id(key, stamp), _TOMBSTONE if payload is None else payload)
+        fresh.live_bytes = live_bytes
+        return fresh
 
     def merge_version(self, version: Version, saw: Callable[[Version], bool]) -> None:
         """Bring a version from another document (an older epoch) into this one.

@@ -92,16 +92,18 @@ def test_reloading_a_document_gives_the_same_versions_and_size():
     assert reloaded.live_bytes == source.live_bytes
 
 
-def test_restore_into_a_fresh_document_keeps_conflicts():
+def test_a_rebuilt_document_keeps_conflicts():
     a, a_log = new_map(1)
     b, _ = new_map(2)
     a.write("k", EARLY, b"early")
     b.write("k", LATE, b"late")
     deliver(a_log, b)
-    fresh, _ = new_map(3)
-    fresh.restore(b.all_versions())
+    fresh = b.rebuilt()
     assert fresh.versions("k") == b.versions("k")
     assert fresh.live_bytes == b.live_bytes
+    other, _ = new_map(3)
+    other.apply_update(fresh.doc.get_update())
+    assert other.versions("k") == b.versions("k")
 
 
 def long_form_doc(versions: list[tuple[str, Stamp, bytes]]) -> bytes:
