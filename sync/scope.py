@@ -54,7 +54,7 @@ from .limits import check_flags, check_key, check_prefix, check_value
 from .store import Store
 from .tables import kv_rows, scope_counters
 from .twin import check_document
-from .versioned import VersionedMap
+from .versioned import Version, VersionedMap
 
 COLLECTIONS = ("kv", "catalog", "devices")
 
