@@ -234,7 +234,15 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="parent of the data dirs (default: system temp)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every operation count")
     parser.add_argument("--reps", type=int, default=3, help="trials per put figure (median reported)")
+    parser.add_argument("--default-gc", action="store_true",
+                        help="keep CPython's garbage collector settings (the agent tunes them)")
     args = parser.parse_args()
+    if not args.default_gc:
+        # As `konsul edge` and `konsul hub` run (edge/cli.py): a young
+        # generation of 10,000 objects, and the start-up heap frozen.
+        from konsul.edge.cli import collect_garbage_less_often
+
+        collect_garbage_less_often()
 
     def n(count: int) -> int:
         return max(64, int(count * args.scale))
