@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sync_harness import Connection, Node
 
+import konsul.sync.scope as scope_module
 from konsul.sync.catalog import ServiceEntry
 from konsul.sync.replica import GLOBAL_SCOPE
 
@@ -352,6 +353,19 @@ def test_concurrent_writes_across_an_epoch_change_keep_the_loser_everywhere(tmp_
     trio.run(scenario)
 
 
+async def fleet_whose_hub_compacts_on_any_overwrite(root: Path, nursery: trio.Nursery, monkeypatch):
+    """Hub and edges holding key "a"; from then on any overwrite makes a hub compaction due."""
+    fleet = Fleet(root)
+    await fleet.start(nursery)
+    hub = fleet.hub.replica.scope(GLOBAL_SCOPE)
+    await hub.kv_put("a", b"seed" * 100)
+    for link in fleet.links.values():
+        await link.settle()
+    monkeypatch.setattr(scope_module, "MIN_COMPACTION_BYTES", 0)
+    monkeypatch.setattr(scope_module, "COMPACTION_FACTOR", 1.0)
+    return fleet, hub, fleet.edges[0].replica.scope(GLOBAL_SCOPE)
+
+
 def test_hub_compacting_while_it_applies_an_edge_update_keeps_the_link_live(tmp_path, monkeypatch):
     """The hub compacts inside the apply of an edge's frame (its log outgrew the live data).
 
@@ -360,19 +374,9 @@ def test_hub_compacting_while_it_applies_an_edge_update_keeps_the_link_live(tmp_
     (it went back to thinking the edge was in the old one, and sent nothing
     until the next periodic resync).
     """
-    import konsul.sync.scope as scope_module
-
     async def scenario() -> None:
-        fleet = Fleet(tmp_path)
         async with trio.open_nursery() as nursery:
-            await fleet.start(nursery)
-            hub = fleet.hub.replica.scope(GLOBAL_SCOPE)
-            e1 = fleet.edges[0].replica.scope(GLOBAL_SCOPE)
-            await hub.kv_put("a", b"seed" * 100)
-            for link in fleet.links.values():
-                await link.settle()
-            monkeypatch.setattr(scope_module, "MIN_COMPACTION_BYTES", 0)
-            monkeypatch.setattr(scope_module, "COMPACTION_FACTOR", 1.0)
+            fleet, hub, e1 = await fleet_whose_hub_compacts_on_any_overwrite(tmp_path, nursery, monkeypatch)
             monkeypatch.setattr(scope_module, "COMPACTION_QUIET_S", 0)  # compact inside the apply
             await e1.kv_put("a", b"from-e1" * 100)
             written = e1.kv.get("a").stamp
@@ -394,21 +398,11 @@ def test_hub_waits_for_a_pause_in_incoming_updates_before_it_compacts(tmp_path, 
     (Compacting mid-stream sends every edge a snapshot and makes edges still
     sending in the old epoch adopt it and send their writes again.)
     """
-    import konsul.sync.scope as scope_module
-
     clock = trio.testing.MockClock()
 
     async def scenario() -> None:
-        fleet = Fleet(tmp_path)
         async with trio.open_nursery() as nursery:
-            await fleet.start(nursery)
-            hub = fleet.hub.replica.scope(GLOBAL_SCOPE)
-            e1 = fleet.edges[0].replica.scope(GLOBAL_SCOPE)
-            await hub.kv_put("a", b"seed" * 100)
-            for link in fleet.links.values():
-                await link.settle()
-            monkeypatch.setattr(scope_module, "MIN_COMPACTION_BYTES", 0)
-            monkeypatch.setattr(scope_module, "COMPACTION_FACTOR", 1.0)
+            fleet, hub, e1 = await fleet_whose_hub_compacts_on_any_overwrite(tmp_path, nursery, monkeypatch)
             compacted = trio.Event()
             hub.epoch_listeners.append(lambda collection: compacted.set())
             await e1.kv_put("a", b"from-e1" * 100)
