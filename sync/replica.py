@@ -125,8 +125,12 @@ class Replica:
     def _add_scope(self, name: str, store: Store) -> Scope:
         scope = self.scopes[name] = Scope(name, store, self.clock, self.history_depth, **self.scope_options)
         scope.listeners.append(self._on_change)
-        scope.on_compaction_waiting = self._compaction_waiting.set
+        scope.on_compaction_waiting = self._wake_compactor
         return scope
+
+    def _wake_compactor(self) -> None:
+        # Not the event's bound set(): the compactor replaces the event each time.
+        self._compaction_waiting.set()
 
     async def _compact_when_quiet_forever(self) -> None:
         while True:

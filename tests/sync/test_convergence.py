@@ -403,20 +403,22 @@ def test_hub_waits_for_a_pause_in_incoming_updates_before_it_compacts(tmp_path, 
     async def scenario() -> None:
         async with trio.open_nursery() as nursery:
             fleet, hub, e1 = await fleet_whose_hub_compacts_on_any_overwrite(tmp_path, nursery, monkeypatch)
-            compacted = trio.Event()
-            hub.epoch_listeners.append(lambda collection: compacted.set())
-            await e1.kv_put("a", b"from-e1" * 100)
-            await fleet.links[1].settle()
-            assert hub.needs_compaction("kv") and hub.epoch("kv") == 1
-            clock.jump(scope_module.COMPACTION_QUIET_S / 2)
-            await trio.testing.wait_all_tasks_blocked()
-            assert hub.epoch("kv") == 1
-            clock.jump(scope_module.COMPACTION_QUIET_S / 2)
-            await compacted.wait()  # once durable, with the snapshots queued for the edges
-            assert hub.epoch("kv") == 2
-            for link in fleet.links.values():
-                await link.settle()
-            assert e1.epoch("kv") == 2 and e1.kv.get("a").value == b"from-e1" * 100
+            durable: dict[int, trio.Event] = {2: trio.Event(), 3: trio.Event()}
+            hub.epoch_listeners.append(lambda collection: durable[hub.epoch(collection)].set())
+            for epoch, value in ((2, b"from-e1" * 100), (3, b"again-from-e1" * 100)):  # and every time after
+                await e1.kv_put("a", value)
+                await fleet.links[1].settle()
+                assert hub.needs_compaction("kv") and hub.epoch("kv") == epoch - 1
+                clock.jump(scope_module.COMPACTION_QUIET_S / 2)
+                await trio.testing.wait_all_tasks_blocked()
+                assert hub.epoch("kv") == epoch - 1
+                clock.jump(scope_module.COMPACTION_QUIET_S / 2)
+                await trio.testing.wait_all_tasks_blocked()
+                assert hub.epoch("kv") == epoch  # begun (in memory)
+                await durable[epoch].wait()  # durable, with the snapshots queued for the edges
+                for link in fleet.links.values():
+                    await link.settle()
+                assert e1.epoch("kv") == epoch and e1.kv.get("a").value == value
             nursery.cancel_scope.cancel()
 
     trio.run(scenario, clock=clock)
