@@ -101,14 +101,21 @@ async def test_cancelled_timers_do_not_pile_up_in_the_heap() -> None:
         fired = trio.Event()
         keep = loop.call_later(0.2, fired.set)
         handles = [loop.call_later(3600, fired.set) for _ in range(1000)]
-        await trio.sleep(0.01)  # the loop takes them into its heap
+        await _loop_turned(loop)  # the loop has taken them into its heap
         assert len(loop._timers) == 1001
         for handle in handles:
             handle.cancel()
         assert len(loop._timers) <= 500  # rebuilt once more than half was cancelled (asyncio's rule)
         assert keep in loop._timers
         loop.call_later(3600, fired.set).cancel()  # cancelled before it reaches the heap
-        await trio.sleep(0.01)
+        await _loop_turned(loop)
         assert len(loop._timers) <= 500
         with trio.fail_after(5):
             await fired.wait()
+
+
+async def _loop_turned(loop) -> None:
+    """Return once the loop has handled everything queued before this call."""
+    turned = trio.Event()
+    loop.call_soon(turned.set)
+    await turned.wait()

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import trio
-from sync_support import BASE_MS, WallClock, running, send, view
+from sync_support import BASE_MS, WallClock, eventually, running, send, view
 
 from konsul.sync.catalog import CheckDefinition, ServiceEntry
 from konsul.sync.errors import StoreCorrupt, StoreError, StoreFull, StoreLocked
@@ -402,9 +402,7 @@ async def test_compaction_gives_a_large_freed_log_back_and_checkpoints_in_the_ba
         assert free == 0
         assert pages < pages_before / 2
         # The compaction asked for a checkpoint, which runs on its own thread.
-        with trio.fail_after(10):
-            while replica.store._checkpointer.runs == 0:
-                await trio.sleep(0.01)
+        await eventually(lambda: replica.store._checkpointer.runs > 0, "the checkpoint has run")
     async with running(Replica.open(tmp_path, wall_ms=WallClock())) as replica:
         assert replica.scope("site").kv.list("") == []
 
