@@ -195,27 +195,19 @@ async def run_coap_device(
     device: SimDevice, base_uri: str, counters: Counts, connecting: asyncio.Semaphore
 ) -> None:
     """Keep ``device`` registered over CoAP until cancelled, re-registering with backoff."""
-    first = True
     while True:
-        if not first:
-            counters.reconnects += 1
-        first = False
         context: Context | None = None
         try:
             async with connecting:
                 context = await Context.create_client_context()
                 session = CoapSession(device, context, base_uri, counters)
                 await session.register()
-            device.connected()
-            counters.connects += 1
-            counters.connected += 1
-            try:
+            with device.online(counters):
                 await session.run()
-            finally:
-                counters.connected -= 1
         except LOST_CONNECTION as exc:
             counters.failed(device.device_id, f"coap: {str(exc) or type(exc).__name__}")
         finally:
             if context is not None:
                 await context.shutdown()
         await asyncio.sleep(device.backoff())
+        counters.reconnects += 1

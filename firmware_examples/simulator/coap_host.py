@@ -22,9 +22,7 @@ import threading
 
 import trio
 
-from .device import Counts, SimDevice
-
-CONNECTING_CONCURRENCY = 32
+from .device import CONNECTING_CONCURRENCY, Counts, SimDevice
 
 
 class CoapThread:

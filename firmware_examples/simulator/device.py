@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,7 @@ MIN_INTERVAL = 0.01  # seconds; a desired interval below this is refused
 MAX_INTERVAL = 86400.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+CONNECTING_CONCURRENCY = 32  # handshakes at once: a 1,000-device start is not a SYN flood
 
 
 def seq_base(now: float | None = None) -> int:
@@ -141,7 +144,7 @@ class SimDevice:
         self.applied = reported
         return reported
 
-    def follow_desired(self, desired: Any, counters: FleetCounters) -> tuple[dict[str, Any] | None, bool]:
+    def follow_desired(self, desired: Any, counters: Counts) -> tuple[dict[str, Any] | None, bool]:
         """:meth:`apply_desired`, counted; also whether the sample interval changed."""
         before = self.interval
         reported = self.apply_desired(desired)
@@ -167,3 +170,14 @@ class SimDevice:
 
     def connected(self) -> None:
         self.failures_in_row = 0
+
+    @contextmanager
+    def online(self, counts: Counts) -> Iterator[None]:
+        """While a session is up: counted as connected, and the backoff starts over."""
+        self.connected()
+        counts.connects += 1
+        counts.connected += 1
+        try:
+            yield
+        finally:
+            counts.connected -= 1

@@ -21,14 +21,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .device import FleetCounters, SimDevice, seq_base
+from .device import CONNECTING_CONCURRENCY, FleetCounters, SimDevice, seq_base
 
 if TYPE_CHECKING:
     from .coap_host import CoapThread
 
 PROTOCOLS = ("mqtt", "coap", "mixed")
 PROVISIONING_CONCURRENCY = 8
-CONNECTING_CONCURRENCY = 32  # MQTT handshakes at once: a 1,000-device start is not a SYN flood
 
 
 @dataclass(frozen=True)

@@ -196,11 +196,7 @@ async def run_mqtt_device(
     device: SimDevice, host: str, port: int, counters: Counts, connecting: trio.CapacityLimiter
 ) -> None:
     """Keep ``device`` connected over MQTT until cancelled, reconnecting with backoff."""
-    first = True
     while True:
-        if not first:
-            counters.reconnects += 1
-        first = False
         try:
             async with connecting:
                 stream = await trio.open_tcp_stream(host, port)
@@ -208,18 +204,14 @@ async def run_mqtt_device(
                 session = MqttSession(device, stream, counters)
                 async with connecting:
                     await session.handshake()
-                device.connected()
-                counters.connects += 1
-                counters.connected += 1
-                try:
+                with device.online(counters):
                     await session.start()
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(session.read_loop)
                         await session.drive()
                         nursery.cancel_scope.cancel()
-                finally:
-                    counters.connected -= 1
         except* LOST_CONNECTION as group:
             exc = _first_leaf(group)
             counters.failed(device.device_id, f"mqtt: {str(exc) or type(exc).__name__}")
         await trio.sleep(device.backoff())
+        counters.reconnects += 1
