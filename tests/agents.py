@@ -75,11 +75,15 @@ class AgentProcess:
             self._reader.join(5)
 
 
-def free_port() -> int:
-    """A port free right now on 127.0.0.1 (for an agent that must come back on it)."""
-    with socket.socket() as probe:
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port free right now on 127.0.0.1 (for an agent that must come back on it); UDP with SOCK_DGRAM."""
+    with socket.socket(socket.AF_INET, kind) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def free_udp_port() -> int:
+    return free_port(socket.SOCK_DGRAM)
 
 
 class _Listening(AgentProcess):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from agents import EdgeProcess, eventually, free_port  # noqa: E402,F401 (eventually: for the tests)
+from agents import EdgeProcess, eventually, free_port, free_udp_port  # noqa: E402,F401 (eventually: for the tests)
 
 FIRMWARE = Path(__file__).resolve().parents[2] / "firmware_examples"
 
@@ -54,10 +53,4 @@ class DeviceEdge(EdgeProcess):
 
 
 def start_edge(data_dir: Path) -> DeviceEdge:
-    return DeviceEdge(data_dir, free_port(), _free_udp_port())
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return DeviceEdge(data_dir, free_port(), free_udp_port())

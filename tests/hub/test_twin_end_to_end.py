@@ -13,21 +13,14 @@ import json
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 
 import httpx
 import paho.mqtt.client as mqtt
-from agents import EdgeProcess, HubProcess, eventually, free_port
+from agents import EdgeProcess, HubProcess, eventually, free_port, free_udp_port
 
 COAP_CLIENT = shutil.which("coap-client") or shutil.which("coap-client-notls")
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def twin(url: str, device_id: str, dc: str | None = None) -> dict:
