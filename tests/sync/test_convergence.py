@@ -125,11 +125,14 @@ class Fleet:
             self.disconnect(i)
             await self.connect(i, nursery)
         for _ in range(3):
-            for link in self.links.values():
-                await link.settle()
+            await self.settle()
             for link in self.links.values():
                 link.edge_link.resync()
                 link.hub_link.resync()
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Deliver on every link, without faults, until each is quiet."""
         for link in self.links.values():
             await link.settle()
 
@@ -325,8 +328,7 @@ def test_concurrent_writes_across_an_epoch_change_keep_the_loser_everywhere(tmp_
             e1, e2 = (edge.replica.scope(GLOBAL_SCOPE) for edge in fleet.edges[:2])
             for key in ("a", "b"):
                 await hub.kv_put(key, b"seed")
-            for link in fleet.links.values():
-                await link.settle()
+            await fleet.settle()
             assert e2.kv.get("a").value == b"seed"
             fleet.disconnect(2)
             await e2.kv_put("a", b"from-e2")
@@ -338,8 +340,7 @@ def test_concurrent_writes_across_an_epoch_change_keep_the_loser_everywhere(tmp_
             await fleet.links[1].settle()
             await fleet.connect(2, nursery)
             for _ in range(2):
-                for link in fleet.links.values():
-                    await link.settle()
+                await fleet.settle()
             assert hub.epoch("kv") == e2.epoch("kv") == 2
             for node in (fleet.hub, *fleet.edges):
                 scope = node.replica.scope(GLOBAL_SCOPE)
@@ -359,8 +360,7 @@ async def fleet_whose_hub_compacts_on_any_overwrite(root: Path, nursery: trio.Nu
     await fleet.start(nursery)
     hub = fleet.hub.replica.scope(GLOBAL_SCOPE)
     await hub.kv_put("a", b"seed" * 100)
-    for link in fleet.links.values():
-        await link.settle()
+    await fleet.settle()
     monkeypatch.setattr(scope_module, "MIN_COMPACTION_BYTES", 0)
     monkeypatch.setattr(scope_module, "COMPACTION_FACTOR", 1.0)
     return fleet, hub, fleet.edges[0].replica.scope(GLOBAL_SCOPE)
@@ -416,8 +416,7 @@ def test_hub_waits_for_a_pause_in_incoming_updates_before_it_compacts(tmp_path, 
                 await trio.testing.wait_all_tasks_blocked()
                 assert hub.epoch("kv") == epoch  # begun (in memory)
                 await durable[epoch].wait()  # durable, with the snapshots queued for the edges
-                for link in fleet.links.values():
-                    await link.settle()
+                await fleet.settle()
                 assert e1.epoch("kv") == epoch and e1.kv.get("a").value == value
             nursery.cancel_scope.cancel()
 
@@ -435,8 +434,7 @@ def test_hub_sends_an_update_it_answered_with_before_it_was_durable_only_once(tm
         fleet = Fleet(tmp_path)
         async with trio.open_nursery() as nursery:
             await fleet.start(nursery)
-            for link in fleet.links.values():
-                await link.settle()
+            await fleet.settle()
             hub_store = fleet.hub.replica.scope(GLOBAL_SCOPE).store
             committing, release = trio.Event(), trio.Event()
             commit = hub_store.commit
@@ -477,8 +475,7 @@ def test_hub_sends_an_update_it_answered_with_before_it_was_durable_only_once(tm
             release.set()
             await taken.wait()  # durable at the hub, and forwarded
             for _ in range(2):
-                for link in fleet.links.values():
-                    await link.settle()
+                await fleet.settle()
             hub_store.commit = commit
             assert fleet.edges[2].replica.scope(GLOBAL_SCOPE).kv.get("big").value == value
             assert len([size for size in to_e1 if size > len(value)]) == 1, to_e1
