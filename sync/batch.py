@@ -19,7 +19,7 @@ HistoryRows = dict[tuple[str, str, str], "tuple[str, int, int, int, bytes | None
 
 @dataclass(slots=True)
 class WriteBatch:
-    """Rows to write together; see ``store._SCHEMA`` for the tables."""
+    """Rows to write together; see ``tables.SCHEMA`` for the tables."""
 
     updates: list[tuple[str, str, int, bytes]] = field(default_factory=list)
     kv_index: KvIndexRows = field(default_factory=dict)

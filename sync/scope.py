@@ -54,7 +54,7 @@ from .limits import check_flags, check_key, check_prefix, check_value
 from .store import Store
 from .tables import kv_rows, scope_counters
 from .twin import check_document
-from .versioned import Version, VersionedMap
+from .versioned import Version, VersionedMap, ignore_update
 
 COLLECTIONS = ("kv", "catalog", "devices")
 
@@ -211,18 +211,14 @@ class Scope:
         leader = group is None
         if leader:
             group = self._open_group = _PutGroup()
-        self._batch = group.batch
+        ok = False
         try:
+            # Staged: the document changes when the group is sealed.
             ok = self.kv.put(key, value, group.batch, flags=flags, cas=cas, ttl_ms=ttl_ms, stage=True)
-        except BaseException:
-            if leader:  # nobody joined yet, and a put that raises changed nothing
-                self._open_group = None
-            raise
         finally:
-            self._batch = None
-        if not ok:
-            if leader:
+            if leader and not ok:  # nobody joined yet, and a put that raised or failed its CAS changed nothing
                 self._open_group = None
+        if not ok:
             return False
         group.keys.add(key)
         group.puts += 1
@@ -271,8 +267,7 @@ class Scope:
         self._batch = group.batch
         try:
             self.kv.versions.flush()
-            group.batch.scope_state[self.name] = (self.index.value, self.kv.last_index, self.kv.conflicts)
-            group.own_stamp = self.clock.last
+            group.own_stamp = self._close(group.batch)
             if write_now:
                 self.store.write_now(group.batch)
             else:
@@ -447,7 +442,7 @@ class Scope:
                 return False  # live here beside the own write: they were concurrent
             return version.stamp.replica == self.clock.replica or version.stamp in past(version.key)
 
-        fresh = VersionedMap(Doc(), lambda update: None)
+        fresh = VersionedMap(Doc(), ignore_update)
         fresh.apply_update(state)
         batch = self._begin()
         try:
@@ -548,13 +543,19 @@ class Scope:
         self._batch = WriteBatch()
         return self._batch
 
+    def _close(self, batch: WriteBatch) -> Stamp | None:
+        """Add the scope's counters to ``batch``; returns the own-write stamp it makes durable.
+
+        Every write applied in memory so far is in this batch or an earlier
+        one (they queue in order), so once it commits they are all durable.
+        """
+        batch.scope_state[self.name] = (self.index.value, self.kv.last_index, self.kv.conflicts)
+        return self.clock.last
+
     async def _finish(
         self, batch: WriteBatch, collection: str, keys: set[str], origin: object = None
     ) -> None:
-        batch.scope_state[self.name] = (self.index.value, self.kv.last_index, self.kv.conflicts)
-        # Every write applied in memory so far is in this batch or an earlier
-        # one (they queue in order), so once it commits they are all durable.
-        own_stamp = self.clock.last
+        own_stamp = self._close(batch)
         await self.store.commit(batch)
         self._committed(batch, collection, keys, origin, own_stamp)
         if origin is not None:

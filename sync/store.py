@@ -236,7 +236,7 @@ class Store:
         """Whether :meth:`write_now` may be used: the store is idle and its disk fast."""
         return (
             self._running
-            and self._outstanding == 0
+            and self.idle
             and not self._paused
             and self._failed is None
             and self._commits_fast

@@ -49,15 +49,15 @@ class Version:
         return self.payload is None
 
 
-def _ignore_update(update: bytes) -> None:
-    pass
+def ignore_update(update: bytes) -> None:
+    """An ``on_update`` for a document built aside, until it takes its place."""
 
 
 def _entry_size(key: str, payload: bytes | None) -> int:
     return len(key) + _STAMP_CHARS + (len(payload) if payload else 0)
 
 
-_STAMP_CHARS = 18  # a compact stamp with a 12-character replica id, and NUL
+_STAMP_CHARS = 18  # a compact stamp (16 characters, 18 with a 3-digit counter) and NUL, rounded up
 
 
 def version_id(key: str, stamp: Stamp) -> str:
@@ -144,26 +144,31 @@ class VersionedMap:
         Returns the superseded versions, the current one first.
         """
         with self.doc.transaction() as txn:
+            superseded = self.stage(key, stamp, payload)
             self._flush(txn)
-            return self._write(txn, key, stamp, payload)
+            return superseded
 
     def write_many(
         self, writes: Iterable[tuple[str, Stamp, bytes | None]]
     ) -> dict[str, list[Version]]:
         """Several writes in one transaction (one update, one durable record)."""
         with self.doc.transaction() as txn:
+            superseded = {key: self.stage(key, stamp, payload) for key, stamp, payload in writes}
             self._flush(txn)
-            return {key: self._write(txn, key, stamp, payload) for key, stamp, payload in writes}
+            return superseded
 
-    def stage(self, key: str, stamp: Stamp, payload: bytes | None) -> list[Version]:
+    def stage(
+        self, key: str, stamp: Stamp, payload: bytes | None, superseded: list[Version] | None = None
+    ) -> list[Version]:
         """Like :meth:`write`, but the document changes only at :meth:`flush`.
 
         The view (``versions``, ``current``, ...) shows the write at once. Many
         staged writes then cost one transaction and one update between them. A
         version staged and superseded before the flush never reaches the
         document, as if it had been inserted and removed in one update.
+        ``superseded`` names the versions it supersedes when not all of them.
         """
-        old = self.versions(key)
+        old = self.versions(key) if superseded is None else superseded
         inserts, removes = self._staged_inserts, self._staged_removes
         for version in old:
             vid = self._existing_id(key, version.stamp)
@@ -172,10 +177,6 @@ class VersionedMap:
         inserts[version_id(key, stamp)] = _TOMBSTONE if payload is None else payload
         self._show(key, stamp, payload, old)
         return old
-
-    @property
-    def staged(self) -> bool:
-        return bool(self._staged_inserts or self._staged_removes)
 
     def flush(self) -> None:
         """Apply the staged writes to the document, in one transaction."""
@@ -186,27 +187,15 @@ class VersionedMap:
     def _flush(self, txn: Transaction) -> None:
         if not (self._staged_inserts or self._staged_removes):
             return
-        native, raw_txn = self._map.integrated, txn._txn  # see _write
+        # pycrdt's Map item methods each open a nested transaction and look the
+        # key up again, which costs as much as the change itself. Within our
+        # transaction, and for entries the view says exist, call the native map.
+        native, raw_txn = self._map.integrated, txn._txn
         for vid in self._staged_removes:
             native.remove(raw_txn, vid)
         for vid, payload in self._staged_inserts.items():
             native.insert(raw_txn, vid, payload)
         self._staged_removes, self._staged_inserts = [], {}
-
-    def _write(
-        self, txn: Transaction, key: str, stamp: Stamp, payload: bytes | None,
-        superseded: list[Version] | None = None,
-    ) -> list[Version]:
-        old = self.versions(key) if superseded is None else superseded
-        # pycrdt's Map item methods each open a nested transaction and look the
-        # key up again, which costs as much as the change itself. Within our
-        # transaction, and for entries the view says exist, call the native map.
-        native, raw_txn = self._map.integrated, txn._txn
-        for version in old:
-            native.remove(raw_txn, self._existing_id(key, version.stamp))
-        native.insert(raw_txn, version_id(key, stamp), _TOMBSTONE if payload is None else payload)
-        self._show(key, stamp, payload, old)
-        return old
 
     def _show(self, key: str, stamp: Stamp, payload: bytes | None, old: list[Version]) -> None:
         # Local writes keep the view in step directly; the map observer
@@ -229,11 +218,11 @@ class VersionedMap:
         :class:`Version` objects: compaction runs this for every key, about
         once per thousand puts in a busy scope.
         """
-        fresh = VersionedMap(Doc(), _ignore_update)
+        fresh = VersionedMap(Doc(), ignore_update)
         self.flush()
         live, live_bytes = fresh._live, self.live_bytes
         with fresh.doc.transaction() as txn:
-            native, raw_txn = fresh._map.integrated, txn._txn  # see _write
+            native, raw_txn = fresh._map.integrated, txn._txn  # see _flush
             for key, found in self._live.items():
                 if key in ended:
                     for payload in found.values():
@@ -259,10 +248,10 @@ class VersionedMap:
         """
         if version.stamp in self._live.get(version.key, ()):
             return
+        seen = [v for v in self.versions(version.key) if v.stamp < version.stamp and saw(v)]
         with self.doc.transaction() as txn:
+            self.stage(version.key, version.stamp, version.payload, seen)
             self._flush(txn)
-            seen = [v for v in self.versions(version.key) if v.stamp < version.stamp and saw(v)]
-            self._write(txn, version.key, version.stamp, version.payload, seen)
 
     def apply_update(self, update: bytes) -> tuple[set[str], list[Version]]:
         """Merge an update from another replica.
