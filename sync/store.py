@@ -49,7 +49,7 @@ import trio
 
 from .batch import WriteBatch
 from .errors import StoreCorrupt, StoreError, StoreFull, StoreLocked
-from .tables import INSERT_UPDATE, KNOWN_VERSIONS, SCHEMA_VERSION, prepare_schema, single_update_row, write_rows
+from .tables import KNOWN_VERSIONS, SCHEMA_VERSION, commit_rows, prepare_schema
 
 __all__ = ["DB_NAME", "SCHEMA_VERSION", "Store"]
 
@@ -379,16 +379,7 @@ class Store:
         merged = WriteBatch.combine(batches)
         conn = self._conn
         try:
-            row = single_update_row(merged)
-            if row is not None:
-                # One statement outside BEGIN is a transaction of its own,
-                # committed (and synced) before execute() returns: the same
-                # durability as BEGIN ... COMMIT, two statements fewer.
-                conn.execute(INSERT_UPDATE, row)
-            else:
-                conn.execute("BEGIN IMMEDIATE")
-                write_rows(conn, merged)
-                conn.execute("COMMIT")
+            commit_rows(conn, merged)
         except sqlite3.Error as error:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")

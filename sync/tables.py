@@ -132,27 +132,37 @@ INSERT_UPDATE = (
 )
 
 
-def single_update_row(batch: WriteBatch) -> tuple | None:
-    """The one ``updates`` row that carries all of ``batch``, if it fits in one.
+def commit_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:
+    """Write one merged batch as one transaction (the caller rolls back on error).
 
-    A lone put's batch does: one update, its scope's counters and its index and
-    history changes all ride on that row. Such a round is a single ``INSERT``
-    (see ``Store._write``).
+    A lone put's batch fits in one ``updates`` row: one update, its scope's
+    counters and its index and history changes all ride on it. That round is
+    a single ``INSERT`` outside ``BEGIN``, a transaction of its own committed
+    (and synced) before execute() returns: the same durability as BEGIN ...
+    COMMIT, two statements fewer.
     """
-    if len(batch.updates) != 1 or batch.snapshots or batch.meta:
-        return None
     side = _side_changes(batch)
     rows, logged = _update_rows(batch, side)
-    if side or any(scope not in logged for scope in batch.scope_state):
-        return None  # something must go to a table of its own
-    return rows[0]
+    alone = (
+        len(batch.updates) == 1 and not (batch.snapshots or batch.meta or side)
+        and all(scope in logged for scope in batch.scope_state)
+    )
+    if alone:
+        conn.execute(INSERT_UPDATE, rows[0])
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    _write_rows(conn, batch, side, rows, logged)
+    conn.execute("COMMIT")
 
 
-def write_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:
-    """Write one merged batch; the caller holds the transaction."""
+def _write_rows(
+    conn: sqlite3.Connection,
+    batch: WriteBatch,
+    side: dict[str, tuple[list[IndexChange], list[HistoryChange]]],
+    rows: list[tuple],
+    logged: set[str],
+) -> None:
     counters = batch.scope_state
-    side = _side_changes(batch)
-    rows, logged = _update_rows(batch, side)
     if rows:
         conn.executemany(INSERT_UPDATE, rows)
     for (scope, collection), (epoch, snapshot) in batch.snapshots.items():
