@@ -4,7 +4,7 @@ The gateways (MQTT, CoAP) only validate and hand documents over, through hooks
 in ``GatewayContext.extras``; the HTTP API reads through ``HttpContext``. This
 module fills both:
 
-- telemetry (``ingest_telemetry`` for batches, ``on_telemetry`` for one) goes
+- telemetry (``ingest_telemetry``, the buffer's own ingest, for batches; ``on_telemetry`` for one) goes
   to the :class:`TelemetryBuffer`, and the call returns once it is durable;
 - reported state (``on_reported``) is merged into the twin;
 - desired state is read by ``desired_state`` (CoAP GETs), and every durable
@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from konsul.protocols.gateway import GatewayContext
-from konsul.sync.errors import KonsulError, NotFound
+from konsul.sync.errors import NotFound
 from konsul.sync.scope import Scope
 from konsul.sync.telemetry import Sample
 from konsul.sync.twin import parse_twin_key
@@ -47,19 +47,14 @@ class DeviceBridge:
     def install(self, gateways: GatewayContext) -> None:
         self.gateways = gateways
         gateways.extras.update(
-            ingest_telemetry=self.ingest_telemetry,
+            ingest_telemetry=self.buffer.ingest,
             on_telemetry=self.on_telemetry,
             on_reported=self.on_reported,
             desired_state=self.desired_state,
         )
 
-    async def ingest_telemetry(self, items: list[tuple[str, Any]]) -> list[KonsulError | None]:
-        return await self.buffer.ingest(items)
-
     async def on_telemetry(self, device_id: str, document: Any) -> None:
-        (error,) = await self.buffer.ingest([(device_id, document)])
-        if error is not None:
-            raise error
+        await self._ingest_all([(device_id, document)])
 
     async def on_reported(self, device_id: str, document: Any, replace: bool = False) -> None:
         await self.scope.write_twin("reported", device_id, document, replace=replace)
@@ -72,6 +67,10 @@ class DeviceBridge:
     async def ingest(self, site: str, items: list[tuple[str, Any]]) -> None:
         if site != self.scope.name:
             raise NotFound(f"telemetry of {site!r} is ingested at its own edge")
+        await self._ingest_all(items)
+
+    async def _ingest_all(self, items: list[tuple[str, Any]]) -> None:
+        """Ingest durably; raises the first sample's refusal, if any."""
         for error in await self.buffer.ingest(items):
             if error is not None:
                 raise error

@@ -10,7 +10,7 @@ The forwarder (``telemetry_forwarder.py``) reads the oldest samples, sends them
 to the hub and deletes exactly the rows the hub acknowledged as stored. The
 buffer is bounded in bytes: when a new sample does not fit, the oldest samples
 not in flight to the hub are dropped, and counted, durably, in the same
-transaction. Nothing is dropped without being counted (``dropped`` in
+transaction. Nothing is dropped without being counted (``Telemetry.Dropped`` in
 ``/v1/sync/status`` and ``konsul_telemetry_dropped_total``).
 
 A few recent samples per device also stay in memory after they are forwarded,
@@ -33,6 +33,7 @@ import trio
 
 from konsul.sync.errors import InvalidArgument, KonsulError
 from konsul.sync.store import store_error
+from konsul.sync.tables import immediate
 from konsul.sync.telemetry import Sample, SequenceNumbers, make_sample, open_database
 
 log = logging.getLogger("konsul.edge.telemetry")
@@ -172,8 +173,7 @@ class TelemetryBuffer:
         incoming = sum(row[4] for row in rows)
         excess = stored_bytes + incoming - self.limit_bytes
         freed = dropped = 0
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(db):
             if excess > 0:
                 # Oldest first; rows that may be at the hub already only when
                 # nothing else is left (else the drop count could overstate).
@@ -192,10 +192,6 @@ class TelemetryBuffer:
             db.executemany(
                 "INSERT INTO samples (device, seq, time_ms, data, size) VALUES (?, ?, ?, ?, ?)", rows
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return incoming, freed, dropped
 
     # -- forwarding ----------------------------------------------------------------
@@ -216,18 +212,13 @@ class TelemetryBuffer:
         """The hub stored rows ``first_id..last_id``: delete them; returns how many were here."""
         def delete() -> tuple[int, int]:
             db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(db):
                 count, size = db.execute(
                     "SELECT count(*), coalesce(sum(size), 0) FROM samples WHERE id BETWEEN ? AND ?",
                     (first_id, last_id),
                 ).fetchone()
                 db.execute("DELETE FROM samples WHERE id BETWEEN ? AND ?", (first_id, last_id))
                 _add_counter(db, "forwarded", count)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
             return count, size
 
         async with self._lock:

@@ -12,6 +12,7 @@ costs bandwidth and nothing else.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any
 
 import trio
@@ -35,10 +36,9 @@ class TelemetryForwarder:
     def __init__(self, buffer: TelemetryBuffer, site: str) -> None:
         self.buffer = buffer
         self.site = site
-        self._acks: list[tuple[int, bool]] = []
+        self._acks: deque[tuple[int, bool]] = deque()
         self._wake = trio.Event()
-        self._in_flight: dict[int, tuple[int, int]] = {}  # batch id -> (first row id, last row id)
-        self.batches_sent = 0
+        self._in_flight: dict[int, int] = {}  # batch id (its last row id) -> its first row id
 
     def on_ephemeral(self, kind: str, data: Any) -> bool:
         """Take a hub acknowledgement; returns whether the message was one."""
@@ -72,10 +72,9 @@ class TelemetryForwarder:
                     if not rows:
                         break
                     first, last = rows[0][0], rows[-1][0]
-                    self._in_flight[last] = (first, last)
+                    self._in_flight[last] = first
                     self.buffer.in_flight_upto = max(self.buffer.in_flight_upto, last)
                     link.send_ephemeral(self.site, BATCH_KIND, batch_message(last, [s for _, s in rows]))
-                    self.batches_sent += 1
                     sent_upto = last
                 if not self._acks:
                     await self._wake.wait()
@@ -89,15 +88,15 @@ class TelemetryForwarder:
         """Delete what the hub stored; returns True if it refused a batch."""
         refused = False
         while self._acks:
-            batch_id, ok = self._acks.pop(0)
-            rows = self._in_flight.pop(batch_id, None)
-            if rows is None:
+            batch_id, ok = self._acks.popleft()
+            first = self._in_flight.pop(batch_id, None)
+            if first is None:
                 continue  # from an earlier connection, or a duplicate
             if not ok:
                 refused = True
                 continue
             try:
-                await self.buffer.acknowledged(*rows)
+                await self.buffer.acknowledged(first, batch_id)
             except KonsulError as error:
                 # The rows stay and go again later; the hub drops the copies.
                 log.error("could not delete forwarded telemetry: %s", error)

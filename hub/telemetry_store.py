@@ -24,6 +24,7 @@ import trio
 
 from konsul.sync.errors import InvalidArgument, StoreError
 from konsul.sync.store import store_error
+from konsul.sync.tables import immediate
 from konsul.sync.link import SyncLink
 from konsul.sync.telemetry import ACK_KIND, BATCH_KIND, Sample, open_database, parse_batch
 
@@ -51,7 +52,6 @@ class TelemetryStore:
         self._db = open_database(path, durability, _SCHEMA)
         self._lock = trio.Lock()
         (self.count,) = self._db.execute("SELECT count(*) FROM samples").fetchone()
-        self.received = 0
         self.duplicates = 0
 
     def close(self) -> None:
@@ -62,17 +62,12 @@ class TelemetryStore:
         def insert() -> int:
             db = self._db
             before = db.total_changes
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(db):
                 db.executemany(
                     "INSERT OR IGNORE INTO samples (site, device, seq, time_ms, received_ms, data) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     [(site, s.device, s.seq, s.time_ms, received_ms, s.data) for s in samples],
                 )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
             return db.total_changes - before
 
         async with self._lock:
@@ -81,7 +76,6 @@ class TelemetryStore:
             except sqlite3.Error as error:
                 raise store_error(error, self.path) from error
         self.count += new
-        self.received += len(samples)
         self.duplicates += len(samples) - new
         return new
 
@@ -111,15 +105,6 @@ class TelemetryStore:
 
     def status(self) -> dict[str, int]:
         return {"Stored": self.count, "Duplicates": self.duplicates}
-
-    async def count_for(self, site: str, device: str) -> int:
-        def read() -> int:
-            return self._db.execute(
-                "SELECT count(*) FROM samples WHERE site = ? AND device = ?", (site, device)
-            ).fetchone()[0]
-
-        async with self._lock:
-            return await trio.to_thread.run_sync(read)
 
 
 class TelemetryIntake:

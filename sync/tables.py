@@ -34,7 +34,8 @@ start-up only, so it needs no per-key index.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +102,7 @@ def prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
         return
     if version is not None and version not in KNOWN_VERSIONS:  # checked read-only first
         raise StoreError(f"{path} has schema version {version}, which this agent does not know")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate(conn):
         if version == 1:
             for statement in _RENAME_V1:
                 conn.execute(statement)
@@ -116,6 +116,14 @@ def prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
             "INSERT OR REPLACE INTO meta(name, value) VALUES ('schema_version', ?)",
             (SCHEMA_VERSION,),
         )
+
+
+@contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction (``BEGIN IMMEDIATE``): committed at the end, rolled back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -133,7 +141,7 @@ INSERT_UPDATE = (
 
 
 def commit_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:
-    """Write one merged batch as one transaction (the caller rolls back on error).
+    """Write one merged batch as one transaction.
 
     A lone put's batch fits in one ``updates`` row: one update, its scope's
     counters and its index and history changes all ride on it. That round is
@@ -150,9 +158,8 @@ def commit_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:
     if alone:
         conn.execute(INSERT_UPDATE, rows[0])
         return
-    conn.execute("BEGIN IMMEDIATE")
-    _write_rows(conn, batch, side, rows, logged)
-    conn.execute("COMMIT")
+    with immediate(conn):
+        _write_rows(conn, batch, side, rows, logged)
 
 
 def _write_rows(

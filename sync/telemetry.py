@@ -27,6 +27,7 @@ from typing import Any
 import cbor2
 
 from .errors import InvalidArgument, StoreCorrupt
+from .store import DURABILITY_MODES
 
 MAX_SEQ = 2**63 - 1
 ACK_KIND = "telemetry-ack"
@@ -154,7 +155,7 @@ def open_database(path: Path, durability: str, schema: str) -> sqlite3.Connectio
                     "move it away to start with an empty telemetry store."
                 )
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+        conn.execute(f"PRAGMA synchronous={DURABILITY_MODES[durability]}")
         conn.executescript(schema)
     except sqlite3.DatabaseError as error:
         raise StoreCorrupt(
