@@ -8,9 +8,11 @@ loops share one thread, see ``boundary.py``), and gets a future; one trio task
 takes everything queued, applies it per scope with ``Scope.kv_apply`` (one
 CRDT transaction, one store batch) and resolves the futures once the batch is
 durable, or with the store's error if it is not. A 2.04 therefore still means
-"on disk", as before. Batches are pipelined like the MQTT gateway's KV writes:
-up to :data:`COMMITS_IN_FLIGHT` wait for the store at once, and those that
-queue together share a commit round.
+"on disk", as before. Batches are pipelined: up to :data:`COMMITS_IN_FLIGHT`
+wait for the store at once, and those that queue together share a commit
+round. Each batch here is a task of its own; the MQTT gateway, whose QoS 1
+batches are a few messages each, keeps standing workers instead (see
+``protocols/mqtt/core.py``), which this writer has not been measured with.
 
 Conditional puts (``If-Match``, ``If-None-Match``) and deletes keep going
 through ``Scope.kv_put`` / ``Scope.kv_delete`` one at a time: they answer

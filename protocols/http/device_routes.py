@@ -9,12 +9,34 @@ from quart import Blueprint, Response, current_app, request
 from konsul.sync.devices import DEFAULT_KV_READ, DeviceRecord, Presence, check_device_id
 from konsul.sync.errors import InvalidArgument, NotFound
 from konsul.sync.replica import GLOBAL_SCOPE
+from konsul.sync.scope import Scope
 
 from .agent_routes import _fields, json_body
 from .params import flag
 from .responses import json_response
 
 device_api = Blueprint("devices", __name__)
+
+
+def listed_scopes(ctx, dc: str | None, sites_only: bool = False) -> list[Scope]:
+    """The scopes a device listing covers: ``?dc``'s, or at the hub without one
+    (or with ``?dc=global``) every scope (with ``sites_only``, every site's)."""
+    if ctx.role == "hub" and dc in (None, GLOBAL_SCOPE):
+        return [scope for name, scope in sorted(ctx.replica.scopes.items()) if not (sites_only and name == GLOBAL_SCOPE)]
+    return [ctx.scope(dc)]
+
+
+def records_matching(scope: Scope, kind: str | None, tags: list[str]) -> list[DeviceRecord]:
+    """The scope's device records of type ``kind`` (any if None) carrying every tag in ``tags``."""
+    return [r for r in scope.devices.records() if (kind is None or r.type == kind) and all(t in r.tags for t in tags)]
+
+
+def registered_device_scope(device_id: str) -> Scope:
+    """The request's scope (``?dc``), once ``device_id`` is known to be registered there."""
+    scope = current_app.config["KONSUL"].scope(request.args.get("dc"))
+    if scope.devices.get(check_device_id(device_id)) is None:
+        raise NotFound(f"no device {device_id!r} is registered in {scope.name!r}; create it with PUT /v1/devices/{device_id}")
+    return scope
 
 
 def device_json(record: DeviceRecord, presence: Presence, site: str) -> dict:
@@ -69,22 +91,13 @@ def parse_device(device_id: str, body: dict, existing: DeviceRecord | None) -> D
 async def list_devices() -> Response:
     """One site's devices; at the hub, ``?dc=global`` lists every site's (the fleet)."""
     ctx = current_app.config["KONSUL"]
-    dc = request.args.get("dc")
-    if ctx.role == "hub" and dc in (None, GLOBAL_SCOPE):
-        scopes = [scope for _name, scope in sorted(ctx.replica.scopes.items())]
-    else:
-        scopes = [ctx.scope(dc)]
     tags = request.args.getlist("tag")
     kind = request.args.get("type")
     online = request.args.get("online")
     found = []
-    for scope in scopes:
-        for record in scope.devices.records():
+    for scope in listed_scopes(ctx, request.args.get("dc")):
+        for record in records_matching(scope, kind, tags):
             presence = ctx.device_presence(scope.name, record.device_id)
-            if kind is not None and record.type != kind:
-                continue
-            if not all(t in record.tags for t in tags):
-                continue
             if online is not None and presence.online != (online.lower() in ("1", "true", "yes", "")):
                 continue
             found.append(device_json(record, presence, scope.name))

@@ -15,10 +15,10 @@ from quart import Blueprint, Response, current_app, request
 
 from konsul.sync.devices import check_device_id
 from konsul.sync.errors import InvalidArgument, NotFound
-from konsul.sync.replica import GLOBAL_SCOPE
 from konsul.sync.telemetry import sample_fields, sample_json
 
 from .agent_routes import json_body_any
+from .device_routes import listed_scopes, records_matching, registered_device_scope
 from .params import int_arg
 from .responses import json_response
 
@@ -63,13 +63,11 @@ def _source():
 
 @telemetry_api.route("/v1/devices/<device_id>/telemetry", methods=["GET", "POST"])
 async def device_telemetry(device_id: str) -> Response:
-    ctx = current_app.config["KONSUL"]
-    scope = ctx.scope(request.args.get("dc"))
+    scope = current_app.config["KONSUL"].scope(request.args.get("dc"))
     check_device_id(device_id)
     source = _source()
     if request.method == "POST":
-        if scope.devices.get(device_id) is None:
-            raise NotFound(f"no device {device_id!r} is registered in {scope.name!r}")
+        registered_device_scope(device_id)
         body = await json_body_any()
         documents = body if isinstance(body, list) else [body]
         if not 1 <= len(documents) <= MAX_SAMPLES_PER_POST:
@@ -91,16 +89,10 @@ async def fleet_telemetry() -> Response:
     tags = request.args.getlist("tag")
     if kind is None and not tags:
         raise InvalidArgument("name the devices: ?type=<device type> and/or ?tag=<tag> (repeatable)")
-    dc = request.args.get("dc")
-    if ctx.role == "hub" and dc in (None, GLOBAL_SCOPE):
-        scopes = [s for name, s in sorted(ctx.replica.scopes.items()) if name != GLOBAL_SCOPE]
-    else:
-        scopes = [ctx.scope(dc)]
     devices = [
         (scope.name, record.device_id)
-        for scope in scopes
-        for record in scope.devices.records()
-        if (kind is None or record.type == kind) and all(tag in record.tags for tag in tags)
+        for scope in listed_scopes(ctx, request.args.get("dc"), sites_only=True)
+        for record in records_matching(scope, kind, tags)
     ]
     since, until, limit = _window()
     found = await _source().samples(devices, since, until, limit)

@@ -9,30 +9,21 @@ field by field (``sync/twin.py``).
 
 from __future__ import annotations
 
-from quart import Blueprint, Response, current_app, request
+from quart import Blueprint, Response, request
 
-from konsul.sync.devices import check_device_id
-from konsul.sync.errors import NotFound
-from konsul.sync.scope import Scope
 from konsul.sync.twin import SIDES
 
 from .agent_routes import json_body
+from .device_routes import registered_device_scope
 from .responses import json_response
 
 twin_api = Blueprint("twin", __name__)
 
 
-def _device_scope(device_id: str) -> Scope:
-    scope = current_app.config["KONSUL"].scope(request.args.get("dc"))
-    if scope.devices.get(check_device_id(device_id)) is None:
-        raise NotFound(f"no device {device_id!r} is registered in {scope.name!r}; create it with PUT /v1/devices/{device_id}")
-    return scope
-
-
 @twin_api.route("/v1/devices/<device_id>/<any(desired, reported):side>", methods=["GET", "PUT", "PATCH", "POST"])
 async def twin_side(device_id: str, side: str) -> Response:
     assert side in SIDES
-    scope = _device_scope(device_id)
+    scope = registered_device_scope(device_id)
     if request.method == "GET":
         return json_response(scope.devices.twin.document(side, device_id))
     document = await json_body()
@@ -41,7 +32,7 @@ async def twin_side(device_id: str, side: str) -> Response:
 
 @twin_api.route("/v1/devices/<device_id>/twin", methods=["GET"])
 async def twin(device_id: str) -> Response:
-    scope = _device_scope(device_id)
+    scope = registered_device_scope(device_id)
     view = scope.devices.twin
     return json_response(
         {
