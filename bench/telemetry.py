@@ -40,17 +40,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from http_kv import free_port  # noqa: E402
 from mqtt import VENV_BIN, Broker, log, machine, start_mosquitto  # noqa: E402
 
 DEVICES = 10
-
-
-def free_port() -> int:
-    from socket import socket
-
-    with socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_edge(workdir: Path, hub_port: int, durability: str) -> Broker:
