@@ -95,8 +95,15 @@ class TelemetryBuffer:
         self._round = _Round()
         self._wake = trio.Event()
         self._lock = trio.Lock()  # one thread at a time on the connection
+        # Reads for the HTTP API go through a connection of their own, opened
+        # on first use: WAL lets it read while ingest commits, so a scan of a
+        # large buffer never holds up acknowledgements to devices.
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = trio.Lock()
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         self._db.close()
 
     # -- ingest ------------------------------------------------------------------
@@ -236,14 +243,19 @@ class TelemetryBuffer:
     async def samples(self, device: str, since_ms: int | None, until_ms: int | None, limit: int) -> list[Sample]:
         """A device's newest samples in [since, until), oldest first: buffered and recent."""
         def read() -> list[Sample]:
-            rows = self._db.execute(
+            if self._reader is None:
+                self._reader = sqlite3.connect(
+                    f"{Path(self.path).resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                    check_same_thread=False,
+                )
+            rows = self._reader.execute(
                 "SELECT device, seq, time_ms, data FROM samples WHERE device = ? "
                 "AND time_ms >= ? AND time_ms < ? ORDER BY time_ms DESC, id DESC LIMIT ?",
                 (device, since_ms or 0, until_ms or 2**62, limit),
             ).fetchall()
             return [Sample(*row) for row in rows]
 
-        async with self._lock:
+        async with self._read_lock:
             found = {s.seq: s for s in await trio.to_thread.run_sync(read)}
         for sample in self.recent.get(device, ()):
             if (since_ms is None or sample.time_ms >= since_ms) and (until_ms is None or sample.time_ms < until_ms):
