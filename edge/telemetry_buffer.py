@@ -34,7 +34,7 @@ import trio
 from konsul.sync.errors import InvalidArgument, KonsulError
 from konsul.sync.store import store_error
 from konsul.sync.tables import immediate
-from konsul.sync.telemetry import Sample, SequenceNumbers, make_sample, open_database
+from konsul.sync.telemetry import Sample, SequenceNumbers, add_counter, make_sample, open_database
 
 log = logging.getLogger("konsul.edge.telemetry")
 
@@ -195,7 +195,7 @@ class TelemetryBuffer:
                     dropped += len(victims)
                     if freed >= excess:
                         break
-                _add_counter(db, "dropped", dropped)
+                add_counter(db, "dropped", dropped)
             db.executemany(
                 "INSERT INTO samples (device, seq, time_ms, data, size) VALUES (?, ?, ?, ?, ?)", rows
             )
@@ -225,7 +225,7 @@ class TelemetryBuffer:
                     (first_id, last_id),
                 ).fetchone()
                 db.execute("DELETE FROM samples WHERE id BETWEEN ? AND ?", (first_id, last_id))
-                _add_counter(db, "forwarded", count)
+                add_counter(db, "forwarded", count)
             return count, size
 
         async with self._lock:
@@ -272,13 +272,3 @@ class TelemetryBuffer:
             "Forwarded": self.forwarded,
             "Ingested": self.ingested,
         }
-
-
-def _add_counter(db: sqlite3.Connection, name: str, amount: int) -> None:
-    if amount:
-        db.execute(
-            "INSERT INTO counters (name, value) VALUES (?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-            (name, amount),
-        )
-

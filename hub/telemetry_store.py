@@ -26,7 +26,7 @@ from konsul.sync.errors import InvalidArgument, StoreError
 from konsul.sync.store import store_error
 from konsul.sync.tables import immediate
 from konsul.sync.link import SyncLink
-from konsul.sync.telemetry import ACK_KIND, BATCH_KIND, Sample, open_database, parse_batch
+from konsul.sync.telemetry import ACK_KIND, BATCH_KIND, Sample, add_counter, open_database, parse_batch
 
 log = logging.getLogger("konsul.hub.telemetry")
 
@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS samples (
     PRIMARY KEY (site, device, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS samples_by_time ON samples (site, device, time_ms);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
@@ -51,11 +52,21 @@ class TelemetryStore:
         self.path = path
         self._db = open_database(path, durability, _SCHEMA)
         self._lock = trio.Lock()
-        (self.count,) = self._db.execute("SELECT count(*) FROM samples").fetchone()
+        self.count = self._stored_count()
         self.duplicates = 0
 
     def close(self) -> None:
         self._db.close()
+
+    def _stored_count(self) -> int:
+        """Samples stored: a durable counter, so that start-up need not count the table."""
+        found = self._db.execute("SELECT value FROM counters WHERE name = 'stored'").fetchone()
+        if found is not None:
+            return found[0]
+        with immediate(self._db):  # a store from before the counter: count it once
+            (count,) = self._db.execute("SELECT count(*) FROM samples").fetchone()
+            self._db.execute("INSERT INTO counters (name, value) VALUES ('stored', ?)", (count,))
+        return count
 
     async def store(self, site: str, samples: list[Sample], received_ms: int) -> int:
         """Store a batch durably; returns how many samples were new."""
@@ -68,7 +79,9 @@ class TelemetryStore:
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     [(site, s.device, s.seq, s.time_ms, received_ms, s.data) for s in samples],
                 )
-            return db.total_changes - before
+                new = db.total_changes - before
+                add_counter(db, "stored", new)
+            return new
 
         async with self._lock:
             try:

@@ -163,3 +163,13 @@ def open_database(path: Path, durability: str, schema: str) -> sqlite3.Connectio
             "move it away to start with an empty telemetry store."
         ) from error
     return conn
+
+
+def add_counter(db: sqlite3.Connection, name: str, amount: int) -> None:
+    """Add to a durable counter (table ``counters``), inside the caller's transaction."""
+    if amount:
+        db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            (name, amount),
+        )
