@@ -22,20 +22,23 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import cbor2
 from sortedcontainers import SortedList
 
-from .batch import WriteBatch
+from .batch import HistoryChange, WriteBatch
 from .errors import CasMissingKey, InvalidArgument
 from .hlc import HybridClock, Stamp
-from .limits import check_flags, check_key, check_prefix, check_value
+from .limits import MAX_VALUE_BYTES, check_flags, check_key, check_prefix, check_value
 from .versioned import Version, VersionedMap
 
 
-@dataclass(frozen=True, slots=True)
-class KvEntry:
+class KvEntry(NamedTuple):
+    """A key as a read shows it. A tuple, not a dataclass: one is built per
+    put, and a tuple is built in C (a frozen dataclass sets each field
+    through ``object.__setattr__``)."""
+
     key: str
     value: bytes
     flags: int
@@ -46,9 +49,8 @@ class KvEntry:
     lock_index: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class HistoryRecord:
-    """One past version of a key, as ``?history`` reports it."""
+class HistoryRecord(NamedTuple):
+    """One past version of a key, as ``?history`` reports it (a tuple: see KvEntry)."""
 
     key: str
     stamp: Stamp
@@ -123,7 +125,8 @@ class KvState:
         self._entries: dict[str, KvEntry] = {}
         self._sorted = SortedList()
         self._expiry_heap: list[tuple[int, str, Stamp]] = []
-        self._history: dict[str, deque[HistoryRecord]] = {}
+        # Per key, its past versions oldest first, each with its stamp as its row stores it.
+        self._history: dict[str, deque[tuple[HistoryRecord, str]]] = {}
         self._conflict_stamps: set[tuple[str, Stamp]] = set()
         # History rows dropped from memory but still on disk: (key, encoded stamp).
         self._untrimmed: dict[tuple[str, str], None] = {}
@@ -141,10 +144,7 @@ class KvState:
         indexes = {key: (create, modify) for key, create, modify in index_rows}
         for key, stamp, op, flags, size, conflict, value in sorted(history_rows, key=lambda r: r[1]):
             flags %= 2**64  # stored as SQLite's signed 64-bit INTEGER
-            record = HistoryRecord(key, Stamp.decode(stamp), op, flags, size, bool(conflict), value)
-            dropped = self._remember(record)
-            if dropped is not None:
-                self._untrimmed[(key, dropped.stamp.encode())] = None
+            self._remember(HistoryRecord(key, Stamp.decode(stamp), op, flags, size, bool(conflict), value), stamp)
         self.conflicts = conflicts
         self.last_index = last_index
         now = self.clock.wall_ms()
@@ -184,7 +184,7 @@ class KvState:
         # A conflict loser is recorded when it loses but stays live until a later
         # write supersedes it: list it once, as live.
         live_stamps = {v.stamp for v in versions}
-        past = [r for r in self._history.get(key, ()) if r.stamp not in live_stamps]
+        past = [r for r, _ in self._history.get(key, ()) if r.stamp not in live_stamps]
         return live + sorted(past, key=lambda r: r.stamp, reverse=True)
 
     def __len__(self) -> int:
@@ -231,23 +231,45 @@ class KvState:
         With ``stage``, the CRDT change waits for ``versions.flush()`` (the
         caller's job, before the batch is committed).
         """
+        # The hot path of every write: the usual case inline, the rest in helpers.
         check_key(key)
-        check_value(value)
-        check_flags(flags)
+        if len(value) > MAX_VALUE_BYTES:
+            check_value(value)
+        if flags:
+            check_flags(flags)
         if ttl_ms is not None and ttl_ms <= 0:
             raise InvalidArgument("a TTL must be positive")
-        if not self._cas_matches(key, cas):
+        if cas is not None and not self._cas_matches(key, cas):
             return False
         stamp = self.clock.now()
-        expires = stamp.wall_ms + ttl_ms if ttl_ms else None
-        write = self.versions.stage if stage else self.versions.write
-        superseded = write(key, stamp, encode_payload(value, flags, expires))
-        index = self._next_index(batch)
-        old = self._entries.get(key)
-        entry = KvEntry(key, value, flags, old.create_index if old else index, index, stamp, expires)
-        self._show(entry)
-        batch.kv_index[(self.scope, key)] = (entry.create_index, index)
-        self._archive(superseded, batch, shown=old)
+        if ttl_ms:
+            expires = stamp.wall_ms + ttl_ms
+            payload = encode_payload(value, flags, expires)
+        else:
+            expires = None
+            payload = _PLAIN_PREFIX + value if not flags else encode_payload(value, flags, None)
+        superseded = (self.versions.stage if stage else self.versions.write)(key, stamp, payload)
+        index = self.index.value = self.index.value + 1
+        self.last_index = index
+        entries = self._entries
+        old = entries.get(key)
+        if old is None:
+            create = index
+            self._sorted.add(key)
+        else:
+            create = old.create_index
+        entries[key] = KvEntry(key, value, flags, create, index, stamp, expires)
+        if expires is not None:
+            heapq.heappush(self._expiry_heap, (expires, key, stamp))
+        side = batch.side_of(self.scope)
+        side[0].append([key, create, index])
+        if superseded:
+            if len(superseded) == 1 and old is not None and superseded[0].stamp == old.stamp and not self._conflict_stamps:
+                # An overwrite: the visible entry holds the version decoded.
+                record = HistoryRecord(key, old.stamp, "set", old.flags, len(old.value), False, None)
+                self._store_history(record, side[1])
+            else:
+                self._archive(superseded, side[1], shown=old)
         return True
 
     def delete(
@@ -270,9 +292,10 @@ class KvState:
             writes.append((name, stamp, None))
         superseded = self.versions.write_many(writes)
         self._next_index(batch)
+        history = batch.side_of(self.scope)[1]
         for name in doomed:
             self._hide(name, batch)
-            self._archive(superseded[name], batch)
+            self._archive(superseded[name], history)
         return True
 
     def apply_remote(self, update: bytes, batch: WriteBatch) -> set[str]:
@@ -280,7 +303,7 @@ class KvState:
         touched, removed = self.versions.apply_update(update)
         for version in removed:
             self.clock.observe(version.stamp)
-        self._archive(removed, batch)
+        self._archive(removed, batch.side_of(self.scope)[1])
         return self.refresh(touched, batch)
 
     def refresh(self, touched: Iterable[str], batch: WriteBatch) -> set[str]:
@@ -303,7 +326,7 @@ class KvState:
             else:
                 current, *losers = self.versions.versions(key)
                 for loser in losers:
-                    self._record_conflict(loser, batch)
+                    self._record_conflict(loser, batch.side_of(self.scope)[1])
                 stamp, payload = current.stamp, current.payload
             if stamp is not None:
                 observe(stamp)
@@ -325,12 +348,12 @@ class KvState:
             else:
                 create = old.create_index if old else index
                 self._show(KvEntry(key, value, flags, create, index, stamp, expires))
-                batch.kv_index[(self.scope, key)] = (create, index)
+                batch.side_of(self.scope)[0].append([key, create, index])
         return changed
 
     def past_stamps(self, key: str) -> set[Stamp]:
         """Stamps of the versions of ``key`` this replica has seen superseded or lose (bounded)."""
-        return {record.stamp for record in self._history.get(key, ())}
+        return {record.stamp for record, _ in self._history.get(key, ())}
 
     def expire(self, now_ms: int, batch: WriteBatch) -> list[str]:
         """Hide the keys whose TTL has passed; returns them."""
@@ -384,7 +407,7 @@ class KvState:
     def _hide(self, key: str, batch: WriteBatch) -> None:
         if self._entries.pop(key, None) is not None:
             self._sorted.remove(key)
-            batch.kv_index[(self.scope, key)] = None
+            batch.side_of(self.scope)[0].append([key])
 
     def _stale_expiry(self, item: tuple[int, str, Stamp]) -> bool:
         entry = self._entries.get(item[1])
@@ -402,18 +425,19 @@ class KvState:
         value, flags, _ = decode_payload(version.payload)
         return HistoryRecord(version.key, version.stamp, "set", flags, len(value), conflict, value)
 
-    def _record_conflict(self, loser: Version, batch: WriteBatch) -> None:
+    def _record_conflict(self, loser: Version, history: list[HistoryChange]) -> None:
         if (loser.key, loser.stamp) in self._conflict_stamps:
             return
         self.conflicts += 1
-        self._store_history(self._record(loser, conflict=True), batch)
+        self._store_history(self._record(loser, conflict=True), history)
 
     def _archive(
-        self, superseded: Iterable[Version], batch: WriteBatch, shown: KvEntry | None = None
+        self, superseded: Iterable[Version], history: list[HistoryChange], shown: KvEntry | None = None
     ) -> None:
         """Keep superseded versions' metadata; ``shown`` is the entry visible before."""
+        conflict_stamps = self._conflict_stamps
         for version in superseded:
-            if (version.key, version.stamp) in self._conflict_stamps:
+            if conflict_stamps and (version.key, version.stamp) in conflict_stamps:
                 continue  # already kept, with its value, when it lost
             if shown is not None and shown.stamp == version.stamp:
                 # The visible entry holds this version decoded: skip the CBOR.
@@ -423,46 +447,40 @@ class KvState:
             else:
                 record = self._record(version, conflict=False)
                 if record.value is not None:
-                    record = HistoryRecord(
-                        record.key, record.stamp, record.op, record.flags, record.size, False, None
-                    )
-            self._store_history(record, batch)
+                    record = record._replace(value=None)
+            self._store_history(record, history)
 
-    def _store_history(self, record: HistoryRecord, batch: WriteBatch) -> None:
-        dropped = self._remember(record)
+    def _store_history(self, record: HistoryRecord, history: list[HistoryChange]) -> None:
+        """Keep ``record`` in memory and append its row to ``history`` (a batch's)."""
+        key = record.key
         stamp = record.stamp.encode()
-        batch.history[(self.scope, record.key, stamp)] = (
-            record.op,
-            _signed64(record.flags),
-            record.size,
-            int(record.conflict),
-            record.value,
+        history.append(
+            [key, stamp, record.op, _signed64(record.flags), record.size, int(record.conflict), record.value]
         )
         untrimmed = self._untrimmed
         if untrimmed:
             # A row stored again is wanted again: its pending delete must not win.
-            untrimmed.pop((record.key, stamp), None)
-        if dropped is not None:
-            untrimmed[(record.key, dropped.stamp.encode())] = None
-            if len(untrimmed) >= TRIM_ROWS:
-                scope, history = self.scope, batch.history
-                for key, old in untrimmed:
-                    history[(scope, key, old)] = None
-                untrimmed.clear()
+            untrimmed.pop((key, stamp), None)
+        self._remember(record, stamp)
+        if len(untrimmed) >= TRIM_ROWS:
+            history.extend([key, old] for key, old in untrimmed)
+            untrimmed.clear()
 
-    def _remember(self, record: HistoryRecord) -> HistoryRecord | None:
-        """Keep a record in memory; returns the one that fell off the end, if any."""
-        past = self._history.get(record.key)
+    def _remember(self, record: HistoryRecord, stored_stamp: str) -> None:
+        """Keep a record in memory; the one that falls off the end is deleted from disk later."""
+        key = record.key
+        past = self._history.get(key)
         if past is None:
-            past = self._history[record.key] = deque()
+            past = self._history[key] = deque()
         if record.conflict:
-            self._conflict_stamps.add((record.key, record.stamp))
-        past.append(record)
+            self._conflict_stamps.add((key, record.stamp))
+        past.append((record, stored_stamp))
         if len(past) <= self.history_depth:
-            return None
-        oldest = past.popleft()  # records arrive in (near) stamp order
-        self._conflict_stamps.discard((oldest.key, oldest.stamp))
-        return oldest
+            return
+        oldest, oldest_stamp = past.popleft()  # records arrive in (near) stamp order
+        if self._conflict_stamps:
+            self._conflict_stamps.discard((key, oldest.stamp))
+        self._untrimmed[(key, oldest_stamp)] = None
 
 
 def _signed64(flags: int) -> int:

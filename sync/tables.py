@@ -41,7 +41,7 @@ from typing import Any
 
 import cbor2
 
-from .batch import WriteBatch
+from .batch import HistoryChange, IndexChange, SideChanges, WriteBatch
 from .errors import StoreError
 
 SCHEMA_VERSION = 2
@@ -84,11 +84,6 @@ _COPY_V1 = (
     "SELECT seq, scope, collection, epoch, data FROM updates_v1",
     "DROP TABLE updates_v1",
 )
-
-# (key, create_index, modify_index), or (key,) for a row deleted
-IndexChange = list
-# (key, stamp, op, flags, size, conflict, value), or (key, stamp) for a row deleted
-HistoryChange = list
 
 
 def prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
@@ -149,7 +144,8 @@ def commit_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:
     (and synced) before execute() returns: the same durability as BEGIN ...
     COMMIT, two statements fewer.
     """
-    side = _side_changes(batch)
+    # The scopes' changes, each to ride on a row or to go to the tables.
+    side = {scope: changes for scope, changes in batch.side.items() if changes[0] or changes[1]}
     rows, logged = _update_rows(batch, side)
     alone = (
         len(batch.updates) == 1 and not (batch.snapshots or batch.meta or side)
@@ -165,7 +161,7 @@ def commit_rows(conn: sqlite3.Connection, batch: WriteBatch) -> None:
 def _write_rows(
     conn: sqlite3.Connection,
     batch: WriteBatch,
-    side: dict[str, tuple[list[IndexChange], list[HistoryChange]]],
+    side: dict[str, SideChanges],
     rows: list[tuple],
     logged: set[str],
 ) -> None:
@@ -185,11 +181,11 @@ def _write_rows(
             "DELETE FROM updates WHERE scope = ? AND collection = ? AND epoch != ?",
             (scope, collection, epoch),
         )
-    for scope, (index, history) in side.items():
+    for scope, changes in side.items():
         # No KV update row of this scope in the round: nothing older in the log
         # may override these, so the log's changes go to the tables first.
         _fold_side(conn, scope, "1", ())
-        _apply_to_tables(conn, scope, index, history)
+        _apply_to_tables(conn, scope, *_replay([], [], [changes]))
     unlogged = [(scope, *v) for scope, v in counters.items() if scope not in logged]
     if unlogged:
         conn.executemany(
@@ -202,9 +198,7 @@ def _write_rows(
         )
 
 
-def _update_rows(
-    batch: WriteBatch, side: dict[str, tuple[list[IndexChange], list[HistoryChange]]]
-) -> tuple[list[tuple], set[str]]:
+def _update_rows(batch: WriteBatch, side: dict[str, SideChanges]) -> tuple[list[tuple], set[str]]:
     """The ``updates`` rows of ``batch``, and the scopes whose counters they carry.
 
     Takes from ``side`` the changes that ride on a row (see the module doc).
@@ -226,22 +220,6 @@ def _update_rows(
     return rows, logged
 
 
-def _side_changes(batch: WriteBatch) -> dict[str, tuple[list[IndexChange], list[HistoryChange]]]:
-    """The batch's kv_index and kv_history changes, per scope, in a CBOR-ready form."""
-    side: dict[str, tuple[list[IndexChange], list[HistoryChange]]] = {}
-    for (scope, key), value in batch.kv_index.items():
-        entry = side.get(scope)
-        if entry is None:
-            entry = side[scope] = ([], [])
-        entry[0].append([key] if value is None else [key, *value])
-    for (scope, key, stamp), value in batch.history.items():
-        entry = side.get(scope)
-        if entry is None:
-            entry = side[scope] = ([], [])
-        entry[1].append([key, stamp] if value is None else [key, stamp, *value])
-    return side
-
-
 def _fold_side(
     conn: sqlite3.Connection, scope: str, where: str, params: tuple, *, deleting: bool = False
 ) -> None:
@@ -257,7 +235,7 @@ def _fold_side(
     ).fetchall()
     if not found:
         return
-    index, history = _replay([], [], (side for _, side in found))
+    index, history = _replay([], [], (cbor2.loads(side) for _, side in found))
     _apply_to_tables(conn, scope, index, history)
     if not deleting:
         conn.executemany("UPDATE updates SET side = NULL WHERE seq = ?", [(seq,) for seq, _ in found])
@@ -330,7 +308,9 @@ def kv_rows(query: Query, scope: str) -> tuple[list[tuple], list[tuple]]:
     if not sides:
         return index, history
     merged_index, merged_history = _replay(
-        [list(row) for row in index], [list(row) for row in history], (side for (side,) in sides)
+        [list(row) for row in index],
+        [list(row) for row in history],
+        (cbor2.loads(side) for (side,) in sides),
     )
     return (
         [tuple(row) for row in merged_index if len(row) == 3],
@@ -339,13 +319,13 @@ def kv_rows(query: Query, scope: str) -> tuple[list[tuple], list[tuple]]:
 
 
 def _replay(
-    index: list[IndexChange], history: list[HistoryChange], sides: Iterable[bytes]
+    index: list[IndexChange], history: list[HistoryChange], sides: Iterable[SideChanges]
 ) -> tuple[list[IndexChange], list[HistoryChange]]:
-    """``index`` and ``history`` with the changes of ``sides`` applied in order."""
+    """``index`` and ``history`` with the changes of ``sides`` applied in order:
+    one row per key (or key and stamp), the last one made."""
     by_key = {row[0]: row for row in index}
     by_stamp = {(row[0], row[1]): row for row in history}
-    for side in sides:
-        changes, past = cbor2.loads(side)
+    for changes, past in sides:
         for row in changes:
             by_key[row[0]] = row
         for row in past:

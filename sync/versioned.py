@@ -28,7 +28,7 @@ in the compact form.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pycrdt import Doc, Map, Transaction
 
@@ -38,8 +38,9 @@ _SEP = "\x00"
 _TOMBSTONE = b""  # an empty payload marks a delete; live payloads are never empty
 
 
-@dataclass(frozen=True, slots=True)
-class Version:
+class Version(NamedTuple):
+    """One version of a key (a tuple, built in C: see ``kv.KvEntry``)."""
+
     key: str
     stamp: Stamp
     payload: bytes | None  # None for a tombstone
@@ -168,14 +169,33 @@ class VersionedMap:
         document, as if it had been inserted and removed in one update.
         ``superseded`` names the versions it supersedes when not all of them.
         """
-        old = self.versions(key) if superseded is None else superseded
+        # Every put runs this: the view's code inline (see _add and _remove).
+        live = self._live.get(key)
+        if live is None:
+            live = self._live[key] = {}
+        if superseded is not None:
+            old = superseded
+        elif len(live) == 1:  # the usual case: one version to supersede
+            ((seen, seen_payload),) = live.items()
+            old = [Version(key, seen, seen_payload)]
+        else:
+            old = self.versions(key)
         inserts, removes = self._staged_inserts, self._staged_removes
+        size = self.live_bytes
         for version in old:
             vid = self._existing_id(key, version.stamp)
             if inserts.pop(vid, None) is None:
                 removes.append(vid)
-        inserts[version_id(key, stamp)] = _TOMBSTONE if payload is None else payload
-        self._show(key, stamp, payload, old)
+            del live[version.stamp]
+            size -= _entry_size(key, version.payload)
+        if payload is None:
+            inserts[f"{key}{_SEP}{stamp.compact()}"] = _TOMBSTONE
+        else:
+            inserts[f"{key}{_SEP}{stamp.compact()}"] = payload
+        # Local writes keep the view in step directly; the map observer
+        # (costly: it converts every event) runs only for remote updates.
+        live[stamp] = payload
+        self.live_bytes = size + _entry_size(key, payload)
         return old
 
     def flush(self) -> None:
@@ -196,18 +216,6 @@ class VersionedMap:
         for vid, payload in self._staged_inserts.items():
             native.insert(raw_txn, vid, payload)
         self._staged_removes, self._staged_inserts = [], {}
-
-    def _show(self, key: str, stamp: Stamp, payload: bytes | None, old: list[Version]) -> None:
-        # Local writes keep the view in step directly; the map observer
-        # (costly: it converts every event) runs only for remote updates.
-        live = self._live.get(key)
-        if live is None:
-            live = self._live[key] = {}
-        for version in old:
-            del live[version.stamp]
-            self.live_bytes -= _entry_size(key, version.payload)
-        live[stamp] = payload
-        self.live_bytes += _entry_size(key, payload)
 
     def rebuilt(self, ended: Collection[str] = ()) -> VersionedMap:
         """A fresh document with this map's live versions and nothing else (a new epoch).
@@ -285,7 +293,7 @@ class VersionedMap:
             found = self._legacy_ids.pop((key, stamp), None)
             if found is not None:
                 return found
-        return version_id(key, stamp)
+        return f"{key}{_SEP}{stamp.compact()}"
 
     def _add(self, vid: str, raw: bytes | bytearray) -> None:
         key, text = vid.split(_SEP, 1)
