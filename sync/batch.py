@@ -8,7 +8,7 @@ hundred.
 A scope's ``kv_index`` and ``kv_history`` changes are kept as they are stored
 (``tables`` writes them as one CBOR value per round): lists appended in the
 order they were made, where a later row for the same key (or key and stamp)
-replaces an earlier one when they are read back. A put appends two short lists
+replaces an earlier one when they are read back. A put appends two tuples
 instead of building dictionary keys that the writer thread would only take
 apart again.
 """
@@ -18,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# [key, create_index, modify_index], or [key] to delete the row
-IndexChange = list
-# [key, stamp, op, flags, size, conflict, value], or [key, stamp] to delete the row
-HistoryChange = list
+# (key, create_index, modify_index), or (key,) to delete the row (lists once read back)
+IndexChange = tuple | list
+# (key, stamp, op, flags, size, conflict, value), or (key, stamp) to delete the row
+HistoryChange = tuple | list
 # A scope's changes to its kv_index and kv_history rows, in the order made.
 SideChanges = tuple[list[IndexChange], list[HistoryChange]]
 

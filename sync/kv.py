@@ -262,7 +262,7 @@ class KvState:
         if expires is not None:
             heapq.heappush(self._expiry_heap, (expires, key, stamp))
         side = batch.side_of(self.scope)
-        side[0].append([key, create, index])
+        side[0].append((key, create, index))
         if superseded:
             if len(superseded) == 1 and old is not None and superseded[0].stamp == old.stamp and not self._conflict_stamps:
                 # An overwrite: the visible entry holds the version decoded.
@@ -348,7 +348,7 @@ class KvState:
             else:
                 create = old.create_index if old else index
                 self._show(KvEntry(key, value, flags, create, index, stamp, expires))
-                batch.side_of(self.scope)[0].append([key, create, index])
+                batch.side_of(self.scope)[0].append((key, create, index))
         return changed
 
     def past_stamps(self, key: str) -> set[Stamp]:
@@ -407,7 +407,7 @@ class KvState:
     def _hide(self, key: str, batch: WriteBatch) -> None:
         if self._entries.pop(key, None) is not None:
             self._sorted.remove(key)
-            batch.side_of(self.scope)[0].append([key])
+            batch.side_of(self.scope)[0].append((key,))
 
     def _stale_expiry(self, item: tuple[int, str, Stamp]) -> bool:
         entry = self._entries.get(item[1])
@@ -454,8 +454,9 @@ class KvState:
         """Keep ``record`` in memory and append its row to ``history`` (a batch's)."""
         key = record.key
         stamp = record.stamp.encode()
+        # A tuple of plain values: the collector stops tracking it at its first pass.
         history.append(
-            [key, stamp, record.op, _signed64(record.flags), record.size, int(record.conflict), record.value]
+            (key, stamp, record.op, _signed64(record.flags), record.size, int(record.conflict), record.value)
         )
         untrimmed = self._untrimmed
         if untrimmed:
@@ -463,7 +464,7 @@ class KvState:
             untrimmed.pop((key, stamp), None)
         self._remember(record, stamp)
         if len(untrimmed) >= TRIM_ROWS:
-            history.extend([key, old] for key, old in untrimmed)
+            history.extend((key, old) for key, old in untrimmed)
             untrimmed.clear()
 
     def _remember(self, record: HistoryRecord, stored_stamp: str) -> None:
