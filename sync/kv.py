@@ -125,8 +125,8 @@ class KvState:
         self._entries: dict[str, KvEntry] = {}
         self._sorted = SortedList()
         self._expiry_heap: list[tuple[int, str, Stamp]] = []
-        # Per key, its past versions oldest first, each with its stamp as its row stores it.
-        self._history: dict[str, deque[tuple[HistoryRecord, str]]] = {}
+        # Per key, its past versions oldest first, as _Past tuples.
+        self._history: dict[str, deque[tuple]] = {}
         self._conflict_stamps: set[tuple[str, Stamp]] = set()
         # History rows dropped from memory but still on disk: (key, encoded stamp).
         self._untrimmed: dict[tuple[str, str], None] = {}
@@ -144,7 +144,7 @@ class KvState:
         indexes = {key: (create, modify) for key, create, modify in index_rows}
         for key, stamp, op, flags, size, conflict, value in sorted(history_rows, key=lambda r: r[1]):
             flags %= 2**64  # stored as SQLite's signed 64-bit INTEGER
-            self._remember(HistoryRecord(key, Stamp.decode(stamp), op, flags, size, bool(conflict), value), stamp)
+            self._remember(key, Stamp.decode(stamp), stamp, op, flags, size, bool(conflict), value)
         self.conflicts = conflicts
         self.last_index = last_index
         now = self.clock.wall_ms()
@@ -184,7 +184,8 @@ class KvState:
         # A conflict loser is recorded when it loses but stays live until a later
         # write supersedes it: list it once, as live.
         live_stamps = {v.stamp for v in versions}
-        past = [r for r, _ in self._history.get(key, ()) if r.stamp not in live_stamps]
+        past = [_record_of(key, p) for p in self._history.get(key, ())]
+        past = [r for r in past if r.stamp not in live_stamps]
         return live + sorted(past, key=lambda r: r.stamp, reverse=True)
 
     def __len__(self) -> int:
@@ -266,8 +267,7 @@ class KvState:
         if superseded:
             if len(superseded) == 1 and old is not None and superseded[0].stamp == old.stamp and not self._conflict_stamps:
                 # An overwrite: the visible entry holds the version decoded.
-                record = HistoryRecord(key, old.stamp, "set", old.flags, len(old.value), False, None)
-                self._store_history(record, side[1])
+                self._store_history(key, old.stamp, "set", old.flags, len(old.value), False, None, side[1])
             else:
                 self._archive(superseded, side[1], shown=old)
         return True
@@ -353,7 +353,7 @@ class KvState:
 
     def past_stamps(self, key: str) -> set[Stamp]:
         """Stamps of the versions of ``key`` this replica has seen superseded or lose (bounded)."""
-        return {record.stamp for record, _ in self._history.get(key, ())}
+        return {Stamp(*p[_STAMP]) for p in self._history.get(key, ())}
 
     def expire(self, now_ms: int, batch: WriteBatch) -> list[str]:
         """Hide the keys whose TTL has passed; returns them."""
@@ -429,7 +429,7 @@ class KvState:
         if (loser.key, loser.stamp) in self._conflict_stamps:
             return
         self.conflicts += 1
-        self._store_history(self._record(loser, conflict=True), history)
+        self._store_record(self._record(loser, conflict=True), history)
 
     def _archive(
         self, superseded: Iterable[Version], history: list[HistoryChange], shown: KvEntry | None = None
@@ -441,47 +441,77 @@ class KvState:
                 continue  # already kept, with its value, when it lost
             if shown is not None and shown.stamp == version.stamp:
                 # The visible entry holds this version decoded: skip the CBOR.
-                record = HistoryRecord(
-                    version.key, version.stamp, "set", shown.flags, len(shown.value), False, None
+                self._store_history(
+                    version.key, version.stamp, "set", shown.flags, len(shown.value), False, None, history
                 )
             else:
-                record = self._record(version, conflict=False)
-                if record.value is not None:
-                    record = record._replace(value=None)
-            self._store_history(record, history)
+                self._store_record(self._record(version, conflict=False)._replace(value=None), history)
 
-    def _store_history(self, record: HistoryRecord, history: list[HistoryChange]) -> None:
-        """Keep ``record`` in memory and append its row to ``history`` (a batch's)."""
-        key = record.key
-        stamp = record.stamp.encode()
-        # A tuple of plain values: the collector stops tracking it at its first pass.
-        history.append(
-            (key, stamp, record.op, _signed64(record.flags), record.size, int(record.conflict), record.value)
+    def _store_record(self, record: HistoryRecord, history: list[HistoryChange]) -> None:
+        self._store_history(
+            record.key, record.stamp, record.op, record.flags, record.size, record.conflict, record.value, history
         )
+
+    def _store_history(
+        self,
+        key: str,
+        stamp: Stamp,
+        op: str,
+        flags: int,
+        size: int,
+        conflict: bool,
+        value: bytes | None,
+        history: list[HistoryChange],
+    ) -> None:
+        """Keep a past version in memory and append its row to ``history`` (a batch's)."""
+        text = stamp.encode()
+        history.append((key, text, op, _signed64(flags), size, int(conflict), value))
         untrimmed = self._untrimmed
         if untrimmed:
             # A row stored again is wanted again: its pending delete must not win.
-            untrimmed.pop((key, stamp), None)
-        self._remember(record, stamp)
+            untrimmed.pop((key, text), None)
+        self._remember(key, stamp, text, op, flags, size, conflict, value)
         if len(untrimmed) >= TRIM_ROWS:
             history.extend((key, old) for key, old in untrimmed)
             untrimmed.clear()
 
-    def _remember(self, record: HistoryRecord, stored_stamp: str) -> None:
-        """Keep a record in memory; the one that falls off the end is deleted from disk later."""
-        key = record.key
+    def _remember(
+        self,
+        key: str,
+        stamp: Stamp,
+        text: str,
+        op: str,
+        flags: int,
+        size: int,
+        conflict: bool,
+        value: bytes | None,
+    ) -> None:
+        """Keep a past version in memory; the one that falls off the end is deleted from disk later."""
         past = self._history.get(key)
         if past is None:
             past = self._history[key] = deque()
-        if record.conflict:
-            self._conflict_stamps.add((key, record.stamp))
-        past.append((record, stored_stamp))
+        if conflict:
+            self._conflict_stamps.add((key, stamp))
+        # A flat tuple of plain values (see _STAMP): the garbage collector stops
+        # tracking it at its first pass, where a record holding a Stamp stays
+        # tracked for good, and it is half the memory.
+        past.append((text, *stamp, op, flags, size, conflict, value))
         if len(past) <= self.history_depth:
             return
-        oldest, oldest_stamp = past.popleft()  # records arrive in (near) stamp order
+        oldest = past.popleft()  # records arrive in (near) stamp order
         if self._conflict_stamps:
-            self._conflict_stamps.discard((key, oldest.stamp))
-        self._untrimmed[(key, oldest_stamp)] = None
+            self._conflict_stamps.discard((key, Stamp(*oldest[_STAMP])))
+        self._untrimmed[(key, oldest[0])] = None
+
+
+# A past version in memory: (stamp as its row stores it, wall_ms, counter,
+# replica, op, flags, size, conflict, value).
+_STAMP = slice(1, 4)
+
+
+def _record_of(key: str, past: tuple) -> HistoryRecord:
+    _text, wall, counter, replica, op, flags, size, conflict, value = past
+    return HistoryRecord(key, Stamp(wall, counter, replica), op, flags, size, conflict, value)
 
 
 def _signed64(flags: int) -> int:

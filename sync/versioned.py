@@ -222,7 +222,8 @@ class VersionedMap:
 
         A key in ``ended`` keeps only a tombstone with its current version's
         stamp. The new map reports its updates to nobody until its
-        ``on_update`` is set. Built from the view in one transaction, with no
+        ``on_update`` is set. It takes over this map's view: write only to it
+        from then on. Built from the view in one transaction, with no
         :class:`Version` objects: compaction runs this for every key, about
         once per thousand puts in a busy scope.
         """
@@ -237,8 +238,9 @@ class VersionedMap:
                         live_bytes -= _entry_size(key, payload)
                     found = {max(found): None}
                     live_bytes += _entry_size(key, None)
-                else:
-                    found = dict(found)
+                # Otherwise the per-key dict moves to the fresh map as it is: this
+                # map is replaced by it, and a thousand copies a compaction were
+                # a thousand new objects for the garbage collector.
                 live[key] = found
                 for stamp, payload in found.items():
                     native.insert(raw_txn, version_id(key, stamp), _TOMBSTONE if payload is None else payload)
