@@ -17,7 +17,7 @@ from konsul.sync.errors import StoreCorrupt, StoreError, StoreFull, StoreLocked
 from konsul.sync.replica import Replica
 from konsul.sync.kv import TRIM_ROWS
 from konsul.sync.store import DB_NAME, SCHEMA_VERSION
-from konsul.sync.tables import kv_rows, scope_counters
+from konsul.sync.tables import ROWS_PER_STATEMENT, kv_rows, scope_counters
 
 KEYS = ["cfg/a", "cfg/b", "cfg/big", "conflicted", "gone/x", "gone/y", "ttl"]
 
@@ -502,3 +502,30 @@ async def test_index_and_history_rows_ride_on_the_log_until_a_compaction_folds_t
         assert replica.store.query("SELECT key FROM kv_history") == [("a",)]
     async with running(Replica.open(tmp_path, wall_ms=wall)) as replica:
         assert view(replica.scope("site"), ["a", "b"]) == before
+
+
+async def test_a_fold_larger_than_one_statement_writes_and_deletes_every_row(tmp_path):
+    """Folded rows go to the tables in multi-row statements of ROWS_PER_STATEMENT
+    rows; a fold of several statements' worth keeps, replaces and deletes exactly
+    the rows the log says, in every scope, and a restart reads them back."""
+    keys = [f"k/{i:04d}" for i in range(2 * ROWS_PER_STATEMENT + 7)]
+    async with running(Replica.open(tmp_path, wall_ms=WallClock(), history_depth=1)) as replica:
+        for name in ("site", "global"):
+            scope = replica.scope(name)
+            scope.auto_compact = False
+            for round_ in range(3):  # 3 versions: 1 live, 1 in the history, 1 trimmed
+                async with trio.open_nursery() as nursery:
+                    for key in keys:
+                        nursery.start_soon(scope.kv_put, key, f"{round_}".encode())
+            await scope.kv_delete("k/00", recurse=True)  # deletes in the index (k/0000..k/0099)
+            await scope.compact("kv")
+        before = {name: view(replica.scope(name), keys) for name in ("site", "global")}
+        for name in ("site", "global"):
+            [(index_rows,)] = replica.store.query("SELECT count(*) FROM kv_index WHERE scope = ?", name)
+            assert index_rows == len(keys) - 100
+            [(history_rows,)] = replica.store.query("SELECT count(*) FROM kv_history WHERE scope = ?", name)
+            # One past version per key, fewer the trimmed rows still waiting for a bulk delete.
+            assert len(keys) <= history_rows < len(keys) + TRIM_ROWS
+            assert replica.store.query("SELECT count(*) FROM updates WHERE scope = ? AND collection = 'kv'", name) == [(0,)]
+    async with running(Replica.open(tmp_path, wall_ms=WallClock(), history_depth=1)) as replica:
+        assert {name: view(replica.scope(name), keys) for name in ("site", "global")} == before
