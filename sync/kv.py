@@ -236,7 +236,7 @@ class KvState:
         check_key(key)
         if len(value) > MAX_VALUE_BYTES:
             check_value(value)
-        if flags:
+        if flags or type(flags) is not int:
             check_flags(flags)
         if ttl_ms is not None and ttl_ms <= 0:
             raise InvalidArgument("a TTL must be positive")

@@ -504,12 +504,17 @@ async def test_index_and_history_rows_ride_on_the_log_until_a_compaction_folds_t
         assert view(replica.scope("site"), ["a", "b"]) == before
 
 
-async def test_a_fold_larger_than_one_statement_writes_and_deletes_every_row(tmp_path):
-    """Folded rows go to the tables in multi-row statements of ROWS_PER_STATEMENT
-    rows; a fold of several statements' worth keeps, replaces and deletes exactly
-    the rows the log says, in every scope, and a restart reads them back."""
+@pytest.mark.parametrize("variable_limit", [None, 999], ids=["default", "sqlite-before-3.32"])
+async def test_a_fold_larger_than_one_statement_writes_and_deletes_every_row(tmp_path, variable_limit):
+    """Folded rows go to the tables in multi-row statements of up to
+    ROWS_PER_STATEMENT rows (fewer where SQLite allows fewer parameters: 999
+    before 3.32); a fold of several statements' worth keeps, replaces and
+    deletes exactly the rows the log says, in every scope, and a restart reads
+    them back."""
     keys = [f"k/{i:04d}" for i in range(2 * ROWS_PER_STATEMENT + 7)]
     async with running(Replica.open(tmp_path, wall_ms=WallClock(), history_depth=1)) as replica:
+        if variable_limit is not None:
+            replica.store._conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, variable_limit)
         for name in ("site", "global"):
             scope = replica.scope(name)
             scope.auto_compact = False
