@@ -125,7 +125,7 @@ class KvState:
         self._entries: dict[str, KvEntry] = {}
         self._sorted = SortedList()
         self._expiry_heap: list[tuple[int, str, Stamp]] = []
-        # Per key, its past versions oldest first, as _Past tuples.
+        # Per key, its past versions oldest first, as flat tuples (see _STAMP).
         self._history: dict[str, deque[tuple]] = {}
         self._conflict_stamps: set[tuple[str, Stamp]] = set()
         # History rows dropped from memory but still on disk: (key, encoded stamp).
@@ -250,26 +250,14 @@ class KvState:
             expires = None
             payload = _PLAIN_PREFIX + value if not flags else encode_payload(value, flags, None)
         superseded = (self.versions.stage if stage else self.versions.write)(key, stamp, payload)
-        index = self.index.value = self.index.value + 1
-        self.last_index = index
-        entries = self._entries
-        old = entries.get(key)
-        if old is None:
-            create = index
-            self._sorted.add(key)
-        else:
-            create = old.create_index
-        entries[key] = KvEntry(key, value, flags, create, index, stamp, expires)
-        if expires is not None:
-            heapq.heappush(self._expiry_heap, (expires, key, stamp))
+        index = self._next_index()
+        old = self._entries.get(key)
+        create = index if old is None else old.create_index
+        self._show(KvEntry(key, value, flags, create, index, stamp, expires))
         side = batch.side_of(self.scope)
         side[0].append((key, create, index))
         if superseded:
-            if len(superseded) == 1 and old is not None and superseded[0].stamp == old.stamp and not self._conflict_stamps:
-                # An overwrite: the visible entry holds the version decoded.
-                self._store_history(key, old.stamp, "set", old.flags, len(old.value), False, None, side[1])
-            else:
-                self._archive(superseded, side[1], shown=old)
+            self._archive(superseded, side[1], shown=old)
         return True
 
     def delete(
@@ -291,7 +279,7 @@ class KvState:
         for name in doomed:
             writes.append((name, stamp, None))
         superseded = self.versions.write_many(writes)
-        self._next_index(batch)
+        self._next_index()
         history = batch.side_of(self.scope)[1]
         for name in doomed:
             self._hide(name, batch)
@@ -341,7 +329,7 @@ class KvState:
             if visible is None and old is None:
                 continue
             if index is None:
-                index = self._next_index(batch)
+                index = self._next_index()
             changed.add(key)
             if visible is None:
                 self._hide(key, batch)
@@ -364,7 +352,7 @@ class KvState:
             if not self._stale_expiry(item):
                 expired.append(item[1])
         if expired:
-            self._next_index(batch)
+            self._next_index()
             for key in expired:
                 self._hide(key, batch)
         return expired
@@ -384,7 +372,7 @@ class KvState:
             raise CasMissingKey(f"key {key!r} does not exist, so cas={cas} cannot match; {advice}")
         return entry.modify_index == cas
 
-    def _next_index(self, batch: WriteBatch) -> int:
+    def _next_index(self) -> int:
         self.last_index = self.index.bump()
         return self.last_index
 

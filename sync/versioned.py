@@ -188,10 +188,7 @@ class VersionedMap:
                 removes.append(vid)
             del live[version.stamp]
             size -= _entry_size(key, version.payload)
-        if payload is None:
-            inserts[f"{key}{_SEP}{stamp.compact()}"] = _TOMBSTONE
-        else:
-            inserts[f"{key}{_SEP}{stamp.compact()}"] = payload
+        inserts[version_id(key, stamp)] = _TOMBSTONE if payload is None else payload
         # Local writes keep the view in step directly; the map observer
         # (costly: it converts every event) runs only for remote updates.
         live[stamp] = payload
@@ -295,7 +292,7 @@ class VersionedMap:
             found = self._legacy_ids.pop((key, stamp), None)
             if found is not None:
                 return found
-        return f"{key}{_SEP}{stamp.compact()}"
+        return version_id(key, stamp)
 
     def _add(self, vid: str, raw: bytes | bytearray) -> None:
         key, text = vid.split(_SEP, 1)
