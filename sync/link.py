@@ -196,8 +196,9 @@ class SyncLink:
         if event.epoch == mine:
             document = scope.doc(event.collection)
             diff = document.get_update(event.state_vector)
-            self._answered[key] = (mine, document.get_state())
-            self._send_update(scope, event.collection, diff)
+            state = document.get_state()
+            self._answered[key] = (mine, state)
+            self._send_update(scope, event.collection, diff, state)
         elif self.is_hub:
             self._send_snapshot(scope, event.collection)
         # An edge at another epoch than the hub waits for the hub's snapshot.
@@ -295,24 +296,33 @@ class SyncLink:
         )
         self._send(frame)
 
-    def _send_update(self, scope: Scope, collection: str, update: bytes) -> None:
+    def _send_update(
+        self, scope: Scope, collection: str, update: bytes, state_vector: bytes | None = None
+    ) -> None:
+        """Send ``update``; ``state_vector`` is the document's, if the caller has it already."""
         if update == b"\x00\x00" or self.peer is None:
             return  # nothing the peer lacks
-        marker = _Marker(scope.durable_own_stamp(collection), self.local_changes.get((scope.name, collection), 0))
+        if state_vector is None:
+            state_vector = scope.doc(collection).get_state()
         frame = self.session.send_update(
-            scope.name, collection, scope.epoch(collection), update,
-            scope.doc(collection).get_state(), marker,
+            scope.name, collection, scope.epoch(collection), update, state_vector,
+            self._marker(scope, collection),
         )
         self._send(frame)
 
     def _send_snapshot(self, scope: Scope, collection: str) -> None:
-        epoch = scope.epoch(collection)
-        self._snapshot_sent[(scope.name, collection)] = epoch
-        self._answered[(scope.name, collection)] = (epoch, scope.doc(collection).get_state())
-        state = scope.doc(collection).get_update()
-        marker = _Marker(scope.durable_own_stamp(collection), self.local_changes.get((scope.name, collection), 0))
-        self._peer_epoch[(scope.name, collection)] = epoch
+        key, epoch = (scope.name, collection), scope.epoch(collection)
+        document = scope.doc(collection)
+        state_vector = document.get_state()
+        self._snapshot_sent[key] = epoch
+        self._answered[key] = (epoch, state_vector)
+        self._peer_epoch[key] = epoch
         frame = self.session.send_update(
-            scope.name, collection, epoch, state, scope.doc(collection).get_state(), marker, snapshot=True
+            scope.name, collection, epoch, document.get_update(), state_vector,
+            self._marker(scope, collection), snapshot=True,
         )
         self._send(frame)
+
+    def _marker(self, scope: Scope, collection: str) -> _Marker:
+        """What an update frame tells of this side's own writes (see _Marker)."""
+        return _Marker(scope.durable_own_stamp(collection), self.local_changes.get((scope.name, collection), 0))

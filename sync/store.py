@@ -51,7 +51,7 @@ from .batch import WriteBatch
 from .errors import StoreCorrupt, StoreError, StoreFull, StoreLocked
 from .tables import KNOWN_VERSIONS, SCHEMA_VERSION, commit_rows, prepare_schema
 
-__all__ = ["DB_NAME", "SCHEMA_VERSION", "Store"]
+__all__ = ["DB_NAME", "DURABILITY_MODES", "SCHEMA_VERSION", "Store", "store_error"]
 
 DB_NAME = "konsul.db"
 LOCK_NAME = "LOCK"
@@ -379,10 +379,8 @@ class Store:
         merged = WriteBatch.combine(batches)
         conn = self._conn
         try:
-            commit_rows(conn, merged)
+            commit_rows(conn, merged)  # rolls back what it began, if anything fails
         except sqlite3.Error as error:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
             raise store_error(error, self.path) from error
         finally:
             self._commits_fast = time.perf_counter() - started < WRITE_NOW_LIMIT
