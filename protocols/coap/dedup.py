@@ -34,7 +34,7 @@ from typing import Any
 log = logging.getLogger("konsul.coap")
 
 
-def compact_duplicates(manager: Any) -> bool:
+def compact_duplicates(manager: Any) -> None:
     """Install the compact duplicate cache on one aiocoap ``MessageManager``."""
     try:
         from aiocoap.numbers.types import CON
@@ -47,9 +47,9 @@ def compact_duplicates(manager: Any) -> bool:
         manager._store_response_for_duplicates  # noqa: B018
     except (ImportError, AttributeError) as exc:
         log.debug("aiocoap's duplicate detection kept: %s", exc)
-        return False
+        return
     if type(interface).__name__ != "MessageInterfaceUDP6":
-        return False
+        return
 
     recent: dict[tuple, tuple | None] = {}
     expiry: deque[tuple[float, tuple]] = deque()
@@ -78,5 +78,3 @@ def compact_duplicates(manager: Any) -> bool:
 
     manager._deduplicate_message = deduplicate
     manager._store_response_for_duplicates = store_response
-    manager._konsul_duplicates = recent  # for tests and debugging
-    return True

@@ -61,13 +61,13 @@ class KvResource(ExplainedResource, resource.ObservableResource, resource.PathCa
     ct = " ".join(str(f) for f in VALUE_FORMATS)
 
     def __init__(
-        self, gateways: GatewayContext, access: Access, run_trio: RunTrio, put_soon: PutSoon | None = None
+        self, gateways: GatewayContext, access: Access, run_trio: RunTrio, put_soon: PutSoon
     ) -> None:
         super().__init__()
         self.gateways = gateways
         self.access = access
         self.run_trio = run_trio
-        # Unconditional puts go to the batched writer (writer.py) when there is one.
+        # Unconditional puts go to the batched writer (writer.py).
         self.put_soon = put_soon
         self._watching: dict[tuple[str, str], set] = {}
 
@@ -128,7 +128,7 @@ class KvResource(ExplainedResource, resource.ObservableResource, resource.PathCa
         check_value(value)
         cas = self._cas(request, scope, key)
         put_soon = self.put_soon
-        if cas is None and put_soon is not None:
+        if cas is None:
             existed = scope.kv.get(key) is not None or put_soon.pending(scope, key)
             await put_soon.submit(scope, key, value)  # resolves once durable
         else:

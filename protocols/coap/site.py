@@ -98,7 +98,7 @@ class EdgeSite(resource.Site):
 class CoapGateway:
     """The resources of one edge, built around a gateway context."""
 
-    def __init__(self, gateways: GatewayContext, run_trio: RunTrio, put_soon: PutSoon | None = None) -> None:
+    def __init__(self, gateways: GatewayContext, run_trio: RunTrio, put_soon: PutSoon) -> None:
         self.gateways = gateways
         self.metrics = CoapMetrics(gateways.registry)
         self.access = Access(gateways, run_trio)

@@ -34,9 +34,16 @@ def records_matching(scope: Scope, kind: str | None, tags: list[str]) -> list[De
 def registered_device_scope(device_id: str) -> Scope:
     """The request's scope (``?dc``), once ``device_id`` is known to be registered there."""
     scope = current_app.config["KONSUL"].scope(request.args.get("dc"))
-    if scope.devices.get(check_device_id(device_id)) is None:
-        raise NotFound(f"no device {device_id!r} is registered in {scope.name!r}; create it with PUT /v1/devices/{device_id}")
+    require_registered(scope, device_id)
     return scope
+
+
+def require_registered(scope: Scope, device_id: str) -> DeviceRecord:
+    """The device's record in ``scope``; a 404 that says how to register it if there is none."""
+    record = scope.devices.get(check_device_id(device_id))
+    if record is None:
+        raise NotFound(f"no device {device_id!r} is registered in {scope.name!r}; create it with PUT /v1/devices/{device_id}")
+    return record
 
 
 def device_json(record: DeviceRecord, presence: Presence, site: str) -> dict:

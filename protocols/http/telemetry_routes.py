@@ -18,7 +18,7 @@ from konsul.sync.errors import InvalidArgument, NotFound
 from konsul.sync.telemetry import sample_fields, sample_json
 
 from .agent_routes import json_body_any
-from .device_routes import listed_scopes, records_matching, registered_device_scope
+from .device_routes import listed_scopes, records_matching, require_registered
 from .params import int_arg
 from .responses import json_response
 
@@ -67,7 +67,7 @@ async def device_telemetry(device_id: str) -> Response:
     check_device_id(device_id)
     source = _source()
     if request.method == "POST":
-        registered_device_scope(device_id)
+        require_registered(scope, device_id)
         body = await json_body_any()
         documents = body if isinstance(body, list) else [body]
         if not 1 <= len(documents) <= MAX_SAMPLES_PER_POST:
