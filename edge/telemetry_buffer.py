@@ -34,7 +34,14 @@ import trio
 from konsul.sync.errors import InvalidArgument, KonsulError
 from konsul.sync.store import store_error
 from konsul.sync.tables import immediate
-from konsul.sync.telemetry import Sample, SequenceNumbers, add_counter, make_sample, open_database
+from konsul.sync.telemetry import (
+    Sample,
+    SequenceNumbers,
+    add_counter,
+    make_sample,
+    open_database,
+    read_counters,
+)
 
 log = logging.getLogger("konsul.edge.telemetry")
 
@@ -51,7 +58,6 @@ CREATE TABLE IF NOT EXISTS samples (
     data BLOB NOT NULL,
     size INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
@@ -84,7 +90,7 @@ class TelemetryBuffer:
         self._db = open_database(path, durability, _SCHEMA)
         self.numbers = SequenceNumbers()
         self.count, self.bytes = self._db.execute("SELECT count(*), coalesce(sum(size), 0) FROM samples").fetchone()
-        counters = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
+        counters = read_counters(self._db)
         self.dropped = counters.get("dropped", 0)
         self.forwarded = counters.get("forwarded", 0)
         self.ingested = 0

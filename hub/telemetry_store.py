@@ -26,7 +26,15 @@ from konsul.sync.errors import InvalidArgument, StoreError
 from konsul.sync.store import store_error
 from konsul.sync.tables import immediate
 from konsul.sync.link import SyncLink
-from konsul.sync.telemetry import ACK_KIND, BATCH_KIND, Sample, add_counter, open_database, parse_batch
+from konsul.sync.telemetry import (
+    ACK_KIND,
+    BATCH_KIND,
+    Sample,
+    add_counter,
+    open_database,
+    parse_batch,
+    read_counters,
+)
 
 log = logging.getLogger("konsul.hub.telemetry")
 
@@ -41,7 +49,6 @@ CREATE TABLE IF NOT EXISTS samples (
     PRIMARY KEY (site, device, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS samples_by_time ON samples (site, device, time_ms);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
@@ -60,9 +67,9 @@ class TelemetryStore:
 
     def _stored_count(self) -> int:
         """Samples stored: a durable counter, so that start-up need not count the table."""
-        found = self._db.execute("SELECT value FROM counters WHERE name = 'stored'").fetchone()
+        found = read_counters(self._db).get("stored")
         if found is not None:
-            return found[0]
+            return found
         with immediate(self._db):  # a store from before the counter: count it once
             (count,) = self._db.execute("SELECT count(*) FROM samples").fetchone()
             self._db.execute("INSERT INTO counters (name, value) VALUES ('stored', ?)", (count,))

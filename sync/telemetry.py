@@ -156,13 +156,21 @@ def open_database(path: Path, durability: str, schema: str) -> sqlite3.Connectio
                 )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={DURABILITY_MODES[durability]}")
-        conn.executescript(schema)
+        conn.executescript(schema + _COUNTERS)
     except sqlite3.DatabaseError as error:
         raise StoreCorrupt(
             f"{path} is not a readable telemetry database ({error}). It was left untouched: "
             "move it away to start with an empty telemetry store."
         ) from error
     return conn
+
+
+# Durable counters (add_counter, read_counters), in every telemetry database.
+_COUNTERS = "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+
+
+def read_counters(db: sqlite3.Connection) -> dict[str, int]:
+    return dict(db.execute("SELECT name, value FROM counters").fetchall())
 
 
 def add_counter(db: sqlite3.Connection, name: str, amount: int) -> None:
