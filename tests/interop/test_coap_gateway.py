@@ -17,6 +17,7 @@ import trio.lowlevel
 import trio_asyncio
 from aiocoap import Context, Message
 from aiocoap.numbers.codes import Code
+from aiocoap.numbers.types import CON
 from konsul.protocols.coap import run_coap_gateway
 from konsul.protocols.gateway import GatewayContext
 from konsul.protocols.coap.kv import make_etag
@@ -29,6 +30,9 @@ class Harness:
 
     def __init__(self, gateways: GatewayContext, uri: str, client: Context) -> None:
         self.gateways, self.uri, self.client = gateways, uri, client
+        self.addr = uri.removeprefix("coap://")  # host:port, as the gateway was given it
+        host, port = self.addr.rsplit(":", 1)
+        self.host_port = (host, int(port))
 
     async def request(self, code: Code, path: str, payload: bytes = b"", **options) -> Message:
         message = Message(code=code, uri=self.uri + path, payload=payload, **options)
@@ -125,15 +129,15 @@ async def test_observe_sees_writes_made_in_trio(tmp_path):
 async def test_a_taken_port_is_a_clear_error(tmp_path):
     async def body(h: Harness):
         with pytest.raises(OSError, match="cannot listen for CoAP on"):
-            await run_coap_gateway(h.gateways, h.uri.removeprefix("coap://"))
+            await run_coap_gateway(h.gateways, h.addr)
 
     await gateway_harness(tmp_path, {}, body, allow_anonymous=True)
 
 
-async def _writer_device(h: Harness, device_id: str = "w1") -> str:
+async def _writer_device(h: Harness) -> str:
     """A device allowed to write under ``k/``; returns its URI query."""
-    _record, token = await h.gateways.scope.put_device(DeviceRecord(device_id, kv_write=("k/",)), new_token=True)
-    return f"?ep={device_id}&tk={token}"
+    _record, token = await h.gateways.scope.put_device(DeviceRecord("w1", kv_write=("k/",)), new_token=True)
+    return f"?ep=w1&tk={token}"
 
 
 async def test_concurrent_puts_share_commits_and_are_durable_when_answered(tmp_path):
@@ -141,15 +145,14 @@ async def test_concurrent_puts_share_commits_and_are_durable_when_answered(tmp_p
         query = await _writer_device(h)
         store = h.gateways.scope.store
         rounds_before = store.rounds
-        host, port = h.uri.removeprefix("coap://").rsplit(":", 1)
         # 40 endpoints with one PUT each, all in flight at once (an aiocoap
         # client would send them one at a time: NSTART=1)
         targets = [(f"k/{i}", query) for i in range(40)] + [("k/g", query + "&dc=global")]
         plain = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in targets]
         socks = [trio.socket.from_stdlib_socket(sock) for sock in plain]
         try:
-            for sock, (key, q) in zip(plain, targets, strict=True):
-                sock.connect((host, int(port)))
+            for sock in plain:
+                sock.connect(h.host_port)
             for sock, (key, q) in zip(plain, targets, strict=True):  # no checkpoint in between
                 sock.send(_put(key, q, cbor2.dumps(key.encode()), mid=7))
             codes = []
@@ -175,10 +178,9 @@ async def test_concurrent_puts_share_commits_and_are_durable_when_answered(tmp_p
 async def test_a_retransmitted_request_gets_the_same_answer_and_is_applied_once(tmp_path):
     async def body(h: Harness):
         query = await _writer_device(h)
-        host, port = h.uri.removeprefix("coap://").rsplit(":", 1)
         datagram = _put("k/x", query, cbor2.dumps(b"one"), mid=0x1234)
         with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sock:
-            await sock.connect((host, int(port)))
+            await sock.connect(h.host_port)
             answers = []
             for _ in range(2):
                 await sock.send(datagram)
@@ -197,18 +199,9 @@ async def test_a_retransmitted_request_gets_the_same_answer_and_is_applied_once(
 
 
 def _put(key: str, query: str, payload: bytes, mid: int) -> bytes:
-    """A confirmable PUT of ``/kv/<key>?<query>`` with a one-byte token."""
-    options = [(11, b"kv")] + [(11, part.encode()) for part in key.split("/")]
-    options += [(15, item.encode()) for item in query.lstrip("?").split("&")]
-    return bytes([0x41, 0x03]) + mid.to_bytes(2, "big") + b"\xaa" + _options(options) + b"\xff" + payload
-
-
-def _options(options: list[tuple[int, bytes]]) -> bytes:
-    out, last = bytearray(), 0
-    for number, value in options:
-        delta = number - last
-        length = len(value)
-        head_len, ext_len = (length, b"") if length < 13 else (13, bytes([length - 13]))
-        out += bytes([(delta << 4) | head_len]) + ext_len + value
-        last = number
-    return bytes(out)
+    """A confirmable PUT of ``/kv/<key>?<query>`` with a one-byte token, as one datagram."""
+    message = Message(
+        code=Code.PUT, _mtype=CON, _mid=mid, _token=b"\xaa", uri_path=("kv", *key.split("/")),
+        uri_query=tuple(query.lstrip("?").split("&")), payload=payload,
+    )
+    return message.encode()

@@ -423,7 +423,7 @@ def test_hub_waits_for_a_pause_in_incoming_updates_before_it_compacts(tmp_path, 
     trio.run(scenario, clock=clock)
 
 
-def test_hub_sends_an_update_it_answered_with_before_it_was_durable_only_once(tmp_path):
+def test_hub_sends_an_update_it_answered_with_before_it_was_durable_only_once(tmp_path, monkeypatch):
     """The hub answers a state vector from memory, which may hold an update still being committed.
 
     Once durable, that update is forwarded to the other edges; the edge that
@@ -444,7 +444,7 @@ def test_hub_sends_an_update_it_answered_with_before_it_was_durable_only_once(tm
                 await release.wait()
                 return await commit(batch)
 
-            hub_store.commit = slow_commit
+            monkeypatch.setattr(hub_store, "commit", slow_commit)
             value = bytes(range(256)) * 32  # 8 KiB: its frame is easy to tell from the rest
             await fleet.edges[1].replica.scope(GLOBAL_SCOPE).kv_put("big", value)
             e1_link, e2_link = fleet.links[1], fleet.links[2]
@@ -455,7 +455,7 @@ def test_hub_sends_an_update_it_answered_with_before_it_was_durable_only_once(tm
                 to_e1.append(len(frame))
                 await transmit(frame)
 
-            e1_link.hub_link._transmit = recording
+            monkeypatch.setattr(e1_link.hub_link, "_transmit", recording)
             await trio.testing.wait_all_tasks_blocked()
 
             taken = trio.Event()
@@ -476,7 +476,6 @@ def test_hub_sends_an_update_it_answered_with_before_it_was_durable_only_once(tm
             await taken.wait()  # durable at the hub, and forwarded
             for _ in range(2):
                 await fleet.settle()
-            hub_store.commit = commit
             assert fleet.edges[2].replica.scope(GLOBAL_SCOPE).kv.get("big").value == value
             assert len([size for size in to_e1 if size > len(value)]) == 1, to_e1
             nursery.cancel_scope.cancel()
