@@ -19,6 +19,7 @@ from konsul.sync.checks import CheckTable
 from konsul.sync.devices import PresenceTable
 from konsul.sync.replica import GLOBAL_SCOPE, Replica, check_scope_name
 
+from konsul.protocols.admission import NetworkLimits
 from konsul.protocols.gateway import GatewayContext
 
 from .check_runner import CheckRunner
@@ -42,6 +43,7 @@ class EdgeConfig:
     allow_anonymous: bool = False
     durability: str = "full"
     telemetry_buffer_bytes: int = DEFAULT_LIMIT_BYTES
+    limits: NetworkLimits = field(default_factory=NetworkLimits)
 
 
 @dataclass
@@ -117,6 +119,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 hub_url=config.hub_url,
                 presence=presence,
                 telemetry=bridge,
+                limits=config.limits,
             )
             app = create_app(ctx)
             http_url = await nursery.start(serve_app, app, host, port)
@@ -127,6 +130,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 presence=presence,
                 allow_anonymous=config.allow_anonymous,
                 registry=ctx.registry,
+                limits=config.limits,
             )
             bridge.install(gateways)
             bound = await nursery.start(run_device_gateways, gateways, config)

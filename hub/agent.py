@@ -8,13 +8,15 @@ the new epoch from the snapshot it sends.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from konsul.sync.checks import CheckTable
 from konsul.sync.replica import GLOBAL_SCOPE, Replica
+
+from konsul.protocols.admission import NetworkLimits
 
 log = logging.getLogger("konsul.hub")
 
@@ -24,6 +26,7 @@ class HubConfig:
     data_dir: Path
     http_addr: str = "127.0.0.1:8700"
     durability: str = "full"
+    limits: NetworkLimits = field(default_factory=NetworkLimits)
 
 
 @dataclass
@@ -52,7 +55,9 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
             await nursery.start(replica.run)
             await replica.open_scope(GLOBAL_SCOPE)
             sites = SiteRegistry()
-            hub_state = {"replica": replica, "sites": sites, "links": set(), "telemetry": telemetry}
+            hub_state = {
+                "replica": replica, "sites": sites, "links": set(), "telemetry": telemetry, "limits": config.limits,
+            }
             ctx = HttpContext(
                 replica=replica,
                 site=GLOBAL_SCOPE,
@@ -62,6 +67,7 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
                 remote_check_status=sites.check_status,
                 remote_presence=sites.device_presence,
                 telemetry=telemetry,
+                limits=config.limits,
             )
             ctx.sync_status = lambda: {
                 "Peers": [_peer_status(summary) for summary in site_summaries(hub_state)],

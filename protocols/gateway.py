@@ -18,6 +18,8 @@ from konsul.sync.errors import InvalidArgument, KonsulError
 from konsul.sync.replica import GLOBAL_SCOPE, Replica
 from konsul.sync.scope import Scope
 
+from .admission import NetworkLimits
+
 log = logging.getLogger("konsul.gateway")
 
 DEFAULT_MAX_PAYLOAD = 256 * 1024
@@ -40,6 +42,7 @@ class GatewayContext:
         allow_anonymous: admit devices without credentials.
         registry: the Prometheus registry to add gateway metrics to.
         max_payload: the largest message a device may send, in bytes.
+        limits: per-source and total bounds (connections, observers, anonymous devices).
     """
 
     replica: Replica
@@ -49,6 +52,7 @@ class GatewayContext:
     registry: Any = None
     max_payload: int = DEFAULT_MAX_PAYLOAD
     extras: dict[str, Any] = field(default_factory=dict)
+    limits: NetworkLimits = field(default_factory=NetworkLimits)
 
     @property
     def scope(self) -> Scope:

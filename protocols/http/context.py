@@ -15,6 +15,8 @@ from konsul.sync.replica import GLOBAL_SCOPE, Replica
 from konsul.sync.scope import Scope
 from konsul.sync.telemetry import Sample
 
+from ..admission import NetworkLimits
+
 
 class TelemetrySource(Protocol):
     """Where an agent keeps telemetry: the edge's buffer, the hub's store."""
@@ -86,6 +88,7 @@ class HttpContext:
     # (site, device id) -> presence; the edge's own table, the hub's per-site reports
     remote_presence: Callable[[str, str], Presence | None] = lambda site, device: None
     telemetry: TelemetrySource | None = None
+    limits: NetworkLimits = field(default_factory=NetworkLimits)
 
     def device_presence(self, site: str, device_id: str) -> Presence:
         if site == self.site and self.role == "edge":
