@@ -115,6 +115,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                     "HubURL": config.hub_url or None,
                     "Peers": [] if connector is None else [connector.status()],
                     "Telemetry": buffer.status(),
+                    "Quarantined": replica.quarantined(),
                 },
                 hub_url=config.hub_url,
                 presence=presence,

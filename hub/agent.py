@@ -72,6 +72,7 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
             ctx.sync_status = lambda: {
                 "Peers": [_peer_status(summary) for summary in site_summaries(hub_state)],
                 "Telemetry": telemetry.status(),
+                "Quarantined": replica.quarantined(),
             }
             app = create_app(ctx, extra_blueprints=[sync_api, fleet_api])
             app.config["KONSUL_HUB"] = hub_state

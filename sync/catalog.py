@@ -96,7 +96,7 @@ class ServiceEntry:
     @classmethod
     def from_payload(cls, payload: bytes, stamp: Stamp) -> ServiceEntry:
         data = cbor2.loads(payload)
-        return cls(
+        entry = cls(
             data["node"],
             data["id"],
             data["name"],
@@ -107,10 +107,16 @@ class ServiceEntry:
             tuple(CheckDefinition.from_wire(c) for c in data["checks"]),
             stamp,
         )
+        strings = (entry.node, entry.service_id, entry.name, entry.address, *entry.tags, *entry.meta, *entry.meta.values())
+        if not all(type(s) is str for s in strings) or type(entry.port) is not int:
+            raise ValueError("a service entry whose fields have the wrong types")
+        return entry
 
 
 class ServiceCatalog(RecordCollection):
     """Service definitions of one scope on one replica."""
+
+    collection = "catalog"
 
     def register(self, service: ServiceEntry, batch: WriteBatch) -> ServiceEntry:
         if not service.service_id or not service.name:
@@ -141,4 +147,6 @@ class ServiceCatalog(RecordCollection):
         current = self.versions.current(key)
         if current is None or current.deleted:
             return None
-        return ServiceEntry.from_payload(current.payload, current.stamp)
+        return self.quarantine.decode(
+            lambda payload: ServiceEntry.from_payload(payload, current.stamp), current.payload, self.collection, key, current.stamp
+        )

@@ -78,7 +78,7 @@ class DeviceRecord:
     @classmethod
     def from_payload(cls, payload: bytes, stamp: Stamp) -> DeviceRecord:
         data = cbor2.loads(payload)
-        return cls(
+        record = cls(
             data["id"],
             data["type"],
             tuple(data["tags"]),
@@ -90,6 +90,10 @@ class DeviceRecord:
             data["created"],
             stamp,
         )
+        strings = (record.device_id, record.type, record.firmware, record.token_hash, *record.tags, *record.kv_read, *record.kv_write)
+        if not all(type(s) is str for s in strings) or type(record.created_ms) is not int:
+            raise ValueError("a device record whose fields have the wrong types")
+        return record
 
     def may_read(self, key: str) -> bool:
         return any(key.startswith(prefix) for prefix in self.kv_read + self.kv_write)
@@ -101,9 +105,11 @@ class DeviceRecord:
 class DeviceRegistry(RecordCollection):
     """Device records and twins (``twin.py``) of one scope on one replica."""
 
-    def __init__(self, versions, index, clock) -> None:
-        super().__init__(versions, index, clock)
-        self.twin = TwinView(lambda: self.versions, clock)
+    collection = "devices"
+
+    def __init__(self, versions, index, clock, quarantine=None) -> None:
+        super().__init__(versions, index, clock, quarantine)
+        self.twin = TwinView(lambda: self.versions, clock, self.quarantine)
 
     def apply_remote(self, update: bytes, batch: WriteBatch) -> set[str]:
         touched = super().apply_remote(update, batch)
@@ -125,7 +131,10 @@ class DeviceRegistry(RecordCollection):
         current = self.versions.current(f"d/{device_id}")
         if current is None or current.deleted:
             return None
-        return DeviceRecord.from_payload(current.payload, current.stamp)
+        return self.quarantine.decode(
+            lambda payload: DeviceRecord.from_payload(payload, current.stamp),
+            current.payload, self.collection, f"d/{device_id}", current.stamp,
+        )
 
     def records(self) -> list[DeviceRecord]:
         found = (self.get(key[2:]) for key in sorted(self.versions.keys()) if key.startswith("d/"))

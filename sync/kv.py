@@ -31,6 +31,7 @@ from .batch import HistoryChange, WriteBatch
 from .errors import CasMissingKey, InvalidArgument
 from .hlc import HybridClock, Stamp
 from .limits import MAX_VALUE_BYTES, check_flags, check_key, check_prefix, check_value
+from .quarantine import Quarantine
 from .versioned import Version, VersionedMap
 
 
@@ -90,10 +91,18 @@ def encode_payload(value: bytes, flags: int, expires_ms: int | None) -> bytes:
 
 
 def decode_payload(payload: bytes) -> tuple[bytes, int, int | None]:
-    if payload[0] == _PLAIN:
+    """``(value, flags, expires_ms)``; raises ValueError for a payload no writer makes."""
+    if payload[:1] == _PLAIN_PREFIX:
         return payload[1:], 0, None
     value, flags, expires_ms = cbor2.loads(payload)
+    if type(value) is not bytes or type(flags) is not int or not (expires_ms is None or type(expires_ms) is int):
+        raise ValueError("a KV payload is [bytes, int, int or null]")
     return value, flags, expires_ms
+
+
+# What an unreadable version reads as: no value, expired since the epoch, so
+# every reader hides it the way it hides an expired key (see quarantine.py).
+_UNREADABLE = (b"", 0, 0)
 
 
 class KvState:
@@ -114,8 +123,10 @@ class KvState:
         index: ScopeIndex,
         clock: HybridClock,
         history_depth: int = 16,
+        quarantine: Quarantine | None = None,
     ) -> None:
         self.scope = scope
+        self.quarantine = quarantine if quarantine is not None else Quarantine(scope)
         self.versions = versions
         self.index = index
         self.clock = clock
@@ -209,7 +220,7 @@ class KvState:
             payload = found[stamp]
             if payload is None or payload[0] == _PLAIN:
                 continue  # a tombstone, or a value with no TTL
-            _, _, expires = decode_payload(payload)
+            _, _, expires = self._decode(key, stamp, payload)
             if expires is not None and expires <= now_ms:
                 ended.add(key)
         return ended
@@ -323,7 +334,7 @@ class KvState:
             if payload is not None:
                 if old is not None and old.stamp == stamp and (old.expires_ms is None or old.expires_ms > now):
                     continue  # shown already, and still live
-                value, flags, expires = decode_payload(payload)
+                value, flags, expires = self._decode(key, stamp, payload)
                 if expires is None or expires > now:
                     visible = (value, flags, expires)
             if visible is None and old is None:
@@ -380,10 +391,14 @@ class KvState:
         current = self.versions.current(key)
         if current is None or current.deleted:
             return None
-        value, flags, expires = decode_payload(current.payload)
+        value, flags, expires = self._decode(key, current.stamp, current.payload)
         if expires is not None and expires <= now_ms:
             return None
         return KvEntry(key, value, flags, indexes[0], indexes[1], current.stamp, expires)
+
+    def _decode(self, key: str, stamp: Stamp, payload: bytes) -> tuple[bytes, int, int | None]:
+        found = self.quarantine.decode(decode_payload, payload, "kv", key, stamp)
+        return _UNREADABLE if found is None else found
 
     def _show(self, entry: KvEntry) -> None:
         if entry.key not in self._entries:
@@ -410,7 +425,7 @@ class KvState:
     def _record(self, version: Version, conflict: bool) -> HistoryRecord:
         if version.deleted:
             return HistoryRecord(version.key, version.stamp, "delete", 0, 0, conflict, None)
-        value, flags, _ = decode_payload(version.payload)
+        value, flags, _ = self._decode(version.key, version.stamp, version.payload)
         return HistoryRecord(version.key, version.stamp, "set", flags, len(value), conflict, value)
 
     def _record_conflict(self, loser: Version, history: list[HistoryChange]) -> None:

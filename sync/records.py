@@ -9,14 +9,20 @@ from __future__ import annotations
 from .batch import WriteBatch
 from .hlc import HybridClock, Stamp
 from .kv import ScopeIndex
+from .quarantine import Quarantine
 from .versioned import VersionedMap
 
 
 class RecordCollection:
     """Shared behaviour of the catalog and the device registry."""
 
-    def __init__(self, versions: VersionedMap, index: ScopeIndex, clock: HybridClock) -> None:
+    collection = ""  # its name in the store and in quarantine reports
+
+    def __init__(
+        self, versions: VersionedMap, index: ScopeIndex, clock: HybridClock, quarantine: Quarantine | None = None
+    ) -> None:
         self.versions = versions
+        self.quarantine = quarantine if quarantine is not None else Quarantine("?")
         self.index = index
         self.clock = clock
         self.last_index = 0

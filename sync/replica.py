@@ -80,6 +80,14 @@ class Replica:
     def open(cls, data_dir: str | os.PathLike[str], durability: str = "full", **kwargs) -> Replica:
         return cls(Store.open(data_dir, durability), **kwargs)
 
+    def quarantined(self) -> dict[str, dict]:
+        """Per scope, the stored values no reader could decode (``quarantine.py``)."""
+        return {
+            name: {"Count": scope.quarantine.count, "Values": scope.quarantine.entries()}
+            for name, scope in sorted(self.scopes.items())
+            if scope.quarantine.count
+        }
+
     def scope(self, name: str) -> Scope:
         """The named scope; in the shared store it is created empty if new."""
         found = self.scopes.get(name)

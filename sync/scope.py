@@ -50,6 +50,7 @@ from .devices import DeviceRecord, DeviceRegistry
 from .errors import InvalidArgument, StoreError
 from .hlc import HybridClock, Stamp
 from .kv import KvState, ScopeIndex
+from .quarantine import Quarantine
 from .limits import check_flags, check_key, check_prefix, check_value
 from .store import Store
 from .tables import kv_rows, scope_counters
@@ -122,6 +123,7 @@ class Scope:
         # can never be mistaken for one of the hub's.
         self.epoch_authority = epoch_authority
         self.index = ScopeIndex()
+        self.quarantine = Quarantine(name)  # stored values no reader can decode
         self.listeners: list[Listener] = []
         self.update_listeners: list[UpdateListener] = []
         self.epoch_listeners: list[Callable[[str], None]] = []
@@ -151,12 +153,12 @@ class Scope:
         index, kv_last, conflicts = scope_counters(store.query, name)
         self.index.value = index
         versions = {c: self._load_collection(c) for c in COLLECTIONS}
-        self.kv = KvState(name, versions["kv"], self.index, self.clock, self.history_depth)
+        self.kv = KvState(name, versions["kv"], self.index, self.clock, self.history_depth, self.quarantine)
         index_rows, history_rows = kv_rows(store.query, name)
         self.kv.load(index_rows, history_rows, conflicts, kv_last)
-        self.catalog = ServiceCatalog(versions["catalog"], self.index, self.clock)
+        self.catalog = ServiceCatalog(versions["catalog"], self.index, self.clock, self.quarantine)
         self.catalog.last_index = index
-        self.devices = DeviceRegistry(versions["devices"], self.index, self.clock)
+        self.devices = DeviceRegistry(versions["devices"], self.index, self.clock, self.quarantine)
         self.devices.last_index = index
         for collection in versions.values():
             for version in collection.all_versions():

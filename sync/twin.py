@@ -29,6 +29,8 @@ import cbor2
 
 from .errors import InvalidArgument, ValueTooLarge
 from .hlc import HybridClock, Stamp
+from .limits import check_document as check_structure, decode_cbor_document
+from .quarantine import Quarantine
 from .versioned import Version, VersionedMap
 
 SIDES = ("desired", "reported")
@@ -64,6 +66,7 @@ def check_document(document: Any, what: str) -> dict[str, Any]:
     """A twin document: a JSON object with sane field names, within the size limit."""
     if not isinstance(document, dict):
         raise InvalidArgument(f"{what} state is a JSON object of fields")
+    check_structure(document, f"{what} state")  # depth, numbers, keys: the rules every document follows
     for name in document:
         if not isinstance(name, str) or not name or len(name) > MAX_FIELD_NAME or "\x00" in name:
             raise InvalidArgument(f"a {what} field name is 1-{MAX_FIELD_NAME} characters, no NUL")
@@ -85,9 +88,10 @@ class TwinView:
         clock: stamps local writes.
     """
 
-    def __init__(self, versions: Any, clock: HybridClock) -> None:
+    def __init__(self, versions: Any, clock: HybridClock, quarantine: Quarantine | None = None) -> None:
         self._versions = versions
         self.clock = clock
+        self.quarantine = quarantine if quarantine is not None else Quarantine("?")
         self._indexed: VersionedMap | None = None
         self._fields: dict[tuple[str, str], set[str]] = {}  # (side, device) -> field names
 
@@ -100,7 +104,9 @@ class TwinView:
         for name in sorted(self._fields.get((side, device_id), ())):
             current = versions.current(twin_key(side, device_id, name))
             if current is not None and not current.deleted:
-                found[name] = cbor2.loads(current.payload)
+                value = self._read(current)
+                if value is not None:  # None is never stored: a removed field is a tombstone
+                    found[name] = value
         return found
 
     def delta(self, device_id: str) -> dict[str, Any]:
@@ -118,7 +124,8 @@ class TwinView:
         for side in SIDES:
             for name in sorted(self._fields.get((side, device_id), ())):
                 for loser in versions.versions(twin_key(side, device_id, name))[1:]:
-                    found.append(_conflict(side, name, loser))
+                    value = None if loser.deleted else self._read(loser)
+                    found.append(TwinConflict(side, name, value, loser.stamp, loser.deleted))
         return found
 
     def devices(self, side: str) -> list[str]:
@@ -183,6 +190,10 @@ class TwinView:
 
     # -- internals -----------------------------------------------------------------
 
+    def _read(self, version: Version) -> Any:
+        """A stored field value, or None if it cannot be read (see quarantine.py)."""
+        return self.quarantine.decode(decode_cbor_document, version.payload, "devices", version.key, version.stamp)
+
     def _map(self) -> VersionedMap:
         versions = self._versions()
         if versions is not self._indexed:
@@ -212,7 +223,3 @@ def _comparable(value: Any) -> Any:
         return ("array", tuple(_comparable(v) for v in value))
     return ("other", value)
 
-
-def _conflict(side: str, name: str, version: Version) -> TwinConflict:
-    value = None if version.deleted else cbor2.loads(version.payload)
-    return TwinConflict(side, name, value, version.stamp, version.deleted)
