@@ -86,12 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         "1GB); past it the oldest samples are dropped and counted",
         "64MiB",
     )
+    add_limit_flags(edge, "edge")
     edge.set_defaults(run=cmd_edge)
 
     hub = commands.add_parser("hub", help="run the central hub", description="Run the hub edges sync with.")
     add_flag(hub, "--data-dir", "where the hub keeps every site's state", required=env_default("--data-dir") is None)
     add_flag(hub, "--http-addr", "HTTP API and sync endpoint address; port 0 picks a free port", DEFAULT_HUB_ADDR)
     add_flag(hub, "--durability", "full or relaxed, as for konsul edge", "full", choices=["full", "relaxed"])
+    add_limit_flags(hub, "hub")
     hub.set_defaults(run=cmd_hub)
 
     dev = commands.add_parser(
@@ -105,6 +107,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     client_commands.add_commands(commands, add_flag)
     return parser
+
+
+def add_limit_flags(parser: argparse.ArgumentParser, role: str) -> None:
+    """A flag for each bound in ``NetworkLimits`` that applies to ``role`` (docs/operations.md)."""
+    import dataclasses
+
+    from konsul.protocols.admission import NetworkLimits
+
+    group = parser.add_argument_group("limits", "bounds on what peers may hold or send (docs/operations.md)")
+    for limit in dataclasses.fields(NetworkLimits):
+        if role in limit.metadata["roles"]:
+            add_flag(group, limit.metadata["flag"], limit.metadata["help"], str(limit.default),
+                     type=type(limit.default), dest=f"limit_{limit.name}",
+                     metavar="SECONDS" if isinstance(limit.default, float) else "N")
+
+
+def network_limits(args: argparse.Namespace):
+    """The ``NetworkLimits`` the parsed flags give; a usage error for a bound below zero."""
+    import dataclasses
+
+    from konsul.protocols.admission import NetworkLimits
+
+    values = {}
+    for limit in dataclasses.fields(NetworkLimits):
+        value = getattr(args, f"limit_{limit.name}", None)
+        if value is None:
+            continue
+        if value < 0:
+            raise SystemExit(f"konsul: {limit.metadata['flag']} must not be negative, got {value}")
+        values[limit.name] = value
+    return NetworkLimits(**values)
 
 
 def add_sim_command(commands) -> None:
@@ -174,6 +207,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
         allow_anonymous=args.allow_anonymous,
         durability=args.durability,
         telemetry_buffer_bytes=parse_size(args.telemetry_buffer, "--telemetry-buffer"),
+        limits=network_limits(args),
     )
     return run_until_signal(run_edge, config)
 
@@ -195,7 +229,9 @@ def parse_size(text: str, flag: str) -> int:
 def cmd_hub(args: argparse.Namespace) -> int:
     from konsul.hub.agent import HubConfig, run_hub
 
-    config = HubConfig(data_dir=Path(args.data_dir), http_addr=args.http_addr, durability=args.durability)
+    config = HubConfig(
+        data_dir=Path(args.data_dir), http_addr=args.http_addr, durability=args.durability, limits=network_limits(args)
+    )
     return run_until_signal(run_hub, config)
 
 

@@ -10,24 +10,42 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _limit(default: float, flag: str, help: str, roles: tuple[str, ...] = ("edge",)) -> Any:
+    return field(default=default, metadata={"flag": flag, "help": help, "roles": roles})
 
 
 @dataclass
 class NetworkLimits:
-    """The per-source and total bounds of every interface; each has a flag (docs/operations.md)."""
+    """The per-source and total bounds of every interface.
 
-    http_connections: int = 1024
-    http_connections_per_source: int = 256
-    http_body_timeout_s: float = 30.0  # to receive a request's body once its head has arrived
-    mqtt_connections: int = 10_000
-    mqtt_connections_per_source: int = 2_000
-    coap_observers: int = 10_000
-    coap_observers_per_source: int = 256
-    anonymous_devices: int = 10_000  # devices registered on anonymous first contact, at most
-    anonymous_device_expiry_s: float = 7 * 24 * 3600  # forgotten after this long unseen
-    sync_scopes_per_session: int = 16  # scopes one sync hello may name
-    max_clock_skew_s: float = 300.0  # remote stamps further ahead are refused
+    Each field is a flag of ``konsul edge`` (and of ``konsul hub`` where its
+    roles say so), made from the metadata here; docs/operations.md lists them.
+    """
+
+    http_connections: int = _limit(
+        1024, "--http-max-connections", "HTTP connections held at once, all clients together", ("edge", "hub"))
+    http_connections_per_source: int = _limit(
+        256, "--http-max-connections-per-source", "HTTP connections one client address may hold", ("edge", "hub"))
+    http_body_timeout_s: float = _limit(
+        30.0, "--http-body-timeout", "seconds to receive a request's body once its head has arrived", ("edge", "hub"))
+    mqtt_connections: int = _limit(10_000, "--mqtt-max-connections", "MQTT connections, all devices together")
+    mqtt_connections_per_source: int = _limit(
+        2_000, "--mqtt-max-connections-per-source", "MQTT connections one client address may hold")
+    coap_observers: int = _limit(10_000, "--coap-max-observers", "CoAP observations, all clients together")
+    coap_observers_per_source: int = _limit(
+        256, "--coap-max-observers-per-source", "CoAP observations one client address may hold")
+    anonymous_devices: int = _limit(
+        10_000, "--anonymous-max-devices", "devices registered on anonymous first contact, at most")
+    anonymous_device_expiry_s: float = _limit(
+        7 * 24 * 3600.0, "--anonymous-device-expiry", "seconds after which an unseen anonymous device is forgotten")
+    sync_scopes_per_session: int = _limit(
+        16, "--sync-max-scopes", "scopes one sync connection may name", ("hub",))
+    max_clock_skew_s: float = _limit(
+        300.0, "--max-clock-skew", "seconds a peer's write stamps may run ahead of this clock", ("edge", "hub"))
 
 
 class ConnectionLimit:
