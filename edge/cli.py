@@ -326,6 +326,8 @@ def run_until_signal(run, config, on_ready=None) -> int:
     """Run an agent under trio until SIGTERM/SIGINT, then shut it down cleanly."""
     import trio  # here, so that client commands and --help start fast
 
+    raise_open_file_limit()
+
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
@@ -347,6 +349,26 @@ def run_until_signal(run, config, on_ready=None) -> int:
         print(f"konsul: {reason}", file=sys.stderr)
         return 2
     return 0
+
+
+def raise_open_file_limit() -> None:
+    """Raise the soft limit on open files to the hard one.
+
+    Every connection, observer and database holds a descriptor; the usual soft
+    limit (1024) is below what the connection bounds allow (docs/operations.md).
+    The listeners back off when it is reached anyway, but would then refuse
+    everyone, not just the source that holds too many.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as error:
+            logging.getLogger("konsul").warning("could not raise the open file limit from %d: %s", soft, error)
 
 
 # Allocations (net) between two young-generation collections; CPython's default is 700.
