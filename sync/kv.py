@@ -255,7 +255,7 @@ class KvState:
             return False
         stamp = self.clock.now()
         if ttl_ms:
-            expires = stamp.wall_ms + ttl_ms
+            expires = self.clock.wall_ms() + ttl_ms  # this replica's clock: a stamp may carry a peer's time
             payload = encode_payload(value, flags, expires)
         else:
             expires = None

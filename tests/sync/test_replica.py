@@ -135,3 +135,18 @@ async def test_replicas_in_different_directories_have_different_identities(open_
     a = await open_replica("a")
     b = await open_replica("b")
     assert a.replica_id != b.replica_id
+
+
+async def test_a_ttl_runs_on_this_replicas_clock_after_a_stamp_from_the_far_future(open_replica, mock_clock):
+    # A peer once stamped its writes in the year 6429: stamps after it carried
+    # that time, and TTL keys, whose expiry came from their stamp, never expired.
+    from konsul.sync.hlc import Stamp
+
+    replica = await open_replica(wall_ms=trio_wall_ms)
+    scope = replica.scope("site")
+    replica.clock.observe(Stamp(140_800_000_000_000, 0, "0000000000ff"))
+    await scope.kv_put("session/a", b"1", ttl_ms=10_000)
+    assert scope.kv.get("session/a").expires_ms == BASE_MS + 10_000
+
+    await advance(mock_clock, 10)
+    await eventually(lambda: scope.kv.get("session/a") is None, "session/a expired")
