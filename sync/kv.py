@@ -97,6 +97,8 @@ def decode_payload(payload: bytes) -> tuple[bytes, int, int | None]:
     value, flags, expires_ms = cbor2.loads(payload)
     if type(value) is not bytes or type(flags) is not int or not (expires_ms is None or type(expires_ms) is int):
         raise ValueError("a KV payload is [bytes, int, int or null]")
+    if not 0 <= flags < 2**64 or len(value) > MAX_VALUE_BYTES:
+        raise ValueError("a KV payload with flags outside 64 unsigned bits or a value over the size limit")
     return value, flags, expires_ms
 
 

@@ -166,6 +166,8 @@ def decode_publish(packet: Packet) -> InboundPublish:
     topic = body[2:at].decode("utf-8", errors="replace")
     packet_id = None
     if qos:
+        if len(body) < at + 2:
+            raise MqttError("malformed PUBLISH: no packet id")
         (packet_id,) = struct.unpack_from("!H", body, at)
         at += 2
     return InboundPublish(topic, body[at:], qos, bool(packet.flags & 0x01), packet_id)

@@ -33,6 +33,8 @@ CASES = {
     "kv value nested too deep": ("kv", "config/a", b"\x83" + b"\x81" * 900 + b"\x80"),
     "kv value not CBOR": ("kv", "config/a", b"\x83\xff\xff"),
     "kv value of the wrong shape": ("kv", "config/a", cbor2.dumps(["text, not bytes", 0, None])),
+    "kv value with an int for bytes": ("kv", "config/a", cbor2.dumps([1, 0, None])),
+    "kv value with negative flags": ("kv", "config/a", cbor2.dumps([b"v", -1, None])),
     "service entry not CBOR": ("catalog", "node-1/web", b"\xff"),
     "service entry of the wrong shape": ("catalog", "node-1/web", cbor2.dumps({"node": 1})),
     "device record nested too deep": ("devices", "d/pump-1", DEEP),
