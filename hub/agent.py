@@ -45,8 +45,15 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
     from .sync_endpoint import sync_api
     from .telemetry_store import TelemetryStore
 
+    from .sync_endpoint import SyncRefusals
+    from .sync_metrics import HubRefusalCollector
+
     host, port = split_addr(config.http_addr, "--http-addr")
-    replica = Replica.open(config.data_dir, config.durability, per_scope_stores=True)
+    limits = config.limits
+    replica = Replica.open(
+        config.data_dir, config.durability, per_scope_stores=True,
+        max_scopes=limits.sync_scopes_total, max_clock_skew_ms=int(limits.max_clock_skew_s * 1000),
+    )
     telemetry = None
     try:
         # Opened after the replica, which holds the data directory's lock.
@@ -57,6 +64,7 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
             sites = SiteRegistry()
             hub_state = {
                 "replica": replica, "sites": sites, "links": set(), "telemetry": telemetry, "limits": config.limits,
+                "sync_refusals": SyncRefusals(),
             }
             ctx = HttpContext(
                 replica=replica,
@@ -75,6 +83,7 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
             }
             app = create_app(ctx, extra_blueprints=[sync_api, fleet_api])
             app.config["KONSUL_HUB"] = hub_state
+            ctx.registry.register(HubRefusalCollector(hub_state))
             http_url = await nursery.start(serve_app, app, host, port)
             ctx.advertise = http_url.split("://", 1)[1]
             log.info(

@@ -28,6 +28,9 @@ class NetworkLimits:
     anonymous_device_expiry_s: float = 7 * 24 * 3600  # forgotten after this long unseen
     sync_scopes_per_session: int = 16  # scopes one sync hello may name
     max_clock_skew_s: float = 300.0  # remote stamps further ahead are refused
+    # The most scopes (sites) a hub creates; each is a store: a database, two
+    # threads and about 7 file descriptors. Existing scopes always open.
+    sync_scopes_total: int = 1024
 
 
 class ConnectionLimit:
