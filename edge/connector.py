@@ -205,6 +205,7 @@ class HubConnector:
                 if self.forwarder is not None:
                     nursery.start_soon(self.forwarder.run, link)
                 while True:
+                    await link.drained()
                     frame = await ws.get_message()
                     if not isinstance(frame, bytes):
                         raise LinkClosed("malformed", "text frame on the sync socket")

@@ -109,10 +109,14 @@ async def _serve(hub: dict, first: bytes, source: str, refusals: SyncRefusals) -
                         registered = True
                         site = link.peer.site
                         sites.connected(site, link.peer.replica)
-                        log.info("site %s connected from %s (replica %s)", site, source, link.peer.replica)
+                        peer_log.log(
+                            log, logging.INFO, ("sync-session", source),
+                            "site %s connected from %s (replica %s)", site, source, link.peer.replica,
+                        )
                         nursery.start_soon(_resync_forever, link)
                     if registered:
                         sites.seen(site, session)
+                    await link.drained()
                     frame = await websocket.receive()
                     if not isinstance(frame, bytes):
                         link.refuse("malformed", "text frame on the sync socket")
@@ -137,7 +141,7 @@ async def _serve(hub: dict, first: bytes, source: str, refusals: SyncRefusals) -
         hub["links"].discard(link)
         if registered:
             sites.disconnected(site)
-            log.info("site %s disconnected", site)
+            peer_log.log(log, logging.INFO, ("sync-session", source), "site %s (%s) disconnected", site, source)
 
 
 def _describe(error: BaseException) -> str:

@@ -146,25 +146,31 @@ class TelemetryIntake:
     """
 
     MAX_QUEUED = 64
+    # What the queued batches' samples may hold together: an edge keeps four
+    # batches of at most 4 MiB in flight (edge/telemetry_forwarder.py).
+    MAX_QUEUED_BYTES = 64 * 1024 * 1024
 
     def __init__(self, store: TelemetryStore, link: SyncLink, source: str = "") -> None:
         self.store = store
         self.link = link
         self.source = source  # the peer's address, for rate-limited log lines
-        self._queue: deque[Any] = deque()
+        self._queue: deque[tuple[Any, int]] = deque()
+        self._queued_bytes = 0
         self._wake = trio.Event()
 
     def offer(self, kind: str, data: Any) -> bool:
         """Queue a telemetry batch; returns whether the message was one."""
         if kind != BATCH_KIND:
             return False
-        if len(self._queue) >= self.MAX_QUEUED:
+        size = _batch_bytes(data)
+        if len(self._queue) >= self.MAX_QUEUED or self._queued_bytes + size > self.MAX_QUEUED_BYTES:
             peer_log.log(
                 log, logging.WARNING, ("telemetry-queue", self.source),
                 "dropping a telemetry batch from %s: %d wait to be stored", self.source, len(self._queue),
             )
         else:
-            self._queue.append(data)
+            self._queue.append((data, size))
+            self._queued_bytes += size
             self._wake.set()
         return True
 
@@ -173,7 +179,8 @@ class TelemetryIntake:
             await self._wake.wait()
             self._wake = trio.Event()
             while self._queue:
-                data = self._queue.popleft()
+                data, size = self._queue.popleft()
+                self._queued_bytes -= size
                 site = self.link.peer.site if self.link.peer is not None else None
                 try:
                     batch_id, samples, refused = parse_batch(data)
@@ -202,3 +209,11 @@ class TelemetryIntake:
                 # Acknowledged with the refused ones: they would not be stored
                 # on any later try, and the edge deletes what is acknowledged.
                 self.link.send_ephemeral(site, ACK_KIND, {"b": batch_id, "ok": ok, "refused": refused})
+
+
+def _batch_bytes(data: Any) -> int:
+    """The sample bytes a telemetry batch holds (what queueing it costs), roughly."""
+    rows = data.get("x") if isinstance(data, dict) else None
+    if not isinstance(rows, list):
+        return 0
+    return sum(len(row[3]) for row in rows if isinstance(row, list) and len(row) == 4 and isinstance(row[3], bytes))

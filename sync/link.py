@@ -48,6 +48,11 @@ OpenScopes = Callable[[tuple[str, ...]], Awaitable[None]]
 # Python and costs about a microsecond per item), so one large diff does not
 # hold up every other connection's frames while it is read.
 CHECK_IN_THREAD_BYTES = 64 * 1024
+# Frames queued for the peer: past the first bound this side stops reading the
+# peer's frames until they drain (see drained()); past the second, the session
+# ends. A session needs a few diffs in flight at most.
+OUTBOX_PAUSE_BYTES = 64 * 1024 * 1024
+MAX_OUTBOX_BYTES = 512 * 1024 * 1024
 
 
 def is_panic(error: BaseException) -> bool:
@@ -104,7 +109,10 @@ class SyncLink:
         self._transmit = transmit
         # Frames wait here for run(): local writes never wait for the uplink.
         self._outbox: deque[bytes] = deque()
+        self._outbox_bytes = 0
         self._outbox_ready = trio.Event()
+        self._drained = trio.Event()
+        self.overflowed = False
         self.on_ephemeral = on_ephemeral or (lambda scope, kind, data: None)
         self.on_covered = on_covered or (lambda scope, collection, stamp: None)
         self.rebase_after = rebase_after
@@ -127,22 +135,55 @@ class SyncLink:
     # -- lifecycle -------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Send queued frames in order until cancelled (or the transport fails)."""
+        """Send queued frames in order until cancelled (or the transport fails).
+
+        Raises :class:`LinkClosed` (``too_slow``) once more than
+        :data:`MAX_OUTBOX_BYTES` wait for a peer that does not read.
+        """
         task_status.started()
         while True:
             while self._outbox:
-                frame = self._outbox.popleft()
-                await self._transmit(frame)
+                await self._transmit(self._pop())
+            if self.overflowed:
+                raise LinkClosed("too_slow", f"more than {MAX_OUTBOX_BYTES} bytes waited for the peer to read them")
             self._outbox_ready = trio.Event()
             await self._outbox_ready.wait()
 
     async def flush(self) -> None:
         """Send what is still queued (the error frame that ends a session, say)."""
         while self._outbox:
-            await self._transmit(self._outbox.popleft())
+            await self._transmit(self._pop())
+
+    async def drained(self) -> None:
+        """Return once at most :data:`OUTBOX_PAUSE_BYTES` wait to be sent.
+
+        The transport awaits this before it reads the peer's next frame: a
+        peer that asks for diffs (state vectors) faster than it reads them
+        then waits for them, instead of making this side queue copies.
+        """
+        while self._outbox_bytes > OUTBOX_PAUSE_BYTES:
+            self._drained = trio.Event()
+            await self._drained.wait()
+
+    def _pop(self) -> bytes:
+        frame = self._outbox.popleft()
+        self._outbox_bytes -= len(frame)
+        if self._outbox_bytes <= OUTBOX_PAUSE_BYTES:
+            self._drained.set()
+        return frame
 
     def _send(self, frame: bytes) -> None:
+        if self.overflowed:
+            return
         self._outbox.append(frame)
+        self._outbox_bytes += len(frame)
+        if self._outbox_bytes > MAX_OUTBOX_BYTES:
+            # Local writes keep coming for a peer that reads nothing: end the
+            # session (run() raises) rather than hold them all in memory. A
+            # new session resyncs from state vectors, so nothing is lost.
+            self.overflowed = True
+            self._outbox.clear()
+            self._outbox_bytes = 0
         self._outbox_ready.set()
 
     @property
