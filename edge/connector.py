@@ -24,7 +24,8 @@ from konsul.sync.batch import WriteBatch
 from konsul.sync.checks import CheckTable
 from konsul.sync.devices import PresenceTable
 from konsul.sync.hlc import Stamp
-from konsul.sync.link import LinkClosed, SyncLink
+from konsul.sync.link import LinkClosed, SyncLink, is_panic
+from konsul.sync.log_limits import peer_log
 from konsul.sync.replica import GLOBAL_SCOPE, Replica
 from konsul.sync.session import SyncSession
 from konsul.sync.wire import MAX_FRAME_BYTES
@@ -50,6 +51,15 @@ def _first_of(error: BaseException, kinds: tuple[type[BaseException], ...]) -> B
             if found is not None:
                 return found
     return None
+
+
+def _holds_panic(error: BaseException) -> bool:
+    """Whether ``error`` is, or a group holding only such errors holds, a pyo3 panic or an Exception."""
+    if is_panic(error):
+        return True
+    if isinstance(error, BaseExceptionGroup):
+        return all(isinstance(inner, Exception) or _holds_panic(inner) for inner in error.exceptions)
+    return False
 
 
 def sync_url(hub_url: str) -> str:
@@ -144,15 +154,25 @@ class HubConnector:
                         self.url, connect_timeout=HANDSHAKE_TIMEOUT_S, max_message_size=MAX_FRAME_BYTES
                     ) as ws:
                         await self._session(ws)
-                except Exception as error:  # cancellation is a BaseException and passes
+                except BaseException as error:
+                    if not isinstance(error, Exception) and not _holds_panic(error):
+                        raise  # cancellation, KeyboardInterrupt: the edge is stopping
                     reason = _first_of(error, disconnects)
                     if reason is not None:
-                        self.last_error = str(reason) or type(reason).__name__
-                        log.info("hub %s unreachable or gone: %s", self.hub_url, self.last_error)
+                        self.last_error = str(reason)[:300] or type(reason).__name__
+                        peer_log.log(
+                            log, logging.INFO, ("sync-hub", self.hub_url),
+                            "hub %s unreachable or gone: %s", self.hub_url, self.last_error,
+                        )
                     else:
-                        # A bug in syncing must not stop the edge serving locally.
-                        self.last_error = f"internal error: {error!r}"
-                        log.exception("sync with hub %s failed; retrying", self.hub_url)
+                        # Whatever the hub sent, or a bug in syncing, must not
+                        # stop the edge serving locally (a Rust panic in pycrdt
+                        # included: pyo3 raises it as a BaseException).
+                        self.last_error = f"internal error: {error!r}"[:300]
+                        peer_log.log(
+                            log, logging.ERROR, ("sync-hub", self.hub_url),
+                            "sync with hub %s failed; retrying", self.hub_url, exc_info=True,
+                        )
                 finally:
                     was_open, self.connected, self._link = self.connected, False, None
                 if was_open:
@@ -185,6 +205,7 @@ class HubConnector:
                 if self.forwarder is not None:
                     nursery.start_soon(self.forwarder.run, link)
                 while True:
+                    await link.drained()
                     frame = await ws.get_message()
                     if not isinstance(frame, bytes):
                         raise LinkClosed("malformed", "text frame on the sync socket")

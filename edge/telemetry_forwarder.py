@@ -26,6 +26,10 @@ from .telemetry_buffer import TelemetryBuffer
 log = logging.getLogger("konsul.edge.telemetry")
 
 BATCH_SAMPLES = 500
+# A batch also stops at this many bytes of sample data (a lone larger sample
+# goes alone): 500 samples of up to 512 KiB each would make a frame past the
+# hub's limit, which would end the connection on every resend.
+BATCH_BYTES = 4 * 1024 * 1024
 BATCHES_IN_FLIGHT = 4
 RETRY_AFTER_REFUSAL_S = 1.0
 
@@ -44,11 +48,14 @@ class TelemetryForwarder:
         """Take a hub acknowledgement; returns whether the message was one."""
         if kind != ACK_KIND:
             return False
-        if isinstance(data, dict) and isinstance(data.get("b"), int):
-            self._acks.append((data["b"], bool(data.get("ok", False))))
+        if isinstance(data, dict) and type(data.get("b")) is int:
+            self._acks.append((data["b"], data.get("ok") is True))
             self._wake.set()
+            refused = data.get("refused")
+            if type(refused) is int and refused > 0:
+                log.warning("the hub refused %d forwarded telemetry samples as unreadable; they are deleted here", refused)
         else:
-            log.warning("ignoring a malformed telemetry acknowledgement: %r", data)
+            log.warning("ignoring a malformed telemetry acknowledgement: %.200r", data)
         return True
 
     async def run(self, link: SyncLink) -> None:
@@ -68,7 +75,7 @@ class TelemetryForwarder:
                     sent_upto = 0
                     continue
                 while len(self._in_flight) < BATCHES_IN_FLIGHT:
-                    rows = await self.buffer.oldest(sent_upto, BATCH_SAMPLES)
+                    rows = _within_bytes(await self.buffer.oldest(sent_upto, BATCH_SAMPLES), BATCH_BYTES)
                     if not rows:
                         break
                     first, last = rows[0][0], rows[-1][0]
@@ -101,3 +108,13 @@ class TelemetryForwarder:
                 # The rows stay and go again later; the hub drops the copies.
                 log.error("could not delete forwarded telemetry: %s", error)
         return refused
+
+
+def _within_bytes(rows: list, limit: int) -> list:
+    """The first rows whose sample data add up to at most ``limit`` bytes (one row at least)."""
+    total = 0
+    for count, (_, sample) in enumerate(rows):
+        total += len(sample.data)
+        if total > limit and count:
+            return rows[:count]
+    return rows

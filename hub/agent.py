@@ -45,8 +45,16 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
     from .sync_endpoint import sync_api
     from .telemetry_store import TelemetryStore
 
+    from .sync_endpoint import SyncRefusals
+    from .sync_metrics import HubRefusalCollector
+
     host, port = split_addr(config.http_addr, "--http-addr")
-    replica = Replica.open(config.data_dir, config.durability, per_scope_stores=True)
+    limits = config.limits
+    replica = Replica.open(
+        config.data_dir, config.durability, per_scope_stores=True,
+        max_scopes=_scopes_that_fit(limits.sync_scopes_total),
+        max_clock_skew_ms=int(limits.max_clock_skew_s * 1000),
+    )
     telemetry = None
     try:
         # Opened after the replica, which holds the data directory's lock.
@@ -57,6 +65,7 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
             sites = SiteRegistry()
             hub_state = {
                 "replica": replica, "sites": sites, "links": set(), "telemetry": telemetry, "limits": config.limits,
+                "sync_refusals": SyncRefusals(),
             }
             ctx = HttpContext(
                 replica=replica,
@@ -76,6 +85,7 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
             }
             app = create_app(ctx, extra_blueprints=[sync_api, fleet_api])
             app.config["KONSUL_HUB"] = hub_state
+            ctx.registry.register(HubRefusalCollector(hub_state))
             http_url = await nursery.start(serve_app, app, host, port)
             ctx.advertise = http_url.split("://", 1)[1]
             log.info(
@@ -89,6 +99,31 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
         if telemetry is not None:
             telemetry.close()
         replica.close()
+
+
+# Measured: each scope's store holds 6 file descriptors (database, WAL and
+# shared memory, for its writer and its checkpointer; and the directory lock)
+# and 2 threads, about 0.4 MB of memory. Descriptors kept for everything else:
+# HTTP and sync connections, telemetry, the data directory's own store.
+FDS_PER_SCOPE = 7
+FDS_KEPT_FREE = 256
+
+
+def _scopes_that_fit(configured: int) -> int:
+    """``configured``, or fewer if the process's descriptor limit cannot hold that many stores."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    fitting = max(1, (soft - FDS_KEPT_FREE) // FDS_PER_SCOPE)
+    if fitting < configured:
+        log.warning(
+            "the file descriptor limit (%d) holds %d scopes, not the %d configured: new sites past %d are "
+            "refused; raise the limit (ulimit -n, LimitNOFILE) to about %d",
+            soft, fitting, configured, fitting, configured * FDS_PER_SCOPE + FDS_KEPT_FREE,
+        )
+    return min(configured, fitting)
 
 
 def _peer_status(site: dict) -> dict:

@@ -7,6 +7,7 @@ rebuilt as edges reconnect.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,9 +79,11 @@ class SiteRegistry:
             return None
         online = bool(found.get("online")) and state.connections > 0
         last_seen = found.get("last_seen")
+        # A peer's number: JSON has no infinity or NaN to show it with.
+        usable = isinstance(last_seen, (int, float)) and not isinstance(last_seen, bool) and math.isfinite(last_seen)
         return Presence(
             online,
-            last_seen if isinstance(last_seen, (int, float)) else None,
+            last_seen if usable else None,
             str(found.get("protocol", "")),
             str(found.get("address", "")),
         )

@@ -1,4 +1,12 @@
-"""``/v1/sync``: the WebSocket edges connect to, one SyncLink per connection."""
+"""``/v1/sync``: the WebSocket edges connect to, one SyncLink per connection.
+
+Whatever a peer sends ends at most its own session: a frame the session or
+the link refuses is answered with an ``error`` frame and the connection is
+closed; any other failure of one session is logged (one line, rate-limited
+per source address) and closes that connection only. Scopes are opened, and
+on the hub created, only for a hello the session accepted as a whole (at most
+``NetworkLimits.sync_scopes_per_session`` well-formed names).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +15,11 @@ import logging
 import trio
 from quart import Blueprint, current_app, websocket
 
-from konsul.sync.errors import KonsulError
+from konsul.protocols.admission import NetworkLimits, source_of
 from konsul.sync.link import LinkClosed, SyncLink
+from konsul.sync.log_limits import peer_log
 from konsul.sync.replica import Replica
 from konsul.sync.session import SyncSession
-from konsul.sync.wire import WireError, decode
 
 from .sites import SiteRegistry
 from .telemetry_store import TelemetryIntake
@@ -23,70 +31,123 @@ sync_api = Blueprint("hub_sync", __name__)
 # Anti-entropy: state vectors are exchanged again this often, so a frame lost
 # inside a connection is repaired without waiting for a reconnect.
 RESYNC_INTERVAL_S = 30.0
+# An edge says hello at once; a connection that does not is not kept open.
+HELLO_TIMEOUT_S = 10.0
+# How long the error frame that ends a refused session may take to go out.
+FAREWELL_TIMEOUT_S = 2.0
+
+
+class SyncRefusals:
+    """Sessions the hub ended over what a peer sent, by reason (``konsul_sync_refused_total``)."""
+
+    def __init__(self) -> None:
+        self.by_code: dict[str, int] = {}
+
+    def add(self, code: str) -> None:
+        self.by_code[code] = self.by_code.get(code, 0) + 1
 
 
 @sync_api.websocket("/v1/sync")
 async def sync_socket() -> None:
     hub = current_app.config["KONSUL_HUB"]
-    replica: Replica = hub["replica"]
-    sites: SiteRegistry = hub["sites"]
-    first = await websocket.receive()
+    source = source_of(websocket.remote_addr)
+    refusals: SyncRefusals = hub.setdefault("sync_refusals", SyncRefusals())
+    key = ("sync-frame", source)
+    first = None
+    with trio.move_on_after(HELLO_TIMEOUT_S):
+        first = await websocket.receive()
+    if first is None:
+        refusals.add("no_hello")
+        peer_log.log(log, logging.INFO, key, "sync connection from %s sent no hello in %.0f s", source, HELLO_TIMEOUT_S)
+        await websocket.close(1008, "no hello")
+        return
     if not isinstance(first, bytes):
+        refusals.add("text_frame")
         await websocket.close(1003, "the sync protocol speaks binary CBOR frames")
         return
-    site = None
     try:
-        # The scopes an edge names must be open before its session starts.
-        hello = decode(first)
-        if hello.get("t") == "hello" and isinstance(hello.get("scopes"), list):
-            for name in hello["scopes"]:
-                await replica.open_scope(str(name))
-    except WireError as error:  # the session below answers it to the edge
-        log.debug("hello not usable before the session judges it: %s", error)
-    except KonsulError as error:
-        log.warning("refusing a sync connection: %s", error)
-        await websocket.close(1008, str(error)[:120])
-        return
+        await _serve(hub, first, source, refusals)
+    except Exception as error:  # noqa: BLE001 - one session's failure, never the hub's
+        refusals.add("internal")
+        peer_log.log(
+            log, logging.WARNING, key, "sync session from %s failed: %s", source,
+            _describe(error), exc_info=log.isEnabledFor(logging.DEBUG),
+        )
+
+
+async def _serve(hub: dict, first: bytes, source: str, refusals: SyncRefusals) -> None:
+    replica: Replica = hub["replica"]
+    sites: SiteRegistry = hub["sites"]
+    limits: NetworkLimits = hub["limits"]
 
     async def transmit(frame: bytes) -> None:
         await websocket.send(frame)
 
-    session = SyncSession("hub", "hub", replica.replica_id, [])
+    session = SyncSession("hub", "hub", replica.replica_id, [], max_scopes=limits.sync_scopes_per_session)
 
     def on_ephemeral(scope: str, kind: str, data) -> None:
         if not intake.offer(kind, data):
             _on_ephemeral(sites, scope, kind, data)
 
-    link = SyncLink(session, replica.scope, transmit, on_ephemeral=on_ephemeral)
-    intake = TelemetryIntake(hub["telemetry"], link)
+    link = SyncLink(
+        session, replica.scope, transmit, on_ephemeral=on_ephemeral, open_scopes=replica.open_scopes,
+    )
+    intake = TelemetryIntake(hub["telemetry"], link, source)
     hub["links"].add(link)
+    site = None
     registered = False
+    closed: LinkClosed | None = None
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(link.run)
             nursery.start_soon(intake.run)
             frame = first
-            while True:
-                await link.receive(frame)
-                if link.peer is not None and not registered:
-                    registered = True
-                    site = link.peer.site
-                    sites.connected(site, link.peer.replica)
-                    log.info("site %s connected (replica %s)", site, link.peer.replica)
-                    nursery.start_soon(_resync_forever, link)
-                if registered:
-                    sites.seen(site, session)
-                frame = await websocket.receive()
-                if not isinstance(frame, bytes):
-                    raise LinkClosed("malformed", "text frame on the sync socket")
-    except LinkClosed as closed:
-        log.info("sync session with %s ended: %s", site or "an edge", closed)
+            try:
+                while True:
+                    await link.receive(frame)
+                    if link.peer is not None and not registered:
+                        registered = True
+                        site = link.peer.site
+                        sites.connected(site, link.peer.replica)
+                        peer_log.log(
+                            log, logging.INFO, ("sync-session", source),
+                            "site %s connected from %s (replica %s)", site, source, link.peer.replica,
+                        )
+                        nursery.start_soon(_resync_forever, link)
+                    if registered:
+                        sites.seen(site, session)
+                    await link.drained()
+                    frame = await websocket.receive()
+                    if not isinstance(frame, bytes):
+                        link.refuse("malformed", "text frame on the sync socket")
+            except LinkClosed as error:
+                closed = error
+            nursery.cancel_scope.cancel()
+        if closed is not None:
+            if not closed.by_peer:
+                refusals.add(closed.code)
+            level = logging.INFO if closed.by_peer else logging.WARNING
+            peer_log.log(
+                log, level, ("sync-frame", source), "sync session with %s from %s ended: %s",
+                site or "an edge", source, closed,
+            )
+            with trio.move_on_after(FAREWELL_TIMEOUT_S):
+                try:
+                    await link.flush()  # the error frame that tells the peer why
+                except Exception:  # noqa: BLE001 - the peer may be gone already
+                    pass
     finally:
         link.stop()
         hub["links"].discard(link)
         if registered:
             sites.disconnected(site)
-            log.info("site %s disconnected", site)
+            peer_log.log(log, logging.INFO, ("sync-session", source), "site %s (%s) disconnected", site, source)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        return _describe(error.exceptions[0])
+    return f"{type(error).__name__}: {str(error)[:200]}"
 
 
 async def _resync_forever(link: SyncLink) -> None:

@@ -6,6 +6,12 @@ seq), and a sample already there is skipped, so an edge that sends a batch
 again (after a crash, or a lost acknowledgement) never makes a sample count
 twice.
 
+Every forwarded sample is checked before it is stored (``check_sample``: its
+data decodes as a document within the shared limits); a sample that fails is
+counted (``Refused``, ``konsul_telemetry_refused_total``) and left out, and
+the batch is still acknowledged, so that the edge deletes it instead of
+sending the same junk forever.
+
 Telemetry lives in ``telemetry.db`` in the hub's data directory, apart from the
 replicated state. It is kept without limit for now; retention is an operator
 decision still to be made (docs/operations.md).
@@ -23,6 +29,7 @@ from typing import Any
 import trio
 
 from konsul.sync.errors import InvalidArgument, StoreError
+from konsul.sync.log_limits import peer_log
 from konsul.sync.store import store_error
 from konsul.sync.tables import immediate
 from konsul.sync.link import SyncLink
@@ -61,6 +68,7 @@ class TelemetryStore:
         self._lock = trio.Lock()
         self.count = self._stored_count()
         self.duplicates = 0
+        self.refused = 0  # forwarded samples that failed check_sample, since start
 
     def close(self) -> None:
         self._db.close()
@@ -124,7 +132,7 @@ class TelemetryStore:
         )
 
     def status(self) -> dict[str, int]:
-        return {"Stored": self.count, "Duplicates": self.duplicates}
+        return {"Stored": self.count, "Duplicates": self.duplicates, "Refused": self.refused}
 
 
 class TelemetryIntake:
@@ -138,21 +146,31 @@ class TelemetryIntake:
     """
 
     MAX_QUEUED = 64
+    # What the queued batches' samples may hold together: an edge keeps four
+    # batches of at most 4 MiB in flight (edge/telemetry_forwarder.py).
+    MAX_QUEUED_BYTES = 64 * 1024 * 1024
 
-    def __init__(self, store: TelemetryStore, link: SyncLink) -> None:
+    def __init__(self, store: TelemetryStore, link: SyncLink, source: str = "") -> None:
         self.store = store
         self.link = link
-        self._queue: deque[Any] = deque()
+        self.source = source  # the peer's address, for rate-limited log lines
+        self._queue: deque[tuple[Any, int]] = deque()
+        self._queued_bytes = 0
         self._wake = trio.Event()
 
     def offer(self, kind: str, data: Any) -> bool:
         """Queue a telemetry batch; returns whether the message was one."""
         if kind != BATCH_KIND:
             return False
-        if len(self._queue) >= self.MAX_QUEUED:
-            log.warning("dropping a telemetry batch: %d wait to be stored", len(self._queue))
+        size = _batch_bytes(data)
+        if len(self._queue) >= self.MAX_QUEUED or self._queued_bytes + size > self.MAX_QUEUED_BYTES:
+            peer_log.log(
+                log, logging.WARNING, ("telemetry-queue", self.source),
+                "dropping a telemetry batch from %s: %d wait to be stored", self.source, len(self._queue),
+            )
         else:
-            self._queue.append(data)
+            self._queue.append((data, size))
+            self._queued_bytes += size
             self._wake.set()
         return True
 
@@ -161,19 +179,41 @@ class TelemetryIntake:
             await self._wake.wait()
             self._wake = trio.Event()
             while self._queue:
-                data = self._queue.popleft()
+                data, size = self._queue.popleft()
+                self._queued_bytes -= size
                 site = self.link.peer.site if self.link.peer is not None else None
                 try:
-                    batch_id, samples = parse_batch(data)
+                    batch_id, samples, refused = parse_batch(data)
                 except InvalidArgument as error:
-                    log.warning("ignoring a malformed telemetry batch from %s: %s", site, error)
+                    peer_log.log(
+                        log, logging.WARNING, ("telemetry-batch", self.source),
+                        "ignoring a malformed telemetry batch from %s (%s): %s", site, self.source, error,
+                    )
                     continue
                 if site is None:
                     continue
+                if refused:
+                    self.store.refused += refused
+                    peer_log.log(
+                        log, logging.WARNING, ("telemetry-sample", self.source),
+                        "refused %d telemetry samples from %s (%s): not a document the hub can store",
+                        refused, site, self.source,
+                    )
                 try:
-                    await self.store.store(site, samples, int(time.time() * 1000))
+                    if samples:
+                        await self.store.store(site, samples, int(time.time() * 1000))
                     ok = True
                 except StoreError as error:
                     log.error("telemetry from %s not stored: %s", site, error)
                     ok = False
-                self.link.send_ephemeral(site, ACK_KIND, {"b": batch_id, "ok": ok})
+                # Acknowledged with the refused ones: they would not be stored
+                # on any later try, and the edge deletes what is acknowledged.
+                self.link.send_ephemeral(site, ACK_KIND, {"b": batch_id, "ok": ok, "refused": refused})
+
+
+def _batch_bytes(data: Any) -> int:
+    """The sample bytes a telemetry batch holds (what queueing it costs), roughly."""
+    rows = data.get("x") if isinstance(data, dict) else None
+    if not isinstance(rows, list):
+        return 0
+    return sum(len(row[3]) for row in rows if isinstance(row, list) and len(row) == 4 and isinstance(row[3], bytes))

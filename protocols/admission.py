@@ -46,6 +46,26 @@ class NetworkLimits:
         16, "--sync-max-scopes", "scopes one sync connection may name", ("hub",))
     max_clock_skew_s: float = _limit(
         300.0, "--max-clock-skew", "seconds a peer's write stamps may run ahead of this clock", ("edge", "hub"))
+    sync_scopes_total: int = _limit(
+        1024, "--sync-max-sites", "scopes (sites) a hub creates, at most; existing ones always open", ("hub",))
+    http_send_timeout_s: float = _limit(
+        30.0, "--http-send-timeout", "seconds a response may go without progress before the client is dropped",
+        ("edge", "hub"))
+    http_body_bytes: int = _limit(
+        64 * 2**20, "--http-max-body-bytes", "request-body bytes being received, all connections together",
+        ("edge", "hub"))
+    coap_registrations: int = _limit(2_048, "--coap-max-registrations", "resource-directory registrations in all")
+    coap_registrations_per_source: int = _limit(
+        256, "--coap-max-registrations-per-source", "resource-directory registrations of one client address")
+    coap_transfers: int = _limit(1_024, "--coap-max-transfers", "block-wise transfers held at once, in all")
+    coap_transfers_per_source: int = _limit(
+        32, "--coap-max-transfers-per-source", "block-wise transfers one client address may hold")
+    coap_transfer_bytes: int = _limit(
+        64 * 2**20, "--coap-max-transfer-bytes", "bytes of all block-wise transfer buffers together")
+    coap_duplicate_entries: int = _limit(
+        50_000, "--coap-max-duplicate-entries", "remembered (address, message id) pairs for duplicate detection")
+    coap_duplicate_entries_per_source: int = _limit(
+        5_000, "--coap-max-duplicate-entries-per-source", "remembered message ids of one client address")
 
 
 class ConnectionLimit:

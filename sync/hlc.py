@@ -4,11 +4,23 @@ A stamp is (wall milliseconds, counter, replica id). Stamps order every write in
 the fleet: they follow wall time when clocks are sane, never go backwards on one
 replica, and always exceed every stamp the replica has seen. The replica id
 breaks ties, so the order is total and the same on every replica.
+
+Bounded skew. A stamp from elsewhere moves this clock forward only as far as
+``max_skew_ms`` ahead of this replica's wall clock. A peer whose clock is in
+the year 6429 would otherwise make every later stamp here carry that year. The
+version such a peer wrote is still accepted, stored and replicated (nothing
+acknowledged anywhere is lost); it only does not drag this clock along. While
+it stays live it wins against concurrent writes, as a write from a fast clock
+does; a write made here after seeing it supersedes it as any later write does,
+because a write removes every version of its key it has seen, whatever their
+stamps. Such stamps are counted (``HybridClock.skewed``) and logged, one line
+per minute at most.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from binascii import a2b_base64, b2a_base64
 from typing import Callable, NamedTuple
@@ -64,6 +76,12 @@ class Stamp(NamedTuple):
 
 
 _MAX_COUNTER = 0xFFFF
+# How far ahead of the local wall clock a stamp seen from elsewhere may move
+# the clock (NetworkLimits.max_clock_skew_s sets it for an agent).
+DEFAULT_MAX_SKEW_MS = 300_000
+_SKEW_LOG_EVERY_S = 60.0
+
+log = logging.getLogger(__name__)
 
 _DIGITS = "-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
 _BASE64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -149,12 +167,17 @@ class HybridClock:
         wall_ms: the physical clock; tests pass a fake one.
     """
 
-    def __init__(self, replica: str, wall_ms: Callable[[], int] = system_wall_ms) -> None:
+    def __init__(
+        self, replica: str, wall_ms: Callable[[], int] = system_wall_ms, max_skew_ms: int = DEFAULT_MAX_SKEW_MS
+    ) -> None:
         if "." in replica or not replica:
             raise ValueError("a replica id is non-empty and has no '.'")
         self.replica = replica
         self.wall_ms = wall_ms
+        self.max_skew_ms = max_skew_ms
         self._last = Stamp(0, 0, replica)
+        self.skewed = 0  # stamps seen further ahead than max_skew_ms (not adopted)
+        self._skew_logged_at = -_SKEW_LOG_EVERY_S
 
     def now(self) -> Stamp:
         """A new stamp, later than every stamp issued or observed here."""
@@ -177,6 +200,26 @@ class HybridClock:
         return self._last
 
     def observe(self, seen: Stamp) -> None:
-        """Move past a stamp that arrived from another replica."""
-        if (seen.wall_ms, seen.counter) > (self._last.wall_ms, self._last.counter):
-            self._last = Stamp(seen.wall_ms, seen.counter, self.replica)
+        """Move past a stamp that arrived from another replica, up to ``max_skew_ms`` ahead."""
+        last = self._last
+        if (seen.wall_ms, seen.counter) <= (last.wall_ms, last.counter):
+            return  # the usual case: nothing newer than what this clock issued
+        limit = self.wall_ms() + self.max_skew_ms
+        if seen.wall_ms > limit:
+            self._note_skew(seen)
+            if last.wall_ms >= limit:
+                return
+            seen = Stamp(limit, 0, seen.replica)
+        self._last = Stamp(seen.wall_ms, seen.counter, self.replica)
+
+    def _note_skew(self, seen: Stamp) -> None:
+        self.skewed += 1
+        now = time.monotonic()
+        if now - self._skew_logged_at >= _SKEW_LOG_EVERY_S:
+            self._skew_logged_at = now
+            log.warning(
+                "a stamp from replica %s is %.0f s ahead of this clock (the limit is %.0f s): "
+                "its writes are kept, but this clock does not follow it; check that replica's time "
+                "(%d such stamps so far)",
+                seen.replica[:64], (seen.wall_ms - self.wall_ms()) / 1000, self.max_skew_ms / 1000, self.skewed,
+            )

@@ -25,20 +25,39 @@ from pycrdt import get_update as missing_from
 
 from .hlc import Stamp
 from .scope import COLLECTIONS, Scope
+from .update_check import check_update
 from .session import (
     Covered,
     EphemeralReceived,
     PeerClosed,
     PeerHello,
     RemoteProtocolError,
+    State,
     StateVectorReceived,
     SyncSession,
     UpdateReceived,
 )
+from .wire import WireError, decode_state_vector
 
 log = logging.getLogger(__name__)
 
 Transmit = Callable[[bytes], Awaitable[None]]
+OpenScopes = Callable[[tuple[str, ...]], Awaitable[None]]
+
+# Updates above this size are checked on a worker thread (the check is pure
+# Python and costs about a microsecond per item), so one large diff does not
+# hold up every other connection's frames while it is read.
+CHECK_IN_THREAD_BYTES = 64 * 1024
+# Frames queued for the peer: past the first bound this side stops reading the
+# peer's frames until they drain (see drained()); past the second, the session
+# ends. A session needs a few diffs in flight at most.
+OUTBOX_PAUSE_BYTES = 64 * 1024 * 1024
+MAX_OUTBOX_BYTES = 512 * 1024 * 1024
+
+
+def is_panic(error: BaseException) -> bool:
+    """Whether ``error`` is a Rust panic surfaced by pyo3 (a BaseException, not an Exception)."""
+    return type(error).__name__ == "PanicException"
 
 
 @dataclass
@@ -50,12 +69,13 @@ class _Marker:
 
 
 class LinkClosed(Exception):
-    """The session ended; ``code`` says why."""
+    """The session ended; ``code`` says why, ``by_peer`` whether the peer ended it."""
 
-    def __init__(self, code: str, detail: str) -> None:
+    def __init__(self, code: str, detail: str, by_peer: bool = False) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
+        self.by_peer = by_peer
 
 
 class SyncLink:
@@ -68,6 +88,10 @@ class SyncLink:
         on_ephemeral: called with ``(scope, kind, data)`` for ephemeral messages.
         on_covered: called with ``(scope, collection, own_stamp)`` when the peer
             is known to hold everything up to that own-write stamp.
+        open_scopes: awaited with the scopes of a hello the session accepted,
+            before any of them is used (the hub opens or creates their stores
+            there, so a refused hello never creates anything). It may raise
+            :class:`LinkClosed` to refuse the session.
     """
 
     def __init__(
@@ -78,16 +102,21 @@ class SyncLink:
         on_ephemeral: Callable[[str, str, Any], None] | None = None,
         on_covered: Callable[[str, str, Stamp | None], None] | None = None,
         rebase_after: Callable[[str, str], Stamp | None] = lambda scope, collection: None,
+        open_scopes: OpenScopes | None = None,
     ) -> None:
         self.session = session
         self.scope_for = scope_for
         self._transmit = transmit
         # Frames wait here for run(): local writes never wait for the uplink.
         self._outbox: deque[bytes] = deque()
+        self._outbox_bytes = 0
         self._outbox_ready = trio.Event()
+        self._drained = trio.Event()
+        self.overflowed = False
         self.on_ephemeral = on_ephemeral or (lambda scope, kind, data: None)
         self.on_covered = on_covered or (lambda scope, collection, stamp: None)
         self.rebase_after = rebase_after
+        self.open_scopes = open_scopes
         self.peer: PeerHello | None = None
         self._peer_epoch: dict[tuple[str, str], int] = {}
         self._snapshot_sent: dict[tuple[str, str], int] = {}  # the epoch last sent whole, per collection
@@ -106,17 +135,55 @@ class SyncLink:
     # -- lifecycle -------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Send queued frames in order until cancelled (or the transport fails)."""
+        """Send queued frames in order until cancelled (or the transport fails).
+
+        Raises :class:`LinkClosed` (``too_slow``) once more than
+        :data:`MAX_OUTBOX_BYTES` wait for a peer that does not read.
+        """
         task_status.started()
         while True:
             while self._outbox:
-                frame = self._outbox.popleft()
-                await self._transmit(frame)
+                await self._transmit(self._pop())
+            if self.overflowed:
+                raise LinkClosed("too_slow", f"more than {MAX_OUTBOX_BYTES} bytes waited for the peer to read them")
             self._outbox_ready = trio.Event()
             await self._outbox_ready.wait()
 
+    async def flush(self) -> None:
+        """Send what is still queued (the error frame that ends a session, say)."""
+        while self._outbox:
+            await self._transmit(self._pop())
+
+    async def drained(self) -> None:
+        """Return once at most :data:`OUTBOX_PAUSE_BYTES` wait to be sent.
+
+        The transport awaits this before it reads the peer's next frame: a
+        peer that asks for diffs (state vectors) faster than it reads them
+        then waits for them, instead of making this side queue copies.
+        """
+        while self._outbox_bytes > OUTBOX_PAUSE_BYTES:
+            self._drained = trio.Event()
+            await self._drained.wait()
+
+    def _pop(self) -> bytes:
+        frame = self._outbox.popleft()
+        self._outbox_bytes -= len(frame)
+        if self._outbox_bytes <= OUTBOX_PAUSE_BYTES:
+            self._drained.set()
+        return frame
+
     def _send(self, frame: bytes) -> None:
+        if self.overflowed:
+            return
         self._outbox.append(frame)
+        self._outbox_bytes += len(frame)
+        if self._outbox_bytes > MAX_OUTBOX_BYTES:
+            # Local writes keep coming for a peer that reads nothing: end the
+            # session (run() raises) rather than hold them all in memory. A
+            # new session resyncs from state vectors, so nothing is lost.
+            self.overflowed = True
+            self._outbox.clear()
+            self._outbox_bytes = 0
         self._outbox_ready.set()
 
     @property
@@ -143,7 +210,18 @@ class SyncLink:
                 self._send(error.reply)
             raise LinkClosed(error.code, error.detail) from None
         for event in events:
-            await self._handle(event)
+            try:
+                await self._handle(event)
+            except (LinkClosed, trio.Cancelled):
+                raise
+            except Exception as error:
+                # What a peer's frame made fail here (an update pycrdt refuses,
+                # say) ends this session, never the process; the peer hears why.
+                self.refuse("bad_frame", f"could not apply a {type(event).__name__}: {error}")
+            except BaseException as error:
+                if not is_panic(error):
+                    raise
+                self.refuse("bad_frame", f"could not apply a {type(event).__name__}: {error}")
 
     def resync(self) -> None:
         """Exchange state vectors again (after a suspected loss, or periodically)."""
@@ -160,6 +238,25 @@ class SyncLink:
 
     # -- events ----------------------------------------------------------------
 
+    def refuse(self, code: str, detail: str) -> None:
+        """End the session over a frame this side will not act on; the peer is told why."""
+        if self.session.state is not State.CLOSED:
+            self._send(self.session.close(code, detail[:200]))
+        raise LinkClosed(code, detail)
+
+    def _check_collection(self, collection: str) -> None:
+        if collection not in COLLECTIONS:
+            self.refuse("unknown_collection", f"no collection {collection[:60]!r}; there are {list(COLLECTIONS)}")
+
+    async def _check_update(self, collection: str, update: bytes) -> None:
+        try:
+            if len(update) > CHECK_IN_THREAD_BYTES:
+                await trio.to_thread.run_sync(check_update, update, collection)
+            else:
+                check_update(update, collection)
+        except WireError as error:
+            self.refuse("bad_update", str(error))
+
     async def _handle(self, event) -> None:
         if isinstance(event, PeerHello):
             await self._on_hello(event)
@@ -172,9 +269,14 @@ class SyncLink:
         elif isinstance(event, EphemeralReceived):
             self.on_ephemeral(event.scope, event.kind, event.data)
         elif isinstance(event, PeerClosed):
-            raise LinkClosed(event.code, event.detail)
+            raise LinkClosed(event.code, event.detail, by_peer=True)
 
     async def _on_hello(self, hello: PeerHello) -> None:
+        if self.open_scopes is not None:
+            try:
+                await self.open_scopes(hello.scopes)
+            except Exception as error:  # noqa: BLE001 - a scope this side cannot open (or create)
+                self.refuse("scope_unavailable", str(error))
         if self.is_hub:
             self._send(self.session.start())
         self.peer = hello
@@ -189,6 +291,11 @@ class SyncLink:
                 self._send_state_vector(scope, collection)
 
     async def _on_state_vector(self, event: StateVectorReceived) -> None:
+        self._check_collection(event.collection)
+        try:
+            decode_state_vector(event.state_vector)
+        except WireError as error:
+            self.refuse("malformed", f"state vector: {error}")
         scope = self.scope_for(event.scope)
         key = (event.scope, event.collection)
         self._peer_epoch[key] = event.epoch
@@ -204,6 +311,8 @@ class SyncLink:
         # An edge at another epoch than the hub waits for the hub's snapshot.
 
     async def _on_update(self, event: UpdateReceived) -> None:
+        self._check_collection(event.collection)
+        await self._check_update(event.collection, event.update)
         scope = self.scope_for(event.scope)
         key = (event.scope, event.collection)
         if event.snapshot and event.epoch != scope.epoch(event.collection):

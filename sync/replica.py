@@ -10,25 +10,31 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import secrets
+import sqlite3
+from pathlib import Path
 
 import trio
 
-from .errors import InvalidArgument, NotFound
+from .errors import InvalidArgument, NotFound, StoreError
 from .hlc import HybridClock, system_wall_ms
 from .scope import Scope
-from .store import Store
+from .store import DB_NAME, Store
+from .wire import SCOPE_NAME
 
 log = logging.getLogger(__name__)
 
 GLOBAL_SCOPE = "global"
-_SCOPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_CREATED_MARK = "scope_created_ms"  # meta row of a scope store made for an accepted session
+
+
+class TooManyScopes(StoreError):
+    """The hub holds as many scopes as it is allowed to; a new one is refused."""
 
 
 def check_scope_name(name: str) -> str:
     """Site ids name directories on the hub: letters, digits, '.', '_', '-'."""
-    if not _SCOPE_NAME.fullmatch(name):
+    if not isinstance(name, str) or not SCOPE_NAME.fullmatch(name):
         raise InvalidArgument(
             f"site id {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -43,6 +49,11 @@ class Replica:
             unless ``per_scope_stores``).
         wall_ms: the physical clock; tests pass one driven by trio's MockClock.
         per_scope_stores: keep each scope in its own store under ``scopes/``.
+        max_scopes: with ``per_scope_stores``, the most scopes this replica
+            creates (each costs a store: a database, two threads, a few file
+            descriptors). Existing scopes always open.
+        max_clock_skew_ms: how far ahead of this replica's wall clock a stamp
+            from elsewhere may move its clock (sync/hlc.py).
         scope_options: passed to every :class:`Scope` (auto_compact, epoch_authority).
     """
 
@@ -52,6 +63,8 @@ class Replica:
         wall_ms=system_wall_ms,
         history_depth: int = 16,
         per_scope_stores: bool = False,
+        max_scopes: int | None = None,
+        max_clock_skew_ms: int | None = None,
         **scope_options,
     ) -> None:
         self.store = store
@@ -61,6 +74,9 @@ class Replica:
             store.set_meta_now("replica_id", replica_id)
         self.replica_id: str = replica_id
         self.clock = HybridClock(replica_id, wall_ms)
+        if max_clock_skew_ms is not None:
+            self.clock.max_skew_ms = max_clock_skew_ms
+        self.max_scopes = max_scopes
         self.history_depth = history_depth
         self.scope_options = scope_options
         self.scope_dir = store.path.parent / "scopes" if per_scope_stores else None
@@ -97,17 +113,70 @@ class Replica:
             found = self._add_scope(name, self.store)
         return found
 
-    async def open_scope(self, name: str) -> Scope:
-        """The named scope, opened (or created) with its own store if need be."""
+    async def open_scope(self, name: str, *, create: bool = True) -> Scope:
+        """The named scope, opened (or, with ``create``, created) with its own store if need be."""
         if name in self.scopes or self.scope_dir is None:
             return self.scope(name)
         check_scope_name(name)
-        store = Store.open(self.scope_dir / name, self.durability)
+        path = self.scope_dir / name
+        new = not (path / DB_NAME).exists()
+        if new:
+            if not create:
+                raise NotFound(f"no scope {name!r} is stored here")
+            if self.max_scopes is not None and len(self.scopes) >= self.max_scopes:
+                raise TooManyScopes(
+                    f"this hub holds {len(self.scopes)} scopes, its limit; scope {name!r} was not created "
+                    "(raise the limit, or remove the directories of sites that are gone)"
+                )
+        self.scope_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.scope_dir, 0o700)  # tightened if an older version made it 0755
+        store = Store.open(path, self.durability)
+        if new:
+            # Marks a scope made for an accepted session: it opens at every
+            # start, with or without data (see _open_stored_scopes).
+            store.set_meta_now(_CREATED_MARK, str(self.clock.wall_ms()))
         assert self._nursery is not None, "open_scope needs a running replica"
-        await self._nursery.start(store.run)
+        try:
+            await self._nursery.start(store.run)
+        except BaseException:
+            store.close()
+            raise
         self._stores[name] = store
         store.on_failure = lambda error: self._reload_after_failure(error, name)
         return self.scopes.get(name) or self._add_scope(name, store)
+
+    async def open_scopes(self, names: tuple[str, ...] | list[str]) -> None:
+        """Open (or create) every named scope; all names are checked before any is opened."""
+        for name in names:
+            check_scope_name(name)
+        for name in names:
+            await self.open_scope(name)
+
+    async def _open_stored_scopes(self) -> None:
+        """Open at start-up every scope directory that holds replicated state.
+
+        A directory without a database, or whose database holds nothing
+        replicated and no mark of its creation for an accepted session, is
+        skipped: it is what a refused sync hello left behind (older versions
+        created the store before judging the hello), and a real site's edge
+        recreates it on its next connection.
+        A damaged database of a scope that holds state stops start-up, as
+        any damaged database does (docs/operations.md).
+        """
+        skipped = 0
+        for path in sorted(self.scope_dir.iterdir()):
+            if not (path.is_dir() and SCOPE_NAME.fullmatch(path.name)) or path.name in self.scopes:
+                continue
+            if path.name != "global" and not _holds_state(path / DB_NAME):
+                skipped += 1
+                continue
+            await self.open_scope(path.name, create=False)
+        if skipped:
+            log.warning(
+                "skipped %d scope directories under %s that hold no replicated state "
+                "(their sites' edges recreate them when they connect)",
+                skipped, self.scope_dir,
+            )
 
     def stores(self) -> list[Store]:
         return [self.store, *self._stores.values()]
@@ -118,9 +187,7 @@ class Replica:
             self._nursery = nursery
             await nursery.start(self.store.run)
             if self.scope_dir is not None and self.scope_dir.is_dir():
-                for path in sorted(self.scope_dir.iterdir()):
-                    if path.is_dir() and _SCOPE_NAME.fullmatch(path.name):
-                        await self.open_scope(path.name)
+                await self._open_stored_scopes()
             nursery.start_soon(self._expire_forever)
             nursery.start_soon(self._compact_when_quiet_forever)
             task_status.started()
@@ -185,3 +252,22 @@ class Replica:
         for scope in self.scopes.values():
             if only is None or scope.name == only:
                 scope.load()
+
+
+def _holds_state(path: Path) -> bool:
+    """Whether a scope database holds replicated state (a damaged one counts as holding it)."""
+    if not path.exists():
+        return False
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            if conn.execute("SELECT 1 FROM meta WHERE name = ?", (_CREATED_MARK,)).fetchone():
+                return True
+            for table in ("docs", "updates", "kv_index"):
+                if conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone():
+                    return True
+            return False
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return True  # let Store.open judge it, and report it by name

@@ -30,13 +30,18 @@ to fill any gap, since a diff against a state vector is always complete.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from .wire import PROTOCOL_VERSION, WireError, covers, decode, decode_state_vector, encode
+from .wire import PROTOCOL_VERSION, SCOPE_NAME, WireError, covers, decode, decode_state_vector, encode
 
 ROLES = ("edge", "hub")
+# The scopes one hello may name unless the driver says otherwise: an edge names
+# two (its site and ``global``); each named scope costs the hub a store.
+DEFAULT_MAX_SCOPES = 16
+_REPLICA_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class LocalProtocolError(Exception):
@@ -147,15 +152,20 @@ class SyncSession:
         site: the edge's site (an edge) or the hub's name (the hub).
         replica: this replica's id.
         scopes: the scopes this side offers; the edge proposes, the hub echoes.
+        max_scopes: the most scopes a peer's hello may name; a hello naming
+            more is refused before anything acts on it.
     """
 
-    def __init__(self, role: str, site: str, replica: str, scopes: list[str]) -> None:
+    def __init__(
+        self, role: str, site: str, replica: str, scopes: list[str], max_scopes: int = DEFAULT_MAX_SCOPES
+    ) -> None:
         if role not in ROLES:
             raise LocalProtocolError(f"role is one of {ROLES}")
         self.role = role
         self.site = site
         self.replica = replica
         self.scopes = tuple(scopes)
+        self.max_scopes = max_scopes
         self.state = State.IDLE
         self.peer: PeerHello | None = None
         self.bytes_sent = 0
@@ -261,8 +271,22 @@ class SyncSession:
         if message["role"] != expected:
             raise self._violation("role_mismatch", f"a {self.role} syncs with a {expected}, not a {message['role']}")
         scopes = message["scopes"]
-        if not all(isinstance(s, str) and s for s in scopes):
-            raise self._violation("malformed", "scopes is a list of names")
+        # The whole hello is judged here, before the driver opens (on the hub:
+        # creates) a store for any scope it names.
+        if len(scopes) > self.max_scopes:
+            raise self._violation(
+                "too_many_scopes", f"a hello names at most {self.max_scopes} scopes, this one {len(scopes)}"
+            )
+        if not all(isinstance(s, str) and SCOPE_NAME.fullmatch(s) for s in scopes) or len(set(scopes)) != len(scopes):
+            raise self._violation(
+                "malformed",
+                "scopes is a list of distinct names of 1-64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit",
+            )
+        if not SCOPE_NAME.fullmatch(message["site"]):
+            raise self._violation("malformed", "site is 1-64 letters, digits, '.', '_' or '-'")
+        if not _REPLICA_ID.fullmatch(message["replica"]):
+            raise self._violation("malformed", "replica is 1-64 letters, digits, '_' or '-'")
         if self.role == "hub":
             if message["site"] not in scopes:
                 raise self._violation("malformed", "an edge offers its own site's scope")

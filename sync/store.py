@@ -51,7 +51,7 @@ from .batch import WriteBatch
 from .errors import StoreCorrupt, StoreError, StoreFull, StoreLocked
 from .tables import KNOWN_VERSIONS, SCHEMA_VERSION, commit_rows, prepare_schema
 
-__all__ = ["DB_NAME", "DURABILITY_MODES", "SCHEMA_VERSION", "Store", "store_error"]
+__all__ = ["DB_NAME", "DURABILITY_MODES", "SCHEMA_VERSION", "Store", "private_database", "store_error"]
 
 DB_NAME = "konsul.db"
 LOCK_NAME = "LOCK"
@@ -144,12 +144,13 @@ class Store:
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability is one of {sorted(DURABILITY_MODES)}")
         directory = Path(data_dir)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         lock_fd = _lock_directory(directory)
         path = directory / DB_NAME
         try:
             if path.exists():
                 _check_readonly(path)
+            private_database(path)
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             try:
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -470,9 +471,32 @@ class _Checkpointer:
             conn.close()
 
 
+# A data directory holds every key, device token hash and telemetry sample of
+# its sites: readable by the agent's user only. Existing directories and files
+# are tightened when they are opened, not only new ones.
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+def private_database(path: Path) -> None:
+    """Make ``path`` (created empty if new), its directory, WAL and shared-memory files owner-only.
+
+    SQLite creates ``-wal`` and ``-shm`` with the mode of the database file,
+    so a database created here 0600 keeps its companions 0600 too.
+    """
+    os.chmod(path.parent, PRIVATE_DIR_MODE)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE))
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.chmod(f"{path}{suffix}", PRIVATE_FILE_MODE)
+        except FileNotFoundError:
+            pass
+
+
 def _lock_directory(directory: Path) -> int:
     lock_path = directory / LOCK_NAME
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE)
+    os.fchmod(fd, PRIVATE_FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

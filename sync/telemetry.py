@@ -26,10 +26,13 @@ from typing import Any
 
 import cbor2
 
-from .errors import InvalidArgument, StoreCorrupt
-from .store import DURABILITY_MODES
+from .errors import InvalidArgument, KonsulError, StoreCorrupt
+from .limits import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_DEPTH, check_document, decode_cbor_document
+from .store import DURABILITY_MODES, private_database
 
 MAX_SEQ = 2**63 - 1
+MAX_DEVICE_ID_BYTES = 256
+MAX_TIME_MS = 2**62  # the listings' upper bound for "until"
 ACK_KIND = "telemetry-ack"
 BATCH_KIND = "telemetry"
 
@@ -77,6 +80,10 @@ class SequenceNumbers:
 
 
 def make_sample(device: str, document: Any, numbers: SequenceNumbers, now_ms: int) -> Sample:
+    """A sample to buffer, refused here unless the hub will store it (see :func:`check_sample`)."""
+    # The shared document rules first: the edge must never buffer (and then
+    # forward forever) something the hub refuses.
+    check_document(document, "a telemetry sample")
     seq, time_ms = sample_fields(document)
     if seq is None:
         seq = numbers.next(device)
@@ -84,7 +91,26 @@ def make_sample(device: str, document: Any, numbers: SequenceNumbers, now_ms: in
         data = cbor2.dumps(document)
     except (TypeError, ValueError, cbor2.CBOREncodeError) as error:
         raise InvalidArgument(f"a telemetry sample must encode as CBOR: {error}") from None
-    return Sample(device, seq, now_ms if time_ms is None else time_ms, data)
+    sample = Sample(device, seq, now_ms if time_ms is None else time_ms, data)
+    check_sample(sample)
+    return sample
+
+
+def check_sample(sample: Sample) -> None:
+    """Raise :class:`KonsulError` unless the hub can store and list ``sample``.
+
+    Its data decodes as a document within the shared limits (sync/limits.py)
+    and is a map; device id, sequence number and time are in range. The hub
+    checks every forwarded sample with this, the edge every sample it buffers.
+    """
+    if not isinstance(sample.device, str) or not 0 < len(sample.device.encode("utf-8", "replace")) <= MAX_DEVICE_ID_BYTES:
+        raise InvalidArgument(f"a device id is 1 to {MAX_DEVICE_ID_BYTES} bytes")
+    if not 0 <= sample.seq <= MAX_SEQ:
+        raise InvalidArgument(f"seq is an integer from 0 to {MAX_SEQ}")
+    if not 0 <= sample.time_ms < MAX_TIME_MS:
+        raise InvalidArgument("a sample's time is milliseconds since 1970")
+    if not isinstance(decode_cbor_document(sample.data, "a telemetry sample"), dict):
+        raise InvalidArgument("a telemetry sample is a JSON object or CBOR map")
 
 
 def batch_message(batch_id: int, samples: list[Sample]) -> dict:
@@ -92,34 +118,74 @@ def batch_message(batch_id: int, samples: list[Sample]) -> dict:
     return {"b": batch_id, "x": [sample.row() for sample in samples]}
 
 
-def parse_batch(data: Any) -> tuple[int, list[Sample]]:
-    """A telemetry frame's batch id and samples; raises :class:`InvalidArgument`."""
-    if not isinstance(data, dict) or not isinstance(data.get("b"), int) or not isinstance(data.get("x"), list):
+def parse_batch(data: Any) -> tuple[int, list[Sample], int]:
+    """A telemetry frame's batch id, its samples fit to store, and how many were refused.
+
+    Raises :class:`InvalidArgument` only when the frame has no batch id (it
+    cannot be acknowledged). A sample that is malformed or that
+    :func:`check_sample` refuses is left out and counted: the batch is still
+    acknowledged, so the edge deletes it instead of sending it forever.
+    """
+    if not isinstance(data, dict) or type(data.get("b")) is not int or not isinstance(data.get("x"), list):
         raise InvalidArgument("a telemetry batch is {b: id, x: [samples]}")
     samples = []
+    refused = 0
     for row in data["x"]:
         if (
             not isinstance(row, list)
             or len(row) != 4
             or not isinstance(row[0], str)
-            or not isinstance(row[1], int)
-            or not isinstance(row[2], int)
+            or type(row[1]) is not int
+            or type(row[2]) is not int
             or not isinstance(row[3], bytes)
         ):
-            raise InvalidArgument("a telemetry sample row is [device, seq, time_ms, data]")
-        samples.append(Sample(*row))
-    return data["b"], samples
+            refused += 1
+            continue
+        sample = Sample(*row)
+        try:
+            check_sample(sample)
+        except KonsulError:
+            refused += 1
+            continue
+        samples.append(sample)
+    return data["b"], samples, refused
 
 
 def sample_json(site: str, sample: Sample) -> dict:
-    """A sample as the HTTP API shows it."""
-    return {
-        "Device": sample.device,
-        "Site": site,
-        "Seq": sample.seq,
-        "Time": sample.time_ms / 1000,
-        "Data": json_safe(sample.document()),
-    }
+    """A sample as the HTTP API shows it; one whose data cannot be read shows ``Undecodable``.
+
+    A listing never fails on one stored row: a sample stored before samples
+    were checked (or damaged since) is listed with ``Data`` null and the reason.
+    """
+    found = {"Device": sample.device, "Site": site, "Seq": sample.seq, "Time": sample.time_ms / 1000}
+    try:
+        found["Data"] = readable_data(sample.data)
+    except KonsulError as error:
+        found["Data"] = None
+        found["Undecodable"] = str(error)
+    return found
+
+
+def readable_data(data: bytes) -> Any:
+    """A sample's data as JSON can carry it; raises :class:`InvalidArgument` if it cannot be read."""
+    try:
+        return decode_cbor_document(data, "the sample's data")
+    except InvalidArgument:
+        pass
+    # Older samples may hold CBOR-only values (byte strings, say): shown as
+    # json_safe shows them, within the same depth and size bounds.
+    from .wire import WireError, scan_cbor
+
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise InvalidArgument(f"the sample's data is larger than {MAX_DOCUMENT_BYTES} bytes")
+    try:
+        if scan_cbor(data, 0, MAX_DOCUMENT_DEPTH, 10_000) != len(data):
+            raise InvalidArgument("the sample's data has bytes after its CBOR value")
+        return json_safe(cbor2.loads(data))
+    except WireError as error:
+        raise InvalidArgument(f"the sample's data is not readable CBOR: {error}") from None
+    except Exception as error:  # noqa: BLE001 - cbor2 raises several types
+        raise InvalidArgument(f"the sample's data is not readable CBOR: {error}") from None
 
 
 def json_safe(value: Any) -> Any:
@@ -145,6 +211,7 @@ def open_database(path: Path, durability: str, schema: str) -> sqlite3.Connectio
     """
     existed = path.exists()
     try:
+        private_database(path)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         if existed:
             result = conn.execute("PRAGMA quick_check").fetchone()[0]

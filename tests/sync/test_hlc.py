@@ -105,3 +105,31 @@ def test_equal_wall_and_counter_are_ordered_by_replica_id():
 def test_replica_ids_must_be_non_empty_without_dots(replica):
     with pytest.raises(ValueError):
         HybridClock(replica)
+
+
+def test_a_remote_stamp_far_ahead_moves_the_clock_only_up_to_the_skew_bound():
+    wall = WallClock()
+    clock = HybridClock("aaaaaaaaaaaa", wall, max_skew_ms=300_000)
+    year_6429 = Stamp(140_712_508_800_000, 5, "bbbbbbbbbbbb")
+    clock.observe(year_6429)
+    assert clock.skewed == 1
+    assert clock.now().wall_ms == BASE_MS + 300_000  # at the bound, not in 6429
+    # Stamps within the bound are followed exactly, as before.
+    near = Stamp(BASE_MS + 299_000, 7, "bbbbbbbbbbbb")
+    clock = HybridClock("aaaaaaaaaaaa", wall, max_skew_ms=300_000)
+    clock.observe(near)
+    assert clock.now() == Stamp(BASE_MS + 299_000, 8, "aaaaaaaaaaaa")
+    assert clock.skewed == 0
+
+
+@given(st.lists(stamps, max_size=20))
+def test_the_clock_never_passes_wall_time_plus_skew_and_never_goes_back(seen):
+    wall = WallClock()
+    clock = HybridClock("aaaaaaaaaaaa", wall, max_skew_ms=1000)
+    last = clock.now()
+    for stamp in seen:
+        clock.observe(stamp)
+        issued = clock.now()
+        assert issued > last
+        assert issued.wall_ms <= max(wall.ms + 1000, last.wall_ms + 1)
+        last = issued
