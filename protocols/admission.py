@@ -28,6 +28,9 @@ class NetworkLimits:
     anonymous_device_expiry_s: float = 7 * 24 * 3600  # forgotten after this long unseen
     sync_scopes_per_session: int = 16  # scopes one sync hello may name
     max_clock_skew_s: float = 300.0  # remote stamps further ahead are refused
+    # HTTP: a response (or WebSocket message) must make progress at least this
+    # often; a client that stops reading is disconnected after it.
+    http_send_timeout_s: float = 30.0
 
 
 class ConnectionLimit:
