@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from urllib.parse import unquote_to_bytes
 
-from quart import Response, request
+from quart import Response, has_request_context, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
@@ -72,12 +72,20 @@ def create_app(ctx: HttpContext, extra_blueprints: tuple | list = ()) -> QuartTr
     async def konsul_error(error: KonsulError) -> Response:
         return error_response(error.status, error.code, str(error))
 
+    def target() -> tuple[str, str]:
+        # A WebSocket handshake to an HTTP route fails in a websocket context,
+        # where quart's ``request`` is unbound (once a 500 and a traceback).
+        if has_request_context():
+            return request.method, request.path
+        return "WEBSOCKET", websocket.path
+
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
         status = error.code or 500
+        method, path = target()
         detail = {
-            404: f"no such endpoint: {request.path}",
-            405: f"{request.method} is not allowed on {request.path}",
+            404: f"no such endpoint: {path}",
+            405: f"{method} is not allowed on {path}",
             413: f"the body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes",
         }.get(status, error.description or error.name)
         response = error_response(status, _HTTP_CODES.get(status, "http_error"), detail)
@@ -88,7 +96,7 @@ def create_app(ctx: HttpContext, extra_blueprints: tuple | list = ()) -> QuartTr
 
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s", *target())
         return error_response(500, "internal", f"unexpected server error: {error}")
 
     @app.before_request
@@ -116,6 +124,12 @@ def create_app(ctx: HttpContext, extra_blueprints: tuple | list = ()) -> QuartTr
     @app.after_request
     async def count(response: Response) -> Response:
         metrics.requests.labels(request.method, str(response.status_code)).inc()
+        return response
+
+    @app.after_websocket
+    async def count_websocket(response: Response | None) -> Response | None:
+        if response is not None:
+            metrics.requests.labels("WEBSOCKET", str(response.status_code)).inc()
         return response
 
     return app

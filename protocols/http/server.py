@@ -20,8 +20,11 @@ on a bare ASGI app, docs/benchmarks.md, "HTTP KV"):
 - every request opens a memory channel through ``open_memory_channel[...]``,
   whose generic-alias subscription alone is a measurable cost.
 
-The protocol core itself, the app task per request, HTTP/2 and WebSockets are
-hypercorn's own and unchanged; only plain TCP is served (konsul binds no TLS).
+The protocol core itself, the app task per request and WebSockets are
+hypercorn's own and unchanged; only plain TCP is served (konsul binds no TLS),
+and only HTTP/1.1: the Consul API is HTTP/1.1, and an HTTP/2 connection (an
+``h2c`` upgrade or the prior-knowledge preface) would carry a hundred
+requests past the per-connection bounds and the body timeout below.
 
 In front of the core sits an optional fast path (``kv_fast_path.KvFastPath``,
 found in the app's config as ``KONSUL_FAST_PATH``): while the core has no
@@ -56,6 +59,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, RawData, Updated
 from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.task_group import _handle
 from hypercorn.trio.worker_context import WorkerContext
@@ -249,6 +253,18 @@ class TaskGroup:
         self._nursery.start_soon(func, *args)
 
 
+class Http11Only(H11Protocol):
+    """hypercorn's HTTP/1.1 protocol without its switch to HTTP/2.
+
+    An ``Upgrade: h2c`` header is ignored (RFC 9110 lets a server), and
+    ``PRI * HTTP/2.0`` is an HTTP/1.1 request like any other, which the app
+    answers 404.
+    """
+
+    async def _check_protocol(self, event: h11.Request) -> None:
+        return None
+
+
 class Connection:
     """One TCP connection: reads into hypercorn's protocol core and sends what it emits.
 
@@ -290,9 +306,14 @@ class Connection:
             client = parse_socket_addr(socket.family, socket.getpeername())
             server = parse_socket_addr(socket.family, socket.getsockname())
             async with trio.open_nursery() as nursery:
+                task_group = TaskGroup(nursery)
                 self.protocol = ProtocolWrapper(
-                    self.app, self.config, self.context, TaskGroup(nursery), self.state,
+                    self.app, self.config, self.context, task_group, self.state,
                     False, client, server, self.protocol_send, "http/1.1",
+                )
+                self.protocol.protocol = Http11Only(
+                    self.app, self.config, self.context, task_group, self.state,
+                    False, client, server, self.protocol_send,
                 )
                 await self.protocol.initiate()
                 await self._read_data()

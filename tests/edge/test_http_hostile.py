@@ -470,3 +470,24 @@ def test_pipelined_requests_are_answered_in_order(shared_edge):
         assert read_response(sock)[0] == 200
         assert read_response(sock)[2] == b"7"
     assert_serves(shared_edge)
+
+
+def test_http2_and_stray_websocket_handshakes_are_answered_in_http11(shared_edge):
+    upgrade = b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    with connect(shared_edge) as sock:
+        # A WebSocket handshake to an HTTP route was a 500 and a traceback in the log.
+        sock.sendall(b"GET /v1/kv/hostile/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n" + upgrade + b"\r\n")
+        status, _, body = read_response(sock)
+        assert status == 400 and json.loads(body)["error"] == "bad_request"
+    with connect(shared_edge) as sock:
+        # HTTP/2 would carry many requests past the per-connection bounds: not served.
+        sock.sendall(
+            b"GET /v1/kv/hostile/h2c HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n"
+            b"Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+        )
+        assert read_response(sock)[0] == 404
+    with connect(shared_edge) as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 4")
+    assert "Exception on websocket" not in shared_edge.output
+    assert_serves(shared_edge)
