@@ -31,6 +31,9 @@ class NetworkLimits:
     # HTTP: a response (or WebSocket message) must make progress at least this
     # often; a client that stops reading is disconnected after it.
     http_send_timeout_s: float = 30.0
+    # HTTP: request bodies being received, all connections together (each is
+    # held whole until answered, up to 1 MiB): past it a request gets 503.
+    http_body_bytes: int = 64 * 2**20
 
 
 class ConnectionLimit:

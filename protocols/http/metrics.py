@@ -76,6 +76,13 @@ class ConnectionCollector:
         for phase, count in admission.timeouts.items():
             timeouts.add_metric([phase], count)
         yield timeouts
+        yield GaugeMetricFamily(
+            "konsul_http_body_bytes", "Bytes of HTTP request bodies being received", value=admission.body_bytes
+        )
+        yield CounterMetricFamily(
+            "konsul_http_bodies_refused", "HTTP requests refused because request bodies held too much memory",
+            value=admission.bodies_refused,
+        )
         yield CounterMetricFamily(
             "konsul_http_accept_errors", "accept() failures for want of file descriptors or memory",
             value=admission.accept_errors,

@@ -90,6 +90,8 @@ class ConnectionAdmission:
         self.limits = limits
         self.connections = ConnectionLimit(limits.http_connections, limits.http_connections_per_source)
         self.accept_errors = 0  # accept(2) failures for want of file descriptors or memory
+        self.body_bytes = 0  # of request bodies being received, all connections together
+        self.bodies_refused = 0  # requests refused because body_bytes would pass its bound
         self.timeouts = {"idle": 0, "body": 0, "send": 0}  # connections closed by each deadline
 
 
@@ -105,6 +107,11 @@ def _refusal(reason: str) -> bytes:
     ))
 
 
+_BUSY_BODY = b'{"error":"too_many_requests","detail":"the agent is receiving too many request bodies; retry later"}'
+_BUSY_RESPONSE = (
+    b"HTTP/1.1 503 \r\ncontent-type: application/json\r\ncontent-length: %d\r\nretry-after: %d\r\n"
+    b"connection: close\r\n\r\n" % (len(_BUSY_BODY), REFUSED_RETRY_AFTER_S) + _BUSY_BODY
+)
 _TIMEOUT_BODY = b'{"error":"request_timeout","detail":"the request body did not arrive in time; send it whole"}'
 TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 \r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
@@ -298,6 +305,7 @@ class Connection:
         self._send_timeout = self.admission.limits.http_send_timeout_s
         self._body_deadline = inf  # set while a request's head is in and its body is not
         self._need = 0  # bytes the fast path's pending request needs before it is worth parsing again
+        self._body_bytes = 0  # of the body being received, counted in admission.body_bytes
         self._closed = False
 
     async def run(self) -> None:
@@ -320,6 +328,7 @@ class Connection:
         except OSError:
             pass
         finally:
+            self._release_body_bytes()
             await self._close()
 
     async def protocol_send(self, event) -> None:
@@ -373,6 +382,8 @@ class Connection:
         """Start the body deadline when a head is in and its body is not, clear it after."""
         if not receiving_body:
             self._body_deadline = inf
+            if self._body_bytes:
+                self._release_body_bytes()
         elif self._body_deadline == inf:
             self._body_deadline = trio.current_time() + self._body_timeout
 
@@ -391,6 +402,17 @@ class Connection:
                 # included), a body slower than its timeout, or a read that
                 # took read_timeout.
                 await self._timed_out()
+                break
+            if self._body_deadline != inf and not self._take_body_bytes(len(data)):
+                # Bodies are held whole in memory until their request is
+                # answered: all connections together may not hold more than
+                # the budget, whatever the per-connection bound allows.
+                peer_log.log(
+                    log, logging.WARNING, ("http-body-budget",),
+                    "refused a request body: %d bytes of bodies are being received already",
+                    self.admission.body_bytes,
+                )
+                await self._answer_instead(_BUSY_RESPONSE)
                 break
             if self._pending and len(self._pending) + len(data) < self._need:
                 self._pending += data  # the fast path's request is still short of its body
@@ -415,6 +437,24 @@ class Connection:
             self.admission.timeouts["idle"] += 1
             return
         self.admission.timeouts["body"] += 1
+        await self._answer_instead(TIMEOUT_RESPONSE)
+
+    def _take_body_bytes(self, size: int) -> bool:
+        """Count ``size`` more bytes of a body being received; False past the agent's budget."""
+        admission = self.admission
+        if admission.body_bytes + size > admission.limits.http_body_bytes:
+            admission.bodies_refused += 1
+            return False
+        admission.body_bytes += size
+        self._body_bytes += size
+        return True
+
+    def _release_body_bytes(self) -> None:
+        self.admission.body_bytes -= self._body_bytes
+        self._body_bytes = 0
+
+    async def _answer_instead(self, response: bytes) -> None:
+        """Send ``response`` in place of the app's, if none has started; the caller closes."""
         connection = getattr(self.protocol.protocol, "connection", None)
         if self._pending or (type(connection) is h11.Connection and connection.our_state is h11.SEND_RESPONSE):
             # The app (if it has the request) gets a disconnect and no response
@@ -423,7 +463,7 @@ class Connection:
             if not self._closed:
                 with trio.move_on_after(1):
                     try:
-                        await self.stream.send_all(TIMEOUT_RESPONSE)
+                        await self.stream.send_all(response)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
 

@@ -13,6 +13,7 @@ import resource
 import socket
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import httpx
@@ -81,9 +82,12 @@ def read_until_closed(sock: socket.socket) -> bytes:
     return received
 
 
+_unread: weakref.WeakKeyDictionary[socket.socket, bytes] = weakref.WeakKeyDictionary()
+
+
 def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One response with a Content-Length body."""
-    data = b""
+    """One response with a Content-Length body; what follows it is kept for the next call."""
+    data = _unread.pop(sock, b"")
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
         assert chunk, f"closed before a response head: {data!r}"
@@ -96,6 +100,7 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
         chunk = sock.recv(65536)
         assert chunk, "closed inside a response body"
         body += chunk
+    _unread[sock] = body[length:]
     return int(lines[0].split(" ")[1]), headers, body[:length]
 
 
@@ -146,6 +151,23 @@ def test_body_slower_than_its_timeout_gets_408(limited_edge, head):
     assert b'"request_timeout"' in answer
     assert httpx.get(f"{edge.url}/v1/kv/hostile/slow").status_code == 404
     assert metric(edge, "konsul_http_timeouts_total", 'phase="body"') >= 1
+    assert_serves(edge)
+
+
+def test_bodies_being_received_are_bounded_together(limited_edge):
+    edge = limited_edge(http_body_bytes=32 * 1024)
+    with connect(edge) as sock:
+        sock.sendall(b"PUT /v1/kv/hostile/body HTTP/1.1\r\nHost: x\r\nContent-Length: 204800\r\n\r\n")
+        try:
+            for _ in range(25):
+                sock.sendall(b"v" * 8192)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused while sending
+        answer = read_until_closed(sock)
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 503"), answer[:200]
+    assert metric(edge, "konsul_http_bodies_refused_total") == 1
+    assert metric(edge, "konsul_http_body_bytes") == 0
+    assert httpx.get(f"{edge.url}/v1/kv/hostile/body").status_code == 404
     assert_serves(edge)
 
 
