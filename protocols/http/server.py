@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import resource
 from collections.abc import Callable
 from functools import partial
 from math import inf
@@ -88,7 +89,17 @@ class ConnectionAdmission:
 
     def __init__(self, limits: NetworkLimits) -> None:
         self.limits = limits
-        self.connections = ConnectionLimit(limits.http_connections, limits.http_connections_per_source)
+        total = limits.http_connections
+        descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if descriptors != resource.RLIM_INFINITY and total > descriptors // 2:
+            # HTTP alone must not take the descriptors that MQTT, CoAP, the
+            # databases and the sync link need: at most half of them.
+            total = max(1, descriptors // 2)
+            log.info(
+                "at most %d HTTP connections (half of the %d file descriptors this process may open; "
+                "raise its limit, e.g. LimitNOFILE=, for more)", total, descriptors,
+            )
+        self.connections = ConnectionLimit(total, min(limits.http_connections_per_source, total))
         self.accept_errors = 0  # accept(2) failures for want of file descriptors or memory
         self.body_bytes = 0  # of request bodies being received, all connections together
         self.bodies_refused = 0  # requests refused because body_bytes would pass its bound
