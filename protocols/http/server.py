@@ -374,6 +374,13 @@ class Connection:
         Shielded: a response goes out whole even while its request's task is
         being cancelled; the deadline is what bounds a peer that stops reading.
         """
+        if len(data) <= SEND_CHUNK:  # the usual response: one deadline, no slicing
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + self._send_timeout) as scope:
+                await self.stream.send_all(data)
+            if scope.cancelled_caught:
+                self.admission.timeouts["send"] += 1
+                return False
+            return True
         view = memoryview(data)
         for start in range(0, len(view), SEND_CHUNK):
             with trio.CancelScope(shield=True, deadline=trio.current_time() + self._send_timeout) as scope:
