@@ -67,13 +67,18 @@ TRIM_ROWS = 256
 
 
 class ScopeIndex:
-    """The per-replica change counter of one scope (Consul's index)."""
+    """The per-replica change counter of one scope (Consul's index).
+
+    0 means nothing changed yet, and is reported as 1 (Consul never reports
+    0: clients treat it as "no index"). So the first change is 2, not 1: a
+    blocking query at the empty store's index 1 must wait for it, and see it.
+    """
 
     def __init__(self, value: int = 0) -> None:
         self.value = value
 
     def bump(self) -> int:
-        self.value += 1
+        self.value = max(self.value, 1) + 1
         return self.value
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 from quart import Blueprint, Response, current_app, request
 
 from konsul.sync.catalog import CheckDefinition, ServiceEntry
 from konsul.sync.checks import CRITICAL, PASSING, STATES, WARNING, CheckStatus
 from konsul.sync.errors import InvalidArgument, NotFound
+from konsul.sync.limits import parse_json_document
 
 from .params import parse_duration
 from .responses import json_response
@@ -31,12 +30,14 @@ def _fields(body: dict) -> dict:
 
 
 async def json_body_any():
-    """The request body as JSON, or a 400 that says where it broke."""
+    """The request body as a JSON document, or a 400 that says where it broke.
+
+    Every JSON body follows the one rule set of sync/limits.py (depth, size,
+    items, finite numbers, UTF-8): what is refused here can never reach the
+    store, a peer or a reader that would choke on it later.
+    """
     raw = await request.get_data(cache=True)
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise InvalidArgument(f"the body is not valid JSON ({error})") from None
+    return parse_json_document(raw, "the body")
 
 
 async def json_body() -> dict:

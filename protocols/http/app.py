@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from urllib.parse import unquote_to_bytes
 
-from quart import Response, request
+from quart import Response, has_request_context, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
-from konsul.sync.errors import KonsulError
+from konsul.sync.errors import InvalidArgument, KonsulError
 from konsul.sync.limits import MAX_VALUE_BYTES
 
 from .agent_routes import agent_api
@@ -17,19 +18,22 @@ from .catalog_routes import catalog_api
 from .context import HttpContext
 from .kv_fast_path import KvFastPath
 from .kv_routes import kv_api
-from .metrics import HttpMetrics, make_registry
+from .metrics import ConnectionCollector, HttpMetrics, make_registry
 from .device_routes import device_api
 from .ops_routes import ops_api
 from .telemetry_routes import telemetry_api
 from .twin_routes import twin_api
 from .txn_routes import txn_api
 from .responses import error_response
+from .server import ConnectionAdmission
 
 log = logging.getLogger(__name__)
 
 _HTTP_CODES = {
     400: "bad_request",
-    404: "not_found",
+    # Not "not_found": a client must not read a wrong URL as a missing key
+    # (a missing KV key is Consul's empty 404, kv_routes).
+    404: "unknown_endpoint",
     405: "method_not_allowed",
     413: "too_large",
 }
@@ -58,6 +62,9 @@ def create_app(ctx: HttpContext, extra_blueprints: tuple | list = ()) -> QuartTr
     # Plain KV reads and writes are answered before hypercorn's protocol core
     # (server.py); everything else reaches the routes below.
     app.config["KONSUL_FAST_PATH"] = KvFastPath(ctx, metrics)
+    # The server admits connections against the agent's limits (server.py).
+    admission = app.config["KONSUL_ADMISSION"] = ConnectionAdmission(ctx.limits)
+    ctx.registry.register(ConnectionCollector(admission))
     for blueprint in (kv_api, txn_api, agent_api, catalog_api, device_api, twin_api, telemetry_api, ops_api, *extra_blueprints):
         app.register_blueprint(blueprint)
 
@@ -65,12 +72,20 @@ def create_app(ctx: HttpContext, extra_blueprints: tuple | list = ()) -> QuartTr
     async def konsul_error(error: KonsulError) -> Response:
         return error_response(error.status, error.code, str(error))
 
+    def target() -> tuple[str, str]:
+        # A WebSocket handshake to an HTTP route fails in a websocket context,
+        # where quart's ``request`` is unbound (once a 500 and a traceback).
+        if has_request_context():
+            return request.method, request.path
+        return "WEBSOCKET", websocket.path
+
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
         status = error.code or 500
+        method, path = target()
         detail = {
-            404: f"no such endpoint: {request.path}",
-            405: f"{request.method} is not allowed on {request.path}",
+            404: f"no such endpoint: {path}",
+            405: f"{method} is not allowed on {path}",
             413: f"the body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes",
         }.get(status, error.description or error.name)
         response = error_response(status, _HTTP_CODES.get(status, "http_error"), detail)
@@ -81,7 +96,7 @@ def create_app(ctx: HttpContext, extra_blueprints: tuple | list = ()) -> QuartTr
 
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s", *target())
         return error_response(500, "internal", f"unexpected server error: {error}")
 
     @app.before_request
@@ -93,9 +108,28 @@ def create_app(ctx: HttpContext, extra_blueprints: tuple | list = ()) -> QuartTr
         if request.method in ("PUT", "POST", "PATCH", "DELETE"):
             await request.get_data(cache=True)
 
+    @app.before_request
+    async def refuse_undecodable_target() -> None:
+        # werkzeug decodes %-escapes that are not UTF-8 to U+FFFD, so
+        # "bad%ffkey" and "bad%fekey" would both name the key "bad\ufffdkey".
+        raw_path = request.scope.get("raw_path") or b""
+        try:
+            unquote_to_bytes(raw_path).decode("utf-8")
+            unquote_to_bytes(request.scope.get("query_string") or b"").decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument(
+                "the path or query is not UTF-8 once %-decoded; escape each byte of a UTF-8 key"
+            ) from None
+
     @app.after_request
     async def count(response: Response) -> Response:
         metrics.requests.labels(request.method, str(response.status_code)).inc()
+        return response
+
+    @app.after_websocket
+    async def count_websocket(response: Response | None) -> Response | None:
+        if response is not None:
+            metrics.requests.labels("WEBSOCKET", str(response.status_code)).inc()
         return response
 
     return app

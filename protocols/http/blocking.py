@@ -31,9 +31,14 @@ async def block_until_changed(current_index: Callable[[], int], event: Callable[
     # An index above ours means the client saw another replica or we restarted:
     # answer at once so it resets, as Consul does when an index goes backwards.
     with trio.move_on_after(wait):
-        while current_index() == wanted:
+        while reported_index(current_index()) == wanted:
             await event().wait()
 
 
+def reported_index(value: int) -> int:
+    """The index a client sees: never 0, which Consul clients read as "none" (first change is 2)."""
+    return max(1, value)
+
+
 def index_header(value: int) -> dict[str, str]:
-    return {"X-Consul-Index": str(max(1, value))}
+    return {"X-Consul-Index": str(reported_index(value))}

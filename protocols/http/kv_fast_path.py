@@ -48,7 +48,15 @@ _DC_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123
 
 
 class Incomplete(Exception):
-    """More bytes are needed before the request can be judged."""
+    """More bytes are needed before the request can be judged.
+
+    ``need`` is the whole request's size once its head is in (0 before): no
+    use parsing again before the buffer holds that much.
+    """
+
+    def __init__(self, need: int = 0) -> None:
+        super().__init__(need)
+        self.need = need
 
 
 class _Date:
@@ -124,7 +132,7 @@ class KvFastPath:
             return None
         start = end + 4
         if len(buffer) < start + length:
-            raise Incomplete
+            raise Incomplete(start + length)
         return method, key, query, buffer[start:start + length], start + length
 
     async def respond(self, method: bytes, key: bytes, query: bytes, body: bytes) -> bytes | None:

@@ -10,7 +10,7 @@ import base64
 
 from quart import Blueprint, Response, current_app, request
 
-from konsul.sync.errors import InvalidArgument
+from konsul.sync.errors import InvalidArgument, KonsulError
 from konsul.sync.kv import HistoryRecord, KvEntry
 
 from .blocking import block_until_changed, index_header
@@ -18,6 +18,16 @@ from .params import duration_arg, flag, int_arg
 from .responses import json_response
 
 kv_api = Blueprint("kv", __name__)
+
+
+class SessionsUnsupported(KonsulError):
+    """A lock operation (``?acquire=``, ``?release=``, txn ``lock``): Konsul has no sessions yet."""
+
+    code = "sessions_unsupported"
+    status = 400
+
+
+SESSION_PARAMS = ("acquire", "release")
 
 
 def entry_json(entry: KvEntry) -> dict:
@@ -88,6 +98,14 @@ def _not_found(headers: dict[str, str]) -> Response:
 
 
 async def _put(scope, key: str) -> Response:
+    for name in SESSION_PARAMS:
+        if name in request.args:
+            # Writing as if the lock were taken would tell the client it holds
+            # a lock nobody else respects.
+            raise SessionsUnsupported(
+                f"?{name}= needs Consul sessions, which Konsul does not have; write without it, "
+                "or use ?cas=<ModifyIndex> for check-and-set"
+            )
     flags = int_arg("flags", default=0)
     cas = int_arg("cas")
     ttl = duration_arg("ttl")

@@ -55,6 +55,40 @@ class HttpMetrics:
         )
 
 
+class ConnectionCollector:
+    """The HTTP listener's open connections and what its bounds refused or cut (server.py)."""
+
+    def __init__(self, admission) -> None:
+        self.admission = admission
+
+    def collect(self):
+        admission = self.admission
+        yield GaugeMetricFamily("konsul_http_connections", "Open HTTP connections", value=admission.connections.count)
+        refused = CounterMetricFamily(
+            "konsul_http_connections_refused", "HTTP connections refused at a connection limit", labels=["limit"]
+        )
+        for limit, count in admission.connections.refused.items():
+            refused.add_metric([limit], count)
+        yield refused
+        timeouts = CounterMetricFamily(
+            "konsul_http_timeouts", "HTTP connections closed by a deadline (idle/head, body, send)", labels=["phase"]
+        )
+        for phase, count in admission.timeouts.items():
+            timeouts.add_metric([phase], count)
+        yield timeouts
+        yield GaugeMetricFamily(
+            "konsul_http_body_bytes", "Bytes of HTTP request bodies being received", value=admission.body_bytes
+        )
+        yield CounterMetricFamily(
+            "konsul_http_bodies_refused", "HTTP requests refused because request bodies held too much memory",
+            value=admission.bodies_refused,
+        )
+        yield CounterMetricFamily(
+            "konsul_http_accept_errors", "accept() failures for want of file descriptors or memory",
+            value=admission.accept_errors,
+        )
+
+
 class SyncCollector:
     """Sync figures per peer (the hub at an edge; each site at the hub)."""
 

@@ -9,12 +9,25 @@ from quart import request
 from konsul.sync.errors import InvalidArgument
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+MAX_INT_DIGITS = 20  # 2**64 has 20
+_INTEGER = re.compile(r"-?[0-9]{1,%d}" % MAX_INT_DIGITS)
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+# The longest duration any parameter takes (about a century, as Go's ~292
+# years): "9" * 400 + "s" is a float infinity, and a TTL from it no integer.
+MAX_DURATION_S = 100 * 365 * 24 * 3600.0
 
 
 def parse_duration(text: str, name: str) -> float:
     """Seconds in a Go duration ("10s", "1m30s", "500ms"); a bare number is seconds."""
-    text = text.strip()
+    total = _parse_duration(text.strip(), name)
+    if not total <= MAX_DURATION_S:  # also false for NaN
+        raise InvalidArgument(f"{name} is at most {MAX_DURATION_S:.0f}s (about a century)")
+    return total
+
+
+def _parse_duration(text: str, name: str) -> float:
     if re.fullmatch(r"\d+(\.\d+)?", text):
         return float(text)
     pos, total = 0, 0.0
@@ -39,12 +52,15 @@ def int_arg(name: str, default: int | None = None, minimum: int = 0) -> int | No
     raw = request.args.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidArgument(f"{name}={raw!r} is not an integer") from None
+    # Digits only: int() would also take " 7", "+7", "7_0" and "٧", and spend
+    # quadratic time on thousands of digits.
+    if not _INTEGER.fullmatch(raw):
+        raise InvalidArgument(f"{name}={raw[:40]!r} is not an integer of at most {MAX_INT_DIGITS} digits")
+    value = int(raw)
     if value < minimum:
         raise InvalidArgument(f"{name} must be at least {minimum}")
+    if value >= 2**64:
+        raise InvalidArgument(f"{name} is an unsigned 64-bit integer")
     return value
 
 

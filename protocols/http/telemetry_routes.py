@@ -27,6 +27,9 @@ telemetry_api = Blueprint("telemetry", __name__)
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 10_000
 MAX_SAMPLES_PER_POST = 1_000
+# What RFC 3339 can write: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z, in unix seconds.
+_EARLIEST_S = -62135596800.0
+_LATEST_S = 253402300799.0
 
 
 def time_arg(name: str) -> int | None:
@@ -35,16 +38,19 @@ def time_arg(name: str) -> int | None:
     if raw is None or raw == "":
         return None
     try:
-        return int(float(raw) * 1000)
+        seconds = float(raw)
     except ValueError:
-        pass
-    try:
-        parsed = datetime.datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidArgument(f"{name}={raw!r} is neither unix seconds nor an RFC 3339 time") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
-    return int(parsed.timestamp() * 1000)
+        try:
+            parsed = datetime.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidArgument(f"{name}={raw[:64]!r} is neither unix seconds nor an RFC 3339 time") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+        seconds = parsed.timestamp()
+    # inf, nan and 1e308 have no millisecond (and SQLite no 64-bit integer for them).
+    if not _EARLIEST_S <= seconds <= _LATEST_S:
+        raise InvalidArgument(f"{name} is a time between the years 1 and 9999 (unix seconds or RFC 3339)")
+    return int(seconds * 1000)
 
 
 def _window() -> tuple[int | None, int | None, int]:

@@ -20,7 +20,7 @@ from konsul.sync.errors import InvalidArgument
 from konsul.sync.limits import check_flags, check_key, check_prefix, check_value
 
 from .agent_routes import json_body_any
-from .kv_routes import entry_json
+from .kv_routes import SessionsUnsupported, entry_json
 from .responses import json_response
 
 txn_api = Blueprint("txn", __name__)
@@ -53,7 +53,7 @@ def parse_operations(body) -> list[KvOp]:
         kv = item["KV"]
         verb = kv.get("Verb")
         if verb in _UNSUPPORTED:
-            raise InvalidArgument(f"{where}: verb {verb!r} needs sessions, which Konsul does not have")
+            raise SessionsUnsupported(f"{where}: verb {verb!r} needs sessions, which Konsul does not have")
         if verb not in _READS | _WRITES:
             raise InvalidArgument(f"{where}: unknown verb {verb!r}")
         key = kv.get("Key", "")

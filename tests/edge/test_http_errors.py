@@ -125,7 +125,7 @@ def test_unparseable_wait(http, unchanged):
 
 
 def test_unknown_endpoint_and_check(http, unchanged):
-    assert_error(http.get("/v1/nope"), 404, "not_found")
+    assert_error(http.get("/v1/nope"), 404, "unknown_endpoint")
     assert_error(http.put("/v1/agent/check/pass/no-such-check"), 404, "not_found")
     assert_error(http.put("/v1/agent/service/deregister/no-such-service"), 404, "not_found")
 

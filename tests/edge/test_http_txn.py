@@ -77,7 +77,7 @@ def test_malformed_transactions_are_refused(http, body, detail):
     before = index(http)
     response = http.put("/v1/txn", content=body)
     assert response.status_code == 400
-    assert response.json()["error"] in ("invalid_argument", "invalid_key")
+    assert response.json()["error"] in ("invalid_argument", "invalid_key", "sessions_unsupported")
     assert detail in response.json()["detail"]
     assert http.get("/v1/kv/txn4/k").status_code == 404
     assert index(http) == before
