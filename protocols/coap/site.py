@@ -7,6 +7,8 @@ Everything here runs on the asyncio side; the only way into trio is the
 from __future__ import annotations
 
 import copy
+import logging
+from typing import Any
 
 from aiocoap import Message, error, resource
 from aiocoap.options import Options
@@ -38,6 +40,69 @@ class CoapMetrics:
         )
         self.registrations = Gauge("konsul_coap_registrations", "Live resource-directory registrations", registry=registry)
         self.observations = Gauge("konsul_coap_observations", "Live CoAP observations", registry=registry)
+        self.refused = Counter(
+            "konsul_coap_refused",
+            "CoAP input refused or limited before it could cost more, by reason",
+            ["reason"],
+            registry=registry,
+        )
+
+
+def responder_pipe(requester: Any, log: logging.Logger) -> Any:
+    """aiocoap's ``pipe.error_to_message``, without its crash on a requester gone mid-response.
+
+    The render task writes into the pipe this returns; each response is
+    forwarded to ``requester``, the pipe of the request, and an error becomes
+    an error response. aiocoap's version keeps forwarding (returns "call me
+    again") after a non-final response even when forwarding it ended the
+    requester: when the send fails, aiocoap ends the exchanges of that remote
+    at once, inside the send, which unregisters this pipe's only listener
+    while the pipe is still running its listeners. The pipe then asks an ended
+    listener list for interest -- ``TypeError: 'bool' object is not
+    iterable`` -- and, reporting that, calls the logger with an argument it
+    does not take, which escaped the render task and ended the agent (an
+    observer that closed its socket, then HTTP writes to the key it had
+    observed). Here a listener says "again" only while the requester still
+    listens, and an event for an ended pipe is dropped.
+    """
+    from aiocoap import pipe as pipes
+    from aiocoap.numbers.codes import Code as Codes
+
+    responder = pipes.Pipe(requester.request, log)
+
+    def still_listening(pipe: Any) -> bool:
+        return pipe._event_callbacks is not False
+
+    def on_event(event: Any) -> bool:
+        if not still_listening(requester):
+            return False
+        if event.message is not None:
+            requester.add_response(event.message, event.is_last)
+            return not event.is_last and still_listening(requester)
+        exc = event.exception
+        if isinstance(exc, error.RenderableError):
+            try:
+                message = exc.to_message()
+            except Exception as failure:  # noqa: BLE001 - an error that cannot render itself
+                log.error("rendering the error %r failed: %r", exc, failure)
+                message = None
+            requester.add_response(message or Message(code=Codes.INTERNAL_SERVER_ERROR), is_last=True)
+        elif exc is not None:
+            log.error("an exception occurred while rendering a resource: %r", exc, exc_info=exc)
+            requester.add_response(Message(code=Codes.INTERNAL_SERVER_ERROR), is_last=True)
+        return False
+
+    add_event = responder._add_event
+
+    def add_event_while_listened(event: Any) -> None:
+        if responder._event_callbacks is False:
+            return  # the requester is gone: nothing to forward to, nothing to log
+        add_event(event)
+
+    responder._add_event = add_event_while_listened
+    remove_interest = responder.on_event(on_event)
+    requester.on_interest_end(remove_interest)
+    return responder
 
 
 def _with_path(request: Message, path: tuple[str, ...]) -> Message:
@@ -137,6 +202,10 @@ class CoapGateway:
                 Link("/rd-lookup/res", [["rt", "core.rd-lookup-res"], ["ct", "40"]]),
             ]
         )
+
+    def refused(self, reason: str, source: str) -> None:
+        """Count input refused or limited before it cost more (the source is for the log line only)."""
+        self.metrics.refused.labels(reason).inc()
 
     def close(self) -> None:
         self.timer.close()
