@@ -28,6 +28,16 @@ class NetworkLimits:
     anonymous_device_expiry_s: float = 7 * 24 * 3600  # forgotten after this long unseen
     sync_scopes_per_session: int = 16  # scopes one sync hello may name
     max_clock_skew_s: float = 300.0  # remote stamps further ahead are refused
+    # CoAP state kept per peer (protocols/coap/limits.py): resource-directory
+    # registrations, block-wise transfers being assembled or served, and the
+    # duplicate-detection cache (RFC 7252 4.5), each per source and in total.
+    coap_registrations: int = 10_000
+    coap_registrations_per_source: int = 256
+    coap_transfers: int = 1_024  # Block1 uploads being assembled plus Block2 answers held
+    coap_transfers_per_source: int = 32
+    coap_transfer_bytes: int = 64 * 1024 * 1024  # all those buffers together
+    coap_duplicate_entries: int = 50_000  # remembered (address, message id) pairs
+    coap_duplicate_entries_per_source: int = 5_000
 
 
 class ConnectionLimit:

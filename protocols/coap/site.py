@@ -22,6 +22,7 @@ from .devices import DeviceResource
 from .directory import ResourceDirectory
 from .errors import with_diagnostic
 from .kv import KvResource, PutSoon
+from .limits import ObserverAdmission
 from .rd import (
     DirectoryTimer,
     LookupResource,
@@ -169,9 +170,11 @@ class CoapGateway:
         self.access = Access(gateways, run_trio)
         self.directory = ResourceDirectory()
         self.timer = DirectoryTimer(self.directory, gateways.presence)
-        self.kv = KvResource(gateways, self.access, run_trio, put_soon)
+        limits = gateways.limits
+        self.observers = ObserverAdmission(limits.coap_observers, limits.coap_observers_per_source, self.refused)
+        self.kv = KvResource(gateways, self.access, run_trio, put_soon, self.observers)
         self.devices = DeviceResource(
-            gateways, self.access, run_trio, lambda kind: self.metrics.documents.labels(kind).inc()
+            gateways, self.access, run_trio, lambda kind: self.metrics.documents.labels(kind).inc(), self.observers
         )
         site = self.site = EdgeSite(self.metrics)
         site.add_resource([".well-known", "core"], resource.WKCResource(self.links, impl_info=None))

@@ -40,6 +40,14 @@ def edge(tmp_path_factory):
     process.stop()
 
 
+@pytest.fixture
+def fresh_edge(tmp_path_factory):
+    """An edge of its own, for tests that count what one source holds."""
+    process = start_edge(tmp_path_factory, "--allow-anonymous")
+    yield process
+    process.stop()
+
+
 class Peer:
     """A raw UDP socket talking CoAP to the edge."""
 
@@ -168,3 +176,62 @@ def test_an_observer_that_went_away_ends_neither_the_edge_nor_other_observers(ed
     run(second_session)
     still_serving(edge)
     assert httpx.get(f"{edge.url}/v1/kv/{key}?raw").content == b"v3"
+
+
+# -- finding 4: unbounded Observe registrations ---------------------------------------------
+
+
+def observe_many(peer: Peer, key: str, count: int, first_mid: int, observe: int = 0) -> list[Message]:
+    """``count`` Observe GETs (tokens 0, 1, ...) for ``key``; their answers, by token.
+
+    An answer may come piggybacked or, when the edge is busy, as a separate
+    confirmable response after an empty ACK (RFC 7252 5.2.2), which is acknowledged.
+    """
+    answers: dict[bytes, Message] = {}
+    for n in range(count):
+        peer.send(encode(Code.GET, first_mid + n, n.to_bytes(2, "big"), uri_path=("kv", *key.split("/")), observe=observe))
+    while len(answers) < count:
+        answer = peer.receive()
+        if answer.mtype == CON:
+            peer.send(encode(Code.EMPTY, answer.mid, mtype=ACK))
+        if answer.code != Code.EMPTY:
+            answers[answer.token] = answer
+    return [answers[token] for token in sorted(answers)]
+
+
+def test_observers_are_bounded_per_source_and_answered_as_plain_gets_past_the_bound(fresh_edge):
+    edge = fresh_edge
+    key = "hostile/popular"
+    assert httpx.put(f"{edge.url}/v1/kv/{key}", content=b"v0").status_code == 200
+    per_source = 256  # NetworkLimits.coap_observers_per_source
+    refused_before = metric(edge, 'konsul_coap_refused_total{reason="observers_per_source"}')
+    peer = Peer(edge)
+    try:
+        answers = observe_many(peer, key, per_source + 10, first_mid=1000)
+        assert all(answer.code == Code.CONTENT for answer in answers)
+        observing = [answer for answer in answers if answer.opt.observe is not None]
+        assert len(observing) == per_source
+        assert metric(edge, 'konsul_coap_refused_total{reason="observers_per_source"}') - refused_before == 10
+
+        # another source still gets its observation
+        other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        other.bind(("127.0.0.2", 0))
+        other.settimeout(5)
+        try:
+            other.sendto(encode(Code.GET, 7, b"o", uri_path=("kv", *key.split("/")), observe=0), edge.coap_host_port)
+            assert Message.decode(other.recvfrom(65536)[0]).opt.observe is not None
+            other.sendto(encode(Code.GET, 8, b"o", uri_path=("kv", *key.split("/")), observe=1), edge.coap_host_port)
+            assert Message.decode(other.recvfrom(65536)[0]).opt.observe is None
+        finally:
+            other.close()
+
+        # deregistering (Observe: 1, RFC 7641 3.6) gives the places back
+        answers = observe_many(peer, key, per_source + 10, first_mid=2000, observe=1)
+        assert all(answer.opt.observe is None for answer in answers)
+        eventually(lambda: metric(edge, "konsul_coap_observations") == 0, 10, "observations released")
+        again = observe_many(peer, key, 1, first_mid=3000)
+        assert again[0].opt.observe is not None
+        observe_many(peer, key, 1, first_mid=3001, observe=1)
+    finally:
+        peer.close()
+    still_serving(edge)
