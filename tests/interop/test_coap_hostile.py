@@ -100,6 +100,17 @@ def still_serving(edge: EdgeProcess, key: str = "hostile/alive") -> None:
         peer.close()
 
 
+def writer_query(edge: EdgeProcess, device_id: str = "hostile-writer") -> str:
+    """``?ep=...&tk=...`` of a device that may write keys under ``hostile/`` (created once per edge)."""
+    if not hasattr(edge, "writer_tokens"):
+        edge.writer_tokens = {}
+    if device_id not in edge.writer_tokens:
+        reply = httpx.put(f"{edge.url}/v1/devices/{device_id}", json={"KVWrite": ["hostile/"]})
+        assert reply.status_code == 201, reply.text
+        edge.writer_tokens[device_id] = reply.json()["Token"]
+    return f"ep={device_id}&tk={edge.writer_tokens[device_id]}"
+
+
 def metric(edge: EdgeProcess, name: str) -> float:
     for line in httpx.get(f"{edge.url}/metrics").text.splitlines():
         if line.split(" ")[0] == name:
@@ -234,4 +245,46 @@ def test_observers_are_bounded_per_source_and_answered_as_plain_gets_past_the_bo
         observe_many(peer, key, 1, first_mid=3001, observe=1)
     finally:
         peer.close()
+    still_serving(edge)
+
+
+# -- finding 2 over CoAP: one rule set for structured payloads ----------------------------
+
+
+def test_deeply_nested_documents_are_refused_and_change_nothing(edge):
+    device = "deep-1"
+    nested_json = b'{"a":' + b"[" * 900 + b"]" * 900 + b"}"
+    nested_cbor = b"\xa1\x61a" + b"\x81" * 900 + b"\x80"  # {"a": [[[...[]...]]]}, 900 levels
+    infinity_cbor = bytes.fromhex("a1 61 74 f9 7c00".replace(" ", ""))  # {"t": Infinity}
+    query = writer_query(edge)
+
+    async def scenario():
+        client = await Context.create_client_context()
+        try:
+            base = f"{edge.coap}/devices/{device}"
+
+            async def send(code, path, payload, fmt):
+                message = Message(code=code, uri=f"{base}/{path}", payload=payload, content_format=fmt)
+                return await client.request(message).response
+
+            assert (await send(Code.PUT, "reported", b'{"fw":"1"}', 50)).code == Code.CHANGED
+            answers = [
+                await send(Code.PUT, "reported", nested_json, 50),
+                await send(Code.POST, "reported", nested_cbor, 60),
+                await send(Code.POST, "telemetry", nested_cbor, 60),
+                await send(Code.POST, "telemetry", infinity_cbor, 60),
+                await client.request(
+                    Message(code=Code.PUT, uri=f"{edge.coap}/kv/hostile/deep?{query}", payload=nested_json, content_format=50)
+                ).response,
+            ]
+            return answers
+        finally:
+            await client.shutdown()
+
+    for answer in run(scenario):
+        assert answer.code == Code.BAD_REQUEST, (answer, answer.payload[:100])
+        assert answer.payload.startswith((b"bad_document: ", b"malformed_json: ")), answer.payload
+    assert httpx.get(f"{edge.url}/v1/devices/{device}/reported").json() == {"fw": "1"}
+    assert httpx.get(f"{edge.url}/v1/devices/{device}/telemetry").json() == []
+    assert httpx.get(f"{edge.url}/v1/kv/hostile/deep").status_code == 404
     still_serving(edge)
