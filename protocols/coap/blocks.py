@@ -60,11 +60,33 @@ class LimitedBlock1Spool(Block1Spool):
 def first_block(request: Message, response: Message, cache: Block2Cache) -> Message:
     """``response`` as it goes out in an Observe notification.
 
-    A representation that fits one datagram goes whole; a larger one goes as
+    A representation that fits one block goes whole; a larger one goes as
     block 0, with the rest served from ``cache`` to the GETs for block 1 on.
+    A block is as large as the transport allows or as the client asked with
+    Block2 in its Observe request, whichever is smaller (RFC 7959 2.4: the
+    client's size or smaller), for the first answer and every notification.
     """
     limit = request.remote.maximum_payload_size
-    if len(response.payload) <= limit:
+    size_exponent = request.remote.maximum_block_size_exp
+    asked = request.opt.block2
+    if asked is not None:
+        size_exponent = min(size_exponent, asked.size_exponent)
+    if len(response.payload) <= min(limit, 2 ** (size_exponent + 4)):
         return response
     cache._completes[_extract_block_key(request)] = response
-    return response._extract_block(0, request.remote.maximum_block_size_exp, limit)
+    return response._extract_block(0, size_exponent, limit)
+
+
+def check_block_options(request: Message) -> None:
+    """4.00 for a Block1 or Block2 option with the reserved size exponent 7 (RFC 7959 2.2).
+
+    Over UDP, 7 means nothing (RFC 8323 gives it a meaning over TCP only);
+    aiocoap took it for a 1024-byte block and answered 2.31 Continue.
+    """
+    for name, block in (("Block1", request.opt.block1), ("Block2", request.opt.block2)):
+        if block is not None and block.size_exponent == 7:
+            raise CoapError(
+                Code.BAD_REQUEST,
+                "bad_block_option",
+                f"{name} has the reserved size exponent 7; use 0 to 6 (16 to 1024 bytes)",
+            )

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..gateway import GatewayContext
 from .access import Access, RunTrio
-from .blocks import LimitedBlock1Spool
+from .blocks import LimitedBlock1Spool, check_block_options
 from .devices import DeviceResource
 from .directory import ResourceDirectory
 from .errors import with_diagnostic
@@ -152,6 +152,7 @@ class EdgeSite(resource.Site):
             counter = self._counters[code] = self.metrics.requests.labels(str(code))
         counter.inc()
         try:
+            check_block_options(pipe.request)
             await super().render_to_pipe(pipe)
         except error.RenderableError as exc:
             explained = with_diagnostic(exc)

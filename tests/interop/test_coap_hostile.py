@@ -288,3 +288,52 @@ def test_deeply_nested_documents_are_refused_and_change_nothing(edge):
     assert httpx.get(f"{edge.url}/v1/devices/{device}/telemetry").json() == []
     assert httpx.get(f"{edge.url}/v1/kv/hostile/deep").status_code == 404
     still_serving(edge)
+
+
+# -- finding 7: block-wise details ---------------------------------------------------------
+
+
+def test_block1_with_the_reserved_size_exponent_is_a_bad_request(edge):
+    query = writer_query(edge)
+    peer = Peer(edge)
+    try:
+        path = ("kv", "hostile", "block7")
+        for mid, block in ((71, (0, True, 7)), (72, (0, False, 7))):
+            answer = peer.request(
+                encode(Code.PUT, mid, b"b7", uri_path=path, uri_query=tuple(query.split("&")), block1=block, payload=b"x" * 1024)
+            )
+            assert answer.code == Code.BAD_REQUEST and answer.payload.startswith(b"bad_block_option: "), answer
+        answer = peer.request(encode(Code.GET, 73, b"b7", uri_path=path, block2=(0, False, 7)))
+        assert answer.code == Code.BAD_REQUEST, answer
+    finally:
+        peer.close()
+    assert httpx.get(f"{edge.url}/v1/kv/hostile/block7").status_code == 404
+    still_serving(edge)
+
+
+def test_observe_with_a_small_block2_gets_blocks_of_that_size_in_notifications_too(edge):
+    key = "hostile/blocks"
+    first, second = bytes(range(200)) + b"a" * 100, b"b" * 300
+    assert httpx.put(f"{edge.url}/v1/kv/{key}", content=first).status_code == 200
+    peer = Peer(edge)
+    path = ("kv", *key.split("/"))
+    try:
+        answer = peer.request(encode(Code.GET, 81, b"bl", uri_path=path, observe=0, accept=42, block2=(0, False, 2)))
+        assert answer.code == Code.CONTENT and answer.opt.observe is not None
+        assert (len(answer.payload), answer.opt.block2) == (64, (0, True, 2)), answer.opt.block2
+        assert answer.payload == first[:64]
+        assert httpx.put(f"{edge.url}/v1/kv/{key}", content=second).status_code == 200
+        notification = peer.receive()
+        while notification.token != b"bl" or notification.code == Code.EMPTY:
+            notification = peer.receive()
+        if notification.mtype == CON:
+            peer.send(encode(Code.EMPTY, notification.mid, mtype=ACK))
+        assert (len(notification.payload), notification.opt.block2) == (64, (0, True, 2))
+        assert notification.payload == second[:64]
+        # the rest with plain GETs at that size (RFC 7959 3.4)
+        rest = peer.request(encode(Code.GET, 82, b"b2", uri_path=path, accept=42, block2=(1, False, 2)))
+        assert (rest.payload, rest.opt.block2) == (second[64:128], (1, True, 2))
+        peer.request(encode(Code.GET, 83, b"bl", uri_path=path, observe=1, accept=42))  # deregister
+    finally:
+        peer.close()
+    still_serving(edge)
