@@ -160,7 +160,19 @@ def _refuse_undecodable(
 
     received = protocol.datagram_msg_received
 
+    def answer(data: bytes, ancdata: Any, address: Any, reply: bytes | None) -> None:
+        if reply is not None:
+            pktinfo = [item for item in ancdata if item[:2] == (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO)]
+            transport.sendmsg(reply, pktinfo, 0, address)
+
     def datagram_msg_received(data, ancdata, flags, address) -> None:
+        if flags & socket.MSG_TRUNC:
+            # Larger than the read buffer: what arrived is a prefix, which
+            # aiocoap would take for the whole message (a PUT stored cut short).
+            refused("truncated", source_of(address))
+            detail = f"truncated: a datagram is at most {transport.max_size} bytes here; send larger payloads block-wise (Block1)"
+            answer(data, ancdata, address, refusal_for(data, detail, code=0x8D, options=_SIZE1_1024))
+            return
         try:
             received(data, ancdata, flags, address)
         except Exception as exc:  # noqa: BLE001 - one datagram's failure must stay its own
@@ -175,26 +187,30 @@ def _refuse_undecodable(
                 log, logging.WARNING, ("coap_datagram", source_of(address)),
                 "CoAP datagram from %s refused (%s): %s: %s", source_of(address), reason, type(exc).__name__, exc,
             )
-            answer = refusal_for(data, f"{reason}: {exc}; the message could not be processed")
-            if answer is not None:
-                pktinfo = [item for item in ancdata if item[:2] == (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO)]
-                transport.sendmsg(answer, pktinfo, 0, address)
+            answer(data, ancdata, address, refusal_for(data, f"{reason}: {exc}; the message could not be processed"))
 
     protocol.datagram_msg_received = datagram_msg_received
 
 
-def refusal_for(data: bytes, diagnostic: str) -> bytes | None:
-    """The answer to an undecodable datagram whose fixed header is sound, if it gets one."""
+_SIZE1_1024 = bytes([0xD2, 60 - 13, 0x04, 0x00])  # Size1 (option 60) = 1024: the block size to use
+
+
+def refusal_for(data: bytes, diagnostic: str, code: int = 0x80, options: bytes = b"") -> bytes | None:
+    """The answer to a datagram refused before decoding, if its fixed header is sound and asks for one.
+
+    ``code`` is the response code byte (4.00 by default), ``options`` encoded
+    options (the first delta from 0).
+    """
     if len(data) < 4 or data[0] >> 6 != 1:
         return None
-    mtype, token_length, code = (data[0] >> 4) & 3, data[0] & 0x0F, data[1]
+    mtype, token_length, request_code = (data[0] >> 4) & 3, data[0] & 0x0F, data[1]
     if mtype != 0 or token_length > 8 or len(data) < 4 + token_length:
         return None  # only a confirmable message asks for an answer
     mid = data[2:4]
-    if 1 <= code <= 31:  # a request: ACK with 4.00 Bad Request and the same token
+    if 1 <= request_code <= 31:  # a request: ACK with the refusal and the same token
         token = data[4 : 4 + token_length]
         payload = diagnostic.encode("utf-8", "replace")[:200]
-        return bytes([0x60 | token_length, 0x80]) + mid + token + b"\xff" + payload
+        return bytes([0x60 | token_length, code]) + mid + token + options + b"\xff" + payload
     return bytes([0x70, 0]) + mid  # Reset
 
 
@@ -276,7 +292,10 @@ async def run_coap_gateway(
     for tokens in context.request_interfaces:
         manager = getattr(tokens, "token_interface", None)
         if manager is not None:
-            compact_duplicates(manager)
+            limits = gateways.limits
+            compact_duplicates(
+                manager, limits.coap_duplicate_entries, limits.coap_duplicate_entries_per_source, gateway.refused
+            )
 
     def on_change(scope_name: str, collection: str, keys: set[str]) -> None:
         if collection == "kv":

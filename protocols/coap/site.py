@@ -15,9 +15,10 @@ from aiocoap.options import Options
 from aiocoap.util.linkformat import Link, LinkFormat
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from ..admission import ConnectionLimit
 from ..gateway import GatewayContext
 from .access import Access, RunTrio
-from .blocks import LimitedBlock1Spool, check_block_options
+from .blocks import LimitedBlock1Spool, LimitedBlock2Cache, TransferBudget, check_block_options
 from .devices import DeviceResource
 from .directory import ResourceDirectory
 from .errors import with_diagnostic
@@ -169,9 +170,11 @@ class CoapGateway:
         self.gateways = gateways
         self.metrics = CoapMetrics(gateways.registry)
         self.access = Access(gateways, run_trio)
-        self.directory = ResourceDirectory()
-        self.timer = DirectoryTimer(self.directory, gateways.presence)
         limits = gateways.limits
+        self.directory = ResourceDirectory(
+            ConnectionLimit(limits.coap_registrations, limits.coap_registrations_per_source)
+        )
+        self.timer = DirectoryTimer(self.directory, gateways.presence)
         self.observers = ObserverAdmission(limits.coap_observers, limits.coap_observers_per_source, self.refused)
         self.kv = KvResource(gateways, self.access, run_trio, put_soon, self.observers)
         self.devices = DeviceResource(
@@ -181,13 +184,18 @@ class CoapGateway:
         site.add_resource([".well-known", "core"], resource.WKCResource(self.links, impl_info=None))
         site.add_resource(["kv"], self.kv)
         site.add_resource(["devices"], self.devices)
-        site.add_resource(["rd"], RegistrationsResource(self.directory, self.timer, self.access))
+        site.add_resource(["rd"], RegistrationsResource(self.directory, self.timer, self.access, self.refused))
         site.add_resource(["rd"], RegistrationResource(self.directory, self.timer, self.access))
         site.add_resource(["rd-lookup", "ep"], LookupResource(self.directory, self.access, "ep"))
         site.add_resource(["rd-lookup", "res"], LookupResource(self.directory, self.access, "res"))
-        # Every resource reassembles uploads under the same limit (RFC 7959 4.13).
+        # Every resource reassembles uploads under the same limit (RFC 7959 4.13),
+        # and all hold their transfers within one budget (blocks.TransferBudget).
+        self.transfers = TransferBudget(
+            limits.coap_transfers, limits.coap_transfers_per_source, limits.coap_transfer_bytes, self.refused
+        )
         for child in [*site._resources.values(), *site._subsites.values()]:
-            child._block1 = LimitedBlock1Spool(gateways.max_payload)
+            child._block1 = LimitedBlock1Spool(gateways.max_payload, self.transfers)
+            child._block2 = LimitedBlock2Cache(self.transfers)
         self.metrics.registrations.set_function(lambda: len(self.directory.registrations))
         self.metrics.observations.set_function(lambda: self.kv.observations + self.devices.observations)
 

@@ -195,18 +195,23 @@ def test_an_observer_that_went_away_ends_neither_the_edge_nor_other_observers(ed
 def observe_many(peer: Peer, key: str, count: int, first_mid: int, observe: int = 0) -> list[Message]:
     """``count`` Observe GETs (tokens 0, 1, ...) for ``key``; their answers, by token.
 
-    An answer may come piggybacked or, when the edge is busy, as a separate
-    confirmable response after an empty ACK (RFC 7252 5.2.2), which is acknowledged.
+    Sent 16 at a time, as a client would (UDP drops what overflows the
+    edge's receive buffer). An answer may come piggybacked or, when the edge
+    is busy, as a separate confirmable response after an empty ACK
+    (RFC 7252 5.2.2), which is acknowledged.
     """
     answers: dict[bytes, Message] = {}
-    for n in range(count):
-        peer.send(encode(Code.GET, first_mid + n, n.to_bytes(2, "big"), uri_path=("kv", *key.split("/")), observe=observe))
-    while len(answers) < count:
-        answer = peer.receive()
-        if answer.mtype == CON:
-            peer.send(encode(Code.EMPTY, answer.mid, mtype=ACK))
-        if answer.code != Code.EMPTY:
-            answers[answer.token] = answer
+    path = ("kv", *key.split("/"))
+    for start in range(0, count, 16):
+        window = range(start, min(count, start + 16))
+        for n in window:
+            peer.send(encode(Code.GET, first_mid + n, n.to_bytes(2, "big"), uri_path=path, observe=observe))
+        while any(n.to_bytes(2, "big") not in answers for n in window):
+            answer = peer.receive()
+            if answer.mtype == CON:
+                peer.send(encode(Code.EMPTY, answer.mid, mtype=ACK))
+            if answer.code != Code.EMPTY:
+                answers[answer.token] = answer
     return [answers[token] for token in sorted(answers)]
 
 
@@ -336,4 +341,99 @@ def test_observe_with_a_small_block2_gets_blocks_of_that_size_in_notifications_t
         peer.request(encode(Code.GET, 83, b"bl", uri_path=path, observe=1, accept=42))  # deregister
     finally:
         peer.close()
+    still_serving(edge)
+
+
+# -- found while probing: datagrams larger than the read buffer -------------------------
+
+
+def test_a_datagram_larger_than_the_read_buffer_is_refused_not_stored_cut_short(edge):
+    """aiocoap reads 4096 bytes of a datagram and took the prefix for the whole message."""
+    key = "hostile/truncated"
+    peer = Peer(edge)
+    try:
+        query = tuple(writer_query(edge).split("&"))
+        answer = peer.request(
+            encode(Code.PUT, 91, b"tr", uri_path=("kv", *key.split("/")), uri_query=query, payload=b"x" * 5000, content_format=42)
+        )
+        assert answer.code == Code.REQUEST_ENTITY_TOO_LARGE and answer.opt.size1 == 1024, answer
+        assert answer.payload.startswith(b"truncated: ")
+    finally:
+        peer.close()
+    assert httpx.get(f"{edge.url}/v1/kv/{key}").status_code == 404
+    still_serving(edge)
+
+
+# -- finding 4: other per-source state ------------------------------------------------------
+
+
+def test_directory_registrations_are_bounded_per_source(fresh_edge):
+    edge = fresh_edge
+    per_source = 256  # NetworkLimits.coap_registrations_per_source
+    peer = Peer(edge)
+    try:
+        locations = []
+        for n in range(per_source + 1):
+            query = ("ep=rd-flood", f"d=sector{n}")
+            answer = peer.request(encode(Code.POST, 5000 + n, b"rd", uri_path=("rd",), uri_query=query))
+            if n < per_source:
+                assert answer.code == Code.CREATED, (n, answer, answer.payload)
+                locations.append(answer.opt.location_path)
+            else:
+                assert answer.code == Code.SERVICE_UNAVAILABLE, answer
+                assert answer.payload.startswith(b"too_many_registrations: ")
+        # a registration that exists may still be refreshed, and removing one makes room
+        again = peer.request(encode(Code.POST, 5400, b"rd", uri_path=("rd",), uri_query=("ep=rd-flood", "d=sector0")))
+        assert again.code == Code.CREATED and again.opt.location_path == locations[0]
+        gone = peer.request(encode(Code.DELETE, 5401, b"rd", uri_path=locations[1], uri_query=("ep=rd-flood",)))
+        assert gone.code == Code.DELETED, (gone, gone.payload)
+        room = peer.request(encode(Code.POST, 5402, b"rd", uri_path=("rd",), uri_query=("ep=rd-flood", "d=last")))
+        assert room.code == Code.CREATED
+        links = b"<" + b"a" * 5000 + b">"  # more links than a registration may hold, sent block-wise
+        for n in range(5):
+            block = links[n * 1024 : (n + 1) * 1024]
+            answer = peer.request(
+                encode(Code.POST, 5403 + n, b"rb", uri_path=("rd",), uri_query=("ep=rd-big",), payload=block,
+                       content_format=40, block1=(n, n < 4, 6))
+            )
+        assert answer.code == Code.REQUEST_ENTITY_TOO_LARGE, (answer, answer.payload[:200])
+    finally:
+        peer.close()
+    assert metric(edge, 'konsul_coap_refused_total{reason="registrations_per_source"}') == 1
+    still_serving(edge)
+
+
+def test_block_wise_transfers_are_bounded_per_source(fresh_edge):
+    edge = fresh_edge
+    per_source = 32  # NetworkLimits.coap_transfers_per_source
+    key = "hostile/large"
+    value = b"L" * 4000  # four blocks: every GET of block 0 keeps the whole answer for the next ones
+    assert httpx.put(f"{edge.url}/v1/kv/{key}", content=value).status_code == 200
+    path = ("kv", *key.split("/"))
+    peer = Peer(edge)
+    try:
+        for n in range(per_source):
+            answer = peer.request(encode(Code.GET, 6000 + n, b"t", uri_path=path, uri_query=(f"v={n}",), accept=42))
+            assert answer.code == Code.CONTENT and answer.opt.block2 is not None, answer
+        refused = peer.request(encode(Code.GET, 6100, b"t", uri_path=path, uri_query=("v=more",), accept=42))
+        assert refused.code == Code.SERVICE_UNAVAILABLE and refused.payload.startswith(b"too_many_transfers: ")
+        upload = peer.request(
+            encode(Code.PUT, 6101, b"u", uri_path=path, uri_query=tuple(writer_query(edge).split("&")), block1=(0, True, 6), payload=b"u" * 1024)
+        )
+        assert upload.code == Code.SERVICE_UNAVAILABLE, upload
+        # a transfer under way goes on
+        rest = peer.request(encode(Code.GET, 6102, b"t", uri_path=path, uri_query=("v=0",), accept=42, block2=(1, False, 6)))
+        assert (rest.code, rest.payload) == (Code.CONTENT, value[1024:2048])
+    finally:
+        peer.close()
+    # another address is not affected
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind(("127.0.0.2", 0))
+    other.settimeout(5)
+    try:
+        other.sendto(encode(Code.GET, 6200, b"o", uri_path=path, accept=42), edge.coap_host_port)
+        assert Message.decode(other.recvfrom(65536)[0]).code == Code.CONTENT
+    finally:
+        other.close()
+    assert metric(edge, 'konsul_coap_refused_total{reason="transfers_per_source"}') == 2
     still_serving(edge)
