@@ -166,9 +166,30 @@ class LimitedBlock1Spool(Block1Spool):
             # drop what was gathered so far: the upload cannot succeed
             self._assemblies._items.pop(_extract_block_key(req), None)
             raise too_large(self.limit, announced)
+        if block1.more and len(req.payload) != block1.size:
+            # RFC 7959 2.3: every block but the last is exactly the block size;
+            # aiocoap took a short first block and misplaced the ones after it.
+            self._assemblies._items.pop(_extract_block_key(req), None)
+            raise CoapError(
+                Code.BAD_REQUEST,
+                "bad_block",
+                f"block {block1.block_number} has {len(req.payload)} bytes and more to come; "
+                f"every block but the last has the block size, {block1.size}",
+            )
         if self.budget is not None and block1.block_number > 0:
             self.budget.check_growth(len(req.payload))
-        return super().feed_and_take(req)
+        try:
+            return super().feed_and_take(req)
+        except ValueError:
+            # aiocoap raises a bare ValueError (answered 5.00) for a block that
+            # does not continue the upload where it stands (a gap, or a repeat
+            # at another size): RFC 7959 2.5 makes that 4.08.
+            self._assemblies._items.pop(_extract_block_key(req), None)
+            raise CoapError(
+                Code.REQUEST_ENTITY_INCOMPLETE,
+                "incomplete",
+                f"block {block1.block_number} does not continue the upload where it stands; restart it at block 0",
+            ) from None
 
 
 def first_block(request: Message, response: Message, cache: Block2Cache) -> Message:

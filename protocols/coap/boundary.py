@@ -173,6 +173,13 @@ def _refuse_undecodable(
             detail = f"truncated: a datagram is at most {transport.max_size} bytes here; send larger payloads block-wise (Block1)"
             answer(data, ancdata, address, refusal_for(data, detail, code=0x8D, options=_SIZE1_1024))
             return
+        if len(data) >= 4 and data[0] & 0x0F > 8:
+            # Token lengths 9-15 are reserved: a message format error (RFC 7252 3),
+            # rejected with a Reset if confirmable; aiocoap answered it as a request.
+            refused("bad_token_length", source_of(address))
+            if data[0] >> 4 == 0x4:  # version 1, confirmable
+                answer(data, ancdata, address, bytes([0x70, 0]) + data[2:4])
+            return
         try:
             received(data, ancdata, flags, address)
         except Exception as exc:  # noqa: BLE001 - one datagram's failure must stay its own

@@ -56,8 +56,12 @@ def _base(params: dict[str, str]) -> str | None:
     base = params.get("base")
     if base is None:
         return None
-    parts = urlsplit(base)
-    if not parts.scheme.startswith("coap") or not parts.netloc or parts.path not in ("", "/"):
+    try:
+        parts = urlsplit(base)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or not parts.scheme.startswith("coap") or not parts.netloc or parts.path not in ("", "/"):
         raise bad_request(f"base is the device's scheme and authority, like coap://192.0.2.1:5683; got {base!r}")
     return base.rstrip("/")
 
@@ -227,6 +231,8 @@ class LookupResource(ExplainedResource):
         params = query_params(request)
         try:
             page, count = int(params.get("page", 0)), int(params.get("count", 0)) or None
+            if page < 0 or (count is not None and count < 0):
+                raise ValueError(page)
         except ValueError:
             raise bad_request("page and count are non-negative integers") from None
         if count is not None:

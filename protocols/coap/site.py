@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from aiocoap import Message, error, resource
+from konsul.sync.log_limits import peer_log
 from aiocoap.options import Options
 from aiocoap.util.linkformat import Link, LinkFormat
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -90,8 +91,14 @@ def responder_pipe(requester: Any, log: logging.Logger) -> Any:
                 message = None
             requester.add_response(message or Message(code=Codes.INTERNAL_SERVER_ERROR), is_last=True)
         elif exc is not None:
-            log.error("an exception occurred while rendering a resource: %r", exc, exc_info=exc)
-            requester.add_response(Message(code=Codes.INTERNAL_SERVER_ERROR), is_last=True)
+            # A bug, not a peer's mistake; a peer can still repeat it: rate-limited
+            peer_log.log(log, logging.ERROR, ("coap_render_error", type(exc).__name__),
+                         "an exception occurred while rendering a CoAP resource: %r", exc)
+            log.debug("the exception", exc_info=exc)
+            requester.add_response(
+                Message(code=Codes.INTERNAL_SERVER_ERROR, payload=b"internal_error: the edge failed to answer; it logged why"),
+                is_last=True,
+            )
         return False
 
     add_event = responder._add_event

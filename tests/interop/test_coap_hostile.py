@@ -118,6 +118,12 @@ def metric(edge: EdgeProcess, name: str) -> float:
     return 0.0
 
 
+def metric_sum(edge: EdgeProcess, name: str) -> float:
+    """The sum of a metric over all its labels."""
+    lines = httpx.get(f"{edge.url}/metrics").text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.split("{")[0].split(" ")[0] == name)
+
+
 def run(coro_fn, *args):
     """``coro_fn(*args)`` on a plain selector loop of its own (see test_coap_aiocoap.run)."""
     loop = asyncio.SelectorEventLoop()
@@ -436,4 +442,90 @@ def test_block_wise_transfers_are_bounded_per_source(fresh_edge):
     finally:
         other.close()
     assert metric(edge, 'konsul_coap_refused_total{reason="transfers_per_source"}') == 2
+    still_serving(edge)
+
+
+# -- found while probing with malformed datagrams -----------------------------------------
+
+
+def test_reserved_token_lengths_and_broken_options_are_format_errors(edge):
+    peer = Peer(edge)
+    try:
+        for length in range(9, 16):  # RFC 7252 3: reserved, a message format error -> Reset
+            answer = peer.request(bytes([0x40 | length, 0x01, 0x02, length]) + b"t" * length)
+            assert (answer.mtype, answer.code, answer.mid) == (RST, Code.EMPTY, 0x200 + length), answer
+        for mid, broken in enumerate([b"\xf0", b"\x0f", b"\xd0", b"\xe0\x01", b"\xbd\x05", b"\xb5ab"], start=0x300):
+            peer.send(bytes([0x40, 0x01]) + mid.to_bytes(2, "big") + broken)  # aiocoap drops these
+        for mid in (0x1234, 0x1235):  # an ACK and a Reset for exchanges that do not exist
+            peer.send(bytes([0x60 if mid & 1 == 0 else 0x70, 0, *mid.to_bytes(2, "big")]))
+    finally:
+        peer.close()
+    assert metric(edge, 'konsul_coap_refused_total{reason="bad_token_length"}') >= 7
+    still_serving(edge)
+
+
+def test_bad_blocks_and_parameters_are_4xx_not_5xx(edge):
+    query = tuple(writer_query(edge).split("&"))
+    path = ("kv", "hostile", "blocks-bad")
+    peer = Peer(edge)
+    try:
+        short = peer.request(encode(Code.PUT, 0x401, b"s", uri_path=path, uri_query=query, block1=(0, True, 6), payload=b"a" * 10))
+        assert short.code == Code.BAD_REQUEST and short.payload.startswith(b"bad_block: "), short
+        first = peer.request(encode(Code.PUT, 0x402, b"s", uri_path=path, uri_query=query, block1=(0, True, 2), payload=b"a" * 64))
+        assert first.code == Code.CONTINUE
+        gap = peer.request(encode(Code.PUT, 0x403, b"s", uri_path=path, uri_query=query, block1=(15, False, 5), payload=b"b" * 64))
+        assert gap.code == Code.REQUEST_ENTITY_INCOMPLETE and gap.payload.startswith(b"incomplete: "), gap
+        base = peer.request(encode(Code.POST, 0x404, b"r", uri_path=("rd",), uri_query=("ep=probe", "base=coap://[::1")))
+        assert base.code == Code.BAD_REQUEST, (base, base.payload)
+        page = peer.request(encode(Code.GET, 0x405, b"p", uri_path=("rd-lookup", "ep"), uri_query=("page=-1", "count=2")))
+        assert page.code == Code.BAD_REQUEST, page
+    finally:
+        peer.close()
+    assert httpx.get(f"{edge.url}/v1/kv/hostile/blocks-bad").status_code == 404
+    still_serving(edge)
+
+
+def test_mutated_datagrams_never_get_a_5xx_or_stop_the_edge(edge):
+    """A short, deterministic mutation run over well-formed requests (bench/fuzz.py runs longer)."""
+    import random
+
+    rng = random.Random(14)
+    seeds = [
+        encode(Code.GET, 1, b"ab", uri_path=("kv", "hostile", "alive"), accept=42),
+        encode(Code.GET, 1, b"ab", uri_path=("kv", "hostile", "alive"), observe=0, block2=(0, False, 2)),
+        encode(Code.PUT, 1, b"ab", uri_path=("kv", "hostile", "m"), uri_query=("ep=d1",), payload=b'{"a":1}', content_format=50),
+        encode(Code.POST, 1, b"ab", uri_path=("devices", "d1", "reported"), payload=b"\xa1\x61a\x01"),
+        encode(Code.POST, 1, b"ab", uri_path=("rd",), uri_query=("ep=d1", "lt=100"), payload=b'</s>;rt="t"', content_format=40),
+        encode(Code.PUT, 1, b"ab", uri_path=("kv", "y"), block1=(0, True, 2), payload=b"a" * 64),
+    ]
+    peer = Peer(edge)
+    server_errors = []
+    try:
+        for round_ in range(25):
+            sent = []
+            for n in range(16):
+                datagram = bytearray(rng.choice(seeds))
+                datagram[2:4] = (round_ * 16 + n).to_bytes(2, "big")
+                for _ in range(rng.randint(1, 3)):
+                    where = rng.randrange(len(datagram))
+                    if rng.random() < 0.5 and where >= 4:
+                        datagram[where] = rng.randrange(256)
+                    elif rng.random() < 0.5:
+                        datagram.insert(where, rng.randrange(256))
+                    else:
+                        del datagram[max(where, 4) :]
+                sent.append(bytes(datagram))
+                peer.send(bytes(datagram))
+            peer.sock.settimeout(0.1)
+            while True:  # the answers, until the edge has nothing more to say
+                try:
+                    answer = Message.decode(peer.sock.recvfrom(65536)[0])
+                except TimeoutError:
+                    break
+                if answer.code.is_response() and answer.code.class_ == 5:
+                    server_errors.append((answer, answer.payload))
+    finally:
+        peer.close()
+    assert not server_errors, server_errors
+    assert metric_sum(edge, "konsul_asyncio_callback_errors_total") == 0
     still_serving(edge)
