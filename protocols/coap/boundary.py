@@ -36,6 +36,7 @@ from ..aio_guard import contain_callback_errors
 from ..aio_loop import run_callbacks_in_batches
 from ..admission import source_of
 from ..gateway import GatewayContext
+from .backlog import coalesce_notifications
 from .dedup import compact_duplicates
 from .site import CoapGateway, responder_pipe
 from .writer import KvWriter
@@ -299,6 +300,7 @@ async def run_coap_gateway(
     for tokens in context.request_interfaces:
         manager = getattr(tokens, "token_interface", None)
         if manager is not None:
+            coalesce_notifications(manager, gateway.refused)
             limits = gateways.limits
             compact_duplicates(
                 manager, limits.coap_duplicate_entries, limits.coap_duplicate_entries_per_source, gateway.refused
