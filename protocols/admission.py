@@ -31,7 +31,7 @@ class NetworkLimits:
     # CoAP state kept per peer (protocols/coap/limits.py): resource-directory
     # registrations, block-wise transfers being assembled or served, and the
     # duplicate-detection cache (RFC 7252 4.5), each per source and in total.
-    coap_registrations: int = 4_096  # each holds up to 4 KiB of links (coap/rd.py)
+    coap_registrations: int = 2_048  # each holds up to 2 KiB of links (coap/rd.py), ~50 KiB in memory
     coap_registrations_per_source: int = 256
     coap_transfers: int = 1_024  # Block1 uploads being assembled plus Block2 answers held
     coap_transfers_per_source: int = 32

@@ -36,7 +36,7 @@ LINK_FORMAT = 40
 # A registration's links, at most: a constrained device lists a handful of
 # resources; every byte is kept (parsed, several times the size) until the
 # registration lapses, for any address that asks (bounded in number, directory.py).
-MAX_LINKS_BYTES = 4096
+MAX_LINKS_BYTES = 2048
 _REGISTRATION_PARAMS = ("ep", "d", "lt", "base", "tk")
 
 
