@@ -19,6 +19,15 @@ which the collector stops tracking. A duplicate confirmable request gets the
 stored response again, byte for byte; any other duplicate is ignored, as
 aiocoap does.
 
+The cache is bounded (``NetworkLimits.coap_duplicate_entries`` and
+``..._per_source``): every datagram with a new message id adds an entry for
+247 s, so a peer sending fast could otherwise grow it without end. Past the
+total the oldest entry is forgotten first; past its own bound a source's new
+messages are processed without being remembered (a retransmission of one of
+them is then answered afresh, which RFC 7252 4.5 allows for idempotent
+requests and which only that source can cause). Both are counted
+(``duplicates_total`` / ``duplicates_per_source`` in konsul_coap_refused_total).
+
 This reaches into aiocoap's ``MessageManager`` (``_deduplicate_message``,
 ``_store_response_for_duplicates``) and its UDP transport; if their shape
 changes, aiocoap's own bookkeeping stays.
@@ -29,12 +38,18 @@ from __future__ import annotations
 import logging
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("konsul.coap")
 
 
-def compact_duplicates(manager: Any) -> None:
+def compact_duplicates(
+    manager: Any,
+    total: int = 50_000,
+    per_source: int = 5_000,
+    refused: Callable[[str, str], None] | None = None,
+) -> None:
     """Install the compact duplicate cache on one aiocoap ``MessageManager``."""
     try:
         from aiocoap.numbers.types import CON
@@ -53,11 +68,22 @@ def compact_duplicates(manager: Any) -> None:
 
     recent: dict[tuple, tuple | None] = {}
     expiry: deque[tuple[float, tuple]] = deque()
+    held: dict[str, int] = {}  # entries per source host
+    count = refused or (lambda reason, source: None)
+
+    def forget_oldest() -> None:
+        key = expiry.popleft()[1]
+        if recent.pop(key, False) is not False:
+            host = key[0][0]
+            if held[host] <= 1:
+                del held[host]
+            else:
+                held[host] -= 1
 
     def deduplicate(message: Any) -> bool:
         now = loop.time()
         while expiry and expiry[0][0] <= now:
-            recent.pop(expiry.popleft()[1], None)
+            forget_oldest()
         key = (message.remote.sockaddr[:-1], message.mid)
         if key in recent:
             stored = recent[key]
@@ -66,6 +92,14 @@ def compact_duplicates(manager: Any) -> None:
                 ancdata = [] if pktinfo is None else [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo)]
                 sendmsg(data, ancdata, 0, sockaddr)
             return True
+        host = key[0][0]
+        if held.get(host, 0) >= per_source:
+            count("duplicates_per_source", host)
+            return False  # processed, not remembered
+        if len(recent) >= total:
+            count("duplicates_total", host)
+            forget_oldest()
+        held[host] = held.get(host, 0) + 1
         recent[key] = None
         expiry.append((now + message.transport_tuning.EXCHANGE_LIFETIME, key))
         return False

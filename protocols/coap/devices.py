@@ -28,6 +28,7 @@ from konsul.sync.devices import check_device_id
 from ..gateway import GatewayContext
 from .access import Access, RunTrio
 from .errors import CoapError, ExplainedResource
+from .limits import ObserverAdmission, serve_without_observing
 from .formats import (
     DOCUMENT_FORMATS,
     document_from_payload,
@@ -51,10 +52,16 @@ class DeviceResource(ExplainedResource, resource.ObservableResource, resource.Pa
     ct = " ".join(str(f) for f in DOCUMENT_FORMATS)
 
     def __init__(
-        self, gateways: GatewayContext, access: Access, run_trio: RunTrio, counted: Callable[[str], None]
+        self,
+        gateways: GatewayContext,
+        access: Access,
+        run_trio: RunTrio,
+        counted: Callable[[str], None],
+        observers: ObserverAdmission,
     ) -> None:
         super().__init__()
         self.gateways = gateways
+        self.observers = observers  # the bounds on registrations, shared with /kv
         self.access = access
         self.run_trio = run_trio
         self.counted = counted
@@ -65,11 +72,17 @@ class DeviceResource(ExplainedResource, resource.ObservableResource, resource.Pa
     async def add_observation(self, request: Message, serverobservation) -> None:
         path = request.opt.uri_path
         if len(path) != 2 or path[1] != "desired":
+            serve_without_observing(serverobservation)
+            return  # only desired state is observable; render answers the rest
+        source = self.observers.admit(request)
+        if source is None:  # past the bounds: answered as a plain GET (limits.ObserverAdmission)
+            serve_without_observing(serverobservation)
             return
         watchers = self._watching.setdefault(path[0], set())
         watchers.add(serverobservation)
 
         def cancelled() -> None:
+            self.observers.release(source)
             watchers.discard(serverobservation)
             if not watchers and self._watching.get(path[0]) is watchers:
                 del self._watching[path[0]]

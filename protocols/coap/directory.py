@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 from aiocoap.util.linkformat import Link, LinkFormat
 
+from ..admission import ConnectionLimit
+
 DEFAULT_LIFETIME = 90000  # seconds; RFC 9176 5.3
 MAX_LIFETIME = 2**32 - 1
 
@@ -31,6 +33,7 @@ class Registration:
     expires: float
     links: list[Link] = field(default_factory=list)
     attributes: dict[str, str] = field(default_factory=dict)  # et and extra query parameters
+    source: str = ""  # the address that registered it, which it counts against
 
     @property
     def path(self) -> tuple[str, str]:
@@ -79,11 +82,26 @@ def matches(pairs: Iterable[list[str]], filters: dict[str, str]) -> bool:
     return True
 
 
-class ResourceDirectory:
-    """Registrations by location, one per (sector, endpoint)."""
+class DirectoryFull(Exception):
+    """A new registration would pass a bound: ``bound`` is "per_source" or "total"."""
 
-    def __init__(self) -> None:
+    def __init__(self, bound: str) -> None:
+        super().__init__(bound)
+        self.bound = bound
+
+
+class ResourceDirectory:
+    """Registrations by location, one per (sector, endpoint).
+
+    New registrations are bounded per source address and in total
+    (``ConnectionLimit``; none when ``limit`` is None): registrations are
+    unauthenticated state that any address can create.
+    """
+
+    def __init__(self, limit: ConnectionLimit | None = None) -> None:
         self.registrations: dict[str, Registration] = {}
+        self._by_endpoint: dict[tuple[str, str], Registration] = {}
+        self.limit = limit
 
     def find(self, location: str) -> Registration | None:
         return self.registrations.get(location)
@@ -98,25 +116,32 @@ class ResourceDirectory:
         links: LinkFormat,
         attributes: dict[str, str],
         now: float,
+        source: str = "",
     ) -> tuple[Registration, bool]:
         """Add or replace the endpoint's registration; returns it and whether it is new.
 
         A device that registers again (after a reboot, say) keeps its location,
-        as RFC 9176 5.3 allows, so lookups do not see it twice.
+        as RFC 9176 5.3 allows, so lookups do not see it twice. A new one past
+        a bound raises :class:`DirectoryFull`.
         """
-        for existing in self.registrations.values():
-            if existing.endpoint == endpoint and existing.sector == sector:
-                existing.base, existing.lifetime = base, lifetime
-                existing.expires = now + lifetime
-                existing.links, existing.attributes = list(links.links), attributes
-                return existing, False
+        existing = self._by_endpoint.get((sector, endpoint))
+        if existing is not None:
+            existing.base, existing.lifetime = base, lifetime
+            existing.expires = now + lifetime
+            existing.links, existing.attributes = list(links.links), attributes
+            return existing, False
+        if self.limit is not None:
+            bound = self.limit.try_admit(source)
+            if bound is not None:
+                raise DirectoryFull(bound)
         location = secrets.token_hex(4)
         while location in self.registrations:
             location = secrets.token_hex(4)
         registration = Registration(
-            location, endpoint, sector, base, lifetime, now + lifetime, list(links.links), attributes
+            location, endpoint, sector, base, lifetime, now + lifetime, list(links.links), attributes, source
         )
         self.registrations[location] = registration
+        self._by_endpoint[(sector, endpoint)] = registration
         return registration, True
 
     def refresh(self, registration: Registration, *, now: float, lifetime: int | None, base: str | None) -> None:
@@ -128,14 +153,23 @@ class ResourceDirectory:
         registration.expires = now + registration.lifetime
 
     def remove(self, location: str) -> Registration | None:
-        return self.registrations.pop(location, None)
+        registration = self.registrations.pop(location, None)
+        if registration is not None:
+            self._forget(registration)
+        return registration
 
     def expire(self, now: float) -> list[Registration]:
         """Remove and return the registrations whose lifetime has passed."""
         lapsed = [r for r in self.registrations.values() if r.expires <= now]
         for registration in lapsed:
             del self.registrations[registration.location]
+            self._forget(registration)
         return lapsed
+
+    def _forget(self, registration: Registration) -> None:
+        self._by_endpoint.pop((registration.sector, registration.endpoint), None)
+        if self.limit is not None:
+            self.limit.release(registration.source)
 
     def next_expiry(self) -> float | None:
         return min((r.expires for r in self.registrations.values()), default=None)

@@ -39,10 +39,15 @@ _DEFAULT_DETAILS = {
 }
 
 
+_MAX_DETAIL = 300  # characters
+
+
 class CoapError(error.ConstructionRenderableError):
     """A response code with the diagnostic ``<code>: <detail>``."""
 
     def __init__(self, code: Code, short: str, detail: str, **options: object) -> None:
+        if len(detail) > _MAX_DETAIL:  # details may quote the request: do not echo a peer's bytes back in bulk
+            detail = detail[:_MAX_DETAIL] + "..."
         self.code = code
         self.short = short
         self.detail = detail

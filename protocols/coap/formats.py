@@ -17,6 +17,12 @@ octet-stream (42)           the bytes verbatim            the bytes verbatim
 A request without Content-Format is CBOR, and a GET without Accept answers
 CBOR (CONTRACT.md). Device documents (telemetry, reported and desired state)
 are a CBOR map with text keys or a JSON object.
+
+Structured values follow the agent's one rule set for documents from outside
+(``sync/limits.py``: nesting, size, item count, finite numbers, 64-bit
+integers, text keys), the same as over HTTP and MQTT: a JSON KV value or a
+device document past it is refused with 4.00 (4.13 for the size) and a
+diagnostic, and changes nothing.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ from typing import Any
 import cbor2
 from aiocoap import Message
 from aiocoap.numbers.codes import Code
+from konsul.sync.errors import InvalidArgument, ValueTooLarge
+from konsul.sync.limits import decode_cbor_document, parse_json_document
 
-from .errors import CoapError, bad_request
+from .errors import CoapError, bad_request, from_konsul
 
 TEXT = 0
 OCTETS = 42
@@ -83,15 +91,14 @@ def strict_cbor(payload: bytes) -> Any:
     return item
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def strict_json(payload: bytes) -> Any:
+    """A JSON document within the shared limits; 4.00 ``malformed_json`` (4.13 for the size) otherwise."""
     try:
-        return json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise bad_request(f"the payload is not a JSON document ({exc})", "malformed_json") from None
+        return parse_json_document(payload, "the payload")
+    except ValueTooLarge as exc:
+        raise from_konsul(exc) from None
+    except InvalidArgument as exc:
+        raise bad_request(str(exc), "malformed_json") from None
 
 
 def value_from_payload(payload: bytes, fmt: int) -> bytes:
@@ -124,11 +131,11 @@ def value_to_payload(value: bytes, fmt: int) -> bytes:
         return cbor2.dumps(value)
     if fmt in (TEXT, JSON):
         try:
-            text = value.decode("utf-8")
+            value.decode("utf-8")
             if fmt == JSON:
-                json.loads(text, parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError):
-            wanted = "UTF-8 text" if fmt == TEXT else "a JSON document"
+                parse_json_document(value, "the value")
+        except (UnicodeDecodeError, InvalidArgument, ValueTooLarge):
+            wanted = "UTF-8 text" if fmt == TEXT else "a JSON document within the document limits"
             raise CoapError(
                 Code.NOT_ACCEPTABLE,
                 "not_acceptable",
@@ -138,13 +145,19 @@ def value_to_payload(value: bytes, fmt: int) -> bytes:
 
 
 def document_from_payload(payload: bytes, fmt: int) -> dict[str, Any]:
-    """A device document: a CBOR map with text keys or a JSON object; 4.00 otherwise."""
-    document = strict_cbor(payload) if fmt == CBOR else strict_json(payload)
+    """A device document: a CBOR map or a JSON object within the shared limits; 4.00 otherwise."""
+    try:
+        if fmt == CBOR:
+            document = decode_cbor_document(payload, "the document")
+        else:
+            document = parse_json_document(payload, "the document")
+    except ValueTooLarge as exc:
+        raise from_konsul(exc) from None
+    except InvalidArgument as exc:
+        raise bad_request(str(exc), "bad_document") from None
     if not isinstance(document, dict):
         kind = "a CBOR map" if fmt == CBOR else "a JSON object"
         raise bad_request(f"the payload must be {kind}", "bad_document")
-    if not all(isinstance(name, str) for name in document):
-        raise bad_request("the keys of a device document are text strings", "bad_document")
     return document
 
 

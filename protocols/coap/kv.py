@@ -28,6 +28,7 @@ from ..gateway import GatewayContext
 from .access import Access, RunTrio, query_params
 from .blocks import first_block
 from .errors import CoapError, ExplainedResource, from_konsul
+from .limits import ObserverAdmission, serve_without_observing
 from .formats import (
     VALUE_FORMATS,
     request_format,
@@ -61,10 +62,16 @@ class KvResource(ExplainedResource, resource.ObservableResource, resource.PathCa
     ct = " ".join(str(f) for f in VALUE_FORMATS)
 
     def __init__(
-        self, gateways: GatewayContext, access: Access, run_trio: RunTrio, put_soon: PutSoon
+        self,
+        gateways: GatewayContext,
+        access: Access,
+        run_trio: RunTrio,
+        put_soon: PutSoon,
+        observers: ObserverAdmission,
     ) -> None:
         super().__init__()
         self.gateways = gateways
+        self.observers = observers  # the bounds on registrations, shared with /devices
         self.access = access
         self.run_trio = run_trio
         # Unconditional puts go to the batched writer (writer.py).
@@ -77,12 +84,18 @@ class KvResource(ExplainedResource, resource.ObservableResource, resource.PathCa
         try:
             scope, key = self._target(request)
         except CoapError:
-            return  # render answers the error, which ends the observation
+            serve_without_observing(serverobservation)
+            return  # render answers the error
+        source = self.observers.admit(request)
+        if source is None:  # past the bounds: answered as a plain GET (limits.ObserverAdmission)
+            serve_without_observing(serverobservation)
+            return
         watch = (scope.name, key)
         watchers = self._watching.setdefault(watch, set())
         watchers.add(serverobservation)
 
         def cancelled() -> None:
+            self.observers.release(source)
             watchers.discard(serverobservation)
             if not watchers and self._watching.get(watch) is watchers:
                 del self._watching[watch]

@@ -28,10 +28,15 @@ from aiocoap.util.vendored.link_header import ParseException
 from konsul.sync.devices import PresenceTable, check_device_id
 
 from .access import Access, query_params
-from .directory import DEFAULT_LIFETIME, MAX_LIFETIME, Registration, ResourceDirectory
+from .directory import DEFAULT_LIFETIME, MAX_LIFETIME, DirectoryFull, Registration, ResourceDirectory
+from .limits import Refused, peer_source
 from .errors import CoapError, ExplainedResource, bad_request
 
 LINK_FORMAT = 40
+# A registration's links, at most: a constrained device lists a handful of
+# resources; every byte is kept (parsed, several times the size) until the
+# registration lapses, for any address that asks (bounded in number, directory.py).
+MAX_LINKS_BYTES = 2048
 _REGISTRATION_PARAMS = ("ep", "d", "lt", "base", "tk")
 
 
@@ -51,8 +56,12 @@ def _base(params: dict[str, str]) -> str | None:
     base = params.get("base")
     if base is None:
         return None
-    parts = urlsplit(base)
-    if not parts.scheme.startswith("coap") or not parts.netloc or parts.path not in ("", "/"):
+    try:
+        parts = urlsplit(base)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or not parts.scheme.startswith("coap") or not parts.netloc or parts.path not in ("", "/"):
         raise bad_request(f"base is the device's scheme and authority, like coap://192.0.2.1:5683; got {base!r}")
     return base.rstrip("/")
 
@@ -60,6 +69,13 @@ def _base(params: dict[str, str]) -> str | None:
 def _links(request: Message) -> LinkFormat:
     if not request.payload:
         return LinkFormat([])
+    if len(request.payload) > MAX_LINKS_BYTES:
+        raise CoapError(
+            Code.REQUEST_ENTITY_TOO_LARGE,
+            "links_too_large",
+            f"a registration lists at most {MAX_LINKS_BYTES} bytes of links; this one has {len(request.payload)}",
+            size1=MAX_LINKS_BYTES,
+        )
     fmt = request.opt.content_format
     if fmt is not None and int(fmt) != LINK_FORMAT:
         raise CoapError(
@@ -114,9 +130,12 @@ class RegistrationsResource(ExplainedResource):
     rt = "core.rd"
     ct = str(LINK_FORMAT)
 
-    def __init__(self, directory: ResourceDirectory, timer: DirectoryTimer, access: Access) -> None:
+    def __init__(
+        self, directory: ResourceDirectory, timer: DirectoryTimer, access: Access, refused: Refused
+    ) -> None:
         super().__init__()
         self.directory, self.timer, self.access = directory, timer, access
+        self.refused = refused
 
     async def render_post(self, request: Message) -> Message:
         params = query_params(request)
@@ -129,15 +148,28 @@ class RegistrationsResource(ExplainedResource):
         links = _links(request)
         await self.access.caller(request)  # authenticates ep (registers anonymous devices)
         attributes = {k: v for k, v in params.items() if k not in _REGISTRATION_PARAMS}
-        registration, _new = self.directory.register(
-            endpoint,
-            sector=params.get("d", ""),
-            base=base,
-            lifetime=lifetime,
-            links=links,
-            attributes=attributes,
-            now=time.monotonic(),
-        )
+        source = peer_source(request.remote)
+        try:
+            registration, _new = self.directory.register(
+                endpoint,
+                sector=params.get("d", ""),
+                base=base,
+                lifetime=lifetime,
+                links=links,
+                attributes=attributes,
+                now=time.monotonic(),
+                source=source,
+            )
+        except DirectoryFull as full:
+            self.refused(f"registrations_{full.bound}", source)
+            where = "from this address" if full.bound == "per_source" else "on this edge"
+            raise CoapError(
+                Code.SERVICE_UNAVAILABLE,
+                "too_many_registrations",
+                f"the resource directory holds all the registrations it may {where}; "
+                "remove unused ones (DELETE /rd/<location>) or wait for them to lapse",
+                max_age=60,
+            ) from None
         self.timer.changed()
         return Message(code=Code.CREATED, location_path=registration.path)
 
@@ -199,6 +231,8 @@ class LookupResource(ExplainedResource):
         params = query_params(request)
         try:
             page, count = int(params.get("page", 0)), int(params.get("count", 0)) or None
+            if page < 0 or (count is not None and count < 0):
+                raise ValueError(page)
         except ValueError:
             raise bad_request("page and count are non-negative integers") from None
         if count is not None:

@@ -27,6 +27,7 @@ import trio
 import trio_asyncio
 from trio_asyncio import aio_as_trio, trio_as_aio
 
+from konsul.protocols.aio_guard import contain_callback_errors
 from konsul.protocols.aio_loop import run_callbacks_in_batches
 
 from konsul.protocols.gateway import GatewayContext
@@ -85,6 +86,7 @@ async def run_embedded(
     """Run the embedded broker on ``host:port`` until cancelled; reports ``host:port`` bound."""
     quiet_amqtt()
     run_callbacks_in_batches(trio_asyncio.current_loop.get())
+    contain_callback_errors(trio_asyncio.current_loop.get(), gateways.registry)  # amqtt's callbacks too
     gateway = MqttGateway(gateways)
     broker = await aio_as_trio(_create_broker)(AgentPort(gateway, gateways.max_payload))
     try:
