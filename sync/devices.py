@@ -201,3 +201,9 @@ class PresenceTable:
 
     def get(self, device_id: str) -> Presence:
         return self.devices.get(device_id, Presence())
+
+    def forget(self, device_id: str) -> None:
+        """Drop a deleted device's entry (unless it is online), so the table does not keep every id ever seen."""
+        presence = self.devices.get(device_id)
+        if presence is not None and not presence.online:
+            del self.devices[device_id]
