@@ -203,7 +203,5 @@ class PresenceTable:
         return self.devices.get(device_id, Presence())
 
     def forget(self, device_id: str) -> None:
-        """Drop a deleted device's entry (unless it is online), so the table does not keep every id ever seen."""
-        presence = self.devices.get(device_id)
-        if presence is not None and not presence.online:
-            del self.devices[device_id]
+        """Drop a deleted device's entry, so the table does not keep every id it ever saw."""
+        self.devices.pop(device_id, None)
