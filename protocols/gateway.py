@@ -133,7 +133,7 @@ class AnonymousDevices:
         self.started = clock()  # the last contact of every record already stored
         self.known: int | None = None  # anonymous records in the scope, as last counted
         self._counted_at = float("-inf")
-        self._registering: set[str] = set()
+        self._registering: dict[str, trio.Event] = {}  # device ids being written now
         registry = ctx.registry if ctx.registry is not None else CollectorRegistry(auto_describe=False)
         self.gauge = Gauge("konsul_anonymous_devices", "Devices registered on anonymous first contact, as last counted", registry=registry)
         self.registered = Counter(
@@ -155,22 +155,30 @@ class AnonymousDevices:
 
     async def register(self, device_id: str) -> DeviceRecord:
         """Register an unknown device without credentials; :class:`AnonymousDevicesFull` past the cap."""
+        pending = self._registering.get(device_id)
+        if pending is not None:  # the same device, twice at once: one write, both get its record
+            await pending.wait()
+            record = self.ctx.scope.devices.get(device_id)
+            if record is None:
+                raise AuthError(f"device {device_id!r} could not be registered; try again")
+            return record
         cap = self.ctx.limits.anonymous_devices
         if self.known is None:
             self.count()
         if self.known + len(self._registering) >= cap and self.clock() - self._counted_at >= RECOUNT_INTERVAL:
             self.count()  # deletions made elsewhere since the last count free places
-        if self.known + len(self._registering) >= cap or device_id in self._registering:
+        if self.known + len(self._registering) >= cap:
             self.refused.inc()
             raise AnonymousDevicesFull(
                 f"{self.known} anonymous devices are registered, the most this edge takes; "
                 "give the device a token (PUT /v1/devices/<id>) or wait for unused ones to expire"
             )
-        self._registering.add(device_id)  # a place is taken before the write yields
+        done = self._registering[device_id] = trio.Event()  # a place is taken before the write yields
         try:
             record, _token = await self.ctx.scope.put_device(DeviceRecord(device_id, type=ANONYMOUS_TYPE))
         finally:
-            self._registering.discard(device_id)
+            del self._registering[device_id]
+            done.set()
         self.known += 1
         self.gauge.set(self.known)
         self.registered.inc()

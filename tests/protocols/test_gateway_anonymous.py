@@ -98,3 +98,16 @@ async def test_anonymous_devices_unseen_past_the_expiry_are_deleted(ctx):
 
 def _connect(client_id: str) -> frames.Connect:
     return frames.Connect(4, True, 30, client_id, None, None, 0, False, None, None)
+
+
+async def test_one_new_device_connecting_twice_at_once_is_registered_once(ctx):
+    found = []
+
+    async def connect() -> None:
+        found.append(await ctx.authenticate("twice", None))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connect)
+        nursery.start_soon(connect)
+    assert [record.device_id for record in found] == ["twice", "twice"]
+    assert ctx.anonymous.registered._value.get() == 1 and ctx.anonymous.known == 1
