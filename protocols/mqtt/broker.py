@@ -390,24 +390,29 @@ class EmbeddedBroker:
         device_id = connect.client_id
         # A device reconnecting while its old connection looks alive: end the old
         # one first, so that amqtt never runs its take-over, which mixes up the
-        # states of a persistent session.
-        old = self._live.get(device_id)
-        if old is not None:
-            old.connection.close()
-            try:
-                await asyncio.wait_for(old.finished.wait(), TAKEOVER_WAIT)
-            except TimeoutError:
-                log.warning("the old connection of %s did not end in %ss", device_id, TAKEOVER_WAIT)
+        # states of a persistent session. The newest connection is the live one
+        # at once, so that several arriving together form a chain (each ends and
+        # waits for the one before) instead of all waiting for the same old one
+        # and then entering amqtt together, which left them without a CONNACK.
         live = _Live(connection, asyncio.Event())
+        old = self._live.get(device_id)
         self._live[device_id] = live
-        self.connections[device_id] = connection
         try:
+            if old is not None:
+                old.connection.close()
+                try:
+                    await asyncio.wait_for(old.finished.wait(), TAKEOVER_WAIT)
+                except TimeoutError:
+                    log.warning("the old connection of %s did not end in %ss", device_id, TAKEOVER_WAIT)
+            if connection.closed:
+                return  # a newer connection of the device took over while this one waited
+            self.connections[device_id] = connection
             await self.broker.external_connected(connection, StreamWriterAdapter(writer), "default")
         finally:
             live.finished.set()
             if self._live.get(device_id) is live:
                 del self._live[device_id]
-                del self.connections[device_id]
+                self.connections.pop(device_id, None)
             if not writer.is_closing():
                 writer.close()
 

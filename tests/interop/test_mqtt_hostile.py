@@ -409,3 +409,36 @@ def test_cbor_telemetry_with_non_json_values_is_refused(edge, http):
     eventually(lambda: metric(http, "konsul_mqtt_refused_total", reason="payload") == refused + 3, what="3 refused")
     assert metric(http, "konsul_mqtt_messages_received_total", kind="telemetry") == received
     device.close()
+
+
+def test_many_connects_with_one_client_id_at_once_leave_exactly_one_connected(edge, http):
+    token = register(http, "twin-conn", KVWrite=["tc/"])
+    socks = [socket.create_connection((edge.mqtt_host, edge.mqtt_port)) for _ in range(20)]
+    for sock in socks:  # all in flight together
+        sock.sendall(frames.encode_connect("twin-conn", username="twin-conn", password=token, clean_session=False))
+    # Each is answered or closed at once: none is left waiting without a CONNACK.
+    answers = [read_frame(sock, timeout=10) for sock in socks]
+    assert set(answers) <= {b"\x20\x02\x00\x00", b"\x20\x02\x01\x00", b""}, answers
+
+    def still_open() -> list[socket.socket]:
+        found = []
+        for sock in socks:
+            sock.setblocking(False)
+            try:
+                if sock.recv(1):
+                    found.append(sock)
+            except BlockingIOError:
+                found.append(sock)
+            except ConnectionResetError:
+                pass
+        return found
+
+    eventually(lambda: len(still_open()) == 1, what="one connection left")
+    survivor = still_open()[0]
+    survivor.setblocking(True)
+    survivor.sendall(frames.encode_publish("konsul/v1/kv/tc/k", b"one", 1, False, 9))
+    assert read_frame(survivor) == frames.encode_puback(9)
+    assert http.get("/v1/kv/tc/k?raw").text == "one"
+    assert http.get("/v1/devices/twin-conn").json()["Online"] is True
+    for sock in socks:
+        sock.close()
