@@ -12,6 +12,9 @@ module fills both:
   the MQTT gateway republishes the retained desired topic, the CoAP gateway
   notifies observers. On start every device's desired state is published
   once, so a device that connects to a restarted edge still finds it.
+
+It also runs the sweep that deletes anonymous devices unseen for too long
+(``GatewayContext.anonymous``), for whichever gateways registered them.
 """
 
 from __future__ import annotations
@@ -88,7 +91,14 @@ class DeviceBridge:
     # -- desired state to devices ------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Push desired state to devices until cancelled."""
+        """Push desired state to devices (and expire anonymous ones) until cancelled."""
+        async with trio.open_nursery() as nursery:
+            if self.gateways is not None:
+                nursery.start_soon(self.gateways.anonymous.run)
+            await nursery.start(self._push_desired)
+            task_status.started()
+
+    async def _push_desired(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.scope.listeners.append(self._on_change)
         try:
             self._changed.update(self.scope.devices.twin.devices("desired"))

@@ -5,16 +5,28 @@ identity rule: the device id is the client id (MQTT) or endpoint name (CoAP);
 the credential is the token the registry issued. Anonymous devices are
 admitted only with ``--allow-anonymous``, and are then registered on first
 contact, so every device that talks to an edge appears in ``/v1/devices``.
+
+Anonymous registrations are durable records synced to the hub, made by
+whoever can reach the port, so they are bounded (:class:`AnonymousDevices`):
+at most ``limits.anonymous_devices`` exist, a new one past that is refused,
+and one not seen for ``limits.anonymous_device_expiry_s`` is deleted. When a
+device was last seen is presence (memory, DESIGN.md decision 5), never a
+field of the record: after a restart, the start counts as the last contact.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
 from konsul.sync.devices import DeviceRecord, PresenceTable, check_device_id
-from konsul.sync.errors import InvalidArgument, KonsulError
+from konsul.sync.errors import InvalidArgument, KonsulError, NotFound
 from konsul.sync.replica import GLOBAL_SCOPE, Replica
 from konsul.sync.scope import Scope
 
@@ -26,9 +38,21 @@ DEFAULT_MAX_PAYLOAD = 256 * 1024
 ANONYMOUS_TYPE = "anonymous"  # the type of devices registered on first anonymous contact
 
 
+SWEEP_INTERVAL_MAX = 300.0  # seconds between sweeps for expired anonymous devices, at most
+RECOUNT_INTERVAL = 5.0  # at the cap, the records are counted again at most this often
+SWEEP_BATCH = 500  # deletions per sweep, so one sweep never holds the store for long
+
+
 class AuthError(KonsulError):
     code = "unauthorized"
     status = 401
+
+
+class AnonymousDevicesFull(KonsulError):
+    """No room for another anonymous device (MQTT CONNACK 3, CoAP 5.03)."""
+
+    code = "anonymous_devices_full"
+    status = 503
 
 
 @dataclass
@@ -53,6 +77,10 @@ class GatewayContext:
     max_payload: int = DEFAULT_MAX_PAYLOAD
     extras: dict[str, Any] = field(default_factory=dict)
     limits: NetworkLimits = field(default_factory=NetworkLimits)
+    anonymous: AnonymousDevices = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.anonymous = AnonymousDevices(self)
 
     @property
     def scope(self) -> Scope:
@@ -86,6 +114,127 @@ class GatewayContext:
             # without them must not get its allowances, anonymous mode or not.
             raise AuthError(f"device {device_id!r} is registered with a token; give it")
         if record is None:
-            record, _token = await self.scope.put_device(DeviceRecord(device_id, type=ANONYMOUS_TYPE))
-            log.info("registered anonymous device %s", device_id)
+            record = await self.anonymous.register(device_id)
         return record
+
+
+class AnonymousDevices:
+    """The bound and the expiry of devices registered on anonymous first contact.
+
+    The number of anonymous records is counted from the registry at the first
+    registration and at every sweep, and kept up to date in between; records
+    deleted by someone else (HTTP, the hub) are noticed at the next count, so
+    at the cap the records are counted again before a device is refused.
+    """
+
+    def __init__(self, ctx: GatewayContext, clock: Callable[[], float] = time.time) -> None:
+        self.ctx = ctx
+        self.clock = clock
+        self.started = clock()  # the last contact of every record already stored
+        self.known: int | None = None  # anonymous records in the scope, as last counted
+        self._counted_at = float("-inf")
+        self._registering: dict[str, trio.Event] = {}  # device ids being written now
+        registry = ctx.registry if ctx.registry is not None else CollectorRegistry(auto_describe=False)
+        self.gauge = Gauge("konsul_anonymous_devices", "Devices registered on anonymous first contact, as last counted", registry=registry)
+        self.registered = Counter(
+            "konsul_anonymous_devices_registered", "Devices registered on anonymous first contact", registry=registry
+        )
+        self.refused = Counter(
+            "konsul_anonymous_devices_refused", "New anonymous devices refused: the cap was reached", registry=registry
+        )
+        self.expired = Counter(
+            "konsul_anonymous_devices_expired", "Anonymous devices deleted after the expiry unseen", registry=registry
+        )
+
+    def count(self) -> int:
+        """Count the anonymous records in the scope (a scan of the registry)."""
+        self.known = sum(1 for record in self.ctx.scope.devices.records() if record.type == ANONYMOUS_TYPE)
+        self._counted_at = self.clock()
+        self.gauge.set(self.known)
+        return self.known
+
+    async def register(self, device_id: str) -> DeviceRecord:
+        """Register an unknown device without credentials; :class:`AnonymousDevicesFull` past the cap."""
+        pending = self._registering.get(device_id)
+        if pending is not None:  # the same device, twice at once: one write, both get its record
+            await pending.wait()
+            record = self.ctx.scope.devices.get(device_id)
+            if record is None:
+                raise AuthError(f"device {device_id!r} could not be registered; try again")
+            return record
+        cap = self.ctx.limits.anonymous_devices
+        if self.known is None:
+            self.count()
+        if self.known + len(self._registering) >= cap and self.clock() - self._counted_at >= RECOUNT_INTERVAL:
+            self.count()  # deletions made elsewhere since the last count free places
+        if self.known + len(self._registering) >= cap:
+            self.refused.inc()
+            raise AnonymousDevicesFull(
+                f"{self.known} anonymous devices are registered, the most this edge takes; "
+                "give the device a token (PUT /v1/devices/<id>) or wait for unused ones to expire"
+            )
+        done = self._registering[device_id] = trio.Event()  # a place is taken before the write yields
+        try:
+            record, _token = await self.ctx.scope.put_device(DeviceRecord(device_id, type=ANONYMOUS_TYPE))
+        finally:
+            del self._registering[device_id]
+            done.set()
+        self.known += 1
+        self.gauge.set(self.known)
+        self.registered.inc()
+        log.info("registered anonymous device %s", device_id)
+        return record
+
+    def expired_ids(self, now: float) -> list[str]:
+        """Anonymous devices unseen for longer than the expiry, and not connected now."""
+        cutoff = now - self.ctx.limits.anonymous_device_expiry_s
+        presence = self.ctx.presence.devices
+        found, count = [], 0
+        for record in self.ctx.scope.devices.records():
+            if record.type != ANONYMOUS_TYPE:
+                continue
+            count += 1
+            seen = presence.get(record.device_id)
+            if seen is not None and seen.online and seen.protocol == "mqtt":
+                continue  # a held connection is contact, however long ago it began
+            last = max(self.started, seen.last_seen or 0.0) if seen is not None else self.started
+            if last < cutoff:
+                found.append(record.device_id)
+        self.known, self._counted_at = count, self.clock()
+        self.gauge.set(count)
+        return found
+
+    async def sweep(self, now: float | None = None) -> list[str]:
+        """Delete the expired anonymous devices (at most :data:`SWEEP_BATCH`); their ids."""
+        expired = self.expired_ids(self.clock() if now is None else now)[:SWEEP_BATCH]
+        deleted = []
+        for device_id in expired:
+            record = self.ctx.scope.devices.get(device_id)
+            if record is None or record.type != ANONYMOUS_TYPE:
+                continue  # deleted or registered with a token meanwhile
+            try:
+                await self.ctx.scope.delete_device(device_id)
+            except NotFound:
+                continue
+            self.ctx.presence.forget(device_id)
+            deleted.append(device_id)
+        if deleted:
+            self.known = max(0, (self.known or 0) - len(deleted))
+            self.gauge.set(self.known)
+            self.expired.inc(len(deleted))
+            log.info(
+                "deleted %d anonymous devices unseen for %gs (%s%s)",
+                len(deleted), self.ctx.limits.anonymous_device_expiry_s, ", ".join(deleted[:5]),
+                ", ..." if len(deleted) > 5 else "",
+            )
+        return deleted
+
+    async def run(self) -> None:
+        """Sweep until cancelled, often enough to keep within a tenth of the expiry."""
+        interval = min(max(self.ctx.limits.anonymous_device_expiry_s / 10, 1.0), SWEEP_INTERVAL_MAX)
+        while True:
+            await trio.sleep(interval)
+            try:
+                await self.sweep()
+            except KonsulError as error:  # the store refused: try again next time
+                log.error("could not delete expired anonymous devices: %s", error)

@@ -210,3 +210,7 @@ class PresenceTable:
 
     def get(self, device_id: str) -> Presence:
         return self.devices.get(device_id, Presence())
+
+    def forget(self, device_id: str) -> None:
+        """Drop a deleted device's entry, so the table does not keep every id it ever saw."""
+        self.devices.pop(device_id, None)

@@ -44,6 +44,7 @@ class AgentPort:
 
     def __init__(self, gateway: MqttGateway, max_payload: int) -> None:
         self.max_payload = max_payload
+        self.limits = gateway.ctx.limits
         self.refusals = gateway.refusals
         self.records = gateway.records
         self.admit = trio_as_aio(gateway.admit)

@@ -7,8 +7,12 @@ plain methods only touch memory.
 How the agent hooks in:
 
 - amqtt gets its connections from us (an "external" listener): we accept the
-  socket, check every frame and admit the device first (``connection.py``),
-  then hand the checked stream to ``Broker.external_connected``;
+  socket (our own accept loop: a connection over the per-source or total cap
+  is closed before anything is read, and an accept that fails for want of
+  file descriptors backs off instead of reaching the loop's exception
+  handler, which trio-asyncio turns into the end of the process), check
+  every frame and admit the device first (``connection.py``), then hand the
+  checked stream to ``Broker.external_connected``;
 - presence follows amqtt's connect and disconnect events (a broker plugin);
 - :class:`KonsulBroker` replaces three of amqtt 0.12's internals with the
   agent's rules. Its plugin hooks cannot express them: the auth hook runs
@@ -23,7 +27,10 @@ How the agent hooks in:
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import resource
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +39,9 @@ from amqtt.broker import Broker, BrokerContext, RetainedApplicationMessage
 from amqtt.contexts import Action
 from amqtt.plugins.base import BasePlugin
 from amqtt.session import OutgoingApplicationMessage, Session
+
+from konsul.protocols.admission import ConnectionLimit, source_of
+from konsul.sync.log_limits import peer_log
 
 from . import frames
 from .connection import DeviceConnection
@@ -52,6 +62,12 @@ _OVERRIDDEN = (
 MAX_INFLIGHT = 20_000  # QoS 1 messages a device has not acknowledged before it is cut off
 SESSION_EXPIRY = 7 * 24 * 3600  # a persistent session left alone this long is forgotten
 TAKEOVER_WAIT = 5.0
+MAX_SUBSCRIPTIONS = 1000  # topic filters one session may hold
+MAX_QUEUED = 1000  # QoS 1 messages kept for a device away with a persistent session (mosquitto's default)
+# Accept failing for want of descriptors or memory: wait, doubling, then try again.
+ACCEPT_RETRY_MIN, ACCEPT_RETRY_MAX = 0.05, 1.0
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+FD_SHARE = 0.75  # of the open-files limit, MQTT connections may hold at most this share
 
 
 class KonsulBroker(Broker):
@@ -83,14 +99,30 @@ class KonsulBroker(Broker):
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
         self._index = None
-        return await super().add_subscription(subscription, session)
+        topic_filter = subscription[0]
+        client_id = session.client_id
+        levels = topic_filter.split("/")
+        if any(("#" in level and (level != "#" or i != len(levels) - 1)) or ("+" in level and level != "+") for i, level in enumerate(levels)):
+            # amqtt answers 0x80 too, but without a word: counted and logged like every refusal.
+            self.agent.refusals.refuse("topic", client_id, f"SUBSCRIBE {topic_filter!r}: a wildcard must be a whole level, '#' the last")
+            return 0x80
+        held = self._filters.setdefault(client_id, set())
+        if topic_filter not in held and len(held) >= MAX_SUBSCRIPTIONS:
+            self.agent.refusals.refuse("limit", client_id, f"SUBSCRIBE {topic_filter!r}: {MAX_SUBSCRIPTIONS} subscriptions held already")
+            return 0x80
+        code = await super().add_subscription(subscription, session)
+        if code != 0x80:
+            held.add(topic_filter)
+        return code
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
         self._index = None
+        self._filters.get(session.client_id, set()).discard(a_filter)
         return super()._del_subscription(a_filter, session)
 
     async def _del_all_subscriptions(self, session: Session) -> None:
         self._index = None
+        self._filters.pop(session.client_id, None)
         await super()._del_all_subscriptions(session)
 
     def deliver(self, messages: list[Any]) -> None:
@@ -146,9 +178,16 @@ class KonsulBroker(Broker):
             connection.send(bytes(data))
         elif not session.clean_session and session.transitions.state != "connected":
             # Away with a persistent session: QoS 1 messages wait for it [MQTT-3.1.2-5].
+            queue = session.retained_messages
             for topic, payload, qos, _retain in items:
-                if qos:
-                    session.retained_messages.put_nowait(RetainedApplicationMessage(None, topic, payload, qos))
+                if not qos:
+                    continue
+                if queue.qsize() >= MAX_QUEUED:
+                    # Bounded like mosquitto's max_queued_messages: a session left
+                    # away must not hold every later message in memory for a week.
+                    self.agent.refusals.refuse("overload", session.client_id, f"away with {MAX_QUEUED} messages queued; dropping {topic!r}")
+                    continue
+                queue.put_nowait(RetainedApplicationMessage(None, topic, payload, qos))
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Session) -> None:
         topic_filter, qos = subscription
@@ -200,7 +239,16 @@ class EmbeddedBroker:
         self.connections: dict[str, DeviceConnection] = {}  # the live one per device
         self._tasks: set[asyncio.Task[Any]] = set()
         self.broker: KonsulBroker | None = None
-        self.server: asyncio.Server | None = None
+        self._sockets: list[socket.socket] = []
+        self._acceptors: list[asyncio.Task[Any]] = []
+        limits = agent.limits
+        self.admission = ConnectionLimit(min(limits.mqtt_connections, _fd_budget()), limits.mqtt_connections_per_source)
+        if self.admission.total < limits.mqtt_connections:
+            log.warning(
+                "at most %d MQTT connections (%d%% of the open-files limit, not --mqtt-connections %d); "
+                "raise the limit (ulimit -n, LimitNOFILE=) for more",
+                self.admission.total, int(FD_SHARE * 100), limits.mqtt_connections,
+            )
 
     async def start(self, host: str, port: int) -> str:
         config = {
@@ -212,14 +260,21 @@ class EmbeddedBroker:
         self.broker.agent = self.agent
         self.broker.connections = self.connections
         self.broker._index = None
+        self.broker._filters = {}
         await self.broker.start()
-        self.server = await asyncio.start_server(self._accept, host, port, reuse_address=True, backlog=1024)
-        bound = self.server.sockets[0].getsockname()
+        self._sockets = await _listen(host, port)
+        for sock in self._sockets:
+            self._acceptors.append(self._spawn(self._accept_loop(sock)))
+        bound = self._sockets[0].getsockname()
         return f"{bound[0]}:{bound[1]}"
 
     async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        for task in self._acceptors:  # before their sockets close under them
+            task.cancel()
+        if self._acceptors:
+            await asyncio.wait(self._acceptors, timeout=5)
+        for sock in self._sockets:
+            sock.close()
         for live in list(self._live.values()):
             live.connection.close()
         if self.broker is not None:
@@ -255,16 +310,70 @@ class EmbeddedBroker:
 
     # -- connections -------------------------------------------------------------------
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
+    def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        """Accept connections until stopped; never ends on an error a peer or the system causes."""
+        loop = asyncio.get_running_loop()
+        retry = ACCEPT_RETRY_MIN
+        while True:
+            try:
+                sock, address = await loop.sock_accept(listener)
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue  # the peer left before we got to it
+            except OSError as error:
+                if listener.fileno() < 0:
+                    return  # closed by stop()
+                # Out of descriptors (or buffers): the connection waits in the
+                # backlog while others end. Never fatal, and logged rate-limited.
+                self.agent.refusals.count("accept")
+                peer_log.log(
+                    log, logging.WARNING, ("mqtt-accept", error.errno),
+                    "MQTT accept failed (%s); retrying in %.2fs", error.strerror or error, retry,
+                )
+                if error.errno not in _OUT_OF_RESOURCES:
+                    log.debug("unexpected accept error", exc_info=True)
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, ACCEPT_RETRY_MAX)
+                continue
+            retry = ACCEPT_RETRY_MIN
+            source = source_of(address)
+            bound = self.admission.try_admit(source)
+            if bound is not None:
+                # Closed before anything is read or allocated for it.
+                sock.close()
+                self.agent.refusals.count("connections")
+                held = self.admission.count if bound == "total" else self.admission.held_by(source)
+                cap = self.admission.total if bound == "total" else self.admission.per_source
+                peer_log.log(
+                    log, logging.WARNING, ("mqtt-connections", source),
+                    "refused an MQTT connection from %s: %d connections held %s (at most %d)",
+                    source, held, "in total" if bound == "total" else "by this address", cap,
+                )
+                continue
+            self._spawn(self._accept(sock, address, source))
+
+    async def _accept(self, sock: socket.socket, address: Any, source: str) -> None:
+        writer = None
         try:
+            reader, writer = await asyncio.open_connection(sock=sock)
             await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            raise
         except Exception:
-            log.exception("connection failed")
-            writer.close()
+            # Contained to this connection: an exception escaping an asyncio
+            # task would reach the loop's handler and end the agent.
+            peer_log.log(log, logging.ERROR, ("mqtt-failed", source), "MQTT connection from %s failed", source, exc_info=True)
         finally:
-            self._tasks.discard(task)
+            self.admission.release(source)
+            if writer is not None:
+                writer.close()
+            else:
+                sock.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername") or ("?", 0)
@@ -281,26 +390,63 @@ class EmbeddedBroker:
         device_id = connect.client_id
         # A device reconnecting while its old connection looks alive: end the old
         # one first, so that amqtt never runs its take-over, which mixes up the
-        # states of a persistent session.
-        old = self._live.get(device_id)
-        if old is not None:
-            old.connection.close()
-            try:
-                await asyncio.wait_for(old.finished.wait(), TAKEOVER_WAIT)
-            except TimeoutError:
-                log.warning("the old connection of %s did not end in %ss", device_id, TAKEOVER_WAIT)
+        # states of a persistent session. The newest connection is the live one
+        # at once, so that several arriving together form a chain (each ends and
+        # waits for the one before) instead of all waiting for the same old one
+        # and then entering amqtt together, which left them without a CONNACK.
         live = _Live(connection, asyncio.Event())
+        old = self._live.get(device_id)
         self._live[device_id] = live
-        self.connections[device_id] = connection
         try:
+            if old is not None:
+                old.connection.close()
+                try:
+                    await asyncio.wait_for(old.finished.wait(), TAKEOVER_WAIT)
+                except TimeoutError:
+                    log.warning("the old connection of %s did not end in %ss", device_id, TAKEOVER_WAIT)
+            if connection.closed:
+                return  # a newer connection of the device took over while this one waited
+            self.connections[device_id] = connection
             await self.broker.external_connected(connection, StreamWriterAdapter(writer), "default")
         finally:
             live.finished.set()
             if self._live.get(device_id) is live:
                 del self._live[device_id]
-                del self.connections[device_id]
+                self.connections.pop(device_id, None)
             if not writer.is_closing():
                 writer.close()
+
+
+async def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` names (as ``asyncio.start_server`` binds)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:  # one port for every address
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(1024)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _fd_budget() -> int:
+    """The MQTT connections the open-files limit leaves room for (the rest: HTTP, SQLite, CoAP)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(1, int(soft * FD_SHARE))
 
 
 def _amqtt_version() -> str:

@@ -37,6 +37,9 @@ log = logging.getLogger("konsul.mqtt")
 READ_SIZE = 65536
 CONNECT_TIMEOUT = 10.0
 MAX_UNSENT = 16 * 1024 * 1024  # bytes queued for a device that does not read
+# QoS 2 messages acknowledged with PUBREC and awaiting their PUBREL; a client
+# that never releases them is cut off rather than remembered without end.
+MAX_QOS2_PENDING = 1024
 
 
 class DeviceConnection(ReaderAdapter):
@@ -190,8 +193,8 @@ class DeviceConnection(ReaderAdapter):
                     self._ready += splitter.consumed_since(start)
         except ProtocolViolation as violation:
             self.agent.refusals.refuse(violation.reason, self.who, str(violation))
-            if violation.reason == "protocol" and self.connect is None:
-                self.writer.write(frames.encode_connack(False, frames.BAD_PROTOCOL))
+            if isinstance(violation, frames.UnsupportedProtocol):
+                self.writer.write(frames.encode_refusal_for(violation.level))
             self.close()
             return True
         return splitter.position != first
@@ -222,14 +225,23 @@ class DeviceConnection(ReaderAdapter):
         return True
 
     def _publish(self, publish: frames.Publish) -> None:
-        if publish.topic.startswith("$"):
-            raise ProtocolViolation("topic", f"PUBLISH to {publish.topic!r}: '$' topics belong to the broker")
+        # A '$' topic is the broker's: refused, but acknowledged like any
+        # refused message (docs/mqtt.md), so the client does not resend it.
+        dropped = publish.topic.startswith("$")
+        if dropped:
+            self.agent.refusals.refuse("topic", self.who, f"PUBLISH to {publish.topic!r}: '$' topics belong to the broker; dropped")
         if publish.qos == 0:
-            self.agent.received(self.device_id, publish, self.who, None)
+            if not dropped:
+                self.agent.received(self.device_id, publish, self.who, None)
             return
+        resent = publish.qos == 2 and publish.packet_id in self._qos2
+        if publish.qos == 2 and not resent and len(self._qos2) >= MAX_QOS2_PENDING:
+            raise ProtocolViolation("limit", f"over {MAX_QOS2_PENDING} QoS 2 messages received and never released (PUBREL)")
         entry = self._acks.expect(publish.packet_id, publish.qos)
-        if publish.qos == 2 and publish.packet_id in self._qos2:
+        if resent or dropped:
             self._settle(entry, True)  # a resend before PUBREL: handled already, acknowledge again
+            if publish.qos == 2:
+                self._qos2.add(publish.packet_id)
             return
         if publish.qos == 2:
             self._qos2.add(publish.packet_id)

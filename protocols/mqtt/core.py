@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 import trio
 
-from konsul.protocols.gateway import AuthError, GatewayContext
+from konsul.protocols.gateway import AnonymousDevicesFull, AuthError, GatewayContext
 from konsul.sync.devices import DeviceRecord, check_device_id
 from konsul.sync.errors import KonsulError, StoreError
 from konsul.sync.limits import check_value
@@ -108,20 +108,24 @@ class MqttGateway:
         """The CONNACK code for a CONNECT: device id, token, Last Will."""
         device_id = connect.client_id
         who = f"{device_id or '?'}@{peer}"
+        source = peer.rpartition(":")[0] or peer  # the log limit's key: the client id is the peer's choice
         try:
             check_device_id(device_id)
         except KonsulError as error:
-            self.refusals.refuse("auth", who, f"client id must be a device id: {error}")
+            self.refusals.refuse("auth", who, f"client id must be a device id: {error}", source=source)
             return frames.IDENTIFIER_REJECTED
         if connect.username not in (None, device_id):
-            self.refusals.refuse("auth", who, f"user name {connect.username!r} is not the client id")
+            self.refusals.refuse("auth", who, f"user name {connect.username!r} is not the client id", source=source)
             return frames.BAD_CREDENTIALS
         try:
             token = connect.password.decode() if connect.password else None
             record = await self.ctx.authenticate(device_id, token)
         except (AuthError, UnicodeDecodeError) as error:
-            self.refusals.refuse("auth", who, str(error))
+            self.refusals.refuse("auth", who, str(error), source=source)
             return frames.BAD_CREDENTIALS
+        except AnonymousDevicesFull as error:
+            self.refusals.refuse("anonymous", who, str(error), source=source)
+            return frames.SERVER_UNAVAILABLE
         except KonsulError as error:  # registering an anonymous device failed: not the device's fault
             log.error("could not admit %s: %s", who, error)
             return frames.SERVER_UNAVAILABLE
@@ -129,7 +133,8 @@ class MqttGateway:
             connect.will_topic != device_topic(device_id, "status") or connect.will_payload != b"offline"
         ):
             self.refusals.refuse(
-                "will", who, f"a Last Will is 'offline' on {device_topic(device_id, 'status')}, not {connect.will_topic!r}"
+                "will", who, f"a Last Will is 'offline' on {device_topic(device_id, 'status')}, not {connect.will_topic!r}",
+                source=source,
             )
             return frames.NOT_AUTHORIZED
         self.records[device_id] = record
@@ -314,10 +319,10 @@ class MqttGateway:
                 device_id = key[2:]
                 if device_id in self.records:
                     record = self.scope.devices.get(device_id)
-                    if record is None:  # deleted: its connections go too
+                    if record is None:  # deleted: its connections go too, and its retained status
                         del self.records[device_id]
                         self._kicks.append(device_id)
-                        self._out_wake.set()
+                        self._queue(Outgoing(device_topic(device_id, "status"), b"", True, "status"))
                     else:
                         self.records[device_id] = record
 

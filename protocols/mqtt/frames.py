@@ -38,10 +38,21 @@ MAX_TOPIC_BYTES = 65535
 ACCEPTED, BAD_PROTOCOL, IDENTIFIER_REJECTED, SERVER_UNAVAILABLE, BAD_CREDENTIALS, NOT_AUTHORIZED = 0, 1, 2, 3, 4, 5
 
 
+MAX_FILTERS = 256  # topic filters in one SUBSCRIBE or UNSUBSCRIBE; a device needs a handful
+
+
 class ProtocolViolation(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
+
+
+class UnsupportedProtocol(ProtocolViolation):
+    """A CONNECT of another MQTT version (``level``); answered in a form that version reads."""
+
+    def __init__(self, level: int, detail: str) -> None:
+        super().__init__("protocol", detail)
+        self.level = level
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +245,7 @@ def decode_connect(frame: Frame) -> Connect:
     name = cursor.text("protocol name")
     level = cursor.u8()
     if name != "MQTT" or level != 4:
-        raise ProtocolViolation("protocol", f"protocol {name!r} level {level}; this broker speaks MQTT 3.1.1 (level 4)")
+        raise UnsupportedProtocol(level, f"protocol {name!r} level {level}; this broker speaks MQTT 3.1.1 (level 4)")
     flags = cursor.u8()
     if flags & 0x01:
         raise ProtocolViolation("malformed", "CONNECT reserved flag set")
@@ -268,11 +279,24 @@ def decode_publish(frame: Frame) -> Publish:
     return Publish(topic, payload, qos, bool(frame.flags & 0x01), bool(frame.flags & 0x08), packet_id)
 
 
+def _packet_id(cursor: _Cursor, what: str) -> int:
+    packet_id = cursor.u16()
+    if packet_id == 0:
+        raise ProtocolViolation("malformed", f"{what} packet id 0")  # [MQTT-2.3.1-1]
+    return packet_id
+
+
+def _more_filters(cursor: _Cursor, filters: list, what: str) -> bool:
+    if len(filters) >= MAX_FILTERS and cursor.left():
+        raise ProtocolViolation("limit", f"{what} with more than {MAX_FILTERS} topic filters")
+    return bool(cursor.left())
+
+
 def decode_subscribe(body: bytes) -> tuple[int, list[tuple[str, int]]]:
     cursor = _Cursor(body)
-    packet_id = cursor.u16()
-    filters = []
-    while cursor.left():
+    packet_id = _packet_id(cursor, "SUBSCRIBE")
+    filters: list[tuple[str, int]] = []
+    while _more_filters(cursor, filters, "SUBSCRIBE"):
         topic_filter = cursor.text("topic filter")
         qos = cursor.u8()
         if not topic_filter or qos > 2:
@@ -285,9 +309,9 @@ def decode_subscribe(body: bytes) -> tuple[int, list[tuple[str, int]]]:
 
 def decode_unsubscribe(body: bytes) -> tuple[int, list[str]]:
     cursor = _Cursor(body)
-    packet_id = cursor.u16()
-    filters = []
-    while cursor.left():
+    packet_id = _packet_id(cursor, "UNSUBSCRIBE")
+    filters: list[str] = []
+    while _more_filters(cursor, filters, "UNSUBSCRIBE"):
         filters.append(cursor.text("topic filter"))
     if not filters:
         raise ProtocolViolation("malformed", "UNSUBSCRIBE without a topic filter")
@@ -346,6 +370,17 @@ def encode_publish(topic: str, payload: bytes, qos: int = 0, retain: bool = Fals
     header = (PUBLISH << 4) | (0x08 if dup else 0) | (qos << 1) | (0x01 if retain else 0)
     body = _text(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
     return _frame(header, body)
+
+
+def encode_refusal_for(level: int) -> bytes:
+    """The CONNACK refusing a CONNECT of protocol ``level``, in the form that version parses.
+
+    MQTT 5 (level 5) reads a reason code and a properties length: 0x84,
+    "unsupported protocol version". Earlier levels read the 3.1.1 form, code 1.
+    """
+    if level == 5:
+        return _frame(CONNACK << 4, bytes([0, 0x84, 0]))
+    return encode_connack(False, BAD_PROTOCOL)
 
 
 def encode_puback(packet_id: int) -> bytes:

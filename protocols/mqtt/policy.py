@@ -3,20 +3,23 @@
 Every refusal (DESIGN.md, decision 8: "a dropped message with a logged reason
 and a metric") goes through :meth:`Refusals.refuse`: it is counted in
 ``konsul_mqtt_refused_total{reason=...}`` and logged. A misbehaving device can
-send thousands of bad messages a second, so the log keeps one line per
-(reason, client) per interval and says how many it left out; the counter
-always counts every one.
+send thousands of bad messages a second, and an attacker can open thousands
+of connections, so the log goes through the agent's per-peer limiter
+(``sync/log_limits.py``), keyed by reason and by the admitted device and its
+address, or before admission by the address alone (a client id or port is
+the peer's to pick); the counter always counts every one.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from typing import Any
 
-import cbor2
 from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from konsul.sync.errors import KonsulError
+from konsul.sync.limits import decode_cbor_document, parse_json_document
+from konsul.sync.log_limits import peer_log
 
 log = logging.getLogger("konsul.mqtt")
 
@@ -34,8 +37,11 @@ REASONS = (
     "payload",  # not a JSON object / CBOR map / online|offline where one is required
     "invalid",  # a KV write the state layer refuses (key rules, value size)
     "overload",  # the agent's queue of pending writes is full
+    "connections",  # over the connection cap, per source address or in total: closed before reading
+    "anonymous",  # a new anonymous device while the anonymous device cap is reached
+    "limit",  # over a per-connection bound: filters, subscriptions, QoS 2 messages awaiting PUBREL
+    "accept",  # accepting failed (out of file descriptors): the listener backed off
 )
-LOG_INTERVAL = 10.0
 
 
 class Metrics:
@@ -65,26 +71,34 @@ class Metrics:
 
 
 class Refusals:
-    """Counts and logs refusals; rate-limits the log, never the count."""
+    """Counts and logs refusals; rate-limits the log per reason and source, never the count."""
 
-    def __init__(self, metrics: Metrics, clock=time.monotonic) -> None:
+    def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self.clock = clock
-        self._windows: dict[tuple[str, str], list[float | int]] = {}
 
-    def refuse(self, reason: str, who: str, detail: str) -> None:
+    def refuse(self, reason: str, who: str, detail: str, *, source: str | None = None) -> None:
+        """Count and log one refusal.
+
+        ``who`` is ``device@host:port`` (``?@host:port`` before admission), a
+        device id or a broker; ``source`` keys the log limit instead of
+        ``who`` without its port (give the address for a client not admitted).
+        """
         self.metrics.refused.labels(reason).inc()
-        now = self.clock()
-        window = self._windows.get((reason, who))
-        if window is not None and now - window[0] < LOG_INTERVAL:
-            window[1] += 1
-            return
-        left_out = int(window[1]) if window is not None else 0
-        if len(self._windows) > 10_000:  # many distinct clients: forget, do not grow
-            self._windows.clear()
-        self._windows[(reason, who)] = [now, 0]
-        more = f" ({left_out} more like it in the last {LOG_INTERVAL:.0f}s)" if left_out else ""
-        log.warning("refused (%s) from %s: %s%s", reason, who, detail, more)
+        key = ("mqtt", reason, source if source is not None else log_key(who))
+        peer_log.log(log, logging.WARNING, key, "refused (%s) from %s: %s", reason, who, detail)
+
+    def count(self, reason: str) -> None:
+        """Count a refusal the caller logs itself."""
+        self.metrics.refused.labels(reason).inc()
+
+
+def log_key(who: str) -> str:
+    """``who`` without the port of ``client@host:port``, which a peer varies with every connection."""
+    client, at, address = who.rpartition("@")
+    if not at:
+        return who
+    host, colon, _port = address.rpartition(":")
+    return f"{client}@{host if colon else address}"
 
 
 class PayloadRefused(Exception):
@@ -94,24 +108,22 @@ class PayloadRefused(Exception):
 def decode_document(payload: bytes, *, cbor: bool) -> dict[str, Any]:
     """A JSON object, or with ``cbor`` also a CBOR map; else :class:`PayloadRefused`.
 
+    The rules are the agent's one rule set for structured values from outside
+    (``sync/limits.py``: depth, size, item count, finite numbers, string keys).
     A CBOR map starts with a byte 0xa0-0xbf, which no JSON text starts with,
     so the first byte tells the two apart without guessing.
     """
-    if cbor and payload and 0xA0 <= payload[0] <= 0xBF:
-        try:
-            document = cbor2.loads(payload)
-        except Exception as error:  # cbor2 raises several types on bad input
-            raise PayloadRefused(f"not a valid CBOR map: {error}") from None
-        if not isinstance(document, dict):
-            raise PayloadRefused("the CBOR item is not a map")
-        return document
     try:
-        document = json.loads(payload)
-    except (ValueError, RecursionError) as error:
-        kinds = "a JSON object or a CBOR map" if cbor else "a JSON object"
-        raise PayloadRefused(f"not {kinds}: {str(error)[:80]}") from None
+        if cbor and payload and 0xA0 <= payload[0] <= 0xBF:
+            document = decode_cbor_document(payload, "the CBOR payload")
+            kind = "CBOR item"
+        else:
+            document = parse_json_document(payload, "the JSON payload")
+            kind = "JSON value"
+    except KonsulError as error:
+        raise PayloadRefused(str(error)[:160]) from None
     if not isinstance(document, dict):
-        raise PayloadRefused(f"a JSON {type(document).__name__}, not an object")
+        raise PayloadRefused(f"the {kind} is a {type(document).__name__}, not {'a map' if kind[0] == 'C' else 'an object'}")
     return document
 
 
