@@ -22,6 +22,7 @@ from pathlib import Path
 
 import cbor2
 from aiocoap import Message
+from aiocoap.error import Error as CoapDecodeError
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import CON, NON
 from aiocoap.optiontypes import BlockOption
@@ -121,7 +122,7 @@ class CoapEdge:
             data = data[:2] + (next(self._mids) & 0xFFFF).to_bytes(2, "big") + data[4:]
         try:
             request = Message.decode(data)
-        except ValueError:
+        except Exception:  # noqa: BLE001 - not a message this side can read; send it anyway
             request = None
         self.send([data])
         if request is None or not request.code.is_request():
@@ -134,7 +135,7 @@ class CoapEdge:
                 if answer.mid == request.mid or (answer.token == request.token and answer.code.is_response()):
                     if answer.code.is_response() or answer.mtype.name == "RST":
                         return answer
-        except (OSError, ValueError):
+        except (OSError, ValueError, CoapDecodeError):
             return None
 
     # -- is it still serving? ----------------------------------------------------------
@@ -166,7 +167,7 @@ class CoapEdge:
                     if answer.token == token and answer.code.is_response():
                         return True
                     self.answers.append(answer)
-            except (OSError, ValueError):
+            except (OSError, ValueError, CoapDecodeError):
                 if self.process.proc.poll() is not None:
                     return False
         return False

@@ -56,8 +56,15 @@ def test_session_after_a_good_hello_takes_any_frames(before, after):
 # -- Yjs updates through the apply path ----------------------------------------------
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="pycrdt (yrs 0.28) accepts a 7-byte update holding a zero-length block, and every get_update of the "
+    "document then panics (pyo3 PanicException, a BaseException: it passes every 'except Exception'), "
+    "see docs/fuzzing.md",
+)
 @budget(150)
 @given(inputs(UPDATE_SEEDS, max_size=128))
+@example(bytes.fromhex("01010001000000"))
 def test_random_updates_never_end_the_process(data):
     # Only process-ending errors count here; the strict property is the next test's.
     yjs_update(data, strict=False)
