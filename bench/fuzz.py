@@ -21,7 +21,9 @@ document, or an accepted input some reader then fails on), a timeout or
 out-of-memory in the child, or an edge that stops serving. Crashes count as
 unique by exception type and the line that raised it. The smallest input of
 each unique crash, cut down further by deleting bytes while it still fails
-the same way, is saved as ``bench/fuzz-crashes/<target>/<id>.bin``; the run
+the same way, is saved as ``bench/fuzz-crashes/<target>/<id>.bin`` (``id``
+from the crash's key: a later run replaces the file of a crash it finds
+again, and leaves the others); the run
 prints, per target, executions and unique crashes, and writes
 ``bench/fuzz-crashes/summary.json``.
 """
@@ -34,7 +36,6 @@ import json
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -370,7 +371,6 @@ def main() -> None:
     summary = {"engine": engine, "minutes": args.minutes, "targets": []}
     print(f"engine {engine}, {share:.0f} s per target")
     for name in names:
-        shutil.rmtree(CRASHES / name, ignore_errors=True)  # this run's reproducers only
         started = time.monotonic()
         findings = run_coap(share) if name == COAP else run_in_child(name, share, engine, CRASHES)
         for crash in findings.crashes.values():

@@ -8,7 +8,7 @@ reach the code behind the framing, where the interesting bugs are.
 from __future__ import annotations
 
 import cbor2
-from fuzz_targets import SCOPES, TARGETS, seed_updates
+from fuzz_seeds import SCOPES, seed_sync_frames, seed_updates
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
@@ -100,4 +100,4 @@ def messages(draw: st.DrawFn) -> bytes:
 
 def sync_frames() -> st.SearchStrategy[bytes]:
     """Frames a peer might send: schema messages (mostly), mutated real frames, random bytes."""
-    return st.one_of(messages(), messages(), inputs(TARGETS["sync_wire"].seeds(), max_size=64))
+    return st.one_of(messages(), messages(), inputs(seed_sync_frames(), max_size=64))

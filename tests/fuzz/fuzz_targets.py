@@ -22,7 +22,17 @@ import cbor2
 from aiocoap import Message
 from aiocoap.numbers.codes import Code
 from aiocoap.util.linkformat import LinkFormat
-from pycrdt import Doc, Map
+from fuzz_seeds import (
+    SCOPES,
+    seed_documents,
+    seed_http,
+    seed_link_formats,
+    seed_mqtt_agent,
+    seed_mqtt_client,
+    seed_sync_frames,
+    seed_updates,
+)
+from pycrdt import Doc
 
 from konsul.protocols.coap import formats, rd
 from konsul.protocols.coap.directory import Registration, matches
@@ -37,14 +47,14 @@ from konsul.simulator import mqtt_codec
 from konsul.sync import session as sync_session
 from konsul.sync import wire
 from konsul.sync.batch import WriteBatch
-from konsul.sync.catalog import ServiceCatalog, ServiceEntry
-from konsul.sync.devices import DeviceRecord, DeviceRegistry, Presence
+from konsul.sync.catalog import ServiceCatalog
+from konsul.sync.devices import DeviceRegistry, Presence
 from konsul.sync.errors import InvalidArgument, KonsulError, ValueTooLarge
-from konsul.sync.hlc import HybridClock, Stamp
-from konsul.sync.kv import KvState, ScopeIndex, encode_payload
+from konsul.sync.hlc import HybridClock
+from konsul.sync.kv import KvState, ScopeIndex
 from konsul.sync.limits import check_document, decode_cbor_document, parse_json_document
 from konsul.sync.twin import check_document as check_twin
-from konsul.sync.versioned import VersionedMap, ignore_update, version_id
+from konsul.sync.versioned import VersionedMap, ignore_update
 
 
 class PropertyViolation(AssertionError):
@@ -145,16 +155,12 @@ def sync_wire(data: bytes) -> None:
     """``wire.decode``: a message of the schema or :class:`wire.WireError`."""
     try:
         message = wire.decode(data)
-        for field in ("sv",):
-            if isinstance(message.get(field), bytes):
-                wire.decode_state_vector(message[field])
+        if isinstance(message.get("sv"), bytes):  # the session decodes an ack's state vector
+            wire.decode_state_vector(message["sv"])
     except wire.WireError:
         return
     except Exception as error:
         raise _unexpected("sync_wire", error) from error
-
-
-SCOPES = ["s1", "global"]
 
 
 def open_sessions() -> list[sync_session.SyncSession]:
@@ -265,30 +271,6 @@ def _read_everything(collection: KvState | ServiceCatalog | DeviceRegistry) -> N
                 _json_answer(collection.twin.document(side, device_id))
 
 
-def versions_update(entries: dict[str, object]) -> bytes:
-    """A Yjs update that sets these entries in a collection's ``versions`` map."""
-    doc = Doc()
-    versions = doc.get("versions", type=Map)
-    with doc.transaction():
-        for name, value in entries.items():
-            versions[name] = value
-    return doc.get_update()
-
-
-def seed_updates() -> list[bytes]:
-    """Updates as replicas really send them: KV puts, a service, a device, a twin field."""
-    stamp = Stamp(1_700_000_000_000, 0, "abcdefabcdef")
-    record = DeviceRecord("dev-1", type="sensor", tags=("a",), attributes={"x": 1}, created_ms=1)
-    service = ServiceEntry("n1", "web", "web", "10.0.0.1", 80, ("t",), {"m": "v"})
-    return [
-        versions_update({version_id("k", stamp): encode_payload(b"v", 0, None)}),
-        versions_update({version_id("a/b", stamp): encode_payload(b"x" * 20, 7, 1_800_000_000_000)}),
-        versions_update({version_id("n1/web", stamp): service.to_payload()}),
-        versions_update({version_id("d/dev-1", stamp): record.to_payload()}),
-        versions_update({version_id("desired/dev-1/mode", stamp): cbor2.dumps("eco")}),
-    ]
-
-
 # -- device documents ------------------------------------------------------------------
 
 DOCUMENT_REFUSALS = (InvalidArgument, ValueTooLarge)
@@ -381,14 +363,6 @@ def link_format(data: bytes) -> None:
         raise _unexpected("link_format accepted, then failed to list", error) from error
 
 
-def seed_link_formats() -> list[bytes]:
-    return [
-        b'</sensors/temp>;rt="temperature-c";if="sensor";ct=0,</sensors/light>;rt="light-lux";obs',
-        b'<coap://192.0.2.7/x>;anchor="coap://192.0.2.7";rel="alternate"',
-        b"</a>,</b>;ct=40;title=\"b\"",
-    ]
-
-
 # -- the table -------------------------------------------------------------------------
 
 
@@ -400,63 +374,18 @@ class Target:
     what: str
 
 
-def _mqtt_seeds() -> list[bytes]:
-    return [
-        frames.encode_connect("dev-1", username="dev-1", password="tok")
-        + frames.encode_publish("devices/dev-1/telemetry", b'{"t":21.5}', qos=1, packet_id=1)
-        + frames.encode_subscribe(2, [("devices/dev-1/desired", 1)])
-        + frames.encode_pingreq()
-        + frames.encode_disconnect(),
-        frames.encode_connack(False, 0) + frames.encode_publish("kv/a", b"v", qos=1, packet_id=9, retain=True)
-        + frames.encode_puback(3),
-    ]
-
-
-def _device_seeds() -> list[bytes]:
-    return [
-        frames.encode_connack(False, 0)
-        + frames.encode_publish("devices/dev-1/desired", b'{"mode":"eco"}', qos=1, packet_id=5, retain=True)
-        + frames.encode_puback(1)
-        + bytes([0x90, 3, 0, 2, 1]),
-    ]
-
-
-def _wire_seeds() -> list[bytes]:
-    edge = sync_session.SyncSession("edge", "s1", "e1", SCOPES)
-    state_vector = Doc().get_state()
-    return [
-        edge.start(),
-        wire.encode({"t": "sv", "s": "s1", "c": "kv", "e": 1, "sv": state_vector}),
-        wire.encode({"t": "data", "n": 1, "s": "s1", "c": "kv", "e": 1, "u": seed_updates()[0]}),
-        wire.encode({"t": "ack", "n": 1, "s": "s1", "c": "kv", "e": 1, "sv": b"\x01\x05\x02"}),
-        wire.encode({"t": "eph", "s": "s1", "k": "presence", "d": {"dev-1": True}}),
-        wire.encode({"t": "error", "code": "bye", "detail": "x"}),
-    ]
-
-
-def _document_seeds() -> list[bytes]:
-    return [b'{"mode":"eco","level":3,"on":true,"list":[1,2.5,null]}', cbor2.dumps({"t": 21.5, "n": [1, "x"]}), b"[[[]]]"]
-
-
-def _http_seeds() -> list[bytes]:
-    return [
-        b"PUT /v1/kv/a/b?dc=s1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
-        b"GET /v1/kv/a?raw HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
-    ]
-
-
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        Target("http_fast_path", http_fast_path, _http_seeds, "KvFastPath.parse: a request, None or Incomplete"),
-        Target("mqtt_agent", mqtt_agent, _mqtt_seeds, "frames.FrameSplitter, check_client_frame and decoders: ProtocolViolation only"),
-        Target("mqtt_device", mqtt_device, _device_seeds, "simulator mqtt_codec.PacketReader and decoders: MqttError only"),
-        Target("sync_wire", sync_wire, _wire_seeds, "wire.decode and decode_state_vector: WireError only"),
-        Target("sync_session", sync_session_bytes, _wire_seeds, "SyncSession.receive in three states: RemoteProtocolError only"),
+        Target("http_fast_path", http_fast_path, seed_http, "KvFastPath.parse: a request, None or Incomplete"),
+        Target("mqtt_agent", mqtt_agent, seed_mqtt_client, "frames.FrameSplitter, check_client_frame and decoders: ProtocolViolation only"),
+        Target("mqtt_device", mqtt_device, seed_mqtt_agent, "simulator mqtt_codec.PacketReader and decoders: MqttError only"),
+        Target("sync_wire", sync_wire, seed_sync_frames, "wire.decode and decode_state_vector: WireError only"),
+        Target("sync_session", sync_session_bytes, seed_sync_frames, "SyncSession.receive in three states: RemoteProtocolError only"),
         Target("yjs_update", yjs_update, seed_updates, "apply_remote of KV, catalog, devices: clean refusal, or readable and reloadable"),
-        Target("documents_shared", documents_shared, _document_seeds, "sync/limits.py parsers and twin.check_document"),
-        Target("documents_mqtt", documents_mqtt, _document_seeds, "mqtt policy.decode_document, within the shared rule set"),
-        Target("documents_coap", documents_coap, _document_seeds, "coap formats payload decoders, within the shared rule set"),
+        Target("documents_shared", documents_shared, seed_documents, "sync/limits.py parsers and twin.check_document"),
+        Target("documents_mqtt", documents_mqtt, seed_documents, "mqtt policy.decode_document, within the shared rule set"),
+        Target("documents_coap", documents_coap, seed_documents, "coap formats payload decoders, within the shared rule set"),
         Target("link_format", link_format, seed_link_formats, "rd link-format parsing, resolution and listing"),
     )
 }

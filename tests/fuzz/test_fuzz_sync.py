@@ -14,7 +14,8 @@ from __future__ import annotations
 import cbor2
 import pytest
 from fuzz_strategies import budget, cbor_values, inputs, sync_frames
-from fuzz_targets import SCOPES, TARGETS, open_sessions, sync_session_frames, sync_wire, versions_update, yjs_update
+from fuzz_seeds import SCOPES, versions_update
+from fuzz_targets import TARGETS, open_sessions, sync_session_frames, sync_wire, yjs_update
 from hypothesis import example, given
 from hypothesis import strategies as st
 

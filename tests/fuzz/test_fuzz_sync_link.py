@@ -14,7 +14,7 @@ import tempfile
 import pytest
 import trio
 from fuzz_strategies import budget, sync_frames
-from fuzz_targets import SCOPES
+from fuzz_seeds import SCOPES
 from hypothesis import example, given
 from hypothesis import strategies as st
 
