@@ -56,11 +56,6 @@ def _check(edge: CoapEdge, datagrams: list[bytes], one_by_one: bool = False) -> 
     assert problem is None, f"{problem}\n{edge.last_error()}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a datagram aiocoap cannot decode (a Uri-Path that is not UTF-8) ends the edge: the error crosses "
-    "the trio-asyncio bridge (issue 14, finding 1), see docs/fuzzing.md",
-)
 @budget(40, shrink=False)
 @given(st.lists(st.one_of(mutated(SEEDS), st.binary(min_size=4, max_size=64)), min_size=1, max_size=8))
 @example([bytes.fromhex("40010001b1ff")])

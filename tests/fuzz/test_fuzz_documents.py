@@ -69,11 +69,6 @@ def test_mqtt_decoder_refuses_with_its_own_error(data):
     documents_mqtt(data, rule_set=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MQTT policy.decode_document accepts what the shared rule set refuses (non-text keys, NaN, "
-    "nesting past 32), see docs/fuzzing.md",
-)
 @budget(300)
 @given(inputs(DOCUMENT_SEEDS))
 @example(bytes.fromhex("a10101"))
@@ -83,10 +78,6 @@ def test_mqtt_decoder_keeps_the_shared_rules(data):
     documents_mqtt(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CoAP formats.strict_json lets RecursionError escape on deeply nested JSON, see docs/fuzzing.md",
-)
 @budget(300)
 @given(inputs(DOCUMENT_SEEDS))
 @example(b"[" * 100_000)
@@ -94,11 +85,6 @@ def test_coap_decoders_refuse_with_their_own_error(data):
     documents_coap(data, rule_set=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CoAP formats.document_from_payload accepts what the shared rule set refuses (NaN, CBOR simple "
-    "values and tags, nesting past 32), see docs/fuzzing.md",
-)
 @budget(300)
 @given(inputs(DOCUMENT_SEEDS))
 @example(cbor2.dumps({"a": float("nan")}))

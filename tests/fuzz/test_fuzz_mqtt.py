@@ -28,11 +28,6 @@ def test_agent_takes_any_bytes(data):
     mqtt_agent(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="simulator mqtt_codec.decode_publish raises struct.error on a QoS>0 PUBLISH without a packet id, "
-    "see docs/fuzzing.md",
-)
 @budget(400)
 @given(inputs(DEVICE_SEEDS))
 @example(bytes.fromhex("32020000"))
