@@ -113,12 +113,15 @@ def test_out_of_file_descriptors_the_broker_backs_off_and_recovers(tmp_path):
     try:
         with httpx.Client(base_url=edge.url, timeout=10) as http:
             token = register(http, "fd-1")
-            # HTTP requests with a complete head and a partial body hold a descriptor each.
+            # HTTP requests with a complete head and a partial body hold a descriptor each, and
+            # so do MQTT connections that have not sent CONNECT yet; each listener caps itself
+            # below the limit, so both together are needed to take every descriptor.
             while open_fds(edge) < nofile:
-                for _ in range(20):
+                for _ in range(10):
                     sock = socket.create_connection((edge.host, edge.port))
                     sock.sendall(b"PUT /v1/kv/held HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\npartial")
                     held.append(sock)
+                    held.append(socket.create_connection((edge.mqtt_host, edge.mqtt_port)))
                 if len(held) > 2 * nofile:
                     break
             eventually(lambda: open_fds(edge) >= nofile, what="every descriptor taken")
