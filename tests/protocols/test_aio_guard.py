@@ -44,7 +44,8 @@ async def test_without_containment_trio_asyncio_raises_it_into_the_agent() -> No
     try:
         async with trio_asyncio.open_loop() as loop:
             loop.call_soon(_failing)
-            await trio.sleep(1)
+            with trio.fail_after(10):  # the error ends this wait; the deadline only bounds a failure
+                await trio.sleep_forever()
     except BaseException as error:  # noqa: BLE001 - an ExceptionGroup or the error itself
         raised = "UnicodeDecodeError" in repr(error)
     assert raised
