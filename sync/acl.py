@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import cbor2
 
-from .acl_rules import DENY_ALL, MANAGEMENT, Authorizer, PolicyRules, parse_rules
+from .acl_rules import DENY_ALL, MANAGEMENT, Authorizer, PolicyRules, parse_rules, rules_text
 from .batch import WriteBatch
 from .errors import InvalidArgument, KonsulError, NotFound
 from .hlc import Stamp
@@ -338,6 +338,7 @@ class AclRegistry(RecordCollection):
             raise InvalidArgument(f"a policy named {policy.name!r} already exists (ID {holder}); pick another name")
         _check_description(policy.description)
         parse_rules(policy.rules)
+        policy = replace(policy, rules=rules_text(policy.rules))
         for datacenter in policy.datacenters:
             if not isinstance(datacenter, str):
                 raise InvalidArgument("Datacenters is a list of site names")

@@ -114,6 +114,15 @@ class PolicyRules:
 # -- parsing --------------------------------------------------------------------
 
 
+def rules_text(text: str) -> str:
+    """The rules a client meant: py-consul JSON-encodes the rules text it is given."""
+    if isinstance(text, str) and text.lstrip().startswith('"'):
+        decoded = _parse_json(text.strip())
+        if isinstance(decoded, str):
+            return decoded
+    return text
+
+
 def parse_rules(text: str) -> PolicyRules:
     """Parse a policy's rules (HCL or JSON); raises :class:`InvalidArgument` naming the problem."""
     if not isinstance(text, str):
@@ -123,11 +132,10 @@ def parse_rules(text: str) -> PolicyRules:
     stripped = text.strip()
     if not stripped:
         return PolicyRules()
-    if stripped.startswith(("{", '"')):
+    if stripped.startswith('"'):
+        return parse_rules(rules_text(stripped))
+    if stripped.startswith("{"):
         tree = _parse_json(stripped)
-        if isinstance(tree, str):
-            # py-consul JSON-encodes the rules it is given as a string.
-            return parse_rules(tree)
     else:
         tree = _parse_hcl(text)
     return _rules_from_tree(tree, text)
