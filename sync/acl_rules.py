@@ -158,18 +158,19 @@ def _parse_hcl(text: str) -> dict:
         raise InvalidArgument(f"rules are not valid HCL: {error}") from None
 
 
-_PARSER_CLASS = None
+_PARSER = None
 
 
 def _hcl_parser():
     """A pyhcl parser that refuses a resource or segment given twice.
 
     pyhcl keeps the last of two equal blocks, which would let a later
-    ``write`` silently replace an earlier ``deny``. Imported on first use: most
-    agents only check rules and never parse any.
+    ``write`` silently replace an earlier ``deny``. Imported and built on
+    first use (building one costs ~40 ms, a parse well under 1 ms), then
+    reused: parses are synchronous, so one parser serves every caller.
     """
-    global _PARSER_CLASS
-    if _PARSER_CLASS is None:
+    global _PARSER
+    if _PARSER is None:
         from hcl.parser import HclParser
 
         class _RuleParser(HclParser):
@@ -184,8 +185,8 @@ def _hcl_parser():
                             seen.add((name, segment))
                 return super().objectlist_flat(lt, replace)
 
-        _PARSER_CLASS = _RuleParser
-    return _PARSER_CLASS()
+        _PARSER = _RuleParser()
+    return _PARSER
 
 
 def _line_of(text: str, resource: str, segment: str | None) -> str:
@@ -311,13 +312,16 @@ class _Table:
     def __init__(self, rules: list[Rule]) -> None:
         self.rules = rules
         self.exact: dict[str, int] = {}
-        globs: dict[int, list[tuple[re.Pattern[str], int]]] = {}
+        # Globs as (literal head, regex, level): the head (text before the
+        # first '*') rules most names out before the regex runs.
+        globs: dict[int, list[tuple[str, re.Pattern[str], int]]] = {}
         literal: dict[int, dict[str, int]] = {}
-        prefix_globs: dict[int, list[tuple[re.Pattern[str], int]]] = {}
+        prefix_globs: dict[int, list[tuple[str, re.Pattern[str], int]]] = {}
         for rule in rules:
             if rule.glob:
                 target = prefix_globs if rule.prefix else globs
-                target.setdefault(literal_weight(rule.segment), []).append((glob_regex(rule.segment), rule.level))
+                head = rule.segment.split("*", 1)[0]
+                target.setdefault(literal_weight(rule.segment), []).append((head, glob_regex(rule.segment), rule.level))
             elif rule.prefix:
                 group = literal.setdefault(len(rule.segment), {})
                 group[rule.segment] = max(group.get(rule.segment, 0), rule.level)
@@ -336,8 +340,8 @@ class _Table:
         found = self.exact.get(name, 0)
         if not found:
             for _weight, matchers in self.exact_globs:
-                for regex, level in matchers:
-                    if level > found and regex.fullmatch(name):
+                for head, regex, level in matchers:
+                    if level > found and name.startswith(head) and regex.fullmatch(name):
                         found = level
                 if found:
                     break
@@ -346,8 +350,8 @@ class _Table:
             for weight, literals, matchers in self.prefix_steps:
                 if literals is not None and weight <= size:
                     found = literals.get(name[:weight], 0)
-                for regex, level in matchers:
-                    if level > found and regex.match(name):
+                for head, regex, level in matchers:
+                    if level > found and name.startswith(head) and regex.match(name):
                         found = level
                 if found:
                     break
