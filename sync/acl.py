@@ -219,7 +219,9 @@ class AclRegistry(RecordCollection):
     def _reindex(self) -> None:
         self._by_hash, self._hash_of = {}, {}
         now = self.last_index or self.index.value
-        self._indexes = {key: [now, now] for key in self._versions.keys()}
+        # A compaction or epoch keeps the records' indexes; a load numbers them anew.
+        old = self._indexes
+        self._indexes = {key: old.get(key) or [now, now] for key in self._versions.keys()}
         for key in list(self._versions.keys()):
             if key.startswith("t/"):
                 self._index_token(key[2:])
