@@ -301,6 +301,20 @@ def literal_weight(segment: str) -> int:
     return len(segment) - segment.count("*")
 
 
+def shorthand_rules(kv_read: Iterable[str] = (), kv_write: Iterable[str] = (), devices: Iterable[str] = ()) -> PolicyRules:
+    """Rules for a device record's ``KVRead``/``KVWrite`` prefixes (and its own id).
+
+    ``KVRead: ["cfg/"]`` is ``key_prefix "cfg/" { policy = "read" }``,
+    ``KVWrite`` the same with ``write``; each name in ``devices`` gets
+    ``device "<id>" { policy = "write" }`` (a device reports its own twin and
+    telemetry). Merged like any rules: a write beats a read of the same prefix.
+    """
+    rules = [Rule("key", prefix, True, READ) for prefix in kv_read]
+    rules += [Rule("key", prefix, True, WRITE) for prefix in kv_write]
+    rules += [Rule("device", name, False, WRITE) for name in devices]
+    return PolicyRules(rules)
+
+
 # -- authorizing -------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 
 from quart import Blueprint, Response, current_app, request
 
@@ -57,16 +58,22 @@ class AclDisabled(KonsulError):
 # -- for every route: who is asking ---------------------------------------------------
 
 
-def request_token() -> str | None:
-    """The request's secret: ``X-Consul-Token``, ``Authorization: Bearer``, or ``?token=``."""
-    token = request.headers.get("X-Consul-Token")
+def token_from(header: Callable[[str], str | None], query_token: str | None) -> str | None:
+    """A request's secret, in Consul's order: ``X-Consul-Token``, ``Authorization:
+    Bearer``, then ``?token=``. ``header(name)`` reads a header (case-insensitive);
+    the KV fast path, which parses its own bytes, calls this too."""
+    token = header("X-Consul-Token")
     if token:
-        return token
-    authorization = request.headers.get("Authorization", "")
-    scheme, _, value = authorization.partition(" ")
+        return token.strip()
+    scheme, _, value = (header("Authorization") or "").strip().partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    return request.args.get("token") or None
+    return query_token or None
+
+
+def request_token() -> str | None:
+    """The secret of the quart request being handled."""
+    return token_from(request.headers.get, request.args.get("token"))
 
 
 def acl_resolver(ctx: HttpContext) -> AclResolver:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from konsul.sync.acl_rules import MANAGEMENT, Authorizer, PermissionDenied, parse_rules
+from konsul.sync.acl_rules import MANAGEMENT, Authorizer, PermissionDenied, parse_rules, shorthand_rules
 from konsul.sync.errors import InvalidArgument
 
 CONSUL_EXAMPLE = """
@@ -291,3 +291,13 @@ def test_a_check_with_twenty_policies_costs_microseconds():
     warm = (time.perf_counter() - started) / (10 * len(names))
     print(f"allows() with 20 policies: {cold * 1e6:.2f} us uncached, {warm * 1e6:.2f} us cached")
     assert warm < cold * 2  # no timing bound: the figure goes to the report
+
+
+def test_device_shorthands_are_rules():
+    a = Authorizer([shorthand_rules(["", "cfg/"], ["cfg/s1/"], ["sensor-1"])])
+    assert a.allows("key", "anything", "read") and not a.allows("key", "cfg/x", "write")
+    assert a.allows("key", "cfg/s1/x", "write")
+    assert a.allows("device", "sensor-1", "write") and not a.allows("device", "sensor-2", "read")
+    # The shorthands merge with the device's policies like any rules.
+    b = Authorizer([shorthand_rules(["cfg/"]), parse_rules('key "cfg/secret" { policy = "deny" }')])
+    assert b.allows("key", "cfg/x", "read") and not b.allows("key", "cfg/secret", "read")
