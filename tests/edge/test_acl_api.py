@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agents import _Listening  # noqa: E402
+from agents import _Listening, eventually, free_port  # noqa: E402
 
 LAUNCHER = Path(__file__).resolve().parent / "acl_edge_main.py"
 APP_RULES = 'key_prefix "app/" { policy = "write" }'
@@ -21,10 +22,21 @@ APP_RULES = 'key_prefix "app/" { policy = "write" }'
 class AclEdge(_Listening):
     """`konsul edge` whose HTTP app has the ACL blueprint (see acl_edge_main.py)."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, hub_url: str = "") -> None:
         super().__init__(
             ["edge", "--site", "s1", "--node", "n1", "--data-dir", str(data_dir), "--http-addr", "127.0.0.1:0",
-             "--mqtt-addr", "", "--coap-addr", "", "--hub-url", ""],
+             "--mqtt-addr", "", "--coap-addr", "", "--hub-url", hub_url],
+            command=[sys.executable, str(LAUNCHER)],
+        )
+        self._ready(data_dir)
+
+
+class AclHub(_Listening):
+    """`konsul hub` with the ACL blueprint."""
+
+    def __init__(self, data_dir: Path, port: int) -> None:
+        super().__init__(
+            ["hub", "--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{port}"],
             command=[sys.executable, str(LAUNCHER)],
         )
         self._ready(data_dir)
@@ -172,3 +184,35 @@ def test_the_secret_is_never_stored(acl_edge, management, http):
 
     assert accessor in stored()  # acknowledged writes are durable, so the record is on disk now
     assert not any(secret in stored() for secret in secrets)
+
+
+def test_a_token_made_at_the_hub_is_enforced_at_the_edge_offline_and_revocation_follows(tmp_path):
+    port = free_port()
+    hub = AclHub(tmp_path / "hub", port)
+    edge = AclEdge(tmp_path / "edge", hub_url=hub.url)
+    try:
+        hub_admin = consul.Consul(host=hub.host, port=hub.port, token=consul.Consul(host=hub.host, port=hub.port).acl.bootstrap()["SecretID"])
+        policy = hub_admin.acl.policy.create("app", rules=APP_RULES)
+        token = hub_admin.acl.token.create(description="app", policies_id=[policy["ID"]])
+        secret = token["SecretID"]
+
+        def known_at_edge() -> bool:
+            me = httpx.get(f"{edge.url}/v1/acl/token/self", headers={"X-Consul-Token": secret}, timeout=5)
+            return me.status_code == 200 and me.json()["Policies"] == [{"ID": policy["ID"], "Name": "app"}]
+
+        eventually(known_at_edge, what="the hub's token at the edge")
+        hub.stop(signal.SIGKILL)
+        assert known_at_edge()  # the edge enforces from its own replica while the hub is gone
+        # The edge's own bootstrap marker came from the hub: it cannot be bootstrapped again.
+        assert httpx.put(f"{edge.url}/v1/acl/bootstrap", timeout=5).status_code == 403
+
+        hub = AclHub(tmp_path / "hub", port)
+        assert hub_admin.acl.token.delete(token["AccessorID"]) is True
+        eventually(
+            lambda: httpx.get(f"{edge.url}/v1/acl/token/self", headers={"X-Consul-Token": secret}, timeout=5).json().get("error")
+            == "acl_not_found",
+            what="the revocation at the edge",
+        )
+    finally:
+        edge.stop()
+        hub.stop()
