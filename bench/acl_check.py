@@ -17,7 +17,8 @@ from pathlib import Path
 import trio
 
 from konsul.sync import acl
-from konsul.sync.acl import AclPolicy, AclResolver
+from konsul.sync.acl import AclPolicy
+from konsul.sync.acl_resolver import AclResolver
 from konsul.sync.replica import GLOBAL_SCOPE, Replica
 
 CALLS = 100_000

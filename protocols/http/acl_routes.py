@@ -27,11 +27,10 @@ from konsul.sync.acl import (
     ANONYMOUS_ACCESSOR,
     AclPolicy,
     AclRegistry,
-    AclResolver,
     AclToken,
-    Principal,
     check_uuid,
 )
+from konsul.sync.acl_resolver import AclResolver, Principal
 from konsul.sync.acl_rules import Authorizer
 from konsul.sync.errors import InvalidArgument, KonsulError, NotFound
 from konsul.sync.limits import parse_json_document

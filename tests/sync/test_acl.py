@@ -11,9 +11,9 @@ from konsul.sync.acl import (
     MANAGEMENT_POLICY_ID,
     AclNotFound,
     AclPolicy,
-    AclResolver,
     BootstrapNotAllowed,
 )
+from konsul.sync.acl_resolver import AclResolver
 from konsul.sync.errors import InvalidArgument, NotFound
 from konsul.sync.replica import GLOBAL_SCOPE
 
