@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .client_commands import CommandError, UsageError, out
+from .client_commands import CommandError, UsageError, note, out
 
 FOLLOW_POLL_S = 0.25
 _BLOCK = 64 * 1024
@@ -121,7 +121,12 @@ def _tail_of(path: Path, count: int, end: int | None) -> list[bytes]:
 
 
 def follow(path: Path, start: int) -> Iterator[bytes]:
-    """New complete lines of ``path`` from offset ``start``, across rotations, forever."""
+    """New complete lines of ``path`` from offset ``start``, across rotations, forever.
+
+    Like ``tail -F``, it polls; a file rotated twice between two polls (more
+    than ``--audit-max-bytes`` written in ``FOLLOW_POLL_S``) is skipped: read
+    it with ``konsul audit tail --file <log>.1``.
+    """
     file = open(path, "rb")
     file.seek(start)
     identity = os.fstat(file.fileno()).st_ino
@@ -140,6 +145,11 @@ def follow(path: Path, start: int) -> Iterator[bytes]:
             except FileNotFoundError:
                 now = None  # between rename and re-creation
             if now is not None and (now.st_ino != identity or now.st_size < file.tell()):
+                # Rotated (or cut): what reached the old file before the rename is
+                # still to be read through this descriptor; then the new file.
+                rest = partial + file.read()
+                for line in rest.splitlines(keepends=True):
+                    yield line if line.endswith(b"\n") else line + b"\n"
                 file.close()
                 file = open(path, "rb")
                 identity = os.fstat(file.fileno()).st_ino
@@ -169,6 +179,7 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
             raise KeyboardInterrupt
 
         signal.signal(signal.SIGTERM, stop)
+        note(f"following {path} (Ctrl-C to stop)")
         for line in follow(path, end):
             out(show(line, args.json))
     except PermissionError:
