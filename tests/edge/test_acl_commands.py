@@ -96,3 +96,17 @@ def test_acl_usage_errors_exit_2(acl_edge):
     assert "printable ASCII" in fails(konsul(acl_edge, "acl", "token", "self", "--token", "a\tb", env=PLAIN), 2)
     assert "cannot read the value" in fails(
         konsul(acl_edge, "acl", "policy", "create", "--name", "x", "--rules", "@/nonexistent/rules.hcl", env=PLAIN))
+
+
+def test_edge_and_hub_take_the_acl_and_audit_flags(tmp_path):
+    from agents import EdgeProcess, HubProcess
+
+    edge = EdgeProcess(tmp_path / "edge", extra=["--acl", "off", "--audit-log", "-", "--audit-max-bytes", "1MiB",
+                                                 "--audit-keep", "2"])
+    edge.stop()
+    hub = HubProcess(tmp_path / "hub")  # the defaults: --acl on, <data-dir>/audit.log
+    hub.stop()
+    bad = konsul(None, "edge", "--site", "s1", "--data-dir", str(tmp_path / "bad"), "--acl", "maybe")
+    assert "--acl must be on or off" in fails(bad)
+    bad = konsul(None, "hub", "--data-dir", str(tmp_path / "bad"), "--audit-max-bytes", "lots")
+    assert "--audit-max-bytes must be a size" in fails(bad)
