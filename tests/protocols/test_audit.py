@@ -108,6 +108,14 @@ async def test_a_failing_sink_counts_its_batch_as_dropped_and_the_log_goes_on() 
     assert [json.loads(line)["resource"] for line in sink.lines] == ["app/key-1"]
 
 
+def test_any_text_encodes_to_one_valid_json_line() -> None:
+    hostile = 'a"b\\c\n\r\x00\u2028\udcff' + "é" * 3
+    line = AuditLog.encode((0.0, hostile, hostile, "http", hostile, hostile, "denied", hostile))
+    assert line.count(b"\n") == 1 and line.endswith(b"\n")
+    decoded = json.loads(line)
+    assert decoded["resource"] == hostile and decoded["reason"] == hostile and list(decoded) == list(FIELDS)
+
+
 def test_rotation_keeps_n_files_by_size(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     sink = RotatingFileSink(path, max_bytes=1000, keep=2)
