@@ -74,6 +74,11 @@ class RateLimited(KonsulError):
             "(the agent's rate limits are in docs/acl.md)"
         )
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """What an HTTP answer adds: ``Retry-After`` in whole seconds."""
+        return {"Retry-After": str(retry_after(self.wait_s))}
+
 
 def retry_after(wait_s: float) -> int:
     """Whole seconds for a ``Retry-After`` header: rounded up, at least 1."""

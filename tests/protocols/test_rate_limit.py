@@ -93,6 +93,7 @@ def test_refusals_are_counted_per_interface_and_kind_on_a_shared_registry():
     refused = http.check("acc-1", "10.0.0.3")  # the token's burst is spent, from any address
     assert isinstance(refused, RateLimited) and refused.kind == "token" and refused.status == 429
     assert "this token" in str(refused) and "retry after 1 s" in str(refused)
+    assert refused.headers == {"Retry-After": "1"} and refused.code == "rate_limited"
     for _ in range(4):
         http.check(None, "10.0.0.9")
     by_source = http.check(None, "10.0.0.9")
