@@ -20,6 +20,8 @@ from konsul.sync.devices import PresenceTable
 from konsul.sync.replica import GLOBAL_SCOPE, Replica, check_scope_name
 
 from konsul.protocols.admission import NetworkLimits
+from konsul.protocols.audit import DEFAULT_KEEP as DEFAULT_AUDIT_KEEP
+from konsul.protocols.audit import DEFAULT_MAX_BYTES as DEFAULT_AUDIT_MAX_BYTES
 from konsul.protocols.gateway import GatewayContext
 
 from .check_runner import CheckRunner
@@ -44,6 +46,13 @@ class EdgeConfig:
     durability: str = "full"
     telemetry_buffer_bytes: int = DEFAULT_LIMIT_BYTES
     limits: NetworkLimits = field(default_factory=NetworkLimits)
+    # Access control (docs/acl.md): off only for a closed test bench; with it off
+    # anyone who reaches a port may read, write and delete everything.
+    acl: bool = True
+    # The audit log (protocols/audit.py): "" is <data_dir>/audit.log, "-" stdout, "off" none.
+    audit_log: str = ""
+    audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYTES
+    audit_keep: int = DEFAULT_AUDIT_KEEP
 
 
 @dataclass

@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "64MiB",
     )
     add_limit_flags(edge, "edge")
+    add_security_flags(edge)
     edge.set_defaults(run=cmd_edge)
 
     hub = commands.add_parser("hub", help="run the central hub", description="Run the hub edges sync with.")
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(hub, "--http-addr", "HTTP API and sync endpoint address; port 0 picks a free port", DEFAULT_HUB_ADDR)
     add_flag(hub, "--durability", "full or relaxed, as for konsul edge", "full", choices=["full", "relaxed"])
     add_limit_flags(hub, "hub")
+    add_security_flags(hub)
     hub.set_defaults(run=cmd_hub)
 
     dev = commands.add_parser(
@@ -104,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev.set_defaults(run=cmd_dev)
 
     add_sim_command(commands)
+
+    from .audit_commands import add_audit_command
+
+    add_audit_command(commands, add_flag)
 
     client_commands.add_commands(commands, add_flag)
     return parser
@@ -121,6 +127,36 @@ def add_limit_flags(parser: argparse.ArgumentParser, role: str) -> None:
             add_flag(group, limit.metadata["flag"], limit.metadata["help"], str(limit.default),
                      type=type(limit.default), dest=f"limit_{limit.name}",
                      metavar="SECONDS" if isinstance(limit.default, float) else "N")
+
+
+def add_security_flags(parser: argparse.ArgumentParser) -> None:
+    """Access control and the audit log (docs/acl.md), for `konsul edge` and `konsul hub`."""
+    group = parser.add_argument_group("access control and audit (docs/acl.md)")
+    add_flag(group, "--acl", "'on': every request needs a token its policies allow; 'off' lets anyone who "
+             "reaches a port read, write and delete everything (a closed test bench only)", "on",
+             metavar="on|off")
+    add_flag(group, "--audit-log", "where every write and refusal is logged as JSON lines: a file, '-' for "
+             "stdout, 'off' for nowhere; empty means <data-dir>/audit.log", "", metavar="PATH")
+    add_flag(group, "--audit-max-bytes", "size at which the audit log file is rotated (bytes, or e.g. 64MiB)", "64MiB",
+             metavar="SIZE")
+    add_flag(group, "--audit-keep", "rotated audit log files kept (audit.log.1 newest); 0 keeps none", "5", type=int,
+             metavar="N")
+
+
+def security_config(args: argparse.Namespace) -> dict:
+    """The ``acl`` and ``audit_*`` fields of EdgeConfig / HubConfig from the parsed flags."""
+    acl = str(args.acl).strip().lower()
+    if acl not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+        raise SystemExit(f"konsul: --acl must be on or off, not {args.acl!r}")
+    max_bytes = parse_size(args.audit_max_bytes, "--audit-max-bytes")
+    if max_bytes < 1 or args.audit_keep < 0:
+        raise SystemExit("konsul: --audit-max-bytes must be positive and --audit-keep not negative")
+    return {
+        "acl": acl in ("on", "true", "1", "yes"),
+        "audit_log": args.audit_log,
+        "audit_max_bytes": max_bytes,
+        "audit_keep": args.audit_keep,
+    }
 
 
 def network_limits(args: argparse.Namespace):
@@ -208,6 +244,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
         durability=args.durability,
         telemetry_buffer_bytes=parse_size(args.telemetry_buffer, "--telemetry-buffer"),
         limits=network_limits(args),
+        **security_config(args),
     )
     return run_until_signal(run_edge, config)
 
@@ -230,7 +267,8 @@ def cmd_hub(args: argparse.Namespace) -> int:
     from konsul.hub.agent import HubConfig, run_hub
 
     config = HubConfig(
-        data_dir=Path(args.data_dir), http_addr=args.http_addr, durability=args.durability, limits=network_limits(args)
+        data_dir=Path(args.data_dir), http_addr=args.http_addr, durability=args.durability, limits=network_limits(args),
+        **security_config(args),
     )
     return run_until_signal(run_hub, config)
 

@@ -5,7 +5,9 @@ Consul-compatible API, like the ``consul`` CLI does. Every client command takes
 
 - ``--http-addr`` (env ``KONSUL_HTTP_ADDR``): the agent, ``HOST:PORT`` or a URL;
 - ``--dc`` (env ``KONSUL_DC``): the datacenter (site) to ask about;
-- ``--format table|json`` (env ``KONSUL_FORMAT``): a readable table, or the API's JSON.
+- ``--format table|json`` (env ``KONSUL_FORMAT``): a readable table, or the API's JSON;
+- ``--token`` (env ``KONSUL_HTTP_TOKEN``, then ``CONSUL_HTTP_TOKEN``): the ACL token's
+  SecretID, sent as ``X-Consul-Token`` on every request.
 
 Exit codes: 0 success, 1 when the request failed (the server's error is printed as
 ``konsul: <error>: <detail>``, a missing key, a failed check-and-set, an
@@ -21,6 +23,7 @@ import argparse
 import base64
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -30,6 +33,9 @@ from urllib.parse import quote
 
 DEFAULT_HTTP_ADDR = "127.0.0.1:8500"
 FORMATS = ("table", "json")
+# Where the ACL token comes from when --token is not given, first found wins
+# (CONSUL_HTTP_TOKEN: scripts written for Consul work unchanged).
+TOKEN_ENVIRONMENT = ("KONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN")
 
 # Blocking queries used by `kv watch`: how long the server may hold one, and how
 # long the client waits for the answer (the server adds up to wait/16 of jitter).
@@ -77,6 +83,12 @@ def add_commands(commands: argparse._SubParsersAction, add_flag: Callable[..., N
         "output: 'table' (readable, aligned) or 'json' (the API's JSON)",
         "table",
         choices=FORMATS,
+    )
+    group.add_argument(
+        "--token",
+        default=None,
+        metavar="SECRET",
+        help="the ACL token (its SecretID), sent as X-Consul-Token (env KONSUL_HTTP_TOKEN, then CONSUL_HTTP_TOKEN)",
     )
 
     def sub(parent, name: str, run, help: str, description: str | None = None, epilog: str | None = None):
@@ -226,9 +238,11 @@ def add_commands(commands: argparse._SubParsersAction, add_flag: Callable[..., N
     )
     deregister.add_argument("service_id", metavar="ID", help="the service ID")
 
+    from .acl_commands import add_acl_commands
     from .device_commands import add_device_commands
 
     add_device_commands(commands, sub)
+    add_acl_commands(commands, sub)
 
 
 def _runner(command: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser):
@@ -288,8 +302,16 @@ def normalize_addr(addr: str) -> str:
     return addr.rstrip("/")
 
 
+def token_of(args: argparse.Namespace) -> str | None:
+    """The ACL token to send: ``--token``, else the first of :data:`TOKEN_ENVIRONMENT` set."""
+    for token in (getattr(args, "token", None), *(os.environ.get(name) for name in TOKEN_ENVIRONMENT)):
+        if token and token.strip():
+            return token.strip()
+    return None
+
+
 class Client:
-    """A small synchronous client for the agent's HTTP API."""
+    """A small synchronous client for the agent's HTTP API (every request carries the token)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         import httpx
@@ -297,9 +319,13 @@ class Client:
         self._httpx = httpx
         self.base = normalize_addr(args.http_addr)
         self.dc = args.dc or None
+        token = token_of(args)
+        if token is not None and not (token.isascii() and token.isprintable()):
+            raise UsageError("the token must be printable ASCII: give its SecretID as printed")
         self.http = httpx.Client(
             base_url=self.base,
             timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+            headers={"X-Consul-Token": token} if token else None,
         )
 
     def request(
@@ -371,9 +397,19 @@ def api_error(response) -> CommandError:
     body = error_body(response)
     if body is not None:
         detail = body.get("detail")
-        return CommandError(f"{body['error']}: {detail}" if detail else str(body["error"]))
+        message = f"{body['error']}: {detail}" if detail else str(body["error"])
+        if body["error"] == "permission_denied" and not _sent_token(response):
+            message += " (no token was sent: give --token or set KONSUL_HTTP_TOKEN)"
+        return CommandError(message)
     text = response.text.strip()
     return CommandError(f"HTTP {response.status_code}: {text[:200] or response.reason_phrase or 'error'}")
+
+
+def _sent_token(response) -> bool:
+    try:
+        return "X-Consul-Token" in response.request.headers
+    except RuntimeError:  # a response built without a request
+        return False
 
 
 def is_missing(response) -> bool:

@@ -17,6 +17,8 @@ from konsul.sync.checks import CheckTable
 from konsul.sync.replica import GLOBAL_SCOPE, Replica
 
 from konsul.protocols.admission import NetworkLimits
+from konsul.protocols.audit import DEFAULT_KEEP as DEFAULT_AUDIT_KEEP
+from konsul.protocols.audit import DEFAULT_MAX_BYTES as DEFAULT_AUDIT_MAX_BYTES
 
 log = logging.getLogger("konsul.hub")
 
@@ -27,6 +29,13 @@ class HubConfig:
     http_addr: str = "127.0.0.1:8700"
     durability: str = "full"
     limits: NetworkLimits = field(default_factory=NetworkLimits)
+    # Access control (docs/acl.md): off only for a closed test bench; with it off
+    # anyone who reaches a port may read, write and delete everything.
+    acl: bool = True
+    # The audit log (protocols/audit.py): "" is <data_dir>/audit.log, "-" stdout, "off" none.
+    audit_log: str = ""
+    audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYTES
+    audit_keep: int = DEFAULT_AUDIT_KEEP
 
 
 @dataclass

@@ -67,6 +67,26 @@ class NetworkLimits:
     coap_duplicate_entries_per_source: int = _limit(
         5_000, "--coap-max-duplicate-entries-per-source", "remembered message ids of one client address")
 
+    # Rate limits (protocols/rate_limit.py; 0 turns one off). The defaults sit
+    # above what one agent serves on a small machine (bench/http_kv.py: 5,000-
+    # 10,000 requests/s from one address; bench/mqtt.py: ~8,000 messages/s from
+    # one device), so they never slow a legitimate client by default; they cap a
+    # single runaway or hostile principal. Operators lower them per deployment.
+    http_rate_per_token: int = _limit(
+        20_000, "--http-rate-per-token", "HTTP requests per second one ACL token may make (0: no limit)", ("edge", "hub"))
+    http_burst_per_token: int = _limit(
+        40_000, "--http-burst-per-token", "HTTP requests one ACL token may make at once, above its rate", ("edge", "hub"))
+    http_rate_per_source: int = _limit(
+        20_000, "--http-rate-per-source", "HTTP requests per second one client address may make (0: no limit)",
+        ("edge", "hub"))
+    http_burst_per_source: int = _limit(
+        40_000, "--http-burst-per-source", "HTTP requests one client address may make at once, above its rate",
+        ("edge", "hub"))
+    device_message_rate: int = _limit(
+        20_000, "--device-message-rate", "MQTT/CoAP messages per second one device may send (0: no limit)")
+    device_message_burst: int = _limit(
+        40_000, "--device-message-burst", "MQTT/CoAP messages one device may send at once, above its rate")
+
 
 class ConnectionLimit:
     """Counts what each source holds, and refuses past a per-source or total bound."""

@@ -40,11 +40,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
 from pycrdt import Doc
 
 from .batch import WriteBatch
+from .acl import AclRegistry
 from .catalog import ServiceCatalog, ServiceEntry
 from .devices import DeviceRecord, DeviceRegistry
 from .errors import InvalidArgument, StoreError
@@ -57,7 +59,7 @@ from .tables import kv_rows, scope_counters
 from .twin import check_document
 from .versioned import Version, VersionedMap, ignore_update
 
-COLLECTIONS = ("kv", "catalog", "devices")
+COLLECTIONS = ("kv", "catalog", "devices", "acl")
 
 # A collection is compacted once what it stores (snapshot plus log) exceeds
 # this many times what a fresh document of its live versions would hold, and
@@ -72,6 +74,7 @@ MIN_COMPACTION_BYTES = 64 * 1024
 # long, unless what is stored grows past twice the threshold.
 COMPACTION_QUIET_S = 2.0
 
+T = TypeVar("T")
 Listener = Callable[[str, set[str]], None]
 # (collection, update, origin): every durable update; origin is the link that
 # delivered it, or None for a change made here.
@@ -160,6 +163,8 @@ class Scope:
         self.catalog.last_index = index
         self.devices = DeviceRegistry(versions["devices"], self.index, self.clock, self.quarantine)
         self.devices.last_index = index
+        self.acl = AclRegistry(versions["acl"], self.index, self.clock, self.quarantine)
+        self.acl.last_index = index
         for collection in versions.values():
             for version in collection.all_versions():
                 self.clock.observe(version.stamp)
@@ -403,6 +408,20 @@ class Scope:
             await self._finish(batch, "devices", touched)
         return self.devices.twin.document(side, device_id)
 
+    # -- ACL tokens and policies (acl.py) ---------------------------------------------
+
+    async def change_acl(self, change: Callable[[AclRegistry, WriteBatch], T]) -> T:
+        """Apply ``change(registry, batch)`` to the ACL records as one durable change."""
+        batch = self._begin()
+        self.acl.touched = set()
+        try:
+            result = change(self.acl, batch)
+        finally:
+            self._batch = None
+        if batch:
+            await self._finish(batch, "acl", self.acl.touched)
+        return result
+
     # -- replication -------------------------------------------------------------
 
     async def apply_remote(self, collection: str, update: bytes, origin: object = None) -> set[str]:
@@ -469,7 +488,7 @@ class Scope:
 
     def conflicts(self) -> int:
         """Concurrent writes that lost, in every collection (KV keys, services, device records and twins)."""
-        return self.kv.conflicts + self.catalog.conflicts + self.devices.conflicts
+        return self.kv.conflicts + self.catalog.conflicts + self.devices.conflicts + self.acl.conflicts
 
     def durable_own_stamp(self, collection: str) -> Stamp | None:
         """A stamp no earlier than every own write to this scope that is durable here."""
@@ -531,7 +550,7 @@ class Scope:
 
     # -- internals -------------------------------------------------------------------
 
-    def _collection(self, collection: str) -> KvState | ServiceCatalog | DeviceRegistry:
+    def _collection(self, collection: str) -> KvState | ServiceCatalog | DeviceRegistry | AclRegistry:
         if collection not in COLLECTIONS:
             raise KeyError(f"no collection {collection!r}")
         return getattr(self, collection)
