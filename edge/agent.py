@@ -53,6 +53,9 @@ class EdgeConfig:
     audit_log: str = ""
     audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYTES
     audit_keep: int = DEFAULT_AUDIT_KEEP
+    # A management token's secret (a UUID) made at start if missing (Consul's
+    # acl.tokens.initial_management); local to this edge's site.
+    acl_initial_management: str = ""
 
 
 @dataclass
@@ -74,7 +77,9 @@ def split_addr(addr: str, what: str) -> tuple[str, int]:
 
 async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo] = trio.TASK_STATUS_IGNORED) -> None:
     """Run an edge agent until cancelled."""
+    from konsul.protocols.access import ensure_initial_management, open_access_control
     from konsul.protocols.http import HttpContext, create_app
+    from konsul.protocols.http.metrics import make_registry
     from konsul.protocols.http.server import serve_app
 
     host, port = split_addr(config.http_addr, "--http-addr")
@@ -107,6 +112,16 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
             runner = CheckRunner(site, checks, config.node)
             await nursery.start(runner.run)
             connector = None
+            sync_status = None  # set below; the registry reads it lazily
+            registry = make_registry(replica, lambda: sync_status())
+            access = open_access_control(
+                replica, config.site, config.data_dir, enabled=config.acl, audit_log=config.audit_log,
+                audit_max_bytes=config.audit_max_bytes, audit_keep=config.audit_keep,
+                limits=config.limits, registry=registry,
+            )
+            await nursery.start(access.run)
+            if config.acl_initial_management:
+                await ensure_initial_management(replica, config.site, config.acl_initial_management)
             if config.hub_url:
                 connector = HubConnector(config.hub_url, replica, config.site, checks, presence, buffer)
                 await nursery.start(connector.run)
@@ -130,7 +145,12 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 presence=presence,
                 telemetry=bridge,
                 limits=config.limits,
+                registry=registry,
+                acl=access.acl,
+                audit=access.audit,
+                rate_limits=access.http_rate,
             )
+            sync_status = ctx.sync_status
             app = create_app(ctx)
             http_url = await nursery.start(serve_app, app, host, port)
             ctx.advertise = http_url.split("://", 1)[1]
@@ -141,6 +161,8 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 allow_anonymous=config.allow_anonymous,
                 registry=ctx.registry,
                 limits=config.limits,
+                acl=access.acl,
+                audit=access.audit,
             )
             bridge.install(gateways)
             bound = await nursery.start(run_device_gateways, gateways, config)

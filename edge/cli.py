@@ -135,6 +135,9 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(group, "--acl", "'on': every request needs a token its policies allow; 'off' lets anyone who "
              "reaches a port read, write and delete everything (a closed test bench only)", "on",
              metavar="on|off")
+    add_flag(group, "--acl-initial-management", "a management token's secret (a UUID) made at start if missing, "
+             "instead of calling bootstrap (Consul's initial_management; keep it out of shell history)", "",
+             metavar="UUID")
     add_flag(group, "--audit-log", "where every write and refusal is logged as JSON lines: a file, '-' for "
              "stdout, 'off' for nowhere; empty means <data-dir>/audit.log", "", metavar="PATH")
     add_flag(group, "--audit-max-bytes", "size at which the audit log file is rotated (bytes, or e.g. 64MiB)", "64MiB",
@@ -153,10 +156,22 @@ def security_config(args: argparse.Namespace) -> dict:
         raise SystemExit("konsul: --audit-max-bytes must be positive and --audit-keep not negative")
     return {
         "acl": acl in ("on", "true", "1", "yes"),
+        "acl_initial_management": check_initial_management(args.acl_initial_management),
         "audit_log": args.audit_log,
         "audit_max_bytes": max_bytes,
         "audit_keep": args.audit_keep,
     }
+
+
+def check_initial_management(secret: str) -> str:
+    from konsul.sync.acl import check_uuid
+    from konsul.sync.errors import InvalidArgument
+
+    secret = (secret or "").strip()
+    try:
+        return check_uuid(secret, "--acl-initial-management") if secret else ""
+    except InvalidArgument as error:
+        raise SystemExit(f"konsul: {error}") from None
 
 
 def network_limits(args: argparse.Namespace):

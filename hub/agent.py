@@ -36,6 +36,9 @@ class HubConfig:
     audit_log: str = ""
     audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYTES
     audit_keep: int = DEFAULT_AUDIT_KEEP
+    # A management token's secret (a UUID) made at start if missing (Consul's
+    # acl.tokens.initial_management); global, so it reaches every edge.
+    acl_initial_management: str = ""
 
 
 @dataclass
@@ -46,7 +49,9 @@ class HubInfo:
 
 async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = trio.TASK_STATUS_IGNORED) -> None:
     from konsul.edge.agent import split_addr
+    from konsul.protocols.access import ensure_initial_management, open_access_control
     from konsul.protocols.http import HttpContext, create_app
+    from konsul.protocols.http.metrics import make_registry
     from konsul.protocols.http.server import serve_app
 
     from .fleet_routes import fleet_api, site_summaries
@@ -72,6 +77,16 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
             await nursery.start(replica.run)
             await replica.open_scope(GLOBAL_SCOPE)
             sites = SiteRegistry()
+            sync_status = None  # set below; the registry reads it lazily
+            registry = make_registry(replica, lambda: sync_status())
+            access = open_access_control(
+                replica, GLOBAL_SCOPE, config.data_dir, enabled=config.acl, audit_log=config.audit_log,
+                audit_max_bytes=config.audit_max_bytes, audit_keep=config.audit_keep,
+                limits=config.limits, registry=registry,
+            )
+            await nursery.start(access.run)
+            if config.acl_initial_management:
+                await ensure_initial_management(replica, GLOBAL_SCOPE, config.acl_initial_management)
             hub_state = {
                 "replica": replica, "sites": sites, "links": set(), "telemetry": telemetry, "limits": config.limits,
                 "sync_refusals": SyncRefusals(),
@@ -86,8 +101,12 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
                 remote_presence=sites.device_presence,
                 telemetry=telemetry,
                 limits=config.limits,
+                registry=registry,
+                acl=access.acl,
+                audit=access.audit,
+                rate_limits=access.http_rate,
             )
-            ctx.sync_status = lambda: {
+            sync_status = ctx.sync_status = lambda: {
                 "Peers": [_peer_status(summary) for summary in site_summaries(hub_state)],
                 "Telemetry": telemetry.status(),
                 "Quarantined": replica.quarantined(),

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -31,6 +31,12 @@ from konsul.sync.replica import GLOBAL_SCOPE, Replica
 from konsul.sync.scope import Scope
 
 from .admission import NetworkLimits
+
+if TYPE_CHECKING:
+    from konsul.sync.acl_resolver import AclResolver
+
+    from .audit import AuditLog
+    from .rate_limit import TokenBuckets
 
 log = logging.getLogger("konsul.gateway")
 
@@ -77,10 +83,19 @@ class GatewayContext:
     max_payload: int = DEFAULT_MAX_PAYLOAD
     extras: dict[str, Any] = field(default_factory=dict)
     limits: NetworkLimits = field(default_factory=NetworkLimits)
+    # Access control (docs/acl.md): policies a device's token links. None: made
+    # in __post_init__, enforcing.
+    acl: AclResolver | None = None
+    audit: AuditLog | None = None  # None: no audit log
+    device_rate: TokenBuckets | None = None  # messages per device; None: no limit
     anonymous: AnonymousDevices = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.anonymous = AnonymousDevices(self)
+        if self.acl is None:
+            from konsul.sync.acl_resolver import AclResolver
+
+            self.acl = AclResolver(self.replica, self.site)
 
     @property
     def scope(self) -> Scope:

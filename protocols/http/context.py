@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -16,6 +16,12 @@ from konsul.sync.scope import Scope
 from konsul.sync.telemetry import Sample
 
 from ..admission import NetworkLimits
+
+if TYPE_CHECKING:
+    from konsul.sync.acl_resolver import AclResolver
+
+    from ..audit import AuditLog
+    from ..rate_limit import HttpRateLimits
 
 
 class TelemetrySource(Protocol):
@@ -89,6 +95,10 @@ class HttpContext:
     remote_presence: Callable[[str, str], Presence | None] = lambda site, device: None
     telemetry: TelemetrySource | None = None
     limits: NetworkLimits = field(default_factory=NetworkLimits)
+    # Access control (docs/acl.md). None: made in __post_init__, enforcing.
+    acl: AclResolver | None = None
+    audit: AuditLog | None = None  # None: no audit log (--audit-log off)
+    rate_limits: HttpRateLimits | None = None  # None: no rate limits
 
     def device_presence(self, site: str, device_id: str) -> Presence:
         if site == self.site and self.role == "edge":
@@ -96,6 +106,10 @@ class HttpContext:
         return self.remote_presence(site, device_id) or Presence()
 
     def __post_init__(self) -> None:
+        if self.acl is None:
+            from konsul.sync.acl_resolver import AclResolver
+
+            self.acl = AclResolver(self.replica, self.site)
         for name in {self.site, GLOBAL_SCOPE}:
             self.feed.watch(self.replica.scope(name))
         self.checks.listeners.append(lambda: self.feed.notify(self.site, "checks"))
