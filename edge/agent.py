@@ -56,6 +56,7 @@ class EdgeConfig:
     # A management token's secret (a UUID) made at start if missing (Consul's
     # acl.tokens.initial_management); local to this edge's site.
     acl_initial_management: str = ""
+    hub_token: str = ""  # sent to the hub's /v1/sync (a token that may write operator)
 
 
 @dataclass
@@ -123,7 +124,9 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
             if config.acl_initial_management:
                 await ensure_initial_management(replica, config.site, config.acl_initial_management)
             if config.hub_url:
-                connector = HubConnector(config.hub_url, replica, config.site, checks, presence, buffer)
+                connector = HubConnector(
+                    config.hub_url, replica, config.site, checks, presence, buffer, token=config.hub_token
+                )
                 await nursery.start(connector.run)
             ctx = HttpContext(
                 replica=replica,

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(edge, "--site", "this site's id (its Consul datacenter name)", required=env_default("--site") is None)
     add_flag(edge, "--data-dir", "where the agent keeps its state", required=env_default("--data-dir") is None)
     add_flag(edge, "--hub-url", "the hub to sync with; empty runs standalone", "")
+    add_flag(edge, "--hub-token", "an ACL token the hub lets sync (one that may write operator); "
+             "needed when the hub runs with ACLs", "")
     add_flag(edge, "--node", "this agent's node name", socket.gethostname())
     add_flag(edge, "--http-addr", "HTTP API address; port 0 picks a free port", DEFAULT_HTTP_ADDR)
     add_flag(edge, "--mqtt-addr", "MQTT address for devices; empty disables it", DEFAULT_MQTT_ADDR)
@@ -255,6 +257,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
         mqtt_broker=args.mqtt_broker,
         coap_addr=args.coap_addr,
         hub_url=args.hub_url,
+        hub_token=(args.hub_token or "").strip(),
         allow_anonymous=args.allow_anonymous,
         durability=args.durability,
         telemetry_buffer_bytes=parse_size(args.telemetry_buffer, "--telemetry-buffer"),

@@ -82,8 +82,11 @@ class HubConnector:
         checks: CheckTable,
         presence: PresenceTable | None = None,
         telemetry: TelemetryBuffer | None = None,
+        token: str = "",
     ) -> None:
         self.hub_url = hub_url
+        # The hub's ACLs admit a sync link for a token that may write operator.
+        self._headers = [(b"x-consul-token", token.encode())] if token else []
         self.url = sync_url(hub_url)
         self.replica = replica
         self.site = site
@@ -151,7 +154,8 @@ class HubConnector:
                 disconnects = (OSError, HandshakeError, ConnectionClosed, LinkClosed, trio.TooSlowError)
                 try:
                     async with open_websocket_url(
-                        self.url, connect_timeout=HANDSHAKE_TIMEOUT_S, max_message_size=MAX_FRAME_BYTES
+                        self.url, connect_timeout=HANDSHAKE_TIMEOUT_S, max_message_size=MAX_FRAME_BYTES,
+                        extra_headers=self._headers,
                     ) as ws:
                         await self._session(ws)
                 except BaseException as error:

@@ -16,6 +16,8 @@ import trio
 from quart import Blueprint, current_app, websocket
 
 from konsul.protocols.admission import NetworkLimits, source_of
+from konsul.protocols.http.authz import token_from
+from konsul.sync.errors import KonsulError
 from konsul.sync.link import LinkClosed, SyncLink
 from konsul.sync.log_limits import peer_log
 from konsul.sync.replica import Replica
@@ -47,10 +49,35 @@ class SyncRefusals:
         self.by_code[code] = self.by_code.get(code, 0) + 1
 
 
+def admit_sync(source: str) -> None:
+    """Refuse the handshake (403 before the WebSocket opens) to a token that may not sync.
+
+    Until sites hold their own credentials, an edge syncs with a token that
+    may write ``operator`` (``konsul edge --hub-token``); with ACLs off anyone may.
+    """
+    ctx = current_app.config["KONSUL"]
+    if not ctx.acl.enabled:
+        return
+    secret = token_from(websocket.headers.get, websocket.args.get("token"))
+    try:
+        who = ctx.acl.principal(secret)
+        who.authorizer.require("operator", "", "write")
+    except KonsulError as error:
+        current_app.config["KONSUL_HUB"].setdefault("sync_refusals", SyncRefusals()).add("unauthorized")
+        if ctx.audit is not None:
+            ctx.audit.record(
+                accessor=None, source=source, interface="sync", operation="sync:connect",
+                resource="/v1/sync", result="denied", reason=f"{error.code}: {error}",
+            )
+        peer_log.log(log, logging.WARNING, ("sync-refused", source), "refused sync from %s: %s", source, error)
+        raise
+
+
 @sync_api.websocket("/v1/sync")
 async def sync_socket() -> None:
     hub = current_app.config["KONSUL_HUB"]
     source = source_of(websocket.remote_addr)
+    admit_sync(source)
     refusals: SyncRefusals = hub.setdefault("sync_refusals", SyncRefusals())
     key = ("sync-frame", source)
     first = None

@@ -14,6 +14,19 @@ from pathlib import Path
 
 _LISTENING = re.compile(r"http listening on (http://\S+)")
 
+# The management secret agents started with ``acl=True`` are given
+# (--acl-initial-management); tests send it as X-Consul-Token.
+MANAGEMENT_TOKEN = "5e1f2a3b-0c4d-4e5f-8a6b-7c8d9e0f1a2b"
+
+
+def acl_args(acl: bool, extra: list[str]) -> list[str]:
+    """``--acl off`` for tests about something else; the management token for ACL tests."""
+    if any(arg == "--acl" or arg.startswith("--acl=") for arg in extra):
+        return []
+    if not acl:
+        return ["--acl", "off"]
+    return ["--acl-initial-management", MANAGEMENT_TOKEN]
+
 
 class AgentProcess:
     """A `konsul ...` child process whose stderr is collected and searchable."""
@@ -105,7 +118,11 @@ class EdgeProcess(_Listening):
         node: str = "n1",
         extra: list[str] | None = None,
         hub_url: str = "",
+        acl: bool = False,
     ) -> None:
+        """``acl``: run with ACLs on (``token`` is then a management secret); off by default
+        for tests about something else."""
+        self.token = MANAGEMENT_TOKEN if acl else None
         super().__init__(
             [
                 "edge",
@@ -116,6 +133,7 @@ class EdgeProcess(_Listening):
                 "--mqtt-addr", "",
                 "--coap-addr", "",
                 "--hub-url", hub_url,
+                *acl_args(acl, extra or []),
                 *(extra or []),
             ]
         )
@@ -135,8 +153,12 @@ class EdgeProcess(_Listening):
 class HubProcess(_Listening):
     """`konsul hub`; give ``port`` to bring a hub back where its edges expect it."""
 
-    def __init__(self, data_dir: Path, port: int = 0) -> None:
-        super().__init__(["hub", "--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{port}"])
+    def __init__(self, data_dir: Path, port: int = 0, acl: bool = False, extra: list[str] | None = None) -> None:
+        self.token = MANAGEMENT_TOKEN if acl else None
+        super().__init__([
+            "hub", "--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{port}",
+            *acl_args(acl, extra or []), *(extra or []),
+        ])
         self._ready(data_dir)
 
 

@@ -10,15 +10,13 @@ hash is stored, so reads and lists show ``"SecretID": "<hidden>"``, Consul's
 own placeholder for a redacted secret.
 
 These routes check ``acl:read`` / ``acl:write`` themselves; bootstrap needs no
-token and works once. For other routes, :func:`request_authorizer` is the one
-call that answers "what may this request's token do".
+token and works once. Who a request is comes from ``authz.py``.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
 
 from quart import Blueprint, Response, current_app, request
 
@@ -31,12 +29,12 @@ from konsul.sync.acl import (
     check_uuid,
 )
 from konsul.sync.acl_resolver import AclResolver, Principal
-from konsul.sync.acl_rules import Authorizer
 from konsul.sync.errors import InvalidArgument, KonsulError, NotFound
 from konsul.sync.limits import parse_json_document
 from konsul.sync.replica import GLOBAL_SCOPE
 from konsul.sync.scope import Scope
 
+from .authz import authorizer, principal, request_token
 from .context import HttpContext
 from .responses import json_response
 
@@ -54,45 +52,15 @@ class AclDisabled(KonsulError):
     status = 401
 
 
-# -- for every route: who is asking ---------------------------------------------------
-
-
-def token_from(header: Callable[[str], str | None], query_token: str | None) -> str | None:
-    """A request's secret, in Consul's order: ``X-Consul-Token``, ``Authorization:
-    Bearer``, then ``?token=``. ``header(name)`` reads a header (case-insensitive);
-    the KV fast path, which parses its own bytes, calls this too."""
-    token = header("X-Consul-Token")
-    if token:
-        return token.strip()
-    scheme, _, value = (header("Authorization") or "").strip().partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return query_token or None
-
-
-def request_token() -> str | None:
-    """The secret of the quart request being handled."""
-    return token_from(request.headers.get, request.args.get("token"))
+# -- who is asking (protocols/http/authz.py resolves it once per request) -----------
 
 
 def acl_resolver(ctx: HttpContext) -> AclResolver:
-    """The agent's resolver (made on first use until the context carries one)."""
-    found = getattr(ctx, "acl", None)
-    if found is None:
-        found = ctx.acl = AclResolver(ctx.replica, ctx.site)
-    return found
+    return ctx.acl
 
 
-def request_principal() -> Principal:
-    ctx = current_app.config["KONSUL"]
-    # At the hub a site-local token is found in the site the request names.
-    site = request.args.get("dc") if ctx.role == "hub" else None
-    return acl_resolver(ctx).principal(request_token(), site)
-
-
-def request_authorizer() -> Authorizer:
-    """What this request's token may do; raises a 403 for an unknown or revoked token."""
-    return request_principal().authorizer
+request_principal = principal
+request_authorizer = authorizer  # for route modules: what this request's token may do
 
 
 # -- shapes -------------------------------------------------------------------------

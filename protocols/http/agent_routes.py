@@ -9,6 +9,7 @@ from konsul.sync.checks import CRITICAL, PASSING, STATES, WARNING, CheckStatus
 from konsul.sync.errors import InvalidArgument, NotFound
 from konsul.sync.limits import parse_json_document
 
+from .authz import authorizer, filtered
 from .params import parse_duration
 from .responses import json_response
 
@@ -164,6 +165,7 @@ def check_json(check: CheckStatus, node: str) -> dict:
 async def register() -> Response:
     ctx = current_app.config["KONSUL"]
     entry, initial = parse_service(await json_body(), ctx.node)
+    authorizer().require("service", entry.name, "write")
     scope = ctx.replica.scope(ctx.site)
     stored = await scope.register_service(entry)
     ctx.checks.sync_service(stored)
@@ -176,7 +178,15 @@ async def register() -> Response:
 @agent_api.route("/v1/agent/service/deregister/<service_id>", methods=["PUT"])
 async def deregister(service_id: str) -> Response:
     ctx = current_app.config["KONSUL"]
-    await ctx.replica.scope(ctx.site).deregister_service(ctx.node, service_id)
+    scope = ctx.replica.scope(ctx.site)
+    entry = scope.catalog.get(ctx.node, service_id)
+    if entry is None:
+        # Nothing to name a service permission after; only a token that may
+        # write every service learns whether an unknown ID exists.
+        authorizer().require_subtree("service", "", "write")
+    else:
+        authorizer().require("service", entry.name, "write")
+    await scope.deregister_service(ctx.node, service_id)
     ctx.checks.drop_service(service_id)
     ctx.on_service_change()
     return Response(b"", status=200)
@@ -186,17 +196,23 @@ async def deregister(service_id: str) -> Response:
 async def services() -> Response:
     ctx = current_app.config["KONSUL"]
     catalog = ctx.replica.scope(ctx.site).catalog
-    body = {
-        e.service_id: service_json(e, ctx.site) for e in catalog.services() if e.node == ctx.node
-    }
-    return json_response(body)
+    allowed = authorizer()
+    mine = [e for e in catalog.services() if e.node == ctx.node]
+    visible = [e for e in mine if allowed.allows("service", e.name, "read")]
+    body = {e.service_id: service_json(e, ctx.site) for e in visible}
+    return json_response(body, headers=filtered(len(visible), len(mine)))
 
 
 @agent_api.route("/v1/agent/checks", methods=["GET"])
 async def checks() -> Response:
     ctx = current_app.config["KONSUL"]
     ctx.checks.expire_ttls()
-    return json_response({k: check_json(c, ctx.node) for k, c in ctx.checks.checks.items()})
+    allowed = authorizer()
+    every = ctx.checks.checks
+    visible = {k: c for k, c in every.items() if allowed.allows("service", c.service_name, "read")}
+    return json_response(
+        {k: check_json(c, ctx.node) for k, c in visible.items()}, headers=filtered(len(visible), len(every))
+    )
 
 
 @agent_api.route("/v1/agent/check/<verb>/<check_id>", methods=["PUT"])
@@ -205,6 +221,11 @@ async def report_check(verb: str, check_id: str) -> Response:
     status = {"pass": PASSING, "warn": WARNING, "fail": CRITICAL}.get(verb)
     if status is None:
         raise NotFound(f"no check verb {verb!r}; use pass, warn or fail")
+    check = ctx.checks.checks.get(check_id)
+    if check is None:
+        authorizer().require_subtree("service", "", "write")  # as for deregister: no name to check
+    else:
+        authorizer().require("service", check.service_name, "write")
     ctx.checks.report(check_id, status, request.args.get("note", ""))
     return Response(b"", status=200)
 

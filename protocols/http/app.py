@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from urllib.parse import unquote_to_bytes
 
-from quart import Response, has_request_context, request, websocket
+from quart import Response, g, has_request_context, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
@@ -13,6 +13,8 @@ from werkzeug.routing import PathConverter
 from konsul.sync.errors import InvalidArgument, KonsulError
 from konsul.sync.limits import MAX_VALUE_BYTES
 
+from . import authz
+from .acl_routes import acl_api
 from .agent_routes import agent_api
 from .catalog_routes import catalog_api
 from .context import HttpContext
@@ -65,12 +67,19 @@ def create_app(ctx: HttpContext, extra_blueprints: tuple | list = ()) -> QuartTr
     # The server admits connections against the agent's limits (server.py).
     admission = app.config["KONSUL_ADMISSION"] = ConnectionAdmission(ctx.limits)
     ctx.registry.register(ConnectionCollector(admission))
-    for blueprint in (kv_api, txn_api, agent_api, catalog_api, device_api, twin_api, telemetry_api, ops_api, *extra_blueprints):
+    blueprints = (kv_api, txn_api, agent_api, catalog_api, device_api, twin_api, telemetry_api, ops_api, acl_api)
+    for blueprint in (*blueprints, *extra_blueprints):
         app.register_blueprint(blueprint)
 
     @app.errorhandler(KonsulError)
     async def konsul_error(error: KonsulError) -> Response:
-        return error_response(error.status, error.code, str(error))
+        response = error_response(error.status, error.code, str(error))
+        extra = getattr(error, "headers", None)  # RateLimited: Retry-After
+        if extra:
+            response.headers.update(extra)
+        if error.status in (401, 403, 429) and has_request_context():
+            g.konsul_refusal = f"{error.code}: {error}"
+        return response
 
     def target() -> tuple[str, str]:
         # A WebSocket handshake to an HTTP route fails in a websocket context,
@@ -109,6 +118,11 @@ def create_app(ctx: HttpContext, extra_blueprints: tuple | list = ()) -> QuartTr
             await request.get_data(cache=True)
 
     @app.before_request
+    async def admit() -> None:
+        # After the body was read (above), so a refusal leaves the connection usable.
+        authz.admit(request.endpoint)
+
+    @app.before_request
     async def refuse_undecodable_target() -> None:
         # werkzeug decodes %-escapes that are not UTF-8 to U+FFFD, so
         # "bad%ffkey" and "bad%fekey" would both name the key "bad\ufffdkey".
@@ -124,6 +138,7 @@ def create_app(ctx: HttpContext, extra_blueprints: tuple | list = ()) -> QuartTr
     @app.after_request
     async def count(response: Response) -> Response:
         metrics.requests.labels(request.method, str(response.status_code)).inc()
+        authz.audit_response(response)
         return response
 
     @app.after_websocket

@@ -9,6 +9,7 @@ from konsul.sync.checks import CRITICAL, PASSING, STATES, CheckStatus
 from konsul.sync.errors import InvalidArgument
 
 from .agent_routes import check_json
+from .authz import authorizer, filtered
 from .blocking import block_until_changed, index_header
 from .params import flag
 from .responses import json_response
@@ -79,6 +80,12 @@ def _checks_of(ctx, scope, entry: ServiceEntry) -> list[CheckStatus]:
     return found
 
 
+def _visible(entries: list[ServiceEntry]) -> list[ServiceEntry]:
+    """The instances the token may see: service:read on the name and node:read on the node (as Consul)."""
+    allowed = authorizer()
+    return [e for e in entries if allowed.allows("service", e.name, "read") and allowed.allows("node", e.node, "read")]
+
+
 @catalog_api.route("/v1/catalog/services", methods=["GET"])
 async def catalog_services() -> Response:
     ctx = current_app.config["KONSUL"]
@@ -87,7 +94,9 @@ async def catalog_services() -> Response:
     found: dict[str, set[str]] = {}
     for entry in scope.catalog.services():
         found.setdefault(entry.name, set()).update(entry.tags)
-    return json_response({name: sorted(tags) for name, tags in sorted(found.items())}, headers=headers)
+    visible = authorizer().filter("service", found)
+    body = {name: sorted(found[name]) for name in sorted(visible)}
+    return json_response(body, headers=filtered(len(visible), len(found), headers))
 
 
 @catalog_api.route("/v1/catalog/service/<name>", methods=["GET"])
@@ -96,12 +105,10 @@ async def catalog_service(name: str) -> Response:
     scope = _scope(ctx)
     headers = await _block_on_catalog(ctx, scope)
     tags = request.args.getlist("tag")
-    body = [
-        _catalog_service_json(ctx, e, scope.name, scope.catalog.last_index)
-        for e in scope.catalog.services()
-        if e.name == name and all(t in e.tags for t in tags)
-    ]
-    return json_response(body, headers=headers)
+    matching = [e for e in scope.catalog.services() if e.name == name and all(t in e.tags for t in tags)]
+    visible = _visible(matching)
+    body = [_catalog_service_json(ctx, e, scope.name, scope.catalog.last_index) for e in visible]
+    return json_response(body, headers=filtered(len(visible), len(matching), headers))
 
 
 @catalog_api.route("/v1/catalog/nodes", methods=["GET"])
@@ -113,7 +120,10 @@ async def catalog_nodes() -> Response:
     nodes = {e.node for e in scope.catalog.services()}
     if scope.name == ctx.site:
         nodes.add(ctx.node)
-    return json_response([_node_json(ctx, n, scope.name) for n in sorted(nodes)], headers=headers)
+    visible = authorizer().filter("node", sorted(nodes))
+    return json_response(
+        [_node_json(ctx, n, scope.name) for n in visible], headers=filtered(len(visible), len(nodes), headers)
+    )
 
 
 @catalog_api.route("/v1/catalog/datacenters", methods=["GET"])
@@ -132,9 +142,10 @@ async def health_service(name: str) -> Response:
     tags = request.args.getlist("tag")
     passing_only = flag("passing")
     body = []
-    for entry in scope.catalog.services():
-        if entry.name != name or not all(t in entry.tags for t in tags):
-            continue
+    matching = [e for e in scope.catalog.services() if e.name == name and all(t in e.tags for t in tags)]
+    visible = _visible(matching)
+    headers = filtered(len(visible), len(matching), headers)
+    for entry in visible:
         checks = _checks_of(ctx, scope, entry)
         if passing_only and any(c.status != PASSING for c in checks):
             continue
@@ -160,14 +171,15 @@ async def health_checks(name: str) -> Response:
     ctx = current_app.config["KONSUL"]
     scope = _scope(ctx)
     headers = await _block_on_catalog(ctx, scope)
+    matching = [e for e in scope.catalog.services() if e.name == name]
+    visible = _visible(matching)
     body = [
         check_json(c, e.node)
-        for e in scope.catalog.services()
-        if e.name == name
+        for e in visible
         for c in _checks_of(ctx, scope, e)
         if not flag("passing") or c.status == PASSING
     ]
-    return json_response(body, headers=headers)
+    return json_response(body, headers=filtered(len(visible), len(matching), headers))
 
 
 @catalog_api.route("/v1/health/state/<state>", methods=["GET"])
@@ -177,13 +189,15 @@ async def health_state(state: str) -> Response:
         raise InvalidArgument(f"state is one of any, {', '.join(STATES)}")
     scope = _scope(ctx)
     headers = await _block_on_catalog(ctx, scope)
+    every = scope.catalog.services()
+    visible = _visible(every)
     body = [
         check_json(c, e.node)
-        for e in scope.catalog.services()
+        for e in visible
         for c in _checks_of(ctx, scope, e)
         if state == "any" or c.status == state
     ]
-    return json_response(body, headers=headers)
+    return json_response(body, headers=filtered(len(visible), len(every), headers))
 
 
 @catalog_api.route("/v1/status/leader", methods=["GET"])

@@ -14,6 +14,9 @@ go to hypercorn untouched, which then answers or refuses them as it always did):
 - ``GET`` or ``PUT`` of ``/v1/kv/<key>``, HTTP/1.1, a ``Host`` header;
 - a key of printable ASCII without ``%`` (so no unescaping question arises);
 - a query that is empty, or only ``dc=<name>`` and, for GET, ``raw``;
+- a token, if any, in ``X-Consul-Token`` or ``Authorization: Bearer`` (not
+  ``?token=``), checked here exactly as ``authz.py`` checks it for the app:
+  principal, rate limits, ``key:read``/``key:write``, and the audit log;
 - a ``Content-Length`` body (none for GET; at most ``MAX_BODY`` for PUT), no
   ``Transfer-Encoding``, ``Expect`` or ``Upgrade`` header, and ``Connection``
   only as ``keep-alive``.
@@ -43,8 +46,25 @@ PREFIX = b"/v1/kv/"
 MAX_BODY = 2 * MAX_VALUE_BYTES  # the quart app's MAX_CONTENT_LENGTH; larger gets its 413
 MAX_HEAD = 16384
 _REASONLESS = {200: b"HTTP/1.1 200 \r\n", 400: b"HTTP/1.1 400 \r\n", 404: b"HTTP/1.1 404 \r\n"}
+_ACCESS = {b"GET": "read", b"PUT": "write"}
 _KEY_BYTES = frozenset(range(0x21, 0x7F)) - {ord("%")}
 _DC_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def _secret(token: bytes | None, bearer: bytes | None) -> str | None | bool:
+    """The request's secret as authz.token_from finds it; False if it is not plain ASCII (the app's case)."""
+    for value, scheme in ((token, None), (bearer, b"bearer")):
+        if not value:
+            continue
+        if scheme is not None:
+            name, _, value = value.partition(b" ")
+            if name.lower() != scheme or not value.strip(b" \t"):
+                continue
+            value = value.strip(b" \t")
+        if not value.isascii():
+            return False
+        return value.decode()
+    return None
 
 
 class Incomplete(Exception):
@@ -83,8 +103,8 @@ class KvFastPath:
         self._date = _Date()
         self._counters: dict[tuple[str, int], object] = {}
 
-    def parse(self, buffer: bytes) -> tuple[bytes, bytes, bytes, bytes, int] | None:
-        """``(method, key, query, body, consumed)`` of a request this answers, or ``None``.
+    def parse(self, buffer: bytes) -> tuple[bytes, bytes, bytes, bytes, int, str | None] | None:
+        """``(method, key, query, body, consumed, token)`` of a request this answers, or ``None``.
 
         Raises:
             Incomplete: the request might qualify, but not all of it has arrived.
@@ -107,6 +127,7 @@ class KvFastPath:
             return None
         length = None
         host = False
+        token = bearer = None
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
             if not colon or not name or name[0] in b" \t" or name[-1] in b" \t":
@@ -119,6 +140,14 @@ class KvFastPath:
                 length = int(value)
             elif name == b"host":
                 host = True
+            elif name == b"x-consul-token":
+                if token is not None:
+                    return None
+                token = value.strip(b" \t")
+            elif name == b"authorization":
+                if bearer is not None:
+                    return None
+                bearer = value.strip(b" \t")
             elif name == b"connection":
                 # HTTP/1.1 keeps the connection by default; python-requests (so
                 # py-consul) still says so on every request. Anything else
@@ -130,12 +159,17 @@ class KvFastPath:
         length = length or 0
         if not host or length > MAX_BODY or (method == b"GET" and length):
             return None
+        secret = _secret(token, bearer)
+        if secret is False:
+            return None
         start = end + 4
         if len(buffer) < start + length:
             raise Incomplete(start + length)
-        return method, key, query, buffer[start:start + length], start + length
+        return method, key, query, buffer[start:start + length], start + length, secret
 
-    async def respond(self, method: bytes, key: bytes, query: bytes, body: bytes) -> bytes | None:
+    async def respond(
+        self, method: bytes, key: bytes, query: bytes, body: bytes, token: str | None = None, source: str = ""
+    ) -> bytes | None:
         """The response to a parsed request, or ``None`` when its query is not a plain one."""
         dc, raw, seen_dc = None, False, False
         if query:
@@ -147,10 +181,22 @@ class KvFastPath:
                     raw = True
                 else:
                     return None
+        ctx = self.ctx
+        who = None
         try:
-            scope = self.ctx.scope(dc)
+            # The order of authz.admit: who, then the rate limits, then the permission.
+            who = ctx.acl.principal(token)
+            if ctx.rate_limits is not None:
+                refused = ctx.rate_limits.check(who.accessor_id if who.token is not None else None, source)
+                if refused is not None:
+                    raise refused
+            if not who.authorizer.management:
+                who.authorizer.require("key", key.decode(), _ACCESS[method])
+            scope = ctx.scope(dc)
             if method == b"PUT":
                 ok = await scope.kv_put(key.decode(), body)
+                if ctx.audit is not None:
+                    self._audit(who, source, method, key, "allowed")
                 return self._response(method, 200, b"application/json", b"true" if ok else b"false")
             index = b"x-consul-index: %d\r\n" % max(1, scope.kv.last_index)
             entry = scope.kv.get(key.decode())
@@ -162,13 +208,27 @@ class KvFastPath:
             return self._response(method, 200, b"application/json", payload, index)
         except KonsulError as error:
             payload = json.dumps({"error": error.code, "detail": str(error)}, separators=(",", ":")).encode()
-            return self._response(method, error.status, b"application/json", payload)
+            extra = b""
+            if error.status in (401, 403, 429):
+                if ctx.audit is not None:
+                    self._audit(who, source, method, key, "rate_limited" if error.status == 429 else "denied",
+                                f"{error.code}: {error}")
+                headers = getattr(error, "headers", None) or {}
+                extra = b"".join(b"%s: %s\r\n" % (n.lower().encode(), v.encode()) for n, v in headers.items())
+            return self._response(method, error.status, b"application/json", payload, extra)
         except Exception as error:  # the quart app's last-resort handler, same answer
             log.exception("unhandled error on %s /v1/kv/%s", method.decode(), key.decode())
             payload = json.dumps(
                 {"error": "internal", "detail": f"unexpected server error: {error}"}, separators=(",", ":")
             ).encode()
             return self._response(method, 500, b"application/json", payload)
+
+    def _audit(self, who, source: str, method: bytes, key: bytes, result: str, reason: str = "") -> None:
+        self.ctx.audit.record(
+            accessor=who.accessor_id if who is not None and who.token is not None else None,
+            source=source, interface="http", operation="kv:" + _ACCESS[method], resource="/v1/kv/" + key.decode(),
+            result=result, reason=reason,
+        )
 
     def _response(self, method: bytes, status: int, content_type: bytes, body: bytes, extra: bytes = b"") -> bytes:
         counter = self._counters.get((method, status))

@@ -13,6 +13,7 @@ from quart import Blueprint, Response, current_app, request
 from konsul.sync.errors import InvalidArgument, KonsulError
 from konsul.sync.kv import HistoryRecord, KvEntry
 
+from .authz import authorizer, filtered
 from .blocking import block_until_changed, index_header
 from .params import duration_arg, flag, int_arg
 from .responses import json_response
@@ -59,10 +60,18 @@ def history_json(record: HistoryRecord) -> dict:
 async def kv(key: str) -> Response:
     ctx = current_app.config["KONSUL"]
     scope = ctx.scope(request.args.get("dc"))
+    allowed = authorizer()
     if request.method == "PUT":
+        allowed.require("key", key, "write")
         return await _put(scope, key)
     if request.method == "DELETE":
+        if flag("recurse"):
+            allowed.require_subtree("key", key, "write")  # Consul's KeyWritePrefix
+        else:
+            allowed.require("key", key, "write")
         return await _delete(scope, key)
+    if not (flag("keys") or flag("recurse")):
+        allowed.require("key", key, "read")
     return await _get(ctx, scope, key)
 
 
@@ -74,16 +83,24 @@ async def _get(ctx, scope, key: str) -> Response:
     headers = index_header(scope.kv.last_index)
     if flag("history"):
         return json_response([history_json(r) for r in scope.kv.history(key)], headers=headers)
+    allowed = authorizer()
+    # Lists show what the token may read, as Consul filters them (a key the
+    # token may not read is left out; nothing readable is a 404).
     if flag("keys"):
         keys = scope.kv.keys(key, request.args.get("separator") or None)
-        if not keys:
+        visible = allowed.filter("key", keys, "read")
+        headers = filtered(len(visible), len(keys), headers)
+        if not visible:
             return _not_found(headers)
-        return json_response(keys, headers=headers)
+        return json_response(visible, headers=headers)
     if flag("recurse"):
         entries = scope.kv.list(key)
-        if not entries:
+        readable = set(allowed.filter("key", [e.key for e in entries], "read"))
+        visible = [e for e in entries if e.key in readable]
+        headers = filtered(len(visible), len(entries), headers)
+        if not visible:
             return _not_found(headers)
-        return json_response([entry_json(e) for e in entries], headers=headers)
+        return json_response([entry_json(e) for e in visible], headers=headers)
     entry = scope.kv.get(key)
     if entry is None:
         return _not_found(headers)

@@ -318,12 +318,14 @@ class Connection:
         self._need = 0  # bytes the fast path's pending request needs before it is worth parsing again
         self._body_bytes = 0  # of the body being received, counted in admission.body_bytes
         self._closed = False
+        self._source = ""  # the client's address, for the fast path's rate limits and audit
 
     async def run(self) -> None:
         try:
             socket = self.stream.socket
             client = parse_socket_addr(socket.family, socket.getpeername())
             server = parse_socket_addr(socket.family, socket.getsockname())
+            self._source = source_of(client)
             async with trio.open_nursery() as nursery:
                 task_group = TaskGroup(nursery)
                 self.protocol = ProtocolWrapper(
@@ -515,11 +517,11 @@ class Connection:
                 return None
             if request is None:
                 return buffer
-            method, key, query, body, consumed = request
+            method, key, query, body, consumed, token = request
             self._need = 0
             self._watch_body(False)
             self._idle_deadline = inf  # busy: a durable write may take a while
-            response = await self.fast_path.respond(method, key, query, body)
+            response = await self.fast_path.respond(method, key, query, body, token, self._source)
             if response is None:
                 return buffer
             buffer = buffer[consumed:]

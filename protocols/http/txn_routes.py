@@ -20,6 +20,7 @@ from konsul.sync.errors import InvalidArgument
 from konsul.sync.limits import check_flags, check_key, check_prefix, check_value
 
 from .agent_routes import json_body_any
+from .authz import authorizer
 from .kv_routes import SessionsUnsupported, entry_json
 from .responses import json_response
 
@@ -113,11 +114,30 @@ def failed_checks(scope, operations: list[KvOp]) -> list[dict]:
     return errors
 
 
+def require_operations(operations: list[KvOp]) -> None:
+    """Every operation's permission, before anything runs (a refusal changes nothing).
+
+    As in Consul, a transaction is all or nothing for ACLs too: one operation
+    the token may not do refuses the whole transaction.
+    """
+    allowed = authorizer()
+    for op in operations:
+        if op.verb == "delete-tree":
+            allowed.require_subtree("key", op.key, "write")
+        elif op.verb == "get-tree":
+            allowed.require_subtree("key", op.key, "read")
+        elif op.verb in _WRITES:
+            allowed.require("key", op.key, "write")
+        else:
+            allowed.require("key", op.key, "read")
+
+
 @txn_api.route("/v1/txn", methods=["PUT"])
 async def transaction() -> Response:
     ctx = current_app.config["KONSUL"]
     scope = ctx.scope(request.args.get("dc"))
     operations = parse_operations(await json_body_any())
+    require_operations(operations)
     errors = failed_checks(scope, operations)
     if errors:
         return json_response({"Results": None, "Errors": errors}, status=409)

@@ -1,0 +1,158 @@
+"""Who may call which HTTP route: the token, the rate limits, the audit log.
+
+Theory of operation. Every request (except the KV fast path, which does the
+same in its own bytes, kv_fast_path.py) passes :func:`admit` before its
+handler: the token is resolved to a principal (an unknown or revoked secret
+is a 403 here), the client address and then the token are charged a request
+(429 past the burst), and the route's permission is checked from
+:data:`ROUTE_ACCESS` when it depends on the path alone. Routes whose answer
+depends on the data (a list filtered to what the token may see, a recursive
+delete, a transaction's operations) check in the handler with
+:func:`authorizer` and are named in :data:`CHECKED_IN_ROUTE`. An endpoint in
+neither table is refused to everyone but a management token, so a route
+added without a thought for ACLs fails closed.
+
+:func:`audit_response` then logs every write that succeeded and every
+refusal (401, 403, 429) to the audit log, with the principal's AccessorID,
+never its secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from quart import Response, current_app, g, request
+
+from konsul.sync.acl_resolver import Principal
+from konsul.sync.acl_rules import Authorizer
+
+from ..admission import source_of
+from .context import HttpContext
+
+# Needs no token at all: liveness probes, and what Consul answers to anyone.
+OPEN = frozenset({
+    "ops.live", "ops.ready", "catalog.status_leader", "catalog.status_peers",
+    "catalog.catalog_datacenters", "acl.bootstrap",
+})
+
+# endpoint -> the permission it needs, from the request alone
+ROUTE_ACCESS: dict[str, Callable[[HttpContext], tuple[str, str, str]]] = {
+    "agent.self_info": lambda ctx: ("agent", ctx.node, "read"),
+    "ops.metrics": lambda ctx: ("agent", ctx.node, "read"),
+    "ops.sync_status": lambda ctx: ("operator", "", "read"),
+    "fleet.sites": lambda ctx: ("operator", "", "read"),
+}
+
+# endpoints that call authorizer() themselves (their needs depend on the data)
+CHECKED_IN_ROUTE = frozenset({
+    "kv.kv", "txn.transaction",
+    "agent.register", "agent.deregister", "agent.services", "agent.checks", "agent.report_check",
+    "catalog.catalog_services", "catalog.catalog_service", "catalog.catalog_nodes",
+    "catalog.health_service", "catalog.health_checks", "catalog.health_state",
+    "device.devices", "device.device", "twin.twin_side", "twin.twin", "telemetry.device_telemetry",
+    "telemetry.telemetry",
+    # /v1/acl checks acl:read/acl:write itself; token/self needs only a valid token
+    "acl.create_token", "acl.token_self", "acl.token", "acl.list_tokens", "acl.create_policy",
+    "acl.policy", "acl.policy_by_name", "acl.list_policies",
+})
+
+WRITE_METHODS = frozenset({"PUT", "POST", "PATCH", "DELETE"})
+_VERBS = {"GET": "read", "HEAD": "read", "DELETE": "delete"}  # other methods write
+# blueprint -> what the audit log calls its resource
+_AUDIT_KINDS = {"txn": "kv", "twin": "device", "telemetry": "device", "fleet": "operator", "ops": "operator"}
+FILTERED_HEADER = "X-Consul-Results-Filtered-By-ACLs"
+
+
+def token_from(header: Callable[[str], str | None], query_token: str | None) -> str | None:
+    """A request's secret, in Consul's order: ``X-Consul-Token``, ``Authorization:
+    Bearer``, then ``?token=``. ``header(name)`` reads a header (case-insensitive)."""
+    token = header("X-Consul-Token")
+    if token:
+        return token.strip()
+    scheme, _, value = (header("Authorization") or "").strip().partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return query_token or None
+
+
+def request_token() -> str | None:
+    """The secret of the quart request being handled."""
+    return token_from(request.headers.get, request.args.get("token"))
+
+
+def principal() -> Principal:
+    """The principal of the request being handled (resolved once per request)."""
+    found = g.get("konsul_principal")
+    if found is None:
+        ctx: HttpContext = current_app.config["KONSUL"]
+        # At the hub a site-local token is found in the site the request names.
+        site = request.args.get("dc") if ctx.role == "hub" else None
+        found = g.konsul_principal = ctx.acl.principal(request_token(), site)
+    return found
+
+
+def authorizer() -> Authorizer:
+    """What the request's token may do (raises a 403 for an unknown or revoked token)."""
+    return principal().authorizer
+
+
+def filtered(kept: int, offered: int, headers: dict[str, str] | None = None) -> dict[str, str]:
+    """Headers for a list answer: Consul's flag when ACLs hid some of it."""
+    headers = dict(headers or {})
+    if kept < offered:
+        headers[FILTERED_HEADER] = "true"
+    return headers
+
+
+def _source() -> str:
+    return source_of(request.scope.get("client"))
+
+
+def admit(endpoint: str | None) -> None:
+    """Before a handler: token, rate limits and the route's own permission."""
+    ctx: HttpContext = current_app.config["KONSUL"]
+    if endpoint is None:  # no route matched: the 404/405 answer needs no rights
+        return
+    if endpoint in OPEN:
+        if ctx.rate_limits is not None:
+            refused = ctx.rate_limits.check(None, _source())
+            if refused is not None:
+                raise refused
+        return
+    who = principal()
+    if ctx.rate_limits is not None:
+        refused = ctx.rate_limits.check(who.accessor_id if who.token is not None else None, _source())
+        if refused is not None:
+            raise refused
+    needed = ROUTE_ACCESS.get(endpoint)
+    if needed is not None:
+        who.authorizer.require(*needed(ctx))
+    elif endpoint not in CHECKED_IN_ROUTE:
+        who.authorizer.require("operator", "", "write")  # fail closed for a route nobody classified
+
+
+def audit_response(response: Response, interface: str = "http") -> None:
+    """After a handler: log a successful write or any refusal."""
+    ctx: HttpContext = current_app.config["KONSUL"]
+    if ctx.audit is None:
+        return
+    status = response.status_code
+    if status in (401, 403):
+        result = "denied"
+    elif status == 429:
+        result = "rate_limited"
+    elif request.method in WRITE_METHODS and status < 400:
+        result = "allowed"
+    else:
+        return
+    who = g.get("konsul_principal")
+    ctx.audit.record(
+        accessor=who.accessor_id if who is not None and who.token is not None else None,
+        source=_source(),
+        interface=interface,
+        operation=f"{_AUDIT_KINDS.get(request.blueprint or '', request.blueprint or 'http')}:"
+        f"{_VERBS.get(request.method, 'write')}",
+        resource=request.path,
+        result=result,
+        reason=g.get("konsul_refusal", ""),
+    )
