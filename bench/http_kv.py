@@ -121,12 +121,14 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 
 
 def http_request(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 5.0,
-                 conn: http.client.HTTPConnection | None = None) -> tuple[int, bytes]:
+                 conn: http.client.HTTPConnection | None = None, headers: dict | None = None) -> tuple[int, bytes]:
     own = conn is None
     if own:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        headers = {"Content-Type": "application/json"} if body is not None and body[:1] == b"{" else {}
+        headers = dict(headers or {})
+        if body is not None and body[:1] == b"{":
+            headers["Content-Type"] = "application/json"
         conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
         return response.status, response.read()
@@ -217,9 +219,23 @@ def prioritised(argv: list[str]) -> list[str]:
     return ["sh", "-c", script, "sh", *argv]
 
 
-def start_konsul(data_dir: Path, logs: Path, everything: bool = False) -> Server:
+# The "konsul" target runs as deployed, ACLs on, every request with this
+# management token; "konsul-noacl" runs with --acl off and sends none.
+BENCH_TOKEN = "b3c4d5e6-0000-4000-8000-00000000beef"
+
+
+def is_konsul(target: str) -> bool:
+    return target.startswith("konsul")
+
+
+def token_for(target: str) -> str:
+    return BENCH_TOKEN if target == "konsul" else ""
+
+
+def start_konsul(data_dir: Path, logs: Path, everything: bool = False, acl: bool = True) -> Server:
     port = free_port()
     argv = [str(KONSUL), "edge", "--site", "s1", "--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{port}"]
+    argv += ["--acl-initial-management", BENCH_TOKEN] if acl else ["--acl", "off"]
     if everything:
         argv += [
             "--mqtt-addr", f"127.0.0.1:{free_port()}",
@@ -285,8 +301,9 @@ def preload(target: str, port: int, prefix: str, keys: int) -> None:
         if conn is None:
             conn = local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         key, value = f"{prefix}/{n}", value_of(prefix, n)
-        if target == "konsul":
-            status, body = http_request(port, "PUT", f"/v1/kv/{key}", value, conn=conn)
+        if is_konsul(target):
+            headers = {"X-Consul-Token": token_for(target)} if token_for(target) else None
+            status, body = http_request(port, "PUT", f"/v1/kv/{key}", value, conn=conn, headers=headers)
             ok = status == 200 and body == b"true"
         else:
             doc = json.dumps({"key": b64(key.encode()), "value": b64(value)}).encode()
@@ -316,7 +333,7 @@ def wait_quiet(max_wait: float, limit: float = 15.0) -> float:
 def konsul_commit_counters(port: int) -> tuple[float, float] | None:
     """(commit rounds, batches) from konsul's /metrics, if it exports them."""
     try:
-        status, body = http_request(port, "GET", "/metrics")
+        status, body = http_request(port, "GET", "/metrics", headers={"X-Consul-Token": BENCH_TOKEN})
     except OSError:
         return None
     values = {}
@@ -342,11 +359,11 @@ def run_wrk(server: Server, target: str, op: str, prefix: str, keys: int, connec
             duration: float, threads: int, quiet_wait: float = 0) -> dict:
     argv = [
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "10s",
-        "-s", str(LUA), f"http://127.0.0.1:{server.port}", "--", target, op, prefix, str(keys),
+        "-s", str(LUA), f"http://127.0.0.1:{server.port}", "--", target, op, prefix, str(keys), token_for(target),
     ]
     if quiet_wait:
         wait_quiet(quiet_wait)
-    commits_before = konsul_commit_counters(server.port) if target == "konsul" and op == "put" else None
+    commits_before = konsul_commit_counters(server.port) if is_konsul(target) and op == "put" else None
     machine_before = machine_busy_seconds()
     cpu_before = server.cpu_seconds()
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -385,7 +402,7 @@ def run_wrk(server: Server, target: str, op: str, prefix: str, keys: int, connec
 
 def bench_target(target: str, root: Path, logs: Path, args: argparse.Namespace, round_: int) -> list[dict]:
     data = root / f"{target}-data-{round_}"
-    server = start_konsul(data, logs) if target == "konsul" else start_etcd(data, logs)
+    server = start_konsul(data, logs, acl=target == "konsul") if is_konsul(target) else start_etcd(data, logs)
     results = []
     try:
         server.wait_ready()
@@ -399,7 +416,7 @@ def bench_target(target: str, root: Path, logs: Path, args: argparse.Namespace, 
             log(f"{target}: GET, {connections} connections, {args.duration:g}s")
             results.append(run_wrk(server, target, "get", f"get-r{round_}", args.keys,
                                    connections, args.duration, args.threads, args.quiet_wait))
-        if target == "konsul":
+        if is_konsul(target):
             time.sleep(1.0)
             rss = server.status_kb("VmRSS")
             for r in results:
@@ -408,7 +425,7 @@ def bench_target(target: str, root: Path, logs: Path, args: argparse.Namespace, 
                 profile(server, args, root)
     finally:
         server.stop()
-    if target == "konsul":
+    if is_konsul(target):
         written = sum(r["requests"] for r in results if r["op"] == "put") + args.keys
         for r in results:
             r["data_dir"], r["keys_written"] = str(data), written
@@ -566,7 +583,7 @@ def profile(server: Server, args: argparse.Namespace, root: Path) -> None:
     log(f"konsul: profiling PUT at 64 connections with py-spy for {seconds}s (not measured)")
     wrk = subprocess.Popen(prioritised(
         ["wrk", f"-t{args.threads}", "-c64", f"-d{seconds + 2}s", "--timeout", "10s", "-s", str(LUA),
-         f"http://127.0.0.1:{server.port}", "--", "konsul", "put", "profile", "0"]),
+         f"http://127.0.0.1:{server.port}", "--", "konsul", "put", "profile", "0", BENCH_TOKEN]),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
@@ -775,6 +792,15 @@ def table(cells: list[dict], args: argparse.Namespace) -> str:
             if k and e:
                 goal = " (goal >= 0.5x)" if op == "put" and n == 64 else ""
                 lines.append(f"| {op.upper()} | {n} | {k['rps']:,.0f} | {e['rps']:,.0f} | {k['rps'] / e['rps']:.2f}x{goal} |")
+    if any(c["target"] == "konsul-noacl" for c in cells):
+        lines += ["", "| op | conns | ACLs on, token on every request (req/s) | --acl off (req/s) | on/off |",
+                  "|---|---:|---:|---:|---:|"]
+        for op in ("put", "get"):
+            for n in args.connections:
+                k, o = by.get(("konsul", op, n)), by.get(("konsul-noacl", op, n))
+                if k and o:
+                    lines.append(f"| {op.upper()} | {n} | {k['rps']:,.0f} | {o['rps']:,.0f} "
+                                 f"| {k['rps'] / o['rps']:.2f}x (goal >= 0.90x) |")
     return "\n".join(lines)
 
 
@@ -786,7 +812,8 @@ def main() -> int:
     parser.add_argument("--keys", type=int, default=1000, help="keys preloaded for the GETs (default 1000)")
     parser.add_argument("--rounds", type=int, default=3, help="repeat the whole workload, report the median (default 3)")
     parser.add_argument("--starts", type=int, default=5, help="konsul starts for the start-up median (default 5)")
-    parser.add_argument("--targets", default="konsul,etcd", help="comma-separated: konsul, etcd")
+    parser.add_argument("--targets", default="konsul,etcd",
+                        help="comma-separated: konsul (ACLs on, a token on every request), konsul-noacl (--acl off), etcd")
     parser.add_argument("--floors", action="store_true",
                         help="also run the PUT workload at the highest connection count against do-nothing "
                         "HTTP servers (bench/http_floor.py): what the HTTP layer alone costs")

@@ -106,10 +106,20 @@ class Broker:
                 self.proc.wait()
 
 
+def acl_off(konsul: Path) -> list[str]:
+    """``--acl off`` for a konsul that has ACLs (a baseline from before them has not).
+
+    This benchmark measures the broker; bench/http_kv.py measures what ACLs cost.
+    """
+    usage = subprocess.run([str(konsul), "edge", "--help"], capture_output=True, text=True, check=False).stdout
+    return ["--acl", "off"] if "--acl " in usage else []
+
+
 def start_edge(workdir: Path, publishers: int, durability: str = "full", venv_bin: Path | None = None) -> Broker:
+    konsul = (venv_bin or VENV_BIN) / "konsul"
     broker = Broker(
         "konsul-edge",
-        [str((venv_bin or VENV_BIN) / "konsul"), "edge", "--site", "bench", "--data-dir", str(workdir / "edge-data"),
+        [str(konsul), "edge", *acl_off(konsul), "--site", "bench", "--data-dir", str(workdir / "edge-data"),
          "--http-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0", "--coap-addr", "", "--allow-anonymous",
          "--durability", durability],
         "http listening on",

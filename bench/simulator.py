@@ -83,7 +83,7 @@ def main() -> None:
     options = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="konsul-bench-sim-") as data:
-        edge_args = ["edge", "--site", "bench", "--data-dir", data, "--http-addr", "127.0.0.1:0",
+        edge_args = ["edge", "--acl", "off", "--site", "bench", "--data-dir", data, "--http-addr", "127.0.0.1:0",
                      "--mqtt-addr", "127.0.0.1:0", "--coap-addr", "127.0.0.1:0"]
         edge, edge_out = start(edge_args + (["--allow-anonymous"] if options.anonymous else []))
         sim = None

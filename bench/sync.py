@@ -559,13 +559,13 @@ def reconcile_processes(
     proxy = None
     samplers: list[subprocess.Popen] = []
     try:
-        hub = Agent("hub", ["hub", "--data-dir", str(root / "hub"), "--http-addr", "127.0.0.1:0"], logs / "hub.log")
+        hub = Agent("hub", ["hub", "--acl", "off", "--data-dir", str(root / "hub"), "--http-addr", "127.0.0.1:0"], logs / "hub.log")
         agents.append(hub)
         proxy = HoldingProxy(hub.port)
         edges = {}
         for i, site in enumerate(SITES, 1):
             edges[site] = Agent(site, [
-                "edge", "--site", site, "--node", f"n{i}", "--data-dir", str(root / site),
+                "edge", "--acl", "off", "--site", site, "--node", f"n{i}", "--data-dir", str(root / site),
                 "--http-addr", "127.0.0.1:0", "--mqtt-addr", "", "--coap-addr", "",
                 "--hub-url", f"http://127.0.0.1:{proxy.port}",
             ], logs / f"{site}.log", RAISED_LIMIT_LAUNCHER if raised_limit else None)

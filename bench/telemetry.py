@@ -49,7 +49,7 @@ DEVICES = 10
 def start_edge(workdir: Path, hub_port: int, durability: str) -> Broker:
     edge = Broker(
         "konsul-edge",
-        [str(VENV_BIN / "konsul"), "edge", "--site", "bench", "--data-dir", str(workdir / "edge-data"),
+        [str(VENV_BIN / "konsul"), "edge", "--acl", "off", "--site", "bench", "--data-dir", str(workdir / "edge-data"),
          "--http-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0", "--coap-addr", "",
          "--hub-url", f"http://127.0.0.1:{hub_port}", "--durability", durability,
          "--telemetry-buffer", "1GiB"],
@@ -70,7 +70,7 @@ def start_edge(workdir: Path, hub_port: int, durability: str) -> Broker:
 def start_hub(workdir: Path, port: int) -> Broker:
     hub = Broker(
         "konsul-hub",
-        [str(VENV_BIN / "konsul"), "hub", "--data-dir", str(workdir / "hub-data"), "--http-addr", f"127.0.0.1:{port}"],
+        [str(VENV_BIN / "konsul"), "hub", "--acl", "off", "--data-dir", str(workdir / "hub-data"), "--http-addr", f"127.0.0.1:{port}"],
         "http listening on",
         workdir,
     )

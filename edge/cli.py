@@ -213,6 +213,10 @@ def add_sim_command(commands) -> None:
     add_flag(sim, "--seed", "random seed, for a reproducible fleet; empty picks one", "")
     add_flag(sim, "--report-every", "seconds between summary lines; 0 for none", "5", type=float)
     sim.add_argument(
+        "--token", default=None, metavar="SECRET",
+        help="an ACL token that may write the devices, to create them (env KONSUL_HTTP_TOKEN, then CONSUL_HTTP_TOKEN)",
+    )
+    sim.add_argument(
         "--anonymous",
         action="store_true",
         default=env_bool("--anonymous"),
@@ -226,6 +230,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from konsul.simulator import command
     from konsul.simulator.fleet import FleetConfig
 
+    from .client_commands import token_of
+
     try:
         config = FleetConfig(
             devices=args.devices,
@@ -238,6 +244,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
             anonymous=args.anonymous,
             prefix=args.prefix,
             seed=int(args.seed) if args.seed else None,
+            acl_token=token_of(args) or "",
         )
     except ValueError as error:
         print(f"konsul sim: {error}", file=sys.stderr)
@@ -297,12 +304,19 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from .agent import EdgeConfig, run_edge
 
     data_dir = Path(args.data_dir)
+    # ACLs are on in dev as everywhere: one management token, made once and
+    # kept in the data directory, is the hub's and the edge's initial
+    # management token, the edge's sync token, and the printed examples' token.
+    management = dev_management_token(data_dir)
+    os.environ["KONSUL_HTTP_TOKEN"] = management  # for anything this process starts
 
     async def run_dev(_config, *, task_status):
         import trio
 
         async with trio.open_nursery() as nursery:
-            hub = await nursery.start(run_hub, HubConfig(data_dir / "hub", DEFAULT_HUB_ADDR))
+            hub = await nursery.start(
+                run_hub, HubConfig(data_dir / "hub", DEFAULT_HUB_ADDR, acl_initial_management=management)
+            )
             edge = await nursery.start(
                 run_edge,
                 EdgeConfig(
@@ -312,6 +326,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
                     http_addr=DEFAULT_HTTP_ADDR,
                     hub_url=hub.http_url,
                     allow_anonymous=True,
+                    acl_initial_management=management,
+                    hub_token=management,
                 ),
             )
             if args.sim_devices > 0:
@@ -349,24 +365,28 @@ def cmd_dev(args: argparse.Namespace) -> int:
         print(
             f"""
 Konsul dev is running (data in {data_dir}):
+  ACL management token  {management}   (kept in {data_dir / "management-token"})
   edge (site "dev")  {edge.http_url}   Consul-compatible API: point CONSUL_HTTP_ADDR or KONSUL_HTTP_ADDR here
   hub                {hub.http_url}   every site (?dc=dev) and the fleet-wide scope (?dc=global)
   MQTT for devices   {edge.mqtt_addr or "off"}   anonymous devices allowed in dev
   CoAP for devices   {edge.coap_addr or "off"} (UDP)
   simulated devices  {sim_line}
 
-Try it:
-  curl -X PUT --data 'hello' {edge.http_url}/v1/kv/greeting
-  curl {edge.http_url}/v1/kv/greeting?raw
-  curl '{hub.http_url}/v1/kv/greeting?dc=dev&raw'      # synced to the hub
-  curl -X PUT --data 'eco' '{hub.http_url}/v1/kv/fleet/mode?dc=global'
+Try it (ACLs are on: every request carries the token):
+  export KONSUL_HTTP_TOKEN={management} CONSUL_HTTP_TOKEN={management}
+  curl -X PUT -H "X-Consul-Token: $KONSUL_HTTP_TOKEN" --data 'hello' {edge.http_url}/v1/kv/greeting
+  curl -H "X-Consul-Token: $KONSUL_HTTP_TOKEN" {edge.http_url}/v1/kv/greeting?raw
+  curl {edge.http_url}/v1/kv/greeting?raw      # no token: 403 permission_denied
+  curl -H "X-Consul-Token: $KONSUL_HTTP_TOKEN" '{hub.http_url}/v1/kv/greeting?dc=dev&raw'      # synced to the hub
+  curl -X PUT -H "X-Consul-Token: $KONSUL_HTTP_TOKEN" --data 'eco' '{hub.http_url}/v1/kv/fleet/mode?dc=global'
   KONSUL_HTTP_ADDR={address} konsul kv get fleet/mode --dc global
   KONSUL_HTTP_ADDR={address} konsul kv list
-  curl {hub.http_url}/v1/sites
+  KONSUL_HTTP_ADDR={address} konsul acl token list
+  curl -H "X-Consul-Token: $KONSUL_HTTP_TOKEN" {hub.http_url}/v1/sites
   KONSUL_HTTP_ADDR={address} konsul devices list
   KONSUL_HTTP_ADDR={address} konsul devices desired dev-sim-0000 interval=2      # the device follows
   KONSUL_HTTP_ADDR={address} konsul devices telemetry dev-sim-0000
-  curl '{hub.http_url}/v1/devices/dev-sim-0000/telemetry?dc=dev&limit=5'     # forwarded to the hub
+  curl -H "X-Consul-Token: $KONSUL_HTTP_TOKEN" '{hub.http_url}/v1/devices/dev-sim-0000/telemetry?dc=dev&limit=5'
   mosquitto_sub -h 127.0.0.1 -p {(edge.mqtt_addr or ":1883").rsplit(":", 1)[1]} -i watcher -t 'konsul/v1/kv/#' -v
   coap-client -m get coap://{edge.coap_addr or "127.0.0.1:5683"}/kv/greeting
 
@@ -376,6 +396,23 @@ Stop with Ctrl-C.
         )
 
     return run_until_signal(run_dev, None, on_ready=announce)
+
+
+def dev_management_token(data_dir: Path) -> str:
+    """The dev agents' management secret: read from ``<data-dir>/management-token``, made on first start."""
+    import uuid
+
+    path = data_dir / "management-token"
+    try:
+        return str(uuid.UUID(path.read_text().strip()))
+    except (FileNotFoundError, ValueError):
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret = str(uuid.uuid4())
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(secret + "\n")
+    return secret
 
 
 def run_until_signal(run, config, on_ready=None) -> int:

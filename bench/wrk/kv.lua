@@ -1,8 +1,9 @@
 -- wrk script for bench/http_kv.py: KV puts and gets against konsul or etcd.
 --
---   wrk -t1 -c64 -d10s -s bench/wrk/kv.lua http://127.0.0.1:PORT -- TARGET OP PREFIX KEYS
+--   wrk -t1 -c64 -d10s -s bench/wrk/kv.lua http://127.0.0.1:PORT -- TARGET OP PREFIX KEYS [TOKEN]
 --
--- TARGET  konsul: PUT /v1/kv/<key> (raw body), GET /v1/kv/<key>
+-- TARGET  konsul: PUT /v1/kv/<key> (raw body), GET /v1/kv/<key>; konsul-noacl the same
+--         (TOKEN, a fifth argument, is sent as X-Consul-Token)
 --         etcd:   POST /v3/kv/put {"key","value"} and POST /v3/kv/range {"key"}
 --                 (the v3 JSON gateway; keys and values base64)
 -- OP      put: every request writes a new key <PREFIX>/<thread>/<n> with a
@@ -52,6 +53,7 @@ end
 local target, op, prefix, keys
 local counter = 0
 local put_headers = {}
+local get_headers = {}
 local json_headers = { ["Content-Type"] = "application/json" }
 
 function init(args)
@@ -59,6 +61,14 @@ function init(args)
    op = args[2] or "put"
    prefix = args[3] or "bench"
    keys = tonumber(args[4] or "1000")
+   -- An ACL token, sent on every konsul request (bench/http_kv.py's "konsul"
+   -- target runs with ACLs on; "konsul-noacl" with --acl off and no token).
+   local token = args[5] or ""
+   if token ~= "" then
+      put_headers["X-Consul-Token"] = token
+      get_headers["X-Consul-Token"] = token
+   end
+   if target == "konsul-noacl" then target = "konsul" end
    bad = 0          -- global: read back by done() through thread:get
    bad_status = 0
    responses = 0
@@ -85,7 +95,7 @@ function request()
    end
    local key = string.format("%s/%d", prefix, counter % keys)
    if target == "konsul" then
-      return wrk.format("GET", "/v1/kv/" .. key)
+      return wrk.format("GET", "/v1/kv/" .. key, get_headers)
    end
    return wrk.format("POST", "/v3/kv/range", json_headers, '{"key":"' .. base64(key) .. '"}')
 end

@@ -44,6 +44,7 @@ class FleetConfig:
     anonymous: bool = False
     prefix: str = "sim-"
     seed: int | None = None
+    acl_token: str = ""  # an ACL token that may write the devices (device_prefix), for provisioning
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -79,10 +80,11 @@ class ProvisioningError(Exception):
 class Provisioner:
     """Creates devices on the agent's HTTP API and collects their tokens."""
 
-    def __init__(self, http_addr: str) -> None:
+    def __init__(self, http_addr: str, acl_token: str = "") -> None:
         import httpx  # only a fleet with tokens needs it
 
-        self.client = httpx.AsyncClient(base_url=f"http://{http_addr}", timeout=30.0)
+        headers = {"X-Consul-Token": acl_token} if acl_token else None
+        self.client = httpx.AsyncClient(base_url=f"http://{http_addr}", timeout=30.0, headers=headers)
         self.limiter = trio.CapacityLimiter(PROVISIONING_CONCURRENCY)
 
     async def token(self, device_id: str) -> str:
@@ -134,7 +136,7 @@ async def run_fleet(
     has_coap = any(protocol == "coap" for _, protocol in chosen)
     mqtt_host, mqtt_port = split_addr(config.mqtt_addr) if has_mqtt else ("", 0)
     coap_uri = coap_base_uri(config.coap_addr) if has_coap else ""
-    provisioner = None if config.anonymous or not chosen else Provisioner(config.http_addr)
+    provisioner = None if config.anonymous or not chosen else Provisioner(config.http_addr, config.acl_token)
     connecting = trio.CapacityLimiter(CONNECTING_CONCURRENCY)
 
     async def start_device(device_id: str, protocol: str, coap: CoapThread | None) -> None:

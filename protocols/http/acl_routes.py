@@ -129,6 +129,33 @@ def _require(access: str) -> Principal:
     return principal
 
 
+class GlobalAclElsewhere(KonsulError):
+    """A fleet-wide ACL record asked of an agent that does not make them."""
+
+    code = "acl_global_at_hub"
+    status = 403
+
+
+def _require_global_write(ctx: HttpContext) -> Principal:
+    """acl:write for a record in ``global`` (policies, non-local tokens, bootstrap).
+
+    Fleet-wide records are made where the fleet's authority is: at the hub,
+    or at a standalone edge (no hub). An edge with a hub refuses them (the hub
+    would refuse them from the edge's sync link too, so they would hold here
+    only); and at the hub a site-local token, which a site itself may have
+    made, never writes fleet-wide records.
+    """
+    if ctx.role == "edge" and ctx.hub_url:
+        raise GlobalAclElsewhere(
+            f"policies and global tokens are made at the hub ({ctx.hub_url}) and reach this edge by sync; "
+            'here only site-local tokens ("Local": true) can be made'
+        )
+    principal = _require("write")
+    if ctx.role == "hub" and principal.scope != GLOBAL_SCOPE and ctx.acl.enabled:
+        raise GlobalAclElsewhere("a site-local token cannot change fleet-wide ACL records; use a global token")
+    return principal
+
+
 async def _body() -> dict:
     raw = await request.get_data(cache=True)
     body = parse_json_document(raw or b"{}", "the body")
@@ -223,6 +250,8 @@ def _policy_from(body: dict, policy_id: str) -> AclPolicy:
 @acl_api.route("/v1/acl/bootstrap", methods=["PUT", "POST"])
 async def bootstrap() -> Response:
     ctx, resolver = _ctx_and_resolver()
+    if ctx.role == "edge" and ctx.hub_url:
+        raise GlobalAclElsewhere(f"bootstrap the hub ({ctx.hub_url}); its tokens reach this edge by sync")
     scope = _global(ctx)
     token, secret = await acl.bootstrap(scope)
     return json_response(token_json(resolver, token, scope.acl, secret))
@@ -240,6 +269,8 @@ async def create_token() -> Response:
     local = body.get("local", False)
     if not isinstance(local, bool):
         raise InvalidArgument("Local is true or false")
+    if not local:
+        _require_global_write(ctx)
     scope = _site_scope(ctx) if local else _global(ctx)
     token, secret = await acl.create_token(
         scope, body.get("description") or "", _policy_ids(ctx, body.get("policies")), local,
@@ -267,6 +298,8 @@ async def token(accessor: str) -> Response:
         return json_response(token_json(resolver, found, scope.acl))
     _require("write")
     scope, found = _find_token(ctx, accessor)
+    if scope.name == GLOBAL_SCOPE:
+        _require_global_write(ctx)
     if request.method == "DELETE":
         await acl.delete_token(scope, found.accessor_id)
         return json_response(True)
@@ -303,7 +336,7 @@ async def list_tokens() -> Response:
 @acl_api.route("/v1/acl/policy", methods=["PUT"])
 async def create_policy() -> Response:
     ctx, _ = _ctx_and_resolver()
-    _require("write")
+    _require_global_write(ctx)
     body = await _body()
     if body.get("id"):
         raise InvalidArgument("a new policy gets its ID here; to change one, PUT /v1/acl/policy/<id>")
@@ -319,7 +352,7 @@ async def policy(policy_id: str) -> Response:
         _require("read")
         scope, found = _find_policy(ctx, policy_id)
         return json_response(policy_json(found, scope.acl))
-    _require("write")
+    _require_global_write(ctx)
     scope, found = _find_policy(ctx, policy_id)
     if request.method == "DELETE":
         await acl.delete_policy(scope, found.policy_id)

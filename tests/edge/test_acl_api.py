@@ -13,38 +13,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agents import _Listening, eventually, free_port  # noqa: E402
+from agents import MANAGEMENT_TOKEN, EdgeProcess, HubProcess, eventually, free_port  # noqa: E402
 
-LAUNCHER = Path(__file__).resolve().parent / "acl_edge_main.py"
 APP_RULES = 'key_prefix "app/" { policy = "write" }'
-
-
-class AclEdge(_Listening):
-    """`konsul edge` whose HTTP app has the ACL blueprint (see acl_edge_main.py)."""
-
-    def __init__(self, data_dir: Path, hub_url: str = "") -> None:
-        super().__init__(
-            ["edge", "--site", "s1", "--node", "n1", "--data-dir", str(data_dir), "--http-addr", "127.0.0.1:0",
-             "--mqtt-addr", "", "--coap-addr", "", "--hub-url", hub_url],
-            command=[sys.executable, str(LAUNCHER)],
-        )
-        self._ready(data_dir)
-
-
-class AclHub(_Listening):
-    """`konsul hub` with the ACL blueprint."""
-
-    def __init__(self, data_dir: Path, port: int) -> None:
-        super().__init__(
-            ["hub", "--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{port}"],
-            command=[sys.executable, str(LAUNCHER)],
-        )
-        self._ready(data_dir)
 
 
 @pytest.fixture(scope="module")
 def acl_edge(tmp_path_factory):
-    process = AclEdge(tmp_path_factory.mktemp("acl-edge"))
+    # Started with an initial management token (MANAGEMENT_TOKEN), which
+    # leaves bootstrap to the tests, as a fresh Consul does.
+    process = EdgeProcess(tmp_path_factory.mktemp("acl-edge"), acl=True)
     yield process
     process.stop()
 
@@ -64,8 +42,9 @@ def http(acl_edge):
 
 
 def still_serving(http) -> None:
-    assert http.put("/v1/kv/acl-test/alive", content=b"yes").json() is True
-    assert http.get("/v1/kv/acl-test/alive?raw").content == b"yes"
+    auth = {"X-Consul-Token": MANAGEMENT_TOKEN}
+    assert http.put("/v1/kv/acl-test/alive", content=b"yes", headers=auth).json() is True
+    assert http.get("/v1/kv/acl-test/alive?raw", headers=auth).content == b"yes"
 
 
 def test_bootstrap_works_once(acl_edge, management):
@@ -188,8 +167,8 @@ def test_the_secret_is_never_stored(acl_edge, management, http):
 
 def test_a_token_made_at_the_hub_is_enforced_at_the_edge_offline_and_revocation_follows(tmp_path):
     port = free_port()
-    hub = AclHub(tmp_path / "hub", port)
-    edge = AclEdge(tmp_path / "edge", hub_url=hub.url)
+    hub = HubProcess(tmp_path / "hub", port, acl=True)
+    edge = EdgeProcess(tmp_path / "edge", hub_url=hub.url, acl=True, extra=["--hub-token", MANAGEMENT_TOKEN])
     try:
         hub_admin = consul.Consul(host=hub.host, port=hub.port, token=consul.Consul(host=hub.host, port=hub.port).acl.bootstrap()["SecretID"])
         policy = hub_admin.acl.policy.create("app", rules=APP_RULES)
@@ -203,10 +182,11 @@ def test_a_token_made_at_the_hub_is_enforced_at_the_edge_offline_and_revocation_
         eventually(known_at_edge, what="the hub's token at the edge")
         hub.stop(signal.SIGKILL)
         assert known_at_edge()  # the edge enforces from its own replica while the hub is gone
-        # The edge's own bootstrap marker came from the hub: it cannot be bootstrapped again.
-        assert httpx.put(f"{edge.url}/v1/acl/bootstrap", timeout=5).status_code == 403
+        # An edge with a hub is never bootstrapped itself: the hub makes fleet-wide tokens.
+        refused = httpx.put(f"{edge.url}/v1/acl/bootstrap", timeout=5)
+        assert refused.status_code == 403 and refused.json()["error"] == "acl_global_at_hub"
 
-        hub = AclHub(tmp_path / "hub", port)
+        hub = HubProcess(tmp_path / "hub", port, acl=True)
         assert hub_admin.acl.token.delete(token["AccessorID"]) is True
         eventually(
             lambda: httpx.get(f"{edge.url}/v1/acl/token/self", headers={"X-Consul-Token": secret}, timeout=5).json().get("error")

@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from test_acl_api import AclEdge
+from agents import EdgeProcess
 from test_client_commands import fails, konsul, ok
 
 PLAIN = {"CONSUL_HTTP_TOKEN": ""}  # this machine's own Consul token must not leak into a test
@@ -14,7 +14,7 @@ PLAIN = {"CONSUL_HTTP_TOKEN": ""}  # this machine's own Consul token must not le
 
 @pytest.fixture(scope="module")
 def acl_edge(tmp_path_factory):
-    process = AclEdge(tmp_path_factory.mktemp("acl-cli-edge"))
+    process = EdgeProcess(tmp_path_factory.mktemp("acl-cli-edge"), acl=True)
     yield process
     process.stop()
 

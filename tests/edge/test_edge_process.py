@@ -10,7 +10,7 @@ import sys
 
 import httpx
 
-from agents import AgentProcess, EdgeProcess
+from agents import MANAGEMENT_TOKEN, AgentProcess, EdgeProcess
 
 
 def put(url: str, key: str, value: bytes) -> str:
@@ -103,11 +103,13 @@ def test_flags_come_from_environment(tmp_path):
             "KONSUL_HTTP_ADDR": "127.0.0.1:0",
             "KONSUL_MQTT_ADDR": "",
             "KONSUL_COAP_ADDR": "",
+            "KONSUL_ACL_INITIAL_MANAGEMENT": MANAGEMENT_TOKEN,
         },
     )
     try:
         url = agent.wait_for(r"http listening on (http://\S+)").group(1)
-        me = httpx.get(f"{url}/v1/agent/self").json()
+        assert httpx.get(f"{url}/v1/agent/self").status_code == 403  # ACLs on by default
+        me = httpx.get(f"{url}/v1/agent/self", headers={"X-Consul-Token": MANAGEMENT_TOKEN}).json()
         assert me["Config"]["Datacenter"] == "envsite"
         assert me["Config"]["NodeName"] == "envnode"
     finally:
@@ -119,6 +121,6 @@ def test_help_documents_every_flag():
         [sys.executable, "-m", "konsul.edge.cli", "edge", "--help"], capture_output=True, text=True, check=True
     )
     for flag in ("--site", "--data-dir", "--hub-url", "--node", "--http-addr", "--mqtt-addr",
-                 "--coap-addr", "--allow-anonymous", "--durability"):
+                 "--coap-addr", "--allow-anonymous", "--durability", "--acl", "--acl-initial-management", "--hub-token"):
         assert flag in result.stdout
     assert "KONSUL_HTTP_ADDR" in result.stdout

@@ -32,7 +32,7 @@ class LimitedEdge(EdgeProcess):
             self,
             [
                 "edge", "--site", "s1", "--node", "n1", "--data-dir", str(data_dir),
-                "--http-addr", "127.0.0.1:0", "--mqtt-addr", "", "--coap-addr", "", "--hub-url", "",
+                "--http-addr", "127.0.0.1:0", "--mqtt-addr", "", "--coap-addr", "", "--hub-url", "", "--acl", "off",
             ],
             command=[sys.executable, str(LAUNCHER), json.dumps(limits)],
         )

@@ -96,6 +96,36 @@ def test_same_answer_as_the_route(client, method, target, body):
     assert fast == routed
 
 
+@pytest.fixture(scope="module")
+def acl_edge(tmp_path_factory):
+    from agents import EdgeProcess
+
+    process = EdgeProcess(tmp_path_factory.mktemp("fast-acl"), acl=True)
+    yield process
+    process.stop()
+
+
+@pytest.mark.parametrize("token", ["", "X-Consul-Token: 00000000-0000-4000-8000-000000000000\r\n", "management"])
+@pytest.mark.parametrize(("method", "target"), [("PUT", "/v1/kv/fast/b"), ("GET", "/v1/kv/fast/b")])
+def test_same_refusal_or_answer_as_the_route_with_acls(acl_edge, method, target, token):
+    from agents import MANAGEMENT_TOKEN
+
+    if token == "management":
+        token = f"Authorization: Bearer {MANAGEMENT_TOKEN}\r\n"
+    client = RawClient(acl_edge.addr)
+    try:
+        answers = []
+        for sent in (target, with_zz(target)):
+            client.send(request(method, sent, b"v" if method == "PUT" else b"", extra=token))
+            status, headers, payload = client.response()
+            headers.pop(b"date")
+            answers.append((status, headers, payload))
+        assert answers[0] == answers[1]
+        assert answers[0][0] == (200 if "Bearer" in token else 403)
+    finally:
+        client.close()
+
+
 def test_keep_alive_header_as_python_requests_sends_it(client):
     extra = "Connection: keep-alive\r\nAccept: */*\r\nUser-Agent: python-requests/2.32\r\n"
     data = request("PUT", "/v1/kv/fast/ka", b"kept", extra)
@@ -149,9 +179,22 @@ def parse(data: bytes):
 
 def test_parse_plain_put_and_get():
     data = request("PUT", "/v1/kv/a/b?dc=x", b"hi")
-    assert parse(data) == (b"PUT", b"a/b", b"dc=x", b"hi", len(data))
+    assert parse(data) == (b"PUT", b"a/b", b"dc=x", b"hi", len(data), None)
     data = request("GET", "/v1/kv/a")
-    assert parse(data + b"more") == (b"GET", b"a", b"", b"", len(data))
+    assert parse(data + b"more") == (b"GET", b"a", b"", b"", len(data), None)
+
+
+def test_parse_finds_the_token_as_the_app_does():
+    head = b"GET /v1/kv/a HTTP/1.1\r\nHost: x\r\n"
+    assert parse(head + b"X-Consul-Token: s1\r\n\r\n")[5] == "s1"
+    assert parse(head + b"Authorization: Bearer s2\r\n\r\n")[5] == "s2"
+    assert parse(head + b"authorization: bearer  s2 \r\n\r\n")[5] == "s2"
+    # X-Consul-Token first, as Consul and authz.token_from read them
+    assert parse(head + b"Authorization: Bearer s2\r\nX-Consul-Token: s1\r\n\r\n")[5] == "s1"
+    assert parse(head + b"Authorization: Basic abc\r\n\r\n")[5] is None
+    # What the fast path does not judge goes to the app: two tokens, a non-ASCII one
+    assert parse(head + b"X-Consul-Token: a\r\nX-Consul-Token: b\r\n\r\n") is None
+    assert parse(head + b"X-Consul-Token: \xff\r\n\r\n") is None
 
 
 @pytest.mark.parametrize(

@@ -85,7 +85,7 @@ def http_fast_path(data: bytes) -> None:
         raise _unexpected("http_fast_path", error) from error
     if parsed is None:
         return
-    method, key, query, body, consumed = parsed
+    method, key, query, body, consumed, _token = parsed
     if method not in (b"GET", b"PUT") or not key or not 0 < consumed <= len(data):
         raise PropertyViolation(f"http_fast_path: parsed {parsed[:3]!r} consumed {consumed} of {len(data)}")
     if body != data[consumed - len(body) : consumed]:
