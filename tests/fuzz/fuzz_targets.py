@@ -35,7 +35,7 @@ from fuzz_seeds import (
 from pycrdt import Doc
 
 from konsul.protocols.coap import formats, rd
-from konsul.protocols.coap.directory import Registration, matches
+from konsul.protocols.coap.directory import InvalidLink, Registration, check_links, matches
 from konsul.protocols.coap.errors import CoapError
 from konsul.protocols.http.agent_routes import service_json
 from konsul.protocols.http.device_routes import device_json
@@ -346,14 +346,16 @@ def documents_coap(data: bytes, rule_set: bool = True) -> None:
 def link_format(data: bytes) -> None:
     """A registration's payload: links or a 4.xx; accepted links resolve, list and filter."""
     request = Message(code=Code.POST, payload=data, content_format=rd.LINK_FORMAT)
+    base = "coap://192.0.2.1:5683"
     try:
         links = rd._links(request)
-    except CoapError:
+        check_links(base, links.links)  # what ResourceDirectory.register asks first (4.00 if not)
+    except (CoapError, InvalidLink):
         return
     except Exception as error:
         raise _unexpected("link_format parse", error) from error
     try:
-        registration = Registration("loc", "dev-1", "", "coap://192.0.2.1:5683", 60, 60.0, list(links.links), {})
+        registration = Registration("loc", "dev-1", "", base, 60, 60.0, list(links.links), {})
         resolved = registration.resource_links()
         for link in resolved:
             matches([*link.attr_pairs, ["href", link.href]], {"rt": "temp*", "if": "sensor"})
@@ -361,6 +363,8 @@ def link_format(data: bytes) -> None:
         str(LinkFormat([registration.endpoint_link()]))
     except Exception as error:
         raise _unexpected("link_format accepted, then failed to list", error) from error
+    if len(resolved) != len(links.links):
+        raise PropertyViolation(f"link_format: {len(links.links) - len(resolved)} accepted links do not resolve")
 
 
 # -- the table -------------------------------------------------------------------------

@@ -445,6 +445,31 @@ def test_block_wise_transfers_are_bounded_per_source(fresh_edge):
     still_serving(edge)
 
 
+# -- found by fuzzing (docs/fuzzing.md, F7): a link that is no URL broke every lookup ---------
+
+
+def test_a_registered_link_that_is_not_a_url_is_refused_and_lookups_keep_working(edge):
+    """``<//[>`` passed aiocoap's link-format parser, was stored, and every /rd-lookup/res answered 5.00."""
+    peer = Peer(edge)
+    try:
+        good = peer.request(encode(Code.POST, 0x701, b"l", uri_path=("rd",), uri_query=("ep=links-good",),
+                                   payload=b'</t>;rt="link-probe"', content_format=40))
+        assert good.code == Code.CREATED, (good, good.payload)
+        for mid, links in enumerate([b"<//[>", b'</a>;anchor="//][",</b>', b"<coap://[::1/x>"], start=0x702):
+            bad = peer.request(encode(Code.POST, mid, b"l", uri_path=("rd",), uri_query=("ep=links-bad",),
+                                      payload=links, content_format=40))
+            assert bad.code == Code.BAD_REQUEST and bad.payload.startswith(b"invalid_link: "), (links, bad, bad.payload)
+        everything = peer.request(encode(Code.GET, 0x710, b"q", uri_path=("rd-lookup", "res")))
+        assert everything.code == Code.CONTENT, (everything, everything.payload)
+        probe = peer.request(encode(Code.GET, 0x711, b"q", uri_path=("rd-lookup", "res"), uri_query=("rt=link-probe",)))
+        assert probe.code == Code.CONTENT and probe.payload.endswith(b'/t>;rt="link-probe";anchor="coap://127.0.0.1:%d"' % peer.sock.getsockname()[1]), probe.payload
+        refused = peer.request(encode(Code.GET, 0x712, b"q", uri_path=("rd-lookup", "ep"), uri_query=("ep=links-bad",)))
+        assert (refused.code, refused.payload) == (Code.CONTENT, b""), refused.payload  # nothing was registered
+    finally:
+        peer.close()
+    still_serving(edge)
+
+
 # -- found while probing with malformed datagrams -----------------------------------------
 
 
