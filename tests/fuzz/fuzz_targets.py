@@ -54,6 +54,7 @@ from konsul.sync.hlc import HybridClock
 from konsul.sync.kv import KvState, ScopeIndex
 from konsul.sync.limits import check_document, decode_cbor_document, parse_json_document
 from konsul.sync.twin import check_document as check_twin
+from konsul.sync.update_check import check_update, refusing_panics
 from konsul.sync.versioned import VersionedMap, ignore_update
 
 
@@ -215,6 +216,8 @@ def _collections() -> tuple[KvState, ServiceCatalog, DeviceRegistry]:
     return kv, catalog, devices
 
 
+_COLLECTION_NAMES = {"KvState": "kv", "ServiceCatalog": "catalog", "DeviceRegistry": "devices"}
+
 # What a refusal of a bad update may raise: pycrdt's decoder raises ValueError,
 # the state layer its KonsulError. Anything else is a bug in the apply path,
 # even where a caller happens to catch it.
@@ -242,7 +245,9 @@ def yjs_update(data: bytes, strict: bool = True) -> None:
 def _apply_and_read(collection: KvState | ServiceCatalog | DeviceRegistry, data: bytes) -> None:
     name = type(collection).__name__
     try:
-        collection.apply_remote(data, WriteBatch())
+        # What Scope.apply_remote does before the store: check, then merge.
+        check_update(data, _COLLECTION_NAMES[name])
+        refusing_panics(lambda: collection.apply_remote(data, WriteBatch()))
     except CLEAN_REFUSALS:
         return
     except Exception as error:
