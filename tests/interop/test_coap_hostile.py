@@ -18,32 +18,18 @@ import httpx
 import pytest
 from aiocoap import Context, Message
 from aiocoap.numbers.codes import Code
-from aiocoap.numbers.types import ACK, CON, NON, RST
+from aiocoap.numbers.types import ACK, CON, RST
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from agents import EdgeProcess, eventually
-
-
-def start_edge(tmp_path_factory, *extra: str) -> EdgeProcess:
-    process = EdgeProcess(tmp_path_factory.mktemp("coap-hostile"), extra=["--coap-addr", "127.0.0.1:0", *extra])
-    process.coap_host_port = process.coap_addr()
-    host, port = process.coap_host_port
-    process.coap = f"coap://{host}:{port}"
-    return process
-
-
-@pytest.fixture(scope="module")
-def edge(tmp_path_factory):
-    process = start_edge(tmp_path_factory, "--allow-anonymous")
-    yield process
-    process.stop()
+from gateway_edges import coap_edge_anonymous, start_coap_edge  # noqa: F401 - the module's fixture edge
 
 
 @pytest.fixture
 def fresh_edge(tmp_path_factory):
     """An edge of its own, for tests that count what one source holds."""
-    process = start_edge(tmp_path_factory, "--allow-anonymous")
+    process = start_coap_edge(tmp_path_factory.mktemp("coap-hostile"), "--allow-anonymous")
     yield process
     process.stop()
 
