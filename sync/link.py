@@ -24,8 +24,9 @@ import trio
 from pycrdt import get_update as missing_from
 
 from .hlc import Stamp
+from .log_limits import peer_log
 from .scope import COLLECTIONS, Scope
-from .update_check import check_update
+from .update_check import UpdateRefused, check_update_soon, is_panic
 from .session import (
     Covered,
     EphemeralReceived,
@@ -44,20 +45,11 @@ log = logging.getLogger(__name__)
 Transmit = Callable[[bytes], Awaitable[None]]
 OpenScopes = Callable[[tuple[str, ...]], Awaitable[None]]
 
-# Updates above this size are checked on a worker thread (the check is pure
-# Python and costs about a microsecond per item), so one large diff does not
-# hold up every other connection's frames while it is read.
-CHECK_IN_THREAD_BYTES = 64 * 1024
 # Frames queued for the peer: past the first bound this side stops reading the
 # peer's frames until they drain (see drained()); past the second, the session
 # ends. A session needs a few diffs in flight at most.
 OUTBOX_PAUSE_BYTES = 64 * 1024 * 1024
 MAX_OUTBOX_BYTES = 512 * 1024 * 1024
-
-
-def is_panic(error: BaseException) -> bool:
-    """Whether ``error`` is a Rust panic surfaced by pyo3 (a BaseException, not an Exception)."""
-    return type(error).__name__ == "PanicException"
 
 
 @dataclass
@@ -212,20 +204,27 @@ class SyncLink:
         for event in events:
             try:
                 await self._handle(event)
-            except (LinkClosed, trio.Cancelled):
+            except LinkClosed:
                 raise
-            except Exception as error:
-                # What a peer's frame made fail here (an update pycrdt refuses,
-                # say) ends this session, never the process; the peer hears why.
-                self.refuse("bad_frame", f"could not apply a {type(event).__name__}: {error}")
             except BaseException as error:
-                if not is_panic(error):
-                    raise
-                self.refuse("bad_frame", f"could not apply a {type(event).__name__}: {error}")
+                # What a peer's frame made fail here ends this session, never
+                # the process (a Rust panic in pycrdt included); the peer hears
+                # why, and the transport logs the reason in one line.
+                if not (isinstance(error, Exception) or is_panic(error)):
+                    raise  # cancellation: this side is stopping
+                peer_log.log(
+                    log, logging.DEBUG, ("sync-apply", self.peer.replica if self.peer else ""), "could not apply a %s",
+                    type(event).__name__, exc_info=True,
+                )
+                self.refuse("bad_frame", f"could not apply a {type(event).__name__}: {type(error).__name__}: {error}")
+
+    @property
+    def closed(self) -> bool:
+        return self.session.state is State.CLOSED
 
     def resync(self) -> None:
         """Exchange state vectors again (after a suspected loss, or periodically)."""
-        if self.peer is None:
+        if self.peer is None or self.closed:
             return
         self.session.resync()
         for name in self.session.scopes:
@@ -233,29 +232,20 @@ class SyncLink:
                 self._send_state_vector(self.scope_for(name), collection)
 
     def send_ephemeral(self, scope: str, kind: str, data: Any) -> None:
-        if self.peer is not None:
+        if self.peer is not None and not self.closed:
             self._send(self.session.send_ephemeral(scope, kind, data))
 
     # -- events ----------------------------------------------------------------
 
     def refuse(self, code: str, detail: str) -> None:
         """End the session over a frame this side will not act on; the peer is told why."""
-        if self.session.state is not State.CLOSED:
+        if not self.closed:
             self._send(self.session.close(code, detail[:200]))
         raise LinkClosed(code, detail)
 
     def _check_collection(self, collection: str) -> None:
         if collection not in COLLECTIONS:
             self.refuse("unknown_collection", f"no collection {collection[:60]!r}; there are {list(COLLECTIONS)}")
-
-    async def _check_update(self, collection: str, update: bytes) -> None:
-        try:
-            if len(update) > CHECK_IN_THREAD_BYTES:
-                await trio.to_thread.run_sync(check_update, update, collection)
-            else:
-                check_update(update, collection)
-        except WireError as error:
-            self.refuse("bad_update", str(error))
 
     async def _handle(self, event) -> None:
         if isinstance(event, PeerHello):
@@ -312,10 +302,21 @@ class SyncLink:
 
     async def _on_update(self, event: UpdateReceived) -> None:
         self._check_collection(event.collection)
-        await self._check_update(event.collection, event.update)
+        try:
+            await self._merge(event)
+        except UpdateRefused as error:
+            self.refuse("bad_update", str(error))
+
+    async def _merge(self, event: UpdateReceived) -> None:
+        """Adopt or merge the update of ``event`` and acknowledge it.
+
+        Raises :class:`UpdateRefused`, with nothing changed, for an update no
+        replica of ours could have written.
+        """
         scope = self.scope_for(event.scope)
         key = (event.scope, event.collection)
         if event.snapshot and event.epoch != scope.epoch(event.collection):
+            await check_update_soon(event.update, event.collection)  # Scope.apply_remote checks its own
             # The hub is at this epoch from now on: the own writes the adoption
             # re-applies go out to it at once (the update listener sends only to
             # a peer at the scope's epoch). Left unsent, a later acknowledged
@@ -366,7 +367,9 @@ class SyncLink:
             key = (scope.name, collection)
             if origin is None:
                 self.local_changes[key] = self.local_changes.get(key, 0) + 1
-            if origin is self or self._peer_epoch.get(key) != scope.epoch(collection):
+            # Closed: the transport has yet to stop the link (it flushes the
+            # error frame first); the writer calling here must not fail for it.
+            if origin is self or self.closed or self._peer_epoch.get(key) != scope.epoch(collection):
                 return
             self._send_update(scope, collection, self._unsent_part(key, scope.epoch(collection), update))
 
@@ -394,7 +397,7 @@ class SyncLink:
 
     def _make_epoch_listener(self, scope: Scope):
         def on_epoch(collection: str) -> None:
-            if self.is_hub:
+            if self.is_hub and not self.closed:
                 self._send_snapshot(scope, collection)
 
         return on_epoch

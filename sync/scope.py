@@ -57,6 +57,7 @@ from .limits import check_flags, check_key, check_prefix, check_value
 from .store import Store
 from .tables import kv_rows, scope_counters
 from .twin import check_document
+from .update_check import UpdateRefused, check_update_soon, refusing_panics
 from .versioned import Version, VersionedMap, ignore_update
 
 COLLECTIONS = ("kv", "catalog", "devices", "acl")
@@ -425,10 +426,20 @@ class Scope:
     # -- replication -------------------------------------------------------------
 
     async def apply_remote(self, collection: str, update: bytes, origin: object = None) -> set[str]:
-        """Merge an update from another replica and make it durable."""
+        """Merge an update from another replica and make it durable.
+
+        The update is read first (sync/update_check.py): one that no replica
+        of ours writes (a collection that does not exist, a version name or
+        payload its readers refuse, a block that makes pycrdt panic) raises
+        :class:`UpdateRefused` and changes nothing.
+        """
+        if collection not in COLLECTIONS:
+            raise UpdateRefused(f"no collection {collection[:60]!r}; there are {list(COLLECTIONS)}")
+        await check_update_soon(update, collection)
+        target = self._collection(collection)
         batch = self._begin()
         try:
-            changed = self._collection(collection).apply_remote(update, batch)
+            changed = refusing_panics(lambda: target.apply_remote(update, batch))
         finally:
             self._batch = None
         if batch:

@@ -22,11 +22,15 @@ one byte string, subdocuments) is refused: no replica writes it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import cbor2
+import trio
 
 from .hlc import Stamp
 from .limits import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_ITEMS, MAX_VALUE_BYTES
-from .wire import WireError, scan_cbor
+from .wire import Lib0Reader, WireError, scan_cbor
 
 ROOT = "versions"
 MAX_PAYLOAD_BYTES = max(MAX_VALUE_BYTES, MAX_DOCUMENT_BYTES) + 1024  # a value and its CBOR wrapping
@@ -35,15 +39,59 @@ _PLAIN = 0x00  # a KV payload that is the value as it is (sync/kv.py)
 _ANY_BUFFER = 116  # lib0's type byte for a Uint8Array inside ContentAny
 _CONTENT_DELETED, _CONTENT_ANY, _CONTENT_BINARY = 1, 8, 3
 _GC, _SKIP = 0, 10
+# Updates above this size are checked on a worker thread (the check is pure
+# Python and costs about a microsecond per item), so one large diff does not
+# hold up every other connection's frames while it is read.
+CHECK_IN_THREAD_BYTES = 64 * 1024
+
+T = TypeVar("T")
 
 
 class UpdateRefused(WireError):
     """An update that no replica of ours could have written."""
 
 
+def is_panic(error: BaseException) -> bool:
+    """Whether ``error`` is a Rust panic surfaced by pyo3 (a BaseException, not an Exception).
+
+    A group counts when it holds a panic beside nothing but Exceptions (a
+    panic in an observer callback reaches the caller as such a group); one
+    that holds a cancellation does not.
+    """
+    if type(error).__name__ == "PanicException":
+        return True
+    if isinstance(error, BaseExceptionGroup):
+        inner = error.exceptions
+        return any(is_panic(e) for e in inner) and all(isinstance(e, Exception) or is_panic(e) for e in inner)
+    return False
+
+
+async def check_update_soon(update: bytes, collection: str) -> None:
+    """:func:`check_update`, on a worker thread for a large update."""
+    if len(update) > CHECK_IN_THREAD_BYTES:
+        await trio.to_thread.run_sync(check_update, update, collection)
+    else:
+        check_update(update, collection)
+
+
+def refusing_panics(merge: Callable[[], T]) -> T:
+    """``merge()``, where pycrdt takes a peer's update; a pycrdt panic becomes :class:`UpdateRefused`.
+
+    The check above refuses every update known to make yrs panic; this is
+    the guard for one it does not know yet, so that it ends the exchange
+    with that peer and never the process.
+    """
+    try:
+        return merge()
+    except BaseException as error:
+        if not is_panic(error):
+            raise
+        raise UpdateRefused(f"the CRDT library could not take the update: {str(error)[:120]}") from None
+
+
 def check_update(update: bytes, collection: str) -> None:
     """Raise :class:`UpdateRefused` unless ``update`` holds only well-formed versions."""
-    reader = _Reader(update)
+    reader = Lib0Reader(update, UpdateRefused, "update")
     for _ in range(reader.count("clients")):
         structs = reader.count("structs")
         reader.varuint()  # client
@@ -100,11 +148,11 @@ def check_version_id(vid: str) -> Stamp:
         raise UpdateRefused(f"{vid[:60]!r} does not name a stamp") from None
 
 
-def _check_struct(reader: _Reader, collection: str) -> None:
+def _check_struct(reader: Lib0Reader, collection: str) -> None:
     info = reader.byte()
     ref = info & 0x1F
     if ref in (_GC, _SKIP):
-        reader.varuint()  # length
+        _length(reader)
         return
     has_origin, has_right_origin = info & 0x80, info & 0x40
     if has_origin:
@@ -121,7 +169,7 @@ def _check_struct(reader: _Reader, collection: str) -> None:
             raise UpdateRefused("a root-level item that is no map entry")
         check_version_id(reader.string())
     if ref == _CONTENT_DELETED:
-        reader.varuint()  # length
+        _length(reader)
     elif ref == _CONTENT_ANY:
         if reader.varuint() != 1 or reader.byte() != _ANY_BUFFER:
             raise UpdateRefused("a version holds one byte string")
@@ -132,47 +180,14 @@ def _check_struct(reader: _Reader, collection: str) -> None:
         raise UpdateRefused(f"item content of kind {ref}; versions hold byte strings")
 
 
-class _Reader:
-    """lib0's decoding: unsigned varints (7 bits a byte) and length-prefixed bytes."""
+def _length(reader: Lib0Reader) -> int:
+    """The length of a block of deleted or collected items: one at least.
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def byte(self) -> int:
-        if self.pos >= len(self.data):
-            raise UpdateRefused("truncated update")
-        self.pos += 1
-        return self.data[self.pos - 1]
-
-    def varuint(self) -> int:
-        shift = result = 0
-        while True:
-            byte = self.byte()
-            result |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                return result
-            shift += 7
-            if shift > 63:
-                raise UpdateRefused("a number in the update is too large")
-
-    def count(self, what: str) -> int:
-        """A count of things that each take a byte at least: never more than the bytes left."""
-        found = self.varuint()
-        if found > len(self.data) - self.pos:
-            raise UpdateRefused(f"truncated update ({found} {what} announced)")
-        return found
-
-    def buffer(self) -> bytes:
-        size = self.varuint()
-        end = self.pos + size
-        if end > len(self.data):
-            raise UpdateRefused("truncated update")
-        found, self.pos = self.data[self.pos:end], end
-        return found
-
-    def string(self) -> str:
-        try:
-            return self.buffer().decode("utf-8")
-        except UnicodeDecodeError:
-            raise UpdateRefused("a name in the update is not UTF-8") from None
+    yrs 0.28 stores a zero-length block, and every later diff of the document
+    then divides by zero (a Rust panic, which pyo3 raises as a BaseException
+    that passes every ``except Exception``). No replica writes one.
+    """
+    length = reader.varuint()
+    if length == 0:
+        raise UpdateRefused("a block of length 0")
+    return length

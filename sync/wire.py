@@ -190,30 +190,67 @@ def _skip_chunks(data: bytes, pos: int, major: int) -> int:
             raise WireError("truncated CBOR")
 
 
-def decode_state_vector(data: bytes) -> dict[int, int]:
-    """A Yjs state vector (varuint count, then client/clock varuint pairs) as a dict."""
-    pos = 0
+class Lib0Reader:
+    """Reads Yjs's binary encoding (lib0): unsigned varints, 7 bits a byte, and length-prefixed bytes.
 
-    def varuint() -> int:
-        nonlocal pos
+    Shared by the state-vector decoder here and the update check
+    (sync/update_check.py); ``error`` is what each raises for input that is
+    truncated or holds a number beyond 64 bits, ``what`` names the input in
+    its messages.
+    """
+
+    def __init__(self, data: bytes, error: type[WireError] = WireError, what: str = "data") -> None:
+        self.data = data
+        self.pos = 0
+        self.error = error
+        self.what = what
+
+    def byte(self) -> int:
+        if self.pos >= len(self.data):
+            raise self.error(f"truncated {self.what}")
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def varuint(self) -> int:
         shift = result = 0
         while True:
-            if pos >= len(data):
-                raise WireError("truncated state vector")
-            byte = data[pos]
-            pos += 1
+            byte = self.byte()
             result |= (byte & 0x7F) << shift
             if byte < 0x80:
                 return result
             shift += 7
-            if shift > 70:
-                raise WireError("state vector number too large")
+            if shift > 63:
+                raise self.error(f"a number in the {self.what} is too large")
 
-    count = varuint()
+    def count(self, what: str) -> int:
+        """A count of things that each take a byte at least: never more than the bytes left."""
+        found = self.varuint()
+        if found > len(self.data) - self.pos:
+            raise self.error(f"truncated {self.what} ({found} {what} announced)")
+        return found
+
+    def buffer(self) -> bytes:
+        size = self.varuint()
+        end = self.pos + size
+        if end > len(self.data):
+            raise self.error(f"truncated {self.what}")
+        found, self.pos = self.data[self.pos:end], end
+        return found
+
+    def string(self) -> str:
+        try:
+            return self.buffer().decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.error(f"a name in the {self.what} is not UTF-8") from None
+
+
+def decode_state_vector(data: bytes) -> dict[int, int]:
+    """A Yjs state vector (varuint count, then client/clock varuint pairs) as a dict."""
+    reader = Lib0Reader(data, what="state vector")
     vector = {}
-    for _ in range(count):
-        client = varuint()
-        vector[client] = varuint()
+    for _ in range(reader.count("clients")):
+        client = reader.varuint()
+        vector[client] = reader.varuint()
     return vector
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from aiocoap.util.linkformat import Link, LinkFormat
+from konsul.sync.errors import InvalidArgument
 
 from ..admission import ConnectionLimit
 
@@ -47,24 +48,68 @@ class Registration:
         return Link("/rd/" + self.location, pairs)
 
     def resource_links(self) -> list[Link]:
-        """The registered links with absolute targets, anchored at the device (RFC 9176 6.1)."""
+        """The registered links with absolute targets, anchored at the device (RFC 9176 6.1).
+
+        A link that does not resolve is left out rather than failing the whole
+        lookup: :meth:`ResourceDirectory.register` refuses such links, so one
+        can only be here if the rules were looser when it was registered.
+        """
         resolved = []
         for link in self.links:
-            pairs = [[k, v] for k, v in link.attr_pairs if k != "anchor"]
-            anchor = dict(link.attr_pairs).get("anchor")
-            pairs.append(["anchor", resolve(self.base, anchor) if anchor else self.base])
-            resolved.append(Link(resolve(self.base, link.href), pairs))
+            try:
+                resolved.append(resolved_link(self.base, link))
+            except ValueError:
+                continue
         return resolved
 
 
+def resolved_link(base: str, link: Link) -> Link:
+    """``link`` with its target and anchor made absolute against ``base``; ValueError if one is no URL."""
+    pairs = [[k, v] for k, v in link.attr_pairs if k != "anchor"]
+    anchor = dict(link.attr_pairs).get("anchor")
+    pairs.append(["anchor", resolve(base, anchor) if anchor else base])
+    return Link(resolve(base, link.href), pairs)
+
+
 def resolve(base: str, reference: str) -> str:
-    """``reference`` made absolute against ``base`` (urljoin knows no coap:// scheme)."""
+    """``reference`` made absolute against ``base`` (urljoin knows no coap:// scheme).
+
+    Raises ValueError when ``reference`` or the result is not a URL that
+    ``urlsplit`` reads (``//[``: an unclosed IPv6 literal), so that what is
+    resolved once can be read by every client that looks it up.
+    """
     if urlsplit(reference).scheme:
         return reference
     parts = urlsplit(base)
     if reference.startswith("/"):
-        return f"{parts.scheme}://{parts.netloc}{reference}"
-    return base.rstrip("/") + "/" + reference
+        absolute = f"{parts.scheme}://{parts.netloc}{reference}"
+    else:
+        absolute = base.rstrip("/") + "/" + reference
+    urlsplit(absolute)
+    return absolute
+
+
+class InvalidLink(InvalidArgument):
+    """A registered link whose target or anchor is not a URL (answered 4.00)."""
+
+    code = "invalid_link"
+
+
+def check_links(base: str, links: Iterable[Link]) -> None:
+    """Raise :class:`InvalidLink` unless every link resolves against ``base``.
+
+    aiocoap's link-format parser takes any text between ``<`` and ``>``; a
+    target that is no URL would otherwise be stored and break every lookup
+    that lists it, for every device, until the registration lapses.
+    """
+    for link in links:
+        try:
+            resolved_link(base, link)
+        except ValueError as error:
+            raise InvalidLink(
+                f"the link <{link.href[:60]}> does not resolve against {base[:60]} ({error}); "
+                "register links whose targets and anchors are URIs or paths (RFC 6690)"
+            ) from None
 
 
 def matches(pairs: Iterable[list[str]], filters: dict[str, str]) -> bool:
@@ -122,8 +167,10 @@ class ResourceDirectory:
 
         A device that registers again (after a reboot, say) keeps its location,
         as RFC 9176 5.3 allows, so lookups do not see it twice. A new one past
-        a bound raises :class:`DirectoryFull`.
+        a bound raises :class:`DirectoryFull`, a link that does not resolve
+        :class:`InvalidLink`; either way nothing changes.
         """
+        check_links(base, links.links)
         existing = self._by_endpoint.get((sector, endpoint))
         if existing is not None:
             existing.base, existing.lifetime = base, lifetime
@@ -145,7 +192,12 @@ class ResourceDirectory:
         return registration, True
 
     def refresh(self, registration: Registration, *, now: float, lifetime: int | None, base: str | None) -> None:
-        """A registration update (RFC 9176 5.3.1): new lifetime and base, timer restarted."""
+        """A registration update (RFC 9176 5.3.1): new lifetime and base, timer restarted.
+
+        A new base must resolve every registered link (:class:`InvalidLink`).
+        """
+        if base is not None:
+            check_links(base, registration.links)
         if lifetime is not None:
             registration.lifetime = lifetime
         if base is not None:

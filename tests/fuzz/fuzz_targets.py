@@ -35,7 +35,7 @@ from fuzz_seeds import (
 from pycrdt import Doc
 
 from konsul.protocols.coap import formats, rd
-from konsul.protocols.coap.directory import Registration, matches
+from konsul.protocols.coap.directory import InvalidLink, Registration, check_links, matches
 from konsul.protocols.coap.errors import CoapError
 from konsul.protocols.http.agent_routes import service_json
 from konsul.protocols.http.device_routes import device_json
@@ -54,6 +54,7 @@ from konsul.sync.hlc import HybridClock
 from konsul.sync.kv import KvState, ScopeIndex
 from konsul.sync.limits import check_document, decode_cbor_document, parse_json_document
 from konsul.sync.twin import check_document as check_twin
+from konsul.sync.update_check import check_update, refusing_panics
 from konsul.sync.versioned import VersionedMap, ignore_update
 
 
@@ -215,6 +216,8 @@ def _collections() -> tuple[KvState, ServiceCatalog, DeviceRegistry]:
     return kv, catalog, devices
 
 
+_COLLECTION_NAMES = {"KvState": "kv", "ServiceCatalog": "catalog", "DeviceRegistry": "devices"}
+
 # What a refusal of a bad update may raise: pycrdt's decoder raises ValueError,
 # the state layer its KonsulError. Anything else is a bug in the apply path,
 # even where a caller happens to catch it.
@@ -242,7 +245,9 @@ def yjs_update(data: bytes, strict: bool = True) -> None:
 def _apply_and_read(collection: KvState | ServiceCatalog | DeviceRegistry, data: bytes) -> None:
     name = type(collection).__name__
     try:
-        collection.apply_remote(data, WriteBatch())
+        # What Scope.apply_remote does before the store: check, then merge.
+        check_update(data, _COLLECTION_NAMES[name])
+        refusing_panics(lambda: collection.apply_remote(data, WriteBatch()))
     except CLEAN_REFUSALS:
         return
     except Exception as error:
@@ -346,14 +351,16 @@ def documents_coap(data: bytes, rule_set: bool = True) -> None:
 def link_format(data: bytes) -> None:
     """A registration's payload: links or a 4.xx; accepted links resolve, list and filter."""
     request = Message(code=Code.POST, payload=data, content_format=rd.LINK_FORMAT)
+    base = "coap://192.0.2.1:5683"
     try:
         links = rd._links(request)
-    except CoapError:
+        check_links(base, links.links)  # what ResourceDirectory.register asks first (4.00 if not)
+    except (CoapError, InvalidLink):
         return
     except Exception as error:
         raise _unexpected("link_format parse", error) from error
     try:
-        registration = Registration("loc", "dev-1", "", "coap://192.0.2.1:5683", 60, 60.0, list(links.links), {})
+        registration = Registration("loc", "dev-1", "", base, 60, 60.0, list(links.links), {})
         resolved = registration.resource_links()
         for link in resolved:
             matches([*link.attr_pairs, ["href", link.href]], {"rt": "temp*", "if": "sensor"})
@@ -361,6 +368,8 @@ def link_format(data: bytes) -> None:
         str(LinkFormat([registration.endpoint_link()]))
     except Exception as error:
         raise _unexpected("link_format accepted, then failed to list", error) from error
+    if len(resolved) != len(links.links):
+        raise PropertyViolation(f"link_format: {len(links.links) - len(resolved)} accepted links do not resolve")
 
 
 # -- the table -------------------------------------------------------------------------

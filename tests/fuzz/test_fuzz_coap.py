@@ -112,12 +112,6 @@ def test_well_formed_requests(holder, datagrams):
     _check(holder.get(), datagrams, one_by_one=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="5.00 answers: a registration whose link is not a valid URL (<//[>) makes every GET /rd-lookup/res "
-    "fail until it lapses; deeply nested JSON in a device document; an Observe GET on /devices/<id>/<unknown>, "
-    "see docs/fuzzing.md",
-)
 @budget(60, shrink=False)
 @given(st.lists(requests(), min_size=1, max_size=6))
 @example([datagram(Code.POST, ("rd",), ("ep=dev-9",), b"<//[>", content_format=40),

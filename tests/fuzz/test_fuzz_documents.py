@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import cbor2
-import pytest
 from fuzz_strategies import budget, inputs
 from fuzz_targets import TARGETS, documents_coap, documents_mqtt, documents_shared, link_format
 from hypothesis import example, given
@@ -93,13 +92,9 @@ def test_coap_decoders_keep_the_shared_rules(data):
     documents_coap(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a link whose href or anchor is not a valid URL (coap://[) is registered, then every /rd-lookup/res "
-    "fails on it (urlsplit raises ValueError), see docs/fuzzing.md",
-)
 @budget(300)
 @given(inputs(LINK_SEEDS))
 @example(b"<//[>")
+@example(b'</a>;anchor="//][",<//[::1]/b>')
 def test_link_format_takes_any_bytes(data):
     link_format(data)

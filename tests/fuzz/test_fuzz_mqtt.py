@@ -7,7 +7,6 @@ side encodes, both codecs decode to what was sent.
 
 from __future__ import annotations
 
-import pytest
 from fuzz_strategies import budget, inputs
 from fuzz_targets import TARGETS, mqtt_agent, mqtt_device
 from hypothesis import example, given

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import cbor2
-import pytest
 from fuzz_strategies import budget, cbor_values, inputs, sync_frames
 from fuzz_seeds import SCOPES, versions_update
 from fuzz_targets import TARGETS, open_sessions, sync_session_frames, sync_wire, yjs_update
@@ -57,12 +56,6 @@ def test_session_after_a_good_hello_takes_any_frames(before, after):
 # -- Yjs updates through the apply path ----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pycrdt (yrs 0.28) accepts a 7-byte update holding a zero-length block, and every get_update of the "
-    "document then panics (pyo3 PanicException, a BaseException: it passes every 'except Exception'), "
-    "see docs/fuzzing.md",
-)
 @budget(150)
 @given(inputs(UPDATE_SEEDS, max_size=128))
 @example(bytes.fromhex("01010001000000"))
@@ -83,11 +76,6 @@ _PAYLOADS = st.one_of(
 _ENTRY_NAMES = st.one_of(st.builds(version_id, _KEYS, _STAMPS), st.text(max_size=12))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the apply path merges remote versions without checking their payloads: a KV value that is not bytes "
-    "is stored and every read of the key fails (and other non-ValueError errors), see docs/fuzzing.md",
-)
 @budget(150)
 @given(st.dictionaries(_ENTRY_NAMES, _PAYLOADS, min_size=1, max_size=3))
 @example({version_id("k", Stamp(1_700_000_000_000, 0, "abcdefabcdef")): cbor2.dumps([1, 0, None])})

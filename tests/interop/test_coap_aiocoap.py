@@ -24,27 +24,13 @@ from aiocoap.numbers.codes import Code
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from agents import EdgeProcess
-
-
-def start_edge(tmp_path_factory, *extra: str) -> EdgeProcess:
-    process = EdgeProcess(tmp_path_factory.mktemp("coap-edge"), extra=["--coap-addr", "127.0.0.1:0", *extra])
-    host, port = process.coap_addr()
-    process.coap = f"coap://{host}:{port}"
-    return process
-
-
-@pytest.fixture(scope="module")
-def edge(tmp_path_factory):
-    process = start_edge(tmp_path_factory, "--allow-anonymous")
-    yield process
-    process.stop()
+from gateway_edges import coap_edge_anonymous, start_coap_edge  # noqa: F401 - the module's fixture edge
 
 
 @pytest.fixture(scope="module")
 def closed_edge(tmp_path_factory):
     """An edge without --allow-anonymous: every device needs its token."""
-    process = start_edge(tmp_path_factory)
+    process = start_coap_edge(tmp_path_factory.mktemp("coap-edge"))
     yield process
     process.stop()
 

@@ -18,32 +18,18 @@ import httpx
 import pytest
 from aiocoap import Context, Message
 from aiocoap.numbers.codes import Code
-from aiocoap.numbers.types import ACK, CON, NON, RST
+from aiocoap.numbers.types import ACK, CON, RST
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from agents import EdgeProcess, eventually
-
-
-def start_edge(tmp_path_factory, *extra: str) -> EdgeProcess:
-    process = EdgeProcess(tmp_path_factory.mktemp("coap-hostile"), extra=["--coap-addr", "127.0.0.1:0", *extra])
-    process.coap_host_port = process.coap_addr()
-    host, port = process.coap_host_port
-    process.coap = f"coap://{host}:{port}"
-    return process
-
-
-@pytest.fixture(scope="module")
-def edge(tmp_path_factory):
-    process = start_edge(tmp_path_factory, "--allow-anonymous")
-    yield process
-    process.stop()
+from gateway_edges import coap_edge_anonymous, start_coap_edge  # noqa: F401 - the module's fixture edge
 
 
 @pytest.fixture
 def fresh_edge(tmp_path_factory):
     """An edge of its own, for tests that count what one source holds."""
-    process = start_edge(tmp_path_factory, "--allow-anonymous")
+    process = start_coap_edge(tmp_path_factory.mktemp("coap-hostile"), "--allow-anonymous")
     yield process
     process.stop()
 
@@ -442,6 +428,31 @@ def test_block_wise_transfers_are_bounded_per_source(fresh_edge):
     finally:
         other.close()
     assert metric(edge, 'konsul_coap_refused_total{reason="transfers_per_source"}') == 2
+    still_serving(edge)
+
+
+# -- found by fuzzing (docs/fuzzing.md, F7): a link that is no URL broke every lookup ---------
+
+
+def test_a_registered_link_that_is_not_a_url_is_refused_and_lookups_keep_working(edge):
+    """``<//[>`` passed aiocoap's link-format parser, was stored, and every /rd-lookup/res answered 5.00."""
+    peer = Peer(edge)
+    try:
+        good = peer.request(encode(Code.POST, 0x701, b"l", uri_path=("rd",), uri_query=("ep=links-good",),
+                                   payload=b'</t>;rt="link-probe"', content_format=40))
+        assert good.code == Code.CREATED, (good, good.payload)
+        for mid, links in enumerate([b"<//[>", b'</a>;anchor="//][",</b>', b"<coap://[::1/x>"], start=0x702):
+            bad = peer.request(encode(Code.POST, mid, b"l", uri_path=("rd",), uri_query=("ep=links-bad",),
+                                      payload=links, content_format=40))
+            assert bad.code == Code.BAD_REQUEST and bad.payload.startswith(b"invalid_link: "), (links, bad, bad.payload)
+        everything = peer.request(encode(Code.GET, 0x710, b"q", uri_path=("rd-lookup", "res")))
+        assert everything.code == Code.CONTENT, (everything, everything.payload)
+        probe = peer.request(encode(Code.GET, 0x711, b"q", uri_path=("rd-lookup", "res"), uri_query=("rt=link-probe",)))
+        assert probe.code == Code.CONTENT and probe.payload.endswith(b'/t>;rt="link-probe";anchor="coap://127.0.0.1:%d"' % peer.sock.getsockname()[1]), probe.payload
+        refused = peer.request(encode(Code.GET, 0x712, b"q", uri_path=("rd-lookup", "ep"), uri_query=("ep=links-bad",)))
+        assert (refused.code, refused.payload) == (Code.CONTENT, b""), refused.payload  # nothing was registered
+    finally:
+        peer.close()
     still_serving(edge)
 
 

@@ -18,22 +18,9 @@ import cbor2
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
-from agents import AgentProcess, EdgeProcess, eventually
+from agents import AgentProcess, eventually
+from gateway_edges import edge_http, mqtt_edge  # noqa: F401 - the module's fixtures edge and http
 from konsul.protocols.mqtt import frames
-
-
-@pytest.fixture(scope="module")
-def edge(tmp_path_factory):
-    process = EdgeProcess(tmp_path_factory.mktemp("edge"), extra=["--mqtt-addr", "127.0.0.1:0"])
-    process.mqtt_host, process.mqtt_port = process.mqtt_addr()
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def http(edge):
-    with httpx.Client(base_url=edge.url, timeout=10) as client:
-        yield client
 
 
 # -- helpers (also used by the other test_mqtt_* modules) ---------------------------------
