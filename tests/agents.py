@@ -135,8 +135,8 @@ class EdgeProcess(_Listening):
 class HubProcess(_Listening):
     """`konsul hub`; give ``port`` to bring a hub back where its edges expect it."""
 
-    def __init__(self, data_dir: Path, port: int = 0) -> None:
-        super().__init__(["hub", "--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{port}"])
+    def __init__(self, data_dir: Path, port: int = 0, extra: list[str] | None = None) -> None:
+        super().__init__(["hub", "--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{port}", *(extra or [])])
         self._ready(data_dir)
 
 

@@ -28,7 +28,7 @@ from agents import EdgeProcess
 
 
 def start_edge(tmp_path_factory, *extra: str) -> EdgeProcess:
-    process = EdgeProcess(tmp_path_factory.mktemp("coap-edge"), extra=["--coap-addr", "127.0.0.1:0", *extra])
+    process = EdgeProcess(tmp_path_factory.mktemp("coap-edge"), extra=["--acl", "off", "--coap-addr", "127.0.0.1:0", *extra])
     host, port = process.coap_addr()
     process.coap = f"coap://{host}:{port}"
     return process

@@ -26,7 +26,7 @@ from agents import EdgeProcess, eventually
 
 
 def start_edge(tmp_path_factory, *extra: str) -> EdgeProcess:
-    process = EdgeProcess(tmp_path_factory.mktemp("coap-hostile"), extra=["--coap-addr", "127.0.0.1:0", *extra])
+    process = EdgeProcess(tmp_path_factory.mktemp("coap-hostile"), extra=["--acl", "off", "--coap-addr", "127.0.0.1:0", *extra])
     process.coap_host_port = process.coap_addr()
     host, port = process.coap_host_port
     process.coap = f"coap://{host}:{port}"

@@ -24,7 +24,7 @@ from konsul.protocols.mqtt import frames
 
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory):
-    process = EdgeProcess(tmp_path_factory.mktemp("edge"), extra=["--mqtt-addr", "127.0.0.1:0"])
+    process = EdgeProcess(tmp_path_factory.mktemp("edge"), extra=["--acl", "off", "--mqtt-addr", "127.0.0.1:0"])
     process.mqtt_host, process.mqtt_port = process.mqtt_addr()
     yield process
     process.stop()

@@ -27,7 +27,7 @@ from konsul.protocols.mqtt import frames
 
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory):
-    process = EdgeProcess(tmp_path_factory.mktemp("edge"), extra=["--mqtt-addr", "127.0.0.1:0"])
+    process = EdgeProcess(tmp_path_factory.mktemp("edge"), extra=["--acl", "off", "--mqtt-addr", "127.0.0.1:0"])
     process.mqtt_host, process.mqtt_port = process.mqtt_addr()
     yield process
     process.stop()
@@ -48,7 +48,7 @@ def limited_edge(data_dir: Path, nofile: int, extra: list[str]) -> EdgeProcess:
     AgentProcess.__init__(
         process,
         ["edge", "--site", "s1", "--node", "n1", "--data-dir", str(data_dir), "--http-addr", "127.0.0.1:0",
-         "--mqtt-addr", "127.0.0.1:0", "--coap-addr", "", "--hub-url", "", *extra],
+         "--mqtt-addr", "127.0.0.1:0", "--coap-addr", "", "--hub-url", "", "--acl", "off", *extra],
         command=["prlimit", f"--nofile={nofile}:{nofile}", sys.executable, "-m", "konsul.edge.cli"],
     )
     process._ready(data_dir)
@@ -235,7 +235,7 @@ def test_refused_connects_are_logged_a_few_lines_per_source(edge, http):
 
 def test_a_deeply_nested_payload_is_dropped_and_the_edge_restarts(tmp_path):
     data_dir = tmp_path / "edge"
-    edge = EdgeProcess(data_dir, extra=["--mqtt-addr", "127.0.0.1:0"])
+    edge = EdgeProcess(data_dir, extra=["--acl", "off", "--mqtt-addr", "127.0.0.1:0"])
     try:
         port = edge.mqtt_addr()[1]
         with httpx.Client(base_url=edge.url, timeout=10) as http:
@@ -254,7 +254,7 @@ def test_a_deeply_nested_payload_is_dropped_and_the_edge_restarts(tmp_path):
             assert http.get("/v1/devices/deep-1/reported").json() == {"fw": "1.0"}  # nothing changed
             device.close()
         edge.stop()
-        edge = EdgeProcess(data_dir, extra=["--mqtt-addr", "127.0.0.1:0"])
+        edge = EdgeProcess(data_dir, extra=["--acl", "off", "--mqtt-addr", "127.0.0.1:0"])
         with httpx.Client(base_url=edge.url, timeout=10) as http:
             assert http.get("/v1/devices/deep-1/reported").json() == {"fw": "1.0"}
     finally:
@@ -262,7 +262,7 @@ def test_a_deeply_nested_payload_is_dropped_and_the_edge_restarts(tmp_path):
 
 
 def test_anonymous_devices_are_counted_for_their_cap_and_expiry(tmp_path):
-    edge = EdgeProcess(tmp_path / "edge", extra=["--mqtt-addr", "127.0.0.1:0", "--allow-anonymous"])
+    edge = EdgeProcess(tmp_path / "edge", extra=["--acl", "off", "--mqtt-addr", "127.0.0.1:0", "--allow-anonymous"])
     try:
         port = edge.mqtt_addr()[1]
         with httpx.Client(base_url=edge.url, timeout=10) as http:
