@@ -405,3 +405,25 @@ def test_with_acl_off_devices_behave_as_before(tmp_path):
         assert contradiction.code == Code.BAD_REQUEST  # ep contradicts the path, as before ACLs
     finally:
         edge.stop()
+
+
+def test_the_devices_command_links_policies_by_name(edge):
+    import os
+    import subprocess
+
+    policy(edge, "cli-pumps", 'device_prefix "cli-pump-" { policy = "write" }')
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KONSUL_")}
+    environ.update(KONSUL_HTTP_ADDR=edge.addr, KONSUL_HTTP_TOKEN=MANAGEMENT)
+
+    def konsul(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "konsul.edge.cli", *args], capture_output=True, env=environ, timeout=60)
+
+    created = konsul("devices", "create", "cli-gw", "--kv-read", "", "--policy-name", "cli-pumps", "--format", "json")
+    assert created.returncode == 0, created.stderr
+    assert [link["Name"] for link in json.loads(created.stdout)["Policies"]] == ["cli-pumps"]
+    shown = konsul("devices", "show", "cli-gw")
+    assert shown.returncode == 0 and "cli-pumps" in shown.stdout.decode()
+    unknown = konsul("devices", "create", "cli-gw", "--policy-name", "nope")
+    assert unknown.returncode == 1 and b"nope" in unknown.stderr
+    cleared = konsul("devices", "create", "cli-gw", "--no-policies", "--format", "json")
+    assert cleared.returncode == 0 and json.loads(cleared.stdout)["Policies"] == []
