@@ -55,6 +55,8 @@ import httpx
 import paho.mqtt.client as mqtt
 
 VENV_BIN = Path(sys.executable).parent
+# The edge runs with ACLs on (its default) and this management token, which creates the devices.
+MANAGEMENT_TOKEN = "6d7a3f0e-0b1c-4c55-9d27-b0e5c0000001"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAYLOAD_BYTES = 64
 WINDOW = 20  # QoS 1 messages in flight per publisher
@@ -111,7 +113,7 @@ def start_edge(workdir: Path, publishers: int, durability: str = "full", venv_bi
         "konsul-edge",
         [str((venv_bin or VENV_BIN) / "konsul"), "edge", "--site", "bench", "--data-dir", str(workdir / "edge-data"),
          "--http-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0", "--coap-addr", "", "--allow-anonymous",
-         "--durability", durability],
+         "--durability", durability, "--acl-initial-management", MANAGEMENT_TOKEN],
         "http listening on",
         workdir,
     )
@@ -119,7 +121,7 @@ def start_edge(workdir: Path, publishers: int, durability: str = "full", venv_bi
     broker.port = int(text.split("mqtt listening on ", 1)[1].split()[0].rsplit(":", 1)[1])
     http_url = text.split("http listening on ", 1)[1].split()[0]
     broker.http_url = http_url
-    with httpx.Client(base_url=http_url, timeout=30) as http:
+    with httpx.Client(base_url=http_url, timeout=30, headers={"X-Consul-Token": MANAGEMENT_TOKEN}) as http:
         for device_id, fields in [("bench-sub", {})] + [(f"bench-pub-{i}", {"KVWrite": ["bench/"]}) for i in range(publishers)]:
             response = http.put(f"/v1/devices/{device_id}", json={"Type": "bench", **fields})
             response.raise_for_status()

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 from konsul.sync.acl import MANAGEMENT_POLICY_ID
 from konsul.sync.acl_rules import Authorizer, PolicyRules, parse_rules, shorthand_rules
 from konsul.sync.errors import InvalidArgument
+from konsul.sync.replica import GLOBAL_SCOPE
 
 from .rate_limit import TokenBuckets, device_message_limit
 
@@ -121,13 +122,20 @@ class PolicyRights:
         return f"{who} lacks permission '{resource}:{access}' on {what}; give the device {grant}"
 
 
+def _version(record: DeviceRecord) -> tuple:
+    """What a device's rights depend on in its record: its stamp (a stored record), else its fields."""
+    if record.stamp is not None:
+        return (record.stamp,)
+    return (None, record.kv_read, record.kv_write, record.policy_ids)  # the unnamed CoAP caller, tests
+
+
 class DeviceAccess:
     """Rights of devices, message rate limits and audit events, for one edge's gateways."""
 
     def __init__(self, ctx: GatewayContext) -> None:
         self.ctx = ctx
-        # device id -> (version key, rights)
-        self._cache: dict[str, tuple[tuple, PolicyRights]] = {}
+        # device id -> (record, its version, ACL generations, rights)
+        self._cache: dict[str, tuple[DeviceRecord, tuple, tuple[int, int], PolicyRights]] = {}
         self._rules: dict[tuple, PolicyRules] = {}
         self._rates: dict[str, TokenBuckets] = {}
 
@@ -142,18 +150,17 @@ class DeviceAccess:
         acl = self.ctx.acl
         if acl is None or not acl.enabled:
             return LegacyRights(record)
-        generation = tuple(registry.generation for registry in acl.registries())
-        if record.stamp is not None:
-            version = (record.stamp, generation)
-        else:  # a record not from the store (the unnamed anonymous CoAP caller, tests)
-            version = (None, record.kv_read, record.kv_write, record.policy_ids, generation)
+        # The ACL records this edge enforces: global's and its own site's (as AclResolver.registries).
+        scopes = self.ctx.replica.scopes
+        top, own = scopes.get(GLOBAL_SCOPE), scopes.get(self.ctx.site)
+        generation = (top.acl.generation if top is not None else 0, own.acl.generation if own is not None else 0)
         cached = self._cache.get(record.device_id)
-        if cached is not None and cached[0] == version:
-            return cached[1]
+        if cached is not None and cached[2] == generation and (cached[0] is record or cached[1] == _version(record)):
+            return cached[3]  # the gateways hold one record object per version: usually the 'is'
         rights = self._build(record)
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
-        self._cache[record.device_id] = (version, rights)
+        self._cache[record.device_id] = (record, _version(record), generation, rights)
         return rights
 
     def _build(self, record: DeviceRecord) -> PolicyRights:

@@ -15,6 +15,7 @@ token is known, so a large fleet comes up while the rest is provisioned.
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -82,7 +83,11 @@ class Provisioner:
     def __init__(self, http_addr: str) -> None:
         import httpx  # only a fleet with tokens needs it
 
-        self.client = httpx.AsyncClient(base_url=f"http://{http_addr}", timeout=30.0)
+        # An agent with ACLs on lets only a token with device:write create devices
+        # (docs/acl.md): the one the konsul CLI takes from the environment.
+        token = os.environ.get("KONSUL_HTTP_TOKEN") or os.environ.get("CONSUL_HTTP_TOKEN")
+        headers = {"X-Consul-Token": token} if token else None
+        self.client = httpx.AsyncClient(base_url=f"http://{http_addr}", timeout=30.0, headers=headers)
         self.limiter = trio.CapacityLimiter(PROVISIONING_CONCURRENCY)
 
     async def token(self, device_id: str) -> str:
