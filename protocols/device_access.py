@@ -23,6 +23,7 @@ change (a policy edited or deleted) is seen on the device's next message.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Protocol
 
 from konsul.sync.acl import MANAGEMENT_POLICY_ID
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from .gateway import GatewayContext
 
 _CACHE_LIMIT = 16_384  # devices whose rights are kept (a forgotten one is rebuilt, never refused)
+RATE_AUDIT_INTERVAL = 1.0  # seconds: one audit event per device and interval for messages over its rate
 _RULES_LIMIT = 4096  # parsed policies kept
 
 
@@ -138,6 +140,8 @@ class DeviceAccess:
         self._cache: dict[str, tuple[DeviceRecord, tuple, tuple[int, int], PolicyRights]] = {}
         self._rules: dict[tuple, PolicyRules] = {}
         self._rates: dict[str, TokenBuckets] = {}
+        # (interface, device) -> [when its last rate_limited event was recorded, refusals since]
+        self._rate_audits: dict[tuple[str, str], list] = {}
 
     @property
     def enabled(self) -> bool:
@@ -206,6 +210,31 @@ class DeviceAccess:
         return found
 
     # -- audit -------------------------------------------------------------------------------
+
+    def audit_rate_limited(self, device_id: str, source: str, interface: str, resource: str, detail: str) -> None:
+        """Audit a message refused by the rate, at most once per device and second.
+
+        A flood is what the rate refuses: one event per dropped message would
+        fill the audit queue and push out everyone else's events (the queue
+        drops when full). The first refusal is recorded at once; later ones
+        within the interval are counted and the count goes in the next event.
+        Every refusal is counted in ``konsul_rate_limited_total`` regardless.
+        """
+        if self.ctx.audit is None:
+            return
+        now = time.monotonic()
+        key = (interface, device_id)
+        seen = self._rate_audits.get(key)
+        if seen is not None and now - seen[0] < RATE_AUDIT_INTERVAL:
+            seen[1] += 1
+            return
+        suppressed = 0 if seen is None else seen[1]
+        if len(self._rate_audits) >= _CACHE_LIMIT:
+            self._rate_audits.clear()
+        self._rate_audits[key] = [now, 0]
+        more = f" (and {suppressed} more refused since the last event)" if suppressed else ""
+        self.audit(device_id, source, interface, "publish" if interface == "mqtt" else "request", resource,
+                   "rate_limited", f"rate_limited: {detail}{more}")
 
     def audit(
         self, device_id: str | None, source: str, interface: str, operation: str, resource: str,

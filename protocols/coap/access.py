@@ -17,7 +17,8 @@ anonymous devices get the registry's default: read everything, write nothing).
 Every request of an authenticated device (or, unnamed, of an address) spends
 one message of its rate (``--device-message-rate``): past it the answer is
 4.29 Too Many Requests with Max-Age the seconds until there is room again.
-Refusals (wrong credentials, a missing permission, the rate) are audited.
+Refusals (wrong credentials, a missing permission, the rate: at most one event
+per device and second) are audited.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from konsul.sync.devices import DEFAULT_KV_READ, DeviceRecord
 from konsul.sync.errors import KonsulError
 
 from ..device_access import LegacyRights, Rights
-from ..gateway import AuthError, GatewayContext
+from ..gateway import GatewayContext
 from ..rate_limit import retry_after
 from .errors import CoapError, bad_request, from_konsul
 
@@ -234,7 +235,9 @@ class Access:
             f"over this device's message rate ({self.rate.rate:g}/s, burst {self.rate.burst:g}); "
             f"retry after {seconds} s (Max-Age)"
         )
-        self.audit(caller, "request", "/".join(request.opt.uri_path), "rate_limited", f"rate_limited: {detail}")
+        self.device_access.audit_rate_limited(
+            caller.device_id or "", _host(caller.source), "coap", "/".join(request.opt.uri_path), detail
+        )
         raise CoapError(Code.TOO_MANY_REQUESTS, "rate_limited", detail, max_age=seconds)
 
     def audit(self, caller: Caller, operation: str, resource: str, result: str = "allowed", reason: str = "") -> None:

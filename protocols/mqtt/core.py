@@ -222,7 +222,8 @@ class MqttGateway:
         after reconnecting, adding to the flood. The drop is counted
         (``konsul_rate_limited_total{interface="mqtt",kind="device"}`` and
         ``konsul_mqtt_refused_total{reason="rate_limited"}``), logged
-        (rate-limited) and audited.
+        (rate-limited) and audited (one event per device and second, with
+        the count of the refusals in between).
         """
         try:
             if device_id is None:
@@ -283,7 +284,7 @@ class MqttGateway:
             f"burst {self.rate.burst:g}); dropped, room again in {wait:.3f}s"
         )
         self.refusals.refuse("rate_limited", who, detail)
-        self.access.audit(device_id, _host(who), "mqtt", "publish", publish.topic, "rate_limited", f"rate_limited: {detail}")
+        self.access.audit_rate_limited(device_id, _host(who), "mqtt", publish.topic, detail)
 
     def _write_kv(self, key: str, publish: Publish, who: str, done: Done | None) -> bool:
         """Queue a KV write; False if it was refused."""
