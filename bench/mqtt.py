@@ -108,12 +108,16 @@ class Broker:
                 self.proc.wait()
 
 
-def start_edge(workdir: Path, publishers: int, durability: str = "full", venv_bin: Path | None = None) -> Broker:
+def start_edge(
+    workdir: Path, publishers: int, durability: str = "full", venv_bin: Path | None = None, acl: bool | None = True
+) -> Broker:
+    """The edge; ``acl`` True: ACLs on with a management token creating the devices, False: ``--acl off``,
+    None: neither flag (a baseline checkout that may predate them)."""
     broker = Broker(
         "konsul-edge",
         [str((venv_bin or VENV_BIN) / "konsul"), "edge", "--site", "bench", "--data-dir", str(workdir / "edge-data"),
          "--http-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0", "--coap-addr", "", "--allow-anonymous",
-         "--durability", durability, "--acl-initial-management", MANAGEMENT_TOKEN],
+         "--durability", durability, *_acl_flags(acl)],
         "http listening on",
         workdir,
     )
@@ -127,6 +131,12 @@ def start_edge(workdir: Path, publishers: int, durability: str = "full", venv_bi
             response.raise_for_status()
             broker.credentials[device_id] = response.json()["Token"]
     return broker
+
+
+def _acl_flags(acl: bool | None) -> list[str]:
+    if acl is None:
+        return []
+    return ["--acl-initial-management", MANAGEMENT_TOKEN] if acl else ["--acl", "off"]
 
 
 def start_amqtt(workdir: Path) -> Broker:
@@ -389,7 +399,7 @@ def main() -> int:
         "--brokers",
         default="konsul-edge,konsul-relaxed,amqtt,mosquitto",
         help="which brokers, comma-separated (konsul-relaxed: the edge with --durability relaxed; "
-        "konsul-baseline: see --baseline-bin)",
+        "konsul-relaxed-acl-off: the same with --acl off; konsul-baseline: see --baseline-bin)",
     )
     parser.add_argument("--reps", type=int, default=3, help="runs per cell, each on a fresh broker (median reported)")
     parser.add_argument(
@@ -413,7 +423,8 @@ def main() -> int:
         "konsul-edge": lambda d: start_edge(d, 100),
         "konsul-relaxed": lambda d: start_edge(d, 100, "relaxed"),
         "amqtt": start_amqtt,
-        "konsul-baseline": lambda d: start_edge(d, 100, venv_bin=Path(args.baseline_bin)),
+        "konsul-baseline": lambda d: start_edge(d, 100, venv_bin=Path(args.baseline_bin), acl=None),
+        "konsul-relaxed-acl-off": lambda d: start_edge(d, 100, "relaxed", acl=False),
         "mosquitto": start_mosquitto,
     }
     names = [name for name in args.brokers.split(",") if name]
