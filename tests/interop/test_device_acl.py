@@ -339,7 +339,7 @@ def test_device_routes_need_device_rights_and_grants_need_the_callers_own(edge):
 @pytest.fixture(scope="module")
 def slow_edge(tmp_path_factory):
     process = DeviceAclEdge(tmp_path_factory.mktemp("device-rate"),
-                            ["--device-message-rate", "5", "--device-message-burst", "10"])
+                            ["--device-message-rate", "1", "--device-message-burst", "10"])
     yield process
     process.stop()
 
