@@ -48,6 +48,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GET, PUT = 1, 3
+MANAGEMENT_TOKEN = "5b1f2c3d-4e5f-4a6b-8c7d-0e1f2a3b4c5d"
 OK_CODES = {GET: {0x45}, PUT: {0x44, 0x41}}  # 2.05 Content; 2.04 Changed, 2.01 Created
 
 
@@ -279,7 +280,7 @@ class Server:
 def http(url: str, method: str, path: str, body: bytes) -> bytes:
     import httpx
 
-    reply = httpx.request(method, url + path, content=body)
+    reply = httpx.request(method, url + path, content=body, headers={"X-Consul-Token": MANAGEMENT_TOKEN})
     reply.raise_for_status()
     return reply.content
 
@@ -291,6 +292,7 @@ def start_edge(work: Path, durability: str, python: str = sys.executable, label:
             python, "-m", "konsul.edge.cli", "edge", "--acl", "off",
             "--site", "bench", "--data-dir", str(data), "--http-addr", "127.0.0.1:0",
             "--mqtt-addr", "", "--coap-addr", "127.0.0.1:0", "--durability", durability,
+            "--acl-initial-management", MANAGEMENT_TOKEN,  # ACLs on (the default); this token creates the device
         ],
         work / f"edge-{durability}{label}.log",
         r"http listening on (http://\S+)",

@@ -55,6 +55,8 @@ import httpx
 import paho.mqtt.client as mqtt
 
 VENV_BIN = Path(sys.executable).parent
+# The edge runs with ACLs on (its default) and this management token, which creates the devices.
+MANAGEMENT_TOKEN = "6d7a3f0e-0b1c-4c55-9d27-b0e5c0000001"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAYLOAD_BYTES = 64
 WINDOW = 20  # QoS 1 messages in flight per publisher
@@ -106,22 +108,16 @@ class Broker:
                 self.proc.wait()
 
 
-def acl_off(konsul: Path) -> list[str]:
-    """``--acl off`` for a konsul that has ACLs (a baseline from before them has not).
-
-    This benchmark measures the broker; bench/http_kv.py measures what ACLs cost.
-    """
-    usage = subprocess.run([str(konsul), "edge", "--help"], capture_output=True, text=True, check=False).stdout
-    return ["--acl", "off"] if "--acl " in usage else []
-
-
-def start_edge(workdir: Path, publishers: int, durability: str = "full", venv_bin: Path | None = None) -> Broker:
-    konsul = (venv_bin or VENV_BIN) / "konsul"
+def start_edge(
+    workdir: Path, publishers: int, durability: str = "full", venv_bin: Path | None = None, acl: bool | None = True
+) -> Broker:
+    """The edge; ``acl`` True: ACLs on with a management token creating the devices, False: ``--acl off``,
+    None: neither flag (a baseline checkout that may predate them)."""
     broker = Broker(
         "konsul-edge",
-        [str(konsul), "edge", *acl_off(konsul), "--site", "bench", "--data-dir", str(workdir / "edge-data"),
+        [str((venv_bin or VENV_BIN) / "konsul"), "edge", "--site", "bench", "--data-dir", str(workdir / "edge-data"),
          "--http-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0", "--coap-addr", "", "--allow-anonymous",
-         "--durability", durability],
+         "--durability", durability, *_acl_flags(acl)],
         "http listening on",
         workdir,
     )
@@ -129,12 +125,18 @@ def start_edge(workdir: Path, publishers: int, durability: str = "full", venv_bi
     broker.port = int(text.split("mqtt listening on ", 1)[1].split()[0].rsplit(":", 1)[1])
     http_url = text.split("http listening on ", 1)[1].split()[0]
     broker.http_url = http_url
-    with httpx.Client(base_url=http_url, timeout=30) as http:
+    with httpx.Client(base_url=http_url, timeout=30, headers={"X-Consul-Token": MANAGEMENT_TOKEN}) as http:
         for device_id, fields in [("bench-sub", {})] + [(f"bench-pub-{i}", {"KVWrite": ["bench/"]}) for i in range(publishers)]:
             response = http.put(f"/v1/devices/{device_id}", json={"Type": "bench", **fields})
             response.raise_for_status()
             broker.credentials[device_id] = response.json()["Token"]
     return broker
+
+
+def _acl_flags(acl: bool | None) -> list[str]:
+    if acl is None:
+        return []
+    return ["--acl-initial-management", MANAGEMENT_TOKEN] if acl else ["--acl", "off"]
 
 
 def start_amqtt(workdir: Path) -> Broker:
@@ -397,7 +399,7 @@ def main() -> int:
         "--brokers",
         default="konsul-edge,konsul-relaxed,amqtt,mosquitto",
         help="which brokers, comma-separated (konsul-relaxed: the edge with --durability relaxed; "
-        "konsul-baseline: see --baseline-bin)",
+        "konsul-relaxed-acl-off: the same with --acl off; konsul-baseline: see --baseline-bin)",
     )
     parser.add_argument("--reps", type=int, default=3, help="runs per cell, each on a fresh broker (median reported)")
     parser.add_argument(
@@ -421,7 +423,8 @@ def main() -> int:
         "konsul-edge": lambda d: start_edge(d, 100),
         "konsul-relaxed": lambda d: start_edge(d, 100, "relaxed"),
         "amqtt": start_amqtt,
-        "konsul-baseline": lambda d: start_edge(d, 100, venv_bin=Path(args.baseline_bin)),
+        "konsul-baseline": lambda d: start_edge(d, 100, venv_bin=Path(args.baseline_bin), acl=None),
+        "konsul-relaxed-acl-off": lambda d: start_edge(d, 100, "relaxed", acl=False),
         "mosquitto": start_mosquitto,
     }
     names = [name for name in args.brokers.split(",") if name]

@@ -44,6 +44,7 @@ from http_kv import free_port  # noqa: E402
 from mqtt import VENV_BIN, Broker, log, machine, start_mosquitto  # noqa: E402
 
 DEVICES = 10
+MANAGEMENT_TOKEN = "7c2e9a41-3b5d-4f6e-8a9b-1c2d3e4f5a6b"  # the edge runs with ACLs on; this token creates the devices
 
 
 def start_edge(workdir: Path, hub_port: int, durability: str) -> Broker:
@@ -52,14 +53,14 @@ def start_edge(workdir: Path, hub_port: int, durability: str) -> Broker:
         [str(VENV_BIN / "konsul"), "edge", "--acl", "off", "--site", "bench", "--data-dir", str(workdir / "edge-data"),
          "--http-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0", "--coap-addr", "",
          "--hub-url", f"http://127.0.0.1:{hub_port}", "--durability", durability,
-         "--telemetry-buffer", "1GiB"],
+         "--telemetry-buffer", "1GiB", "--acl-initial-management", MANAGEMENT_TOKEN],
         "http listening on",
         workdir,
     )
     text = edge.log_text
     edge.port = int(text.split("mqtt listening on ", 1)[1].split()[0].rsplit(":", 1)[1])
     edge.http_url = text.split("http listening on ", 1)[1].split()[0]
-    with httpx.Client(base_url=edge.http_url, timeout=30) as http:
+    with httpx.Client(base_url=edge.http_url, timeout=30, headers={"X-Consul-Token": MANAGEMENT_TOKEN}) as http:
         for i in range(DEVICES):
             response = http.put(f"/v1/devices/sensor-{i}", json={"Type": "bench"})
             response.raise_for_status()

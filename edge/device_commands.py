@@ -44,6 +44,7 @@ def add_device_commands(commands: argparse._SubParsersAction, sub: Sub) -> None:
         "the agent keeps only its hash. --rotate-token issues a new one for an existing device.",
         "examples:\n"
         "  konsul devices create pump-7 --type pump --tag hall-2 --kv-read config/pumps/\n"
+        "  konsul devices create gw-1 --kv-read '' --policy-name pumps-report   (docs/acl.md)\n"
         "  konsul devices create pump-7 --rotate-token",
     )
     create.add_argument("device_id", metavar="ID")
@@ -53,7 +54,13 @@ def add_device_commands(commands: argparse._SubParsersAction, sub: Sub) -> None:
     create.add_argument("--firmware", default=None, help="the firmware version")
     create.add_argument("--kv-read", action="append", default=None, metavar="PREFIX", help="a KV prefix it may read")
     create.add_argument("--kv-write", action="append", default=None, metavar="PREFIX", help="a KV prefix it may write")
-    create.add_argument("--rotate-token", action="store_true", help="issue a new token (the old one stops working)")
+    create.add_argument("--policy-name", action="append", default=None, metavar="NAME",
+                        help="an ACL policy the device links (repeat for several; replaces its policies)")
+    create.add_argument("--policy-id", action="append", default=None, metavar="ID",
+                        help="an ACL policy the device links, by ID (repeat for several)")
+    create.add_argument("--no-policies", action="store_true", help="unlink every ACL policy of the device")
+    create.add_argument("--rotate-token", action="store_true",
+                        help="issue a new token (the old one stops working; its sessions end)")
 
     delete = sub(device_commands, "delete", cmd_devices_delete, "remove a device and its twin")
     delete.add_argument("device_id", metavar="ID")
@@ -138,6 +145,7 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
         ["Last seen", record.get("LastSeen") or "-"],
         ["KV read", ",".join(repr(p) for p in record.get("KVRead") or []) or "-"],
         ["KV write", ",".join(repr(p) for p in record.get("KVWrite") or []) or "-"],
+        ["Policies", ",".join(link.get("Name") or link["ID"] for link in record.get("Policies") or []) or "-"],
         ["Desired", json.dumps(twin["Desired"], sort_keys=True)],
         ["Reported", json.dumps(twin["Reported"], sort_keys=True)],
         ["Not applied yet", json.dumps(twin["Delta"], sort_keys=True)],
@@ -154,6 +162,10 @@ def cmd_devices_create(args: argparse.Namespace) -> int:
                         ("KVRead", args.kv_read), ("KVWrite", args.kv_write)):
         if value is not None:
             body[name] = value
+    if args.no_policies and (args.policy_name or args.policy_id):
+        raise UsageError("--no-policies unlinks every policy; drop --policy-name/--policy-id, or it")
+    if args.policy_name or args.policy_id or args.no_policies:
+        body["Policies"] = [{"Name": name} for name in args.policy_name or []] + [{"ID": i} for i in args.policy_id or []]
     if args.attr:
         body["Attributes"] = {key: value for key, value in (_split(spec, "--attr") for spec in args.attr)}
     params = {"rotate-token": ""} if args.rotate_token else None

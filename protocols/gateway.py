@@ -31,6 +31,7 @@ from konsul.sync.replica import GLOBAL_SCOPE, Replica
 from konsul.sync.scope import Scope
 
 from .admission import NetworkLimits
+from .device_access import DeviceAccess
 
 if TYPE_CHECKING:
     from konsul.sync.acl_resolver import AclResolver
@@ -87,8 +88,11 @@ class GatewayContext:
     # in __post_init__, enforcing.
     acl: AclResolver | None = None
     audit: AuditLog | None = None  # None: no audit log
-    device_rate: TokenBuckets | None = None  # messages per device; None: no limit
+    # Messages per device, for both MQTT and CoAP. None: each gateway makes its
+    # own from ``limits`` (device_message_limit), labelled with its interface.
+    device_rate: TokenBuckets | None = None
     anonymous: AnonymousDevices = field(init=False, repr=False)
+    device_access: DeviceAccess = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.anonymous = AnonymousDevices(self)
@@ -96,6 +100,7 @@ class GatewayContext:
             from konsul.sync.acl_resolver import AclResolver
 
             self.acl = AclResolver(self.replica, self.site)
+        self.device_access = DeviceAccess(self)
 
     @property
     def scope(self) -> Scope:

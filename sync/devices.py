@@ -2,7 +2,9 @@
 
 A record holds what users author and what must survive: id, type, tags,
 attributes, firmware version, the hash of the device's token, which KV
-prefixes it may read and write, and when it was created. Presence (online,
+prefixes it may read and write (shorthands for ACL rules), the IDs of the ACL
+policies it links (docs/acl.md, "Devices as principals"), and when it was
+created. Presence (online,
 last seen, protocol, address) churns and lives in :class:`PresenceTable`,
 out of the CRDT (DESIGN.md, decision 5).
 
@@ -33,6 +35,8 @@ from .twin import TwinView
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 DEFAULT_KV_READ = ("",)  # the whole keyspace, read-only
 PROTOCOLS = ("mqtt", "coap", "http")
+MAX_POLICY_LINKS = 256  # as an ACL token (sync/acl.py)
+_POLICY_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 def check_device_id(device_id: str) -> str:
@@ -59,6 +63,9 @@ class DeviceRecord:
     kv_write: tuple[str, ...] = ()
     created_ms: int = 0
     stamp: Stamp | None = None
+    # ACL policy IDs (names are resolved when written); last, and absent from
+    # records written before devices linked policies.
+    policy_ids: tuple[str, ...] = ()
 
     def to_payload(self) -> bytes:
         return cbor2.dumps(
@@ -72,6 +79,7 @@ class DeviceRecord:
                 "kv_read": list(self.kv_read),
                 "kv_write": list(self.kv_write),
                 "created": self.created_ms,
+                "policies": list(self.policy_ids),
             }
         )
 
@@ -89,8 +97,12 @@ class DeviceRecord:
             tuple(data["kv_write"]),
             data["created"],
             stamp,
+            tuple(data.get("policies", ())),
         )
-        strings = (record.device_id, record.type, record.firmware, record.token_hash, *record.tags, *record.kv_read, *record.kv_write)
+        strings = (
+            record.device_id, record.type, record.firmware, record.token_hash,
+            *record.tags, *record.kv_read, *record.kv_write, *record.policy_ids,
+        )
         if not all(type(s) is str for s in strings) or type(record.created_ms) is not int:
             raise ValueError("a device record whose fields have the wrong types")
         return record
@@ -146,6 +158,10 @@ class DeviceRegistry(RecordCollection):
         for prefix in record.kv_read + record.kv_write:
             if not isinstance(prefix, str) or prefix.startswith("/"):
                 raise InvalidArgument("KV allowances are key prefixes without a leading '/'")
+        if len(record.policy_ids) > MAX_POLICY_LINKS or not all(
+            isinstance(p, str) and _POLICY_ID.fullmatch(p) for p in record.policy_ids
+        ):
+            raise InvalidArgument(f"Policies are at most {MAX_POLICY_LINKS} ACL policy IDs (UUIDs)")
         existing = self.get(record.device_id)
         token = None
         if existing is None or new_token:

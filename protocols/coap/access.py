@@ -10,8 +10,15 @@ key is the next step.
 Without ``--allow-anonymous`` every request needs both. With it, a request
 without a token is admitted: with ``ep`` the device is registered on first
 contact (``GatewayContext.authenticate``), without ``ep`` it is an unnamed
-reader. Either way the device's KV allowance applies (anonymous devices get
-the registry's default: read everything, write nothing).
+reader. Either way the device's rights apply (``protocols/device_access.py``:
+its ``KVRead``/``KVWrite`` shorthands and, with ACLs on, its linked policies;
+anonymous devices get the registry's default: read everything, write nothing).
+
+Every request of an authenticated device (or, unnamed, of an address) spends
+one message of its rate (``--device-message-rate``): past it the answer is
+4.29 Too Many Requests with Max-Age the seconds until there is room again.
+Refusals (wrong credentials, a missing permission, the rate: at most one event
+per device and second) are audited.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from aiocoap.numbers.codes import Code
 from konsul.sync.devices import DEFAULT_KV_READ, DeviceRecord
 from konsul.sync.errors import KonsulError
 
+from ..device_access import LegacyRights, Rights
 from ..gateway import GatewayContext
+from ..rate_limit import retry_after
 from .errors import CoapError, bad_request, from_konsul
 
 RunTrio = Callable[..., Awaitable[Any]]
@@ -37,26 +46,49 @@ _CACHE_LIMIT = 4096
 UNNAMED = DeviceRecord("", type="anonymous", kv_read=DEFAULT_KV_READ)
 
 
+# The attribute that marks a request as charged to its device's rate: an
+# observation's notifications render the same request again, and must not
+# spend the device's messages.
+_CHARGED = "_konsul_rate_charged"
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     """The device a request comes from (``device_id`` None: unnamed, anonymous)."""
 
     device_id: str | None
     record: DeviceRecord
+    rights: Rights | None = None  # None: the record's prefixes (ACLs off)
+    source: str = ""
+    access: Access | None = None  # for audit events
 
     def check_read(self, key: str) -> None:
-        if not self.record.may_read(key):
-            raise self._forbidden("read", key)
+        self.check("key", key, "read", "kv:read")
 
-    def check_write(self, key: str) -> None:
-        if not self.record.may_write(key):
-            raise self._forbidden("write", key)
+    def check_write(self, key: str, operation: str = "kv:write") -> None:
+        self.check("key", key, "write", operation)
 
-    def check_is(self, device_id: str) -> None:
-        if self.device_id is not None and self.device_id != device_id:
+    def check(self, resource: str, name: str, access: str, operation: str) -> None:
+        rights = self.rights if self.rights is not None else LegacyRights(self.record)
+        if rights.allows(resource, name, access):
+            return
+        if resource == "key" and isinstance(rights, LegacyRights):
+            error = self._forbidden(access, name)
+        else:
+            error = CoapError(Code.FORBIDDEN, "permission_denied", rights.denial(resource, name, access))
+        if self.access is not None:
+            self.access.audit(self, operation, name, "denied", f"{error.short}: {error.detail}")
+        raise error
+
+    def check_is(self, device_id: str, access: str = "write", operation: str = "device:write") -> None:
+        """The caller may act on ``device_id``'s resources: its own, or (a policy) another's."""
+        if self.device_id is None or self.device_id == device_id:
+            return
+        if self.rights is None or isinstance(self.rights, LegacyRights):
             raise CoapError(
                 Code.FORBIDDEN, "forbidden", f"device {self.device_id!r} may not act for device {device_id!r}"
             )
+        self.check("device", device_id, access, operation)
 
     def _forbidden(self, what: str, key: str) -> CoapError:
         who = f"device {self.device_id!r}" if self.device_id else "an unnamed anonymous client"
@@ -87,20 +119,80 @@ class Access:
         self._verified: dict[tuple[str, str | None], DeviceRecord] = {}
         self._verified_at = -1
         self._addresses: dict[Any, str] = {}
+        self.device_access = gateways.device_access
+        self.rate = gateways.device_access.rate("coap")
+        self._observations: dict[str, dict[Any, str | None]] = {}  # device -> observation -> its token
 
-    async def caller(self, request: Message, device_id: str | None = None, name_param: str = "ep") -> Caller:
+    # -- observations end with their credentials ------------------------------------
+
+    def observed(self, request: Message, serverobservation: Any, device_id: str | None = None) -> Callable[[], None]:
+        """Remember who holds ``serverobservation``; returns what forgets it (call on cancellation).
+
+        ``device_id`` is the device a path names (used when ``ep`` is absent).
+        """
+        params = query_params(request)
+        caller = params.get("ep") or device_id
+        if not caller:
+            return _nothing
+        held = self._observations.setdefault(caller, {})
+        held[serverobservation] = params.get("tk") or None
+
+        def forget() -> None:
+            held.pop(serverobservation, None)
+            if not held and self._observations.get(caller) is held:
+                del self._observations[caller]
+
+        return forget
+
+    def devices_changed(self, keys: set[str]) -> None:
+        """End the observations of devices whose token was rotated, or which were deleted."""
+        for key in keys:
+            if not key.startswith("d/"):
+                continue  # a twin field
+            held = self._observations.get(key[2:])
+            if not held:
+                continue
+            for observation, token in list(held.items()):
+                if not self.still_valid(key[2:], token):
+                    held.pop(observation, None)
+                    observation.trigger(Message(
+                        code=Code.UNAUTHORIZED,
+                        payload=b"unauthorized: this device's token was rotated or the device deleted; "
+                                b"observe again with the new token",
+                    ), is_last=True)
+
+    def still_valid(self, device_id: str, token: str | None) -> bool:
+        """Whether ``device_id`` with ``token`` would still be admitted (without registering anything).
+
+        Asked when the device's record changed, for every observation it
+        holds: a rotated token or a deleted device ends them.
+        """
+        devices = self.gateways.scope.devices
+        if token:
+            return devices.verify(device_id, token) is not None
+        record = devices.get(device_id)
+        return self.gateways.allow_anonymous and record is not None and record.type == "anonymous"
+
+    async def caller(
+        self, request: Message, device_id: str | None = None, name_param: str = "ep", acting_for: bool = False
+    ) -> Caller:
         """The caller of ``request``; ``device_id`` is the device a path names.
 
         ``name_param`` is the query parameter that names the caller: ``ep``,
         except on the lookup interfaces, where ``ep`` is a filter and ``id``
-        names the caller. Raises 4.01 for missing or wrong credentials, 4.00
-        for a contradiction.
+        names the caller. With ``acting_for`` (a device's own resources) and
+        ACLs on, ``ep`` may name another device than the path's: the caller
+        then needs a policy granting it the path's device (``Caller.check_is``).
+        Raises 4.01 for missing or wrong credentials, 4.00 for a
+        contradiction, 4.29 past the device's message rate.
         """
         params = query_params(request)
         named = params.get(name_param) or None
         if device_id is not None and named is not None and named != device_id:
-            raise bad_request(f"ep={named!r} contradicts the device {device_id!r} in the path")
-        device_id = device_id or named
+            if not (acting_for and self.device_access.enabled):
+                raise bad_request(f"ep={named!r} contradicts the device {device_id!r} in the path")
+            device_id = None  # the caller is ep; the path's device is what it acts on
+        device_id = named or device_id
         token = params.get("tk") or None
         if device_id is None:
             if token is not None:
@@ -111,10 +203,46 @@ class Access:
                     "unauthorized",
                     f"name the device with {name_param}=<device id> and give its token with tk=<token>",
                 )
-            return Caller(None, UNNAMED)
-        record = await self._authenticate(device_id, token)
-        self.gateways.presence.seen(device_id, "coap", self._address(request.remote))
-        return Caller(device_id, record)
+            caller = Caller(None, UNNAMED, self.device_access.rights(UNNAMED), self._address(request.remote), self)
+            self._charge(request, caller, "@" + _host(caller.source))
+            return caller
+        address = self._address(request.remote)
+        try:
+            record = await self._authenticate(device_id, token)
+        except CoapError as error:
+            if error.code == Code.UNAUTHORIZED:
+                self.device_access.audit(device_id, _host(address), "coap", "device:connect", device_id, "denied",
+                                         f"{error.short}: {error.detail}")
+            raise
+        self.gateways.presence.seen(device_id, "coap", address)
+        caller = Caller(device_id, record, self.device_access.rights(record), address, self)
+        self._charge(request, caller, device_id)
+        return caller
+
+    def _charge(self, request: Message, caller: Caller, key: str) -> None:
+        """Spend one message of the caller's rate; 4.29 with Max-Age when it has none left."""
+        if getattr(request, _CHARGED, False):
+            return  # a notification of an observation: the request was charged once
+        try:
+            setattr(request, _CHARGED, True)
+        except AttributeError:
+            pass
+        wait = self.rate.take(key)
+        if wait is None:
+            return
+        seconds = retry_after(wait)
+        detail = (
+            f"over this device's message rate ({self.rate.rate:g}/s, burst {self.rate.burst:g}); "
+            f"retry after {seconds} s (Max-Age)"
+        )
+        self.device_access.audit_rate_limited(
+            caller.device_id or "", _host(caller.source), "coap", "/".join(request.opt.uri_path), detail
+        )
+        raise CoapError(Code.TOO_MANY_REQUESTS, "rate_limited", detail, max_age=seconds)
+
+    def audit(self, caller: Caller, operation: str, resource: str, result: str = "allowed", reason: str = "") -> None:
+        """One audit event for ``caller`` (nothing without an audit log)."""
+        self.device_access.audit(caller.device_id, _host(caller.source), "coap", operation, resource, result, reason)
 
     def _address(self, remote: Any) -> str:
         # aiocoap formats a remote's address afresh on every call, which cost
@@ -146,3 +274,15 @@ class Access:
         if devices.last_index == self._verified_at:
             self._verified[(device_id, token)] = record
         return record
+
+
+def _nothing() -> None:
+    pass
+
+
+def _host(address: str) -> str:
+    """``host`` of ``host:port`` / ``[v6]:port`` (aiocoap's hostinfo), for audit events."""
+    if address.startswith("["):
+        return address[1:].partition("]")[0]
+    host, colon, port = address.rpartition(":")
+    return host if colon and port.isdigit() and ":" not in host else address

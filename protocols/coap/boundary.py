@@ -309,6 +309,9 @@ async def run_coap_gateway(
     def on_change(scope_name: str, collection: str, keys: set[str]) -> None:
         if collection == "kv":
             loop.call_soon(gateway.kv.changed, scope_name, set(keys))
+        elif collection == "devices" and scope_name == gateways.site:
+            # A rotated token or a deleted device ends the observations made with the old one.
+            loop.call_soon(gateway.access.devices_changed, set(keys))
 
     scopes = [gateways.scope, gateways.global_scope]
     listeners = [partial(on_change, scope.name) for scope in scopes]

@@ -26,7 +26,7 @@ from aiocoap.numbers.codes import Code
 from konsul.sync.devices import check_device_id
 
 from ..gateway import GatewayContext
-from .access import Access, RunTrio
+from .access import Access, Caller, RunTrio
 from .errors import CoapError, ExplainedResource
 from .limits import ObserverAdmission, serve_without_observing
 from .formats import (
@@ -38,6 +38,7 @@ from .formats import (
 )
 
 KINDS = ("telemetry", "reported", "desired")
+_OPERATIONS = {"telemetry": "telemetry:write", "reported": "twin:reported"}  # audited operation names
 _METHODS = {"telemetry": ("POST",), "reported": ("POST", "PUT"), "desired": ("GET",)}
 
 
@@ -80,8 +81,10 @@ class DeviceResource(ExplainedResource, resource.ObservableResource, resource.Pa
             return
         watchers = self._watching.setdefault(path[0], set())
         watchers.add(serverobservation)
+        forget = self.access.observed(request, serverobservation, path[0])
 
         def cancelled() -> None:
+            forget()
             self.observers.release(source)
             watchers.discard(serverobservation)
             if not watchers and self._watching.get(path[0]) is watchers:
@@ -100,27 +103,29 @@ class DeviceResource(ExplainedResource, resource.ObservableResource, resource.Pa
     # -- methods -------------------------------------------------------------------------
 
     async def render_get(self, request: Message) -> Message:
-        device_id, _kind = await self._target(request, "GET")
+        device_id, _kind, _caller = await self._target(request, "GET")
         fmt = response_format(request, DOCUMENT_FORMATS)
         lookup = self.gateways.extras.get("desired_state", _no_desired_state)
         document = lookup(device_id) or {}
         return Message(code=Code.CONTENT, payload=document_to_payload(document, fmt), content_format=fmt)
 
     async def render_post(self, request: Message) -> Message:
-        device_id, kind = await self._target(request, "POST")
+        device_id, kind, caller = await self._target(request, "POST")
         document = document_from_payload(request.payload, request_format(request, DOCUMENT_FORMATS))
         await self._hand_over(kind, device_id, document)
+        self.access.audit(caller, _OPERATIONS[kind], device_id)  # one event per request, not per sample
         return Message(code=Code.CHANGED)
 
     async def render_put(self, request: Message) -> Message:
-        device_id, kind = await self._target(request, "PUT")
+        device_id, kind, caller = await self._target(request, "PUT")
         document = document_from_payload(request.payload, request_format(request, DOCUMENT_FORMATS))
         await self._hand_over(kind, device_id, document, replace=True)
+        self.access.audit(caller, _OPERATIONS[kind], device_id)
         return Message(code=Code.CHANGED)
 
     # -- helpers -------------------------------------------------------------------------
 
-    async def _target(self, request: Message, method: str) -> tuple[str, str]:
+    async def _target(self, request: Message, method: str) -> tuple[str, str, Caller]:
         path = request.opt.uri_path
         if len(path) != 2 or path[1] not in KINDS:
             raise CoapError(
@@ -136,9 +141,14 @@ class DeviceResource(ExplainedResource, resource.ObservableResource, resource.Pa
                 "method_not_allowed",
                 f"/devices/<id>/{kind} takes {' or '.join(_METHODS[kind])}",
             )
-        caller = await self.access.caller(request, device_id=device_id)
-        caller.check_is(device_id)
-        return device_id, kind
+        # With ACLs on, ep= may name another device than the path's (a gateway
+        # device reporting for the sensors behind it): a policy must grant it.
+        caller = await self.access.caller(request, device_id=device_id, acting_for=True)
+        if method == "GET":
+            caller.check_is(device_id, "read", "device:read")
+        else:
+            caller.check_is(device_id, "write", _OPERATIONS[kind])
+        return device_id, kind, caller
 
     async def _hand_over(self, kind: str, device_id: str, document: dict[str, Any], replace: bool = False) -> None:
         """Give a document to the agent's hook; a PUT of reported state replaces it (POST merges)."""

@@ -93,8 +93,10 @@ class KvResource(ExplainedResource, resource.ObservableResource, resource.PathCa
         watch = (scope.name, key)
         watchers = self._watching.setdefault(watch, set())
         watchers.add(serverobservation)
+        forget = self.access.observed(request, serverobservation)
 
         def cancelled() -> None:
+            forget()
             self.observers.release(source)
             watchers.discard(serverobservation)
             if not watchers and self._watching.get(watch) is watchers:
@@ -148,6 +150,7 @@ class KvResource(ExplainedResource, resource.ObservableResource, resource.PathCa
             existed = scope.kv.get(key) is not None
             if not await self.run_trio(scope.kv_put, key, value, cas=cas):
                 raise self._precondition_failed(key)
+        self.access.audit(caller, "kv:write", key)
         entry = scope.kv.get(key)
         etag = make_etag(entry.modify_index, fmt) if entry else None
         return Message(code=Code.CHANGED if existed else Code.CREATED, etag=etag)
@@ -155,12 +158,13 @@ class KvResource(ExplainedResource, resource.ObservableResource, resource.PathCa
     async def render_delete(self, request: Message) -> Message:
         caller = await self.access.caller(request)
         scope, key = self._target(request)
-        caller.check_write(key)
+        caller.check_write(key, "kv:delete")
         cas = self._cas(request, scope, key)
         if cas == 0:
             raise CoapError(Code.BAD_REQUEST, "bad_request", "If-None-Match makes no sense on a DELETE")
         if not await self.run_trio(scope.kv_delete, key, cas=cas):
             raise self._precondition_failed(key)
+        self.access.audit(caller, "kv:delete", key)
         return Message(code=Code.DELETED)
 
     # -- helpers -------------------------------------------------------------------

@@ -1,4 +1,14 @@
-"""``/v1/devices``: the device registry (records durable, presence ephemeral)."""
+"""``/v1/devices``: the device registry (records durable, presence ephemeral).
+
+Access (docs/acl.md, "Devices as principals"): reading a device needs
+``device:read`` on it, creating, changing, deleting it or rotating its token
+``device:write``; lists show only the devices the token may read (Consul's
+list filtering). A device's rights are rights the caller gives away, so
+granting a device ``KVRead``/``KVWrite`` prefixes needs the caller to hold
+``key:read``/``key:write`` on all of each prefix, and linking ``Policies``
+needs ``acl:write``; otherwise anyone allowed to write one device could give
+it write access to all KV.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +16,14 @@ import time
 
 from quart import Blueprint, Response, current_app, request
 
+from konsul.sync.acl import MANAGEMENT_POLICY_ID, MANAGEMENT_POLICY_NAME, check_uuid
+from konsul.sync.acl_rules import Authorizer, PermissionDenied, check_pattern
 from konsul.sync.devices import DEFAULT_KV_READ, DeviceRecord, Presence, check_device_id
 from konsul.sync.errors import InvalidArgument, NotFound
 from konsul.sync.replica import GLOBAL_SCOPE
 from konsul.sync.scope import Scope
 
+from .acl_routes import request_authorizer
 from .agent_routes import _fields, json_body
 from .params import flag
 from .responses import json_response
@@ -31,11 +44,21 @@ def records_matching(scope: Scope, kind: str | None, tags: list[str]) -> list[De
     return [r for r in scope.devices.records() if (kind is None or r.type == kind) and all(t in r.tags for t in tags)]
 
 
-def registered_device_scope(device_id: str) -> Scope:
-    """The request's scope (``?dc``), once ``device_id`` is known to be registered there."""
+def registered_device_scope(device_id: str, access: str = "read") -> Scope:
+    """The request's scope (``?dc``), once the token may ``access`` ``device_id`` and it is registered there."""
+    request_authorizer().require("device", check_device_id(device_id), access)
     scope = current_app.config["KONSUL"].scope(request.args.get("dc"))
     require_registered(scope, device_id)
     return scope
+
+
+def readable(records: list[DeviceRecord]) -> list[DeviceRecord]:
+    """The records whose devices the request's token may read (lists are filtered, not refused)."""
+    authorizer = request_authorizer()
+    if authorizer.management:
+        return records
+    allowed = set(authorizer.filter("device", [r.device_id for r in records], "read"))
+    return [r for r in records if r.device_id in allowed]
 
 
 def require_registered(scope: Scope, device_id: str) -> DeviceRecord:
@@ -46,7 +69,21 @@ def require_registered(scope: Scope, device_id: str) -> DeviceRecord:
     return record
 
 
-def device_json(record: DeviceRecord, presence: Presence, site: str) -> dict:
+def policy_links(ctx, policy_ids: tuple[str, ...]) -> list[dict]:
+    """A device's policies as Consul shows a token's: ``{"ID", "Name"}``, deleted ones left out."""
+    links = []
+    for policy_id in policy_ids:
+        if policy_id == MANAGEMENT_POLICY_ID:
+            links.append({"ID": policy_id, "Name": MANAGEMENT_POLICY_NAME})
+            continue
+        policy = ctx.acl.policy(policy_id) if ctx.acl is not None else None
+        if policy is not None:
+            links.append({"ID": policy.policy_id, "Name": policy.name})
+    return links
+
+
+def device_json(record: DeviceRecord, presence: Presence, site: str, policies: list[dict] | None = None) -> dict:
+    """A device as the API shows it; ``policies`` its resolved policy links (default: the IDs alone)."""
     return {
         "ID": record.device_id,
         "Type": record.type,
@@ -56,6 +93,7 @@ def device_json(record: DeviceRecord, presence: Presence, site: str) -> dict:
         "Firmware": record.firmware,
         "KVRead": list(record.kv_read),
         "KVWrite": list(record.kv_write),
+        "Policies": policies if policies is not None else [{"ID": p} for p in record.policy_ids],
         "Created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created_ms / 1000)),
         "Online": presence.online,
         "LastSeen": None if presence.last_seen is None
@@ -74,7 +112,75 @@ def _strings(body: dict, name: str, default: tuple[str, ...]) -> tuple[str, ...]
     return tuple(value)
 
 
-def parse_device(device_id: str, body: dict, existing: DeviceRecord | None) -> DeviceRecord:
+def parse_policies(ctx, links: object) -> tuple[str, ...]:
+    """``Policies`` links (``{"ID": ...}`` or ``{"Name": ...}``) as IDs of policies that exist.
+
+    Names are resolved once, here, through the replicated ACL records (as a
+    Consul token stores its links by ID): renaming a policy later keeps the
+    link. An unknown policy is a 400.
+    """
+    if not isinstance(links, list) or not all(isinstance(link, dict) for link in links):
+        raise InvalidArgument('Policies is a list of {"ID": ...} or {"Name": ...} objects')
+    ids: list[str] = []
+    for link in links:
+        link = {str(key).lower(): value for key, value in link.items()}
+        if link.get("id"):
+            policy_id = check_uuid(link["id"], "a policy ID")
+            if policy_id != MANAGEMENT_POLICY_ID and (ctx.acl is None or ctx.acl.policy(policy_id) is None):
+                raise InvalidArgument(f"no ACL policy with ID {policy_id}; create it first")
+        elif link.get("name"):
+            name = link["name"]
+            if name == MANAGEMENT_POLICY_NAME:
+                policy_id = MANAGEMENT_POLICY_ID
+            else:
+                found = None
+                if isinstance(name, str):
+                    for registry in ([] if ctx.acl is None else ctx.acl.registries()):
+                        found = registry.policy_named(name)
+                        if found is not None:
+                            break
+                if found is None:
+                    raise InvalidArgument(f"no ACL policy named {str(name)[:128]!r}; create it first")
+                policy_id = found.policy_id
+        else:
+            raise InvalidArgument('a policy link names the policy: {"ID": ...} or {"Name": ...}')
+        if policy_id not in ids:
+            ids.append(policy_id)
+    return tuple(ids)
+
+
+def check_grants(authorizer: Authorizer, record: DeviceRecord, existing: DeviceRecord | None) -> None:
+    """Refuse giving a device rights the caller does not hold itself (403 naming the missing one).
+
+    Only what the change adds is checked: keeping or narrowing a device's
+    rights needs nothing beyond ``device:write``.
+    """
+    if authorizer.management:
+        return
+    before_read = set(existing.kv_read + existing.kv_write) if existing is not None else set()
+    before_write = set(existing.kv_write) if existing is not None else set()
+    for prefix, access, before in [
+        *((p, "write", before_write) for p in record.kv_write),
+        *((p, "read", before_read) for p in record.kv_read),
+    ]:
+        if prefix in before:
+            continue
+        if not authorizer.allows_subtree("key", prefix, access):
+            grant = "KVWrite" if access == "write" else "KVRead"
+            hint = (
+                ' (a new device reads all KV unless its body says otherwise: send "KVRead": [] or prefixes you may read)'
+                if existing is None and access == "read" and prefix == "" else ""
+            )
+            raise PermissionDenied(
+                authorizer.denial("key", prefix, access, subtree=True)
+                + f"; a token gives a device {grant} {prefix!r} only if it holds that itself{hint}"
+            )
+    added = set(record.policy_ids) - set(existing.policy_ids if existing is not None else ())
+    if added and not authorizer.allows("acl", "", "write"):
+        raise PermissionDenied(authorizer.denial("acl", "", "write") + " (linking Policies to a device)")
+
+
+def parse_device(device_id: str, body: dict, existing: DeviceRecord | None, ctx=None) -> DeviceRecord:
     body = _fields(body)
     base = existing or DeviceRecord(device_id)
     attributes = body.get("attributes", base.attributes)
@@ -91,6 +197,7 @@ def parse_device(device_id: str, body: dict, existing: DeviceRecord | None) -> D
         firmware=body.get("firmware", base.firmware),
         kv_read=_strings(body, "KVRead", base.kv_read if existing else DEFAULT_KV_READ),
         kv_write=_strings(body, "KVWrite", base.kv_write),
+        policy_ids=base.policy_ids if body.get("policies") is None else parse_policies(ctx, body["policies"]),
     )
 
 
@@ -103,30 +210,40 @@ async def list_devices() -> Response:
     online = request.args.get("online")
     found = []
     for scope in listed_scopes(ctx, request.args.get("dc")):
-        for record in records_matching(scope, kind, tags):
+        for record in readable(records_matching(scope, kind, tags)):
             presence = ctx.device_presence(scope.name, record.device_id)
             if online is not None and presence.online != (online.lower() in ("1", "true", "yes", "")):
                 continue
-            found.append(device_json(record, presence, scope.name))
+            found.append(device_json(record, presence, scope.name, policy_links(ctx, record.policy_ids)))
     return json_response(found)
 
 
 @device_api.route("/v1/devices/<device_id>", methods=["GET", "PUT", "DELETE"])
 async def device(device_id: str) -> Response:
     ctx = current_app.config["KONSUL"]
+    check_device_id(device_id)
+    authorizer = request_authorizer()
+    authorizer.require("device", device_id, "read" if request.method == "GET" else "write")
     scope = ctx.scope(request.args.get("dc"))
     if request.method == "DELETE":
-        await scope.delete_device(device_id)
+        await scope.delete_device(device_id)  # the gateways end its sessions (MQTT, CoAP observations)
         return json_response(True)
     if request.method == "PUT":
         existing = scope.devices.get(device_id)
-        record = parse_device(device_id, await json_body(), existing)
+        record = parse_device(device_id, await json_body(), existing, ctx)
+        if ctx.acl is not None and ctx.acl.enabled:
+            for prefix in record.kv_read + record.kv_write:  # with ACLs on, a '*' in a prefix is a glob
+                check_pattern(prefix, f"the KV prefix {prefix[:64]!r}")
+        check_grants(authorizer, record, existing)
+        # A rotated token ends the sessions made with the old one (the gateways watch the record).
         stored, token = await scope.put_device(record, new_token=flag("rotate-token"))
-        body = device_json(stored, ctx.device_presence(scope.name, device_id), scope.name)
+        body = device_json(stored, ctx.device_presence(scope.name, device_id), scope.name, policy_links(ctx, stored.policy_ids))
         if token is not None:
             body["Token"] = token  # shown once; only its hash is stored
         return json_response(body, status=201 if existing is None else 200)
-    record = scope.devices.get(check_device_id(device_id))
+    record = scope.devices.get(device_id)
     if record is None:
         raise NotFound(f"no device {device_id!r} is registered in {scope.name!r}")
-    return json_response(device_json(record, ctx.device_presence(scope.name, device_id), scope.name))
+    return json_response(
+        device_json(record, ctx.device_presence(scope.name, device_id), scope.name, policy_links(ctx, record.policy_ids))
+    )

@@ -5,6 +5,9 @@ buffer) and shows the newest samples it holds; the hub shows everything edges
 forwarded, for any site (``?dc=<site>``), and across the fleet by device type
 or tag (``/v1/telemetry?type=&tag=``). Where the samples come from is the
 agent's business: it puts a :class:`~.context.TelemetrySource` in the context.
+
+Posting samples needs ``device:write`` on the device, reading them
+``device:read``; the fleet query covers only the devices the token may read.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from konsul.sync.devices import check_device_id
 from konsul.sync.errors import InvalidArgument, NotFound
 from konsul.sync.telemetry import sample_fields, sample_json
 
+from .acl_routes import request_authorizer
 from .agent_routes import json_body_any
-from .device_routes import listed_scopes, records_matching, require_registered
+from .device_routes import listed_scopes, readable, records_matching, require_registered
 from .params import int_arg
 from .responses import json_response
 
@@ -69,8 +73,9 @@ def _source():
 
 @telemetry_api.route("/v1/devices/<device_id>/telemetry", methods=["GET", "POST"])
 async def device_telemetry(device_id: str) -> Response:
-    scope = current_app.config["KONSUL"].scope(request.args.get("dc"))
     check_device_id(device_id)
+    request_authorizer().require("device", device_id, "write" if request.method == "POST" else "read")
+    scope = current_app.config["KONSUL"].scope(request.args.get("dc"))
     source = _source()
     if request.method == "POST":
         require_registered(scope, device_id)
@@ -98,7 +103,7 @@ async def fleet_telemetry() -> Response:
     devices = [
         (scope.name, record.device_id)
         for scope in listed_scopes(ctx, request.args.get("dc"), sites_only=True)
-        for record in records_matching(scope, kind, tags)
+        for record in readable(records_matching(scope, kind, tags))
     ]
     since, until, limit = _window()
     found = await _source().samples(devices, since, until, limit)

@@ -5,6 +5,9 @@ into it, a ``null`` field removing that field (JSON merge patch at the top
 level). Both answer the side as it is afterwards. Desired state is writable at
 the hub (``?dc=<site>``) and at the edge, connected or not; the replicas merge
 field by field (``sync/twin.py``).
+
+Reading a twin needs ``device:read`` on the device, writing either side
+``device:write`` (docs/acl.md).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ twin_api = Blueprint("twin", __name__)
 @twin_api.route("/v1/devices/<device_id>/<any(desired, reported):side>", methods=["GET", "PUT", "PATCH", "POST"])
 async def twin_side(device_id: str, side: str) -> Response:
     assert side in SIDES
-    scope = registered_device_scope(device_id)
+    scope = registered_device_scope(device_id, "read" if request.method == "GET" else "write")
     if request.method == "GET":
         return json_response(scope.devices.twin.document(side, device_id))
     document = await json_body()

@@ -72,8 +72,8 @@ class EmbeddedOutlet:
     async def settle(self, results: list[tuple[Any, bool]]) -> None:
         self.broker.settle(results)
 
-    async def kick(self, device_id: str) -> None:
-        self.broker.kick(device_id)
+    async def kick(self, device_id: str, keep_token_hash: str | None = None, why: str = "device deleted") -> None:
+        self.broker.kick(device_id, keep_token_hash, why)
 
 
 async def _create_broker(port: AgentPort) -> EmbeddedBroker:

@@ -41,6 +41,7 @@ from amqtt.plugins.base import BasePlugin
 from amqtt.session import OutgoingApplicationMessage, Session
 
 from konsul.protocols.admission import ConnectionLimit, source_of
+from konsul.sync.devices import hash_token
 from konsul.sync.log_limits import peer_log
 
 from . import frames
@@ -302,11 +303,17 @@ class EmbeddedBroker:
         if not self.agent.congested():
             self.drained.set()
 
-    def kick(self, device_id: str) -> None:
+    def kick(self, device_id: str, keep_token_hash: str | None = None, why: str = "device deleted") -> None:
+        """Close ``device_id``'s live connection, unless it was made with the token whose hash is ``keep_token_hash``."""
         live = self._live.get(device_id)
-        if live is not None:
-            log.info("closing the connection of %s (device deleted)", device_id)
-            live.connection.close()
+        if live is None:
+            return
+        connect = live.connection.connect
+        password = connect.password if connect is not None else None
+        if keep_token_hash and password and hash_token(password.decode(errors="replace")) == keep_token_hash:
+            return  # already connected with the new token
+        log.info("closing the connection of %s (%s)", device_id, why)
+        live.connection.close()
 
     # -- connections -------------------------------------------------------------------
 

@@ -76,7 +76,7 @@ class Outlet(Protocol):
 
     async def settle(self, results: list[tuple[Done, bool]]) -> None: ...
 
-    async def kick(self, device_id: str) -> None: ...
+    async def kick(self, device_id: str, keep_token_hash: str | None = None, why: str = "device deleted") -> None: ...
 
 
 class MqttGateway:
@@ -95,7 +95,9 @@ class MqttGateway:
         self._telemetry_lot = trio.lowlevel.ParkingLot()  # idle telemetry workers
         self._dirty_keys: dict[str, None] = {}  # insertion-ordered set
         self._outgoing: list[Outgoing] = []
-        self._kicks: list[str] = []
+        self._kicks: list[tuple[str, str | None, str]] = []  # (device, token hash still valid, why)
+        self.access = ctx.device_access
+        self.rate = ctx.device_access.rate("mqtt")
         self._kv_lot = trio.lowlevel.ParkingLot()  # idle KV workers
         self._commits = trio.Semaphore(COMMITS_IN_FLIGHT)
         self._hook_wake = trio.Event()
@@ -116,12 +118,15 @@ class MqttGateway:
             return frames.IDENTIFIER_REJECTED
         if connect.username not in (None, device_id):
             self.refusals.refuse("auth", who, f"user name {connect.username!r} is not the client id", source=source)
+            self.access.audit(device_id, source, "mqtt", "device:connect", device_id, "denied",
+                              "unauthorized: the user name is not the client id")
             return frames.BAD_CREDENTIALS
         try:
             token = connect.password.decode() if connect.password else None
             record = await self.ctx.authenticate(device_id, token)
         except (AuthError, UnicodeDecodeError) as error:
             self.refusals.refuse("auth", who, str(error), source=source)
+            self.access.audit(device_id, source, "mqtt", "device:connect", device_id, "denied", f"unauthorized: {error}")
             return frames.BAD_CREDENTIALS
         except AnonymousDevicesFull as error:
             self.refusals.refuse("anonymous", who, str(error), source=source)
@@ -164,15 +169,20 @@ class MqttGateway:
         try:
             if record is None:
                 raise TopicRefused("forbidden", f"device {device_id!r} is not registered")
-            check_subscribe(record, topic_filter)
+            check_subscribe(record, topic_filter, self.access.rights(record))
         except TopicRefused as refused:
             self.refusals.refuse(refused.reason, device_id, f"SUBSCRIBE {topic_filter!r}: {refused}")
+            if refused.reason == "forbidden":
+                presence = self.ctx.presence.get(device_id)
+                self.access.audit(device_id, _host(presence.address), "mqtt", "subscribe", topic_filter, "denied",
+                                  f"permission_denied: {refused}")
             return False
         return True
 
     def may_receive(self, device_id: str, topic: str) -> bool:
+        # Asked for every message and subscriber: the rights are a cached lookup.
         record = self.records.get(device_id)
-        return record is not None and topic_may_receive(record, topic)
+        return record is not None and topic_may_receive(record, topic, self.access.rights(record))
 
     def retained_kv(self, device_id: str, topic_filter: str) -> list[tuple[str, bytes]]:
         """The KV topics matching a new subscription, from the store (the broker keeps no copy)."""
@@ -186,9 +196,10 @@ class MqttGateway:
         except KonsulError:
             return []
         found = []
+        rights = self.access.rights(record)
         for entry in entries:
             topic = kv_topic(entry.key)
-            if topic and matches(topic_filter, topic) and record.may_read(entry.key):
+            if topic and matches(topic_filter, topic) and rights.allows("key", entry.key, "read"):
                 found.append((topic, entry.value))
         return found
 
@@ -203,17 +214,35 @@ class MqttGateway:
         ``done(ok)`` is called once it is handled: at once, or for a KV write
         once it is durable. A refused message is handled too (it is dropped,
         as mosquitto does), so that a client does not resend it forever.
+
+        A device past its message rate (``--device-message-rate``) has its
+        message dropped the same way: MQTT 3.1.1 has no way to refuse one
+        PUBLISH (PUBACK carries no reason code before MQTT 5), and closing
+        the connection would make a QoS 1 client resend the same messages
+        after reconnecting, adding to the flood. The drop is counted
+        (``konsul_rate_limited_total{interface="mqtt",kind="device"}`` and
+        ``konsul_mqtt_refused_total{reason="rate_limited"}``), logged
+        (rate-limited) and audited (one event per device and second, with
+        the count of the refusals in between).
         """
         try:
             if device_id is None:
                 topic = parse_topic(publish.topic)
             else:
+                wait = self.rate.take(device_id)
+                if wait is not None:
+                    self._rate_limited(device_id, publish, who, wait)
+                    if done is not None:
+                        done(True)
+                    return
                 record = self.records.get(device_id)
                 if record is None:
                     raise TopicRefused("forbidden", f"device {device_id!r} is not registered")
-                topic = check_publish(record, publish.topic)
+                topic = check_publish(record, publish.topic, self.access.rights(record))
             if topic.kind == "kv":
-                self._write_kv(topic.key, publish, who, done)
+                if self._write_kv(topic.key, publish, who, done) and device_id is not None:
+                    operation = "kv:write" if publish.payload else "kv:delete"
+                    self.access.audit(device_id, _host(who), "mqtt", operation, topic.key)
                 return
             if topic.kind == "status":
                 if check_status(publish.payload):
@@ -227,6 +256,9 @@ class MqttGateway:
             elif topic.kind in ("telemetry", "reported"):
                 document = decode_document(publish.payload, cbor=topic.kind == "telemetry")
                 self.metrics.received.labels(topic.kind).inc()
+                if device_id is not None:  # one event per message (a telemetry batch too), not per sample
+                    operation = "telemetry:write" if topic.kind == "telemetry" else "twin:reported"
+                    self.access.audit(device_id, _host(who), "mqtt", operation, topic.device_id)
                 if topic.kind == "telemetry" and "ingest_telemetry" in self.ctx.extras:
                     self._queue_telemetry(topic.device_id, document, publish, who, done)
                     return
@@ -238,12 +270,24 @@ class MqttGateway:
                 pass
         except TopicRefused as refused:
             self.refusals.refuse(refused.reason, who, f"PUBLISH {publish.topic!r}: {refused}")
+            if refused.reason == "forbidden" and device_id is not None:
+                self.access.audit(device_id, _host(who), "mqtt", "publish", publish.topic, "denied",
+                                  f"permission_denied: {refused}")
         except PayloadRefused as refused:
             self.refusals.refuse("payload", who, f"PUBLISH {publish.topic!r}: {refused}")
         if done is not None:
             done(True)
 
-    def _write_kv(self, key: str, publish: Publish, who: str, done: Done | None) -> None:
+    def _rate_limited(self, device_id: str, publish: Publish, who: str, wait: float) -> None:
+        detail = (
+            f"PUBLISH {publish.topic!r}: over the device's message rate ({self.rate.rate:g}/s, "
+            f"burst {self.rate.burst:g}); dropped, room again in {wait:.3f}s"
+        )
+        self.refusals.refuse("rate_limited", who, detail)
+        self.access.audit_rate_limited(device_id, _host(who), "mqtt", publish.topic, detail)
+
+    def _write_kv(self, key: str, publish: Publish, who: str, done: Done | None) -> bool:
+        """Queue a KV write; False if it was refused."""
         try:
             check_value(publish.payload)
         except KonsulError as error:
@@ -251,15 +295,16 @@ class MqttGateway:
             self._republish(key)  # put the broker's retained copy back to what the store holds
             if done is not None:
                 done(True)
-            return
+            return False
         if publish.qos == 0 and len(self._kv_writes) >= MAX_BACKLOG:
             self.refusals.refuse("overload", who, f"PUBLISH {publish.topic!r}: {len(self._kv_writes)} writes queued")
-            return
+            return False
         # An empty payload deletes, retained or not: "publish nothing here".
         write = ("set", key, publish.payload, 0) if publish.payload else ("delete", key)
         self.metrics.received.labels("kv_write" if publish.payload else "kv_delete").inc()
         self._kv_writes.append((write, done))
         self._kv_lot.unpark()
+        return True
 
     def _call_hook(self, hook: Callable[..., Any], args: tuple, who: str, done: Done | None) -> None:
         if len(self._hook_calls) >= MAX_BACKLOG:
@@ -317,13 +362,21 @@ class MqttGateway:
                 if not key.startswith("d/"):
                     continue  # a twin field: the agent publishes desired state itself
                 device_id = key[2:]
-                if device_id in self.records:
+                old = self.records.get(device_id)
+                if old is not None:
                     record = self.scope.devices.get(device_id)
                     if record is None:  # deleted: its connections go too, and its retained status
                         del self.records[device_id]
-                        self._kicks.append(device_id)
+                        self._kicks.append((device_id, None, "device deleted"))
                         self._queue(Outgoing(device_topic(device_id, "status"), b"", True, "status"))
                     else:
+                        if record.token_hash != old.token_hash:
+                            # A rotated token (or an anonymous device given one): sessions
+                            # that connected with another token end; the device must
+                            # reconnect with the new one. New rights (KVWrite, Policies)
+                            # need no reconnection: they apply from the next message.
+                            self._kicks.append((device_id, record.token_hash, "token rotated"))
+                            self._out_wake.set()
                         self.records[device_id] = record
 
     # -- tasks ---------------------------------------------------------------------------
@@ -426,8 +479,8 @@ class MqttGateway:
             self._out_wake = trio.Event()
             messages = self._take_outgoing()
             kicks, self._kicks = self._kicks, []
-            for device_id in kicks:
-                await self.outlet.kick(device_id)
+            for device_id, keep, why in kicks:
+                await self.outlet.kick(device_id, keep, why)
             if messages:
                 await self.outlet.send(messages)
                 for message in messages:
@@ -453,3 +506,9 @@ class MqttGateway:
                 found.append(Outgoing(topic, entry.value, True, "kv"))
         return found
 
+
+def _host(who: str) -> str:
+    """The address of ``device@host:port`` (or ``host:port``), for audit events."""
+    address = who.rpartition("@")[2]
+    host, colon, _port = address.rpartition(":")
+    return host if colon else address

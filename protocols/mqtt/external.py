@@ -96,8 +96,8 @@ class BrokerLink:
         for done, ok in results:
             done(ok)
 
-    async def kick(self, device_id: str) -> None:
-        log.warning("device %s was deleted; the external broker's ACL must shut it out", device_id)
+    async def kick(self, device_id: str, keep_token_hash: str | None = None, why: str = "device deleted") -> None:
+        log.warning("device %s: %s; the external broker's ACL must shut its old credentials out", device_id, why)
 
     # -- the connection ----------------------------------------------------------------
 

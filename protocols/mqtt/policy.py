@@ -41,6 +41,7 @@ REASONS = (
     "anonymous",  # a new anonymous device while the anonymous device cap is reached
     "limit",  # over a per-connection bound: filters, subscriptions, QoS 2 messages awaiting PUBREL
     "accept",  # accepting failed (out of file descriptors): the listener backed off
+    "rate_limited",  # a device over its message rate (--device-message-rate): dropped
 )
 
 

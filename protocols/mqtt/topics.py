@@ -8,20 +8,24 @@ Access rules, applied by both the embedded broker and the external-broker
 client:
 
 - a device publishes its own telemetry, reported state and status, and KV keys
-  under its ``KVWrite`` prefixes; ``desired`` is written by the agent only;
-- a device subscribes under its own device topics and under ``konsul/v1/kv/``;
+  its rights allow (``KVWrite`` prefixes, or with ACLs on its policies too);
+  another device's topics only with ``device:write`` on it (a policy);
+  ``desired`` is written by the agent only;
+- a device subscribes under its own device topics (another device's with
+  ``device:read`` on it) and under ``konsul/v1/kv/``;
   a KV filter must be able to match a key the device may read, and every KV
   message is checked again per key on delivery, because a prefix allowance
   (``conf``) does not line up with topic levels (``config/x``, ``conference``).
 
-These are pure functions over strings and a :class:`DeviceRecord`, so they are
-tested without a broker.
+These are pure functions over strings, a :class:`DeviceRecord` and its rights
+(``protocols/device_access.py``), so they are tested without a broker.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from konsul.protocols.device_access import LegacyRights, Rights
 from konsul.sync.devices import DeviceRecord, check_device_id
 from konsul.sync.errors import KonsulError
 from konsul.sync.limits import check_key
@@ -79,39 +83,48 @@ def parse_topic(topic: str) -> Topic:
     raise TopicRefused("topic", f"{topic!r} is outside the topic contract (konsul/v1/devices/<id>/..., konsul/v1/kv/<key>)")
 
 
-def check_publish(record: DeviceRecord, topic: str) -> Topic:
-    """The topic if ``record``'s device may publish to it, else :class:`TopicRefused`."""
+def check_publish(record: DeviceRecord, topic: str, rights: Rights | None = None) -> Topic:
+    """The topic if ``record``'s device may publish to it, else :class:`TopicRefused`.
+
+    ``rights`` is what the device may do (``device_access.py``); without it,
+    the record's ``KVWrite`` prefixes and its own device topics (ACLs off).
+    """
+    rights = rights if rights is not None else LegacyRights(record)
     parsed = parse_topic(topic)
     if parsed.kind == "kv":
-        if not record.may_write(parsed.key):
-            raise TopicRefused(
-                "forbidden", f"device {record.device_id!r} may not write KV key {parsed.key!r} (KVWrite {list(record.kv_write)})"
-            )
-    elif parsed.device_id != record.device_id:
-        raise TopicRefused("forbidden", f"device {record.device_id!r} may not publish to another device's topic {topic!r}")
+        if not rights.allows("key", parsed.key, "write"):
+            raise TopicRefused("forbidden", rights.denial("key", parsed.key, "write"))
     elif parsed.kind not in DEVICE_PUBLISHES:
         raise TopicRefused("forbidden", f"{topic!r} is written by the agent only")
+    elif parsed.device_id != record.device_id and not rights.allows("device", parsed.device_id, "write"):
+        raise TopicRefused(
+            "forbidden",
+            f"device {record.device_id!r} may not publish to another device's topic {topic!r}"
+            + ("" if isinstance(rights, LegacyRights) else f" ({rights.denial('device', parsed.device_id, 'write')})"),
+        )
     return parsed
 
 
-def check_subscribe(record: DeviceRecord, topic_filter: str) -> None:
+def check_subscribe(record: DeviceRecord, topic_filter: str, rights: Rights | None = None) -> None:
     """Raise :class:`TopicRefused` unless ``record``'s device may subscribe to ``topic_filter``."""
+    rights = rights if rights is not None else LegacyRights(record)
     if topic_filter.startswith(KV):
         literal = literal_prefix(topic_filter[len(KV):])
         if literal is None:  # no wildcard: one key
             key = parse_topic(topic_filter).key
-            if not record.may_read(key):
-                raise TopicRefused("forbidden", f"device {record.device_id!r} may not read KV key {key!r}")
+            if not rights.allows("key", key, "read"):
+                raise TopicRefused("forbidden", rights.denial("key", key, "read"))
             return
-        readable = record.kv_read + record.kv_write
-        if not any(prefix.startswith(literal) or literal.startswith(prefix) for prefix in readable):
+        if not rights.may_read_under(literal):
             raise TopicRefused(
                 "forbidden", f"{topic_filter!r} matches no KV key device {record.device_id!r} may read (KVRead {list(record.kv_read)})"
             )
         return
     if topic_filter.startswith(DEVICES):
         levels = topic_filter[len(DEVICES):].split("/")
-        if levels[0] != record.device_id:  # also "+" and "#": other devices' topics
+        if levels[0] != record.device_id and (
+            levels[0] in ("+", "#") or not _valid_id(levels[0]) or not rights.allows("device", levels[0], "read")
+        ):  # "+" and "#": every device's topics
             raise TopicRefused("forbidden", f"device {record.device_id!r} may only subscribe to its own device topics")
         if len(levels) == 2 and (levels[1] in DEVICE_LEAVES or levels[1] in ("+", "#")):
             return
@@ -120,12 +133,15 @@ def check_subscribe(record: DeviceRecord, topic_filter: str) -> None:
     )
 
 
-def may_receive(record: DeviceRecord, topic: str) -> bool:
+def may_receive(record: DeviceRecord, topic: str, rights: Rights | None = None) -> bool:
     """Whether a message on ``topic`` may be delivered to ``record``'s device."""
     if topic.startswith(KV):
-        return record.may_read(topic[len(KV):])
+        if rights is None:
+            return record.may_read(topic[len(KV):])
+        return rights.allows("key", topic[len(KV):], "read")
     if topic.startswith(DEVICES):
-        return topic[len(DEVICES):].partition("/")[0] == record.device_id
+        device_id = topic[len(DEVICES):].partition("/")[0]
+        return device_id == record.device_id or (rights is not None and rights.allows("device", device_id, "read"))
     return False
 
 

@@ -6,8 +6,17 @@ import json
 import uuid
 
 import httpx
+import pytest
 from agents import EdgeProcess
 from test_client_commands import fails, konsul, ok
+
+
+@pytest.fixture(scope="module")
+def shared_edge(tmp_path_factory):
+    """One edge for the module, with ACLs off: these tests are about devices, not access control."""
+    process = EdgeProcess(tmp_path_factory.mktemp("edge"), extra=["--acl", "off"])
+    yield process
+    process.stop()
 
 
 def device_name() -> str:

@@ -53,6 +53,14 @@ def limited_edge(tmp_path):
         process.stop()
 
 
+@pytest.fixture(scope="module")
+def shared_edge(tmp_path_factory):
+    """One edge for the module, with ACLs off: these tests are about hostile input, not access control."""
+    process = EdgeProcess(tmp_path_factory.mktemp("edge"), extra=["--acl", "off"])
+    yield process
+    process.stop()
+
+
 @pytest.fixture
 def http(shared_edge):
     with httpx.Client(base_url=shared_edge.url, timeout=10) as client:

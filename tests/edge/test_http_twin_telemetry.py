@@ -9,6 +9,14 @@ import pytest
 from agents import EdgeProcess
 
 
+@pytest.fixture(scope="module")
+def shared_edge(tmp_path_factory):
+    """One edge for the module, with ACLs off: these tests are about devices, not access control."""
+    process = EdgeProcess(tmp_path_factory.mktemp("edge"), extra=["--acl", "off"])
+    yield process
+    process.stop()
+
+
 @pytest.fixture
 def device(shared_edge: EdgeProcess) -> str:
     name = f"tw-{uuid.uuid4().hex[:8]}"

@@ -20,7 +20,7 @@ class DeviceEdge(EdgeProcess):
     def __init__(self, data_dir: Path, mqtt_port: int, coap_port: int) -> None:
         super().__init__(
             data_dir,
-            extra=["--mqtt-addr", f"127.0.0.1:{mqtt_port}", "--coap-addr", f"127.0.0.1:{coap_port}"],
+            extra=["--acl", "off", "--mqtt-addr", f"127.0.0.1:{mqtt_port}", "--coap-addr", f"127.0.0.1:{coap_port}"],
         )
         self.mqtt = self.mqtt_addr()
         self.coap = self.coap_addr()

@@ -97,7 +97,7 @@ class CoapEdge:
 
     def _start(self) -> None:
         self.process = EdgeProcess(
-            self.data_dir / f"run{self.starts}", extra=["--coap-addr", "127.0.0.1:0", "--allow-anonymous"]
+            self.data_dir / f"run{self.starts}", extra=["--acl", "off", "--coap-addr", "127.0.0.1:0", "--allow-anonymous"]
         )
         self.starts += 1
         self.coap = self.process.coap_addr()

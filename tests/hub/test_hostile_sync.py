@@ -342,7 +342,7 @@ class _FakeHub:
 
 
 def test_telemetry_samples_the_hub_cannot_read_are_refused_and_listings_never_fail(tmp_path):
-    hub = HubProcess(tmp_path / "hub")
+    hub = HubProcess(tmp_path / "hub", extra=["--acl", "off"])
     try:
         good = cbor2.dumps({"t": 21.5})
         rows = [
@@ -371,7 +371,7 @@ def test_telemetry_samples_the_hub_cannot_read_are_refused_and_listings_never_fa
     with db:
         db.execute("INSERT INTO samples VALUES ('s1', 'd1', 9, 1700000009000, 0, x'ff00')")
     db.close()
-    hub = HubProcess(tmp_path / "hub")
+    hub = HubProcess(tmp_path / "hub", extra=["--acl", "off"])
     try:
         listing = httpx.get(f"{hub.url}/v1/devices/d1/telemetry", params={"dc": "s1"})
         assert listing.status_code == 200, listing.text

@@ -55,7 +55,7 @@ def quarantined(url: str) -> dict:
 async def test_an_unreadable_stored_value_neither_stops_the_hub_nor_the_edges_that_sync_it(tmp_path, monkeypatch):
     await store_poisoned_hub(tmp_path / "hub", monkeypatch)
 
-    hub = HubProcess(tmp_path / "hub")
+    hub = HubProcess(tmp_path / "hub", extra=["--acl", "off"])
     edge = None
     try:
         # The hub starts on it, serves the rest of the document, and reports the value.
@@ -64,10 +64,10 @@ async def test_an_unreadable_stored_value_neither_stops_the_hub_nor_the_edges_th
 
         # An edge syncing that site from an empty data dir refuses the update that holds the
         # value (sync/update_check.py) and stays up; so does its restart.
-        edge = EdgeProcess(tmp_path / "edge", site="plant", hub_url=hub.url)
+        edge = EdgeProcess(tmp_path / "edge", site="plant", hub_url=hub.url, extra=["--acl", "off"])
         eventually(lambda: httpx.get(f"{edge.url}/v1/sync/status").json()["Peers"], what="the edge to try the hub")
         edge.stop()
-        edge = EdgeProcess(tmp_path / "edge", site="plant", hub_url=hub.url)
+        edge = EdgeProcess(tmp_path / "edge", site="plant", hub_url=hub.url, extra=["--acl", "off"])
         assert httpx.put(f"{edge.url}/v1/kv/still/writable", content=b"yes").json() is True
 
         # A document like the poisoned one is refused at the door, at the hub and at the edge.

@@ -10,6 +10,8 @@ import httpx
 import paho.mqtt.client as mqtt
 from agents import EdgeProcess, HubProcess, eventually, free_port
 
+ACL_OFF = ["--acl", "off"]  # these tests are about sync, not access control
+
 TOPIC = "konsul/v1/devices/{}/telemetry"
 
 
@@ -85,7 +87,7 @@ def metric(url: str, name: str) -> float:
 def test_10000_qos1_samples_survive_kill_9_and_reach_the_hub_exactly_once(tmp_path):
     hub_port = free_port()
     hub_url = f"http://127.0.0.1:{hub_port}"  # nobody there yet: the hub is down
-    mqtt_on = ["--mqtt-addr", "127.0.0.1:0"]
+    mqtt_on = ["--acl", "off", "--mqtt-addr", "127.0.0.1:0"]
     edge = EdgeProcess(tmp_path / "edge", hub_url=hub_url, extra=mqtt_on)
     hub = None
     sensor = NumberedSensor("sensor-1", register(edge, "sensor-1"))
@@ -108,7 +110,7 @@ def test_10000_qos1_samples_survive_kill_9_and_reach_the_hub_exactly_once(tmp_pa
         sensor.send(sorted(set(range(10_000)) - acked_before_kill))  # resend what was not acknowledged
         eventually(lambda: len(sensor.acked) == 10_000, what="all 10,000 acknowledged")
 
-        hub = HubProcess(tmp_path / "hub", hub_port)
+        hub = HubProcess(tmp_path / "hub", hub_port, ACL_OFF)
         eventually(lambda: telemetry_status(edge)["Buffered"] == 0, timeout=60, what="the buffer drained")
         assert hub_seqs(hub, "sensor-1") == list(range(10_000))
         assert telemetry_status(edge)["Dropped"] == 0
@@ -130,7 +132,7 @@ def test_a_full_buffer_drops_the_oldest_and_counts_exactly_what_the_hub_misses(t
     edge = EdgeProcess(
         tmp_path / "edge",
         hub_url=f"http://127.0.0.1:{hub_port}",
-        extra=["--mqtt-addr", "127.0.0.1:0", "--telemetry-buffer", "16KiB"],
+        extra=["--acl", "off", "--mqtt-addr", "127.0.0.1:0", "--telemetry-buffer", "16KiB"],
     )
     hub = None
     sensor = NumberedSensor("sensor-2", register(edge, "sensor-2"))
@@ -144,7 +146,7 @@ def test_a_full_buffer_drops_the_oldest_and_counts_exactly_what_the_hub_misses(t
         assert status["Buffered"] + dropped == 1_000
         assert metric(edge.url, "konsul_telemetry_dropped_total") == dropped
 
-        hub = HubProcess(tmp_path / "hub", hub_port)
+        hub = HubProcess(tmp_path / "hub", hub_port, ACL_OFF)
         eventually(lambda: telemetry_status(edge)["Buffered"] == 0, what="the buffer drained")
         # The hub misses exactly the dropped samples, and they were the oldest.
         assert hub_seqs(hub, "sensor-2") == list(range(dropped, 1_000))

@@ -20,6 +20,8 @@ import httpx
 import paho.mqtt.client as mqtt
 from agents import EdgeProcess, HubProcess, eventually, free_port, free_udp_port
 
+ACL_OFF = ["--acl", "off"]  # these tests are about sync, not access control
+
 COAP_CLIENT = shutil.which("coap-client") or shutil.which("coap-client-notls")
 
 
@@ -90,8 +92,8 @@ def test_desired_state_written_on_both_sides_of_a_partition_merges_and_reaches_t
     assert COAP_CLIENT, "libcoap's coap-client is missing: run scripts/setup (Debian package libcoap3-bin)"
     hub_port, mqtt_port, coap_port = free_port(), free_port(), free_udp_port()
     hub_url = f"http://127.0.0.1:{hub_port}"
-    ports = ["--mqtt-addr", f"127.0.0.1:{mqtt_port}", "--coap-addr", f"127.0.0.1:{coap_port}"]
-    hub = HubProcess(tmp_path / "hub", hub_port)
+    ports = ["--acl", "off", "--mqtt-addr", f"127.0.0.1:{mqtt_port}", "--coap-addr", f"127.0.0.1:{coap_port}"]
+    hub = HubProcess(tmp_path / "hub", hub_port, ACL_OFF)
     edge = EdgeProcess(tmp_path / "edge", hub_url=hub_url, extra=ports)
     device = observer = None
     try:
@@ -115,7 +117,7 @@ def test_desired_state_written_on_both_sides_of_a_partition_merges_and_reaches_t
         next_matching(observer.lines, offline)
 
         # The hub returns: both sides merge, and the device hears the merge at once.
-        hub = HubProcess(tmp_path / "hub", hub_port)
+        hub = HubProcess(tmp_path / "hub", hub_port, ACL_OFF)
         merged = {"interval": 30, "led": True, "mode": "boost"}
         next_matching(device.messages, merged)
         next_matching(observer.lines, merged)

@@ -33,7 +33,7 @@ def edge(tmp_path_factory):
     if COAP_CLIENT is None:
         pytest.fail("libcoap's coap-client is missing: run scripts/setup (Debian package libcoap3-bin)")
     process = EdgeProcess(
-        tmp_path_factory.mktemp("coap-edge"), extra=["--coap-addr", "127.0.0.1:0", "--allow-anonymous"]
+        tmp_path_factory.mktemp("coap-edge"), extra=["--acl", "off", "--coap-addr", "127.0.0.1:0", "--allow-anonymous"]
     )
     host, port = process.coap_addr()
     process.coap = f"coap://{host}:{port}"

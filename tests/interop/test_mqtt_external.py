@@ -46,7 +46,7 @@ def broker(tmp_path):
 
 
 def attached_edge(tmp_path, broker) -> EdgeProcess:
-    edge = EdgeProcess(tmp_path / "edge", extra=["--mqtt-broker", f"mqtt://127.0.0.1:{broker.port}"])
+    edge = EdgeProcess(tmp_path / "edge", extra=["--acl", "off", "--mqtt-broker", f"mqtt://127.0.0.1:{broker.port}"])
     edge.wait_for(ATTACHED)
     return edge
 
@@ -133,14 +133,14 @@ def test_credentials_in_the_broker_url(tmp_path):
     broker = AgentProcess(["-c", str(config)], command=[MOSQUITTO])
     try:
         broker.wait_for(r"mosquitto version \S+ running")
-        wrong = EdgeProcess(tmp_path / "wrong", extra=["--mqtt-broker", f"mqtt://konsul:nope@127.0.0.1:{port}"])
+        wrong = EdgeProcess(tmp_path / "wrong", extra=["--acl", "off", "--mqtt-broker", f"mqtt://konsul:nope@127.0.0.1:{port}"])
         try:
             wrong.wait_for(r"the broker refused the connection \(CONNACK 5\)")
             assert httpx.get(f"{wrong.url}/health/live", timeout=10).status_code == 200  # serving all the same
             assert "nope" not in wrong.output
         finally:
             wrong.stop()
-        right = EdgeProcess(tmp_path / "right", extra=["--mqtt-broker", f"mqtt://konsul:s3cret@127.0.0.1:{port}"])
+        right = EdgeProcess(tmp_path / "right", extra=["--acl", "off", "--mqtt-broker", f"mqtt://konsul:s3cret@127.0.0.1:{port}"])
         try:
             right.wait_for(ATTACHED)
             assert "s3cret" not in right.output

@@ -221,7 +221,7 @@ def test_refused_connects_are_logged_a_few_lines_per_source(edge, http):
 
 def test_a_deeply_nested_payload_is_dropped_and_the_edge_restarts(tmp_path):
     data_dir = tmp_path / "edge"
-    edge = EdgeProcess(data_dir, extra=["--mqtt-addr", "127.0.0.1:0"])
+    edge = EdgeProcess(data_dir, extra=["--acl", "off", "--mqtt-addr", "127.0.0.1:0"])
     try:
         port = edge.mqtt_addr()[1]
         with httpx.Client(base_url=edge.url, timeout=10) as http:
@@ -240,7 +240,7 @@ def test_a_deeply_nested_payload_is_dropped_and_the_edge_restarts(tmp_path):
             assert http.get("/v1/devices/deep-1/reported").json() == {"fw": "1.0"}  # nothing changed
             device.close()
         edge.stop()
-        edge = EdgeProcess(data_dir, extra=["--mqtt-addr", "127.0.0.1:0"])
+        edge = EdgeProcess(data_dir, extra=["--acl", "off", "--mqtt-addr", "127.0.0.1:0"])
         with httpx.Client(base_url=edge.url, timeout=10) as http:
             assert http.get("/v1/devices/deep-1/reported").json() == {"fw": "1.0"}
     finally:
@@ -248,7 +248,7 @@ def test_a_deeply_nested_payload_is_dropped_and_the_edge_restarts(tmp_path):
 
 
 def test_anonymous_devices_are_counted_for_their_cap_and_expiry(tmp_path):
-    edge = EdgeProcess(tmp_path / "edge", extra=["--mqtt-addr", "127.0.0.1:0", "--allow-anonymous"])
+    edge = EdgeProcess(tmp_path / "edge", extra=["--acl", "off", "--mqtt-addr", "127.0.0.1:0", "--allow-anonymous"])
     try:
         port = edge.mqtt_addr()[1]
         with httpx.Client(base_url=edge.url, timeout=10) as http:

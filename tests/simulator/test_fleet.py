@@ -20,7 +20,7 @@ PREFIX = "fleet-"
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory) -> Iterator[EdgeProcess]:
     process = EdgeProcess(
-        tmp_path_factory.mktemp("edge"), extra=["--mqtt-addr", "127.0.0.1:0", "--coap-addr", "127.0.0.1:0"]
+        tmp_path_factory.mktemp("edge"), extra=["--acl", "off", "--mqtt-addr", "127.0.0.1:0", "--coap-addr", "127.0.0.1:0"]
     )
     yield process
     process.stop()
@@ -92,7 +92,7 @@ def test_a_desired_interval_is_applied_and_reported(fleet, http, device):
 def test_anonymous_devices_register_on_first_contact_and_come_back_after_random_drops(tmp_path):
     edge = EdgeProcess(
         tmp_path / "edge",
-        extra=["--mqtt-addr", "127.0.0.1:0", "--coap-addr", "127.0.0.1:0", "--allow-anonymous"],
+        extra=["--acl", "off", "--mqtt-addr", "127.0.0.1:0", "--coap-addr", "127.0.0.1:0", "--allow-anonymous"],
     )
     sim = None
     try:
