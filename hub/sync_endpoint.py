@@ -20,7 +20,7 @@ from konsul.protocols.http.authz import token_from
 from konsul.sync.errors import KonsulError
 from konsul.sync.link import LinkClosed, SyncLink
 from konsul.sync.log_limits import peer_log
-from konsul.sync.replica import Replica
+from konsul.sync.replica import GLOBAL_SCOPE, Replica
 from konsul.sync.session import SyncSession
 
 from .sites import SiteRegistry
@@ -118,6 +118,9 @@ async def _serve(hub: dict, first: bytes, source: str, refusals: SyncRefusals) -
 
     link = SyncLink(
         session, replica.scope, transmit, on_ephemeral=on_ephemeral, open_scopes=replica.open_scopes,
+        # Fleet-wide ACL records (policies, global tokens) are made at the hub
+        # only: an edge, however it came to hold some, never changes them here.
+        read_only=frozenset({(GLOBAL_SCOPE, "acl")}),
     )
     intake = TelemetryIntake(hub["telemetry"], link, source)
     hub["links"].add(link)

@@ -84,6 +84,10 @@ class SyncLink:
             before any of them is used (the hub opens or creates their stores
             there, so a refused hello never creates anything). It may raise
             :class:`LinkClosed` to refuse the session.
+        read_only: ``(scope, collection)`` pairs this side never takes the
+            peer's changes to (the hub: ``("global", "acl")``, fleet-wide ACL
+            records, which only the hub makes). Such updates are acknowledged,
+            dropped and counted in ``refused_read_only``; the session goes on.
     """
 
     def __init__(
@@ -95,8 +99,11 @@ class SyncLink:
         on_covered: Callable[[str, str, Stamp | None], None] | None = None,
         rebase_after: Callable[[str, str], Stamp | None] = lambda scope, collection: None,
         open_scopes: OpenScopes | None = None,
+        read_only: frozenset[tuple[str, str]] = frozenset(),
     ) -> None:
         self.session = session
+        self.read_only = read_only
+        self.refused_read_only = 0
         self.scope_for = scope_for
         self._transmit = transmit
         # Frames wait here for run(): local writes never wait for the uplink.
@@ -302,10 +309,25 @@ class SyncLink:
 
     async def _on_update(self, event: UpdateReceived) -> None:
         self._check_collection(event.collection)
+        if (event.scope, event.collection) in self.read_only:
+            self._drop_read_only(event)
+            return
         try:
             await self._merge(event)
         except UpdateRefused as error:
             self.refuse("bad_update", str(error))
+
+    def _drop_read_only(self, event: UpdateReceived) -> None:
+        # Acknowledged with what this side holds, so the peer's session does
+        # not resend it forever; the peer keeps its own copy (an edge that
+        # made such records while standalone), which never comes here.
+        self.refused_read_only += 1
+        peer_log.log(
+            log, logging.WARNING, ("sync-read-only", event.scope, event.collection),
+            "refused a peer's change to %s/%s: that collection is written only here", event.scope, event.collection,
+        )
+        held = self.scope_for(event.scope).doc(event.collection).get_state()
+        self._send(self.session.send_ack(event.scope, event.collection, event.epoch, event.seq, held))
 
     async def _merge(self, event: UpdateReceived) -> None:
         """Adopt or merge the update of ``event`` and acknowledge it.

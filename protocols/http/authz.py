@@ -40,7 +40,7 @@ ROUTE_ACCESS: dict[str, Callable[[HttpContext], tuple[str, str, str]]] = {
     "agent.self_info": lambda ctx: ("agent", ctx.node, "read"),
     "ops.metrics": lambda ctx: ("agent", ctx.node, "read"),
     "ops.sync_status": lambda ctx: ("operator", "", "read"),
-    "fleet.sites": lambda ctx: ("operator", "", "read"),
+    "hub_fleet.sites": lambda ctx: ("operator", "", "read"),
 }
 
 # endpoints that call authorizer() themselves (their needs depend on the data)
@@ -49,8 +49,8 @@ CHECKED_IN_ROUTE = frozenset({
     "agent.register", "agent.deregister", "agent.services", "agent.checks", "agent.report_check",
     "catalog.catalog_services", "catalog.catalog_service", "catalog.catalog_nodes",
     "catalog.health_service", "catalog.health_checks", "catalog.health_state",
-    "device.devices", "device.device", "twin.twin_side", "twin.twin", "telemetry.device_telemetry",
-    "telemetry.telemetry",
+    "devices.list_devices", "devices.device", "twin.twin_side", "twin.twin", "telemetry.device_telemetry",
+    "telemetry.fleet_telemetry",
     # /v1/acl checks acl:read/acl:write itself; token/self needs only a valid token
     "acl.create_token", "acl.token_self", "acl.token", "acl.list_tokens", "acl.create_policy",
     "acl.policy", "acl.policy_by_name", "acl.list_policies",
@@ -59,7 +59,8 @@ CHECKED_IN_ROUTE = frozenset({
 WRITE_METHODS = frozenset({"PUT", "POST", "PATCH", "DELETE"})
 _VERBS = {"GET": "read", "HEAD": "read", "DELETE": "delete"}  # other methods write
 # blueprint -> what the audit log calls its resource
-_AUDIT_KINDS = {"txn": "kv", "twin": "device", "telemetry": "device", "fleet": "operator", "ops": "operator"}
+_AUDIT_KINDS = {"txn": "kv", "devices": "device", "twin": "device", "telemetry": "device", "hub_fleet": "operator",
+                "ops": "operator"}
 FILTERED_HEADER = "X-Consul-Results-Filtered-By-ACLs"
 
 

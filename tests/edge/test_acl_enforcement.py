@@ -14,7 +14,7 @@ from agents import MANAGEMENT_TOKEN, EdgeProcess, HubProcess, eventually
 from konsul.hub.fleet_routes import fleet_api
 from konsul.hub.sync_endpoint import sync_api
 from konsul.protocols.http import app as http_app
-from konsul.protocols.http.authz import OPEN
+from konsul.protocols.http.authz import CHECKED_IN_ROUTE, OPEN, ROUTE_ACCESS
 
 ADMIN = {"X-Consul-Token": MANAGEMENT_TOKEN}
 
@@ -37,14 +37,14 @@ ROUTES = {
     "catalog.health_service": [("GET", "/v1/health/service/web", None)],
     "catalog.health_checks": [("GET", "/v1/health/checks/web", None)],
     "catalog.health_state": [("GET", "/v1/health/state/any", None)],
-    "device.devices": [("GET", "/v1/devices", None)],
-    "device.device": [("GET", "/v1/devices/d1", None), ("PUT", "/v1/devices/d2", b"{}"),
+    "devices.list_devices": [("GET", "/v1/devices", None)],
+    "devices.device": [("GET", "/v1/devices/d1", None), ("PUT", "/v1/devices/d2", b"{}"),
                       ("PUT", "/v1/devices/d1?rotate-token", b"{}"), ("DELETE", "/v1/devices/d1", None)],
     "twin.twin_side": [("GET", "/v1/devices/d1/desired", None), ("PUT", "/v1/devices/d1/desired", b'{"a": 1}')],
     "twin.twin": [("GET", "/v1/devices/d1/twin", None)],
     "telemetry.device_telemetry": [("GET", "/v1/devices/d1/telemetry", None),
                                    ("POST", "/v1/devices/d1/telemetry", b'[{"t": 1}]')],
-    "telemetry.telemetry": [("GET", "/v1/telemetry?device=d1", None)],
+    "telemetry.fleet_telemetry": [("GET", "/v1/telemetry?type=sensor", None)],
     "ops.metrics": [("GET", "/metrics", None)],
     "ops.sync_status": [("GET", "/v1/sync/status", None)],
     "acl.create_token": [("PUT", "/v1/acl/token", b"{}")],
@@ -56,7 +56,7 @@ ROUTES = {
     "acl.policy_by_name": [("GET", "/v1/acl/policy/name/global-management", None)],
     "acl.list_policies": [("GET", "/v1/acl/policies", None)],
 }
-HUB_ROUTES = {"fleet.sites": [("GET", "/v1/sites", None)]}
+HUB_ROUTES = {"hub_fleet.sites": [("GET", "/v1/sites", None)]}
 
 
 def all_endpoints() -> set[str]:
@@ -76,6 +76,13 @@ def test_the_route_table_covers_every_route():
     # A new route must be added here (and so get its anonymous check below).
     missing = all_endpoints() - set(ROUTES) - set(HUB_ROUTES) - OPEN - {"hub_sync.sync_socket"}
     assert not missing, f"routes with no ACL test: {sorted(missing)}"
+
+
+def test_every_route_is_classified_in_authz():
+    endpoints = all_endpoints() - {"hub_sync.sync_socket"}  # the WebSocket checks in its handler
+    classified = OPEN | set(ROUTE_ACCESS) | CHECKED_IN_ROUTE
+    assert endpoints - classified == set(), "routes that only a management token may call"
+    assert classified - endpoints == set(), "names in authz.py that no route has"
 
 
 def shows_nothing(response: httpx.Response) -> bool:
@@ -98,7 +105,7 @@ def acl_edge(tmp_path_factory):
         assert admin.put("/v1/kv/other/b", content=b"2").json() is True
         service = {"Name": "web", "Port": 80, "Check": {"TTL": "30s"}}
         assert admin.put("/v1/agent/service/register", json=service).status_code == 200
-        assert admin.put("/v1/devices/d1", json={"Type": "sensor"}).status_code == 200
+        assert admin.put("/v1/devices/d1", json={"Type": "sensor"}).status_code in (200, 201)
     yield edge
     edge.stop()
 
@@ -283,4 +290,36 @@ def test_the_hub_refuses_anonymous_requests_and_sync_without_an_operator_token(t
             edge.stop()
             stranger.stop()
     finally:
+        hub.stop()
+
+
+def test_the_hub_never_takes_fleet_wide_acl_records_from_an_edge(tmp_path):
+    # An edge run standalone first is its own authority: it makes a global policy and token.
+    alone = EdgeProcess(tmp_path / "edge", acl=True)
+    try:
+        with httpx.Client(base_url=alone.url, timeout=10, headers=ADMIN) as client:
+            assert client.put("/v1/acl/policy", json={"Name": "edge-made", "Rules": 'key_prefix "" { policy = "write" }'}).status_code == 200
+            made = client.put("/v1/acl/token", json={"Policies": [{"Name": "edge-made"}]}).json()
+            assert client.put("/v1/kv/before-hub", content=b"1").json() is True
+    finally:
+        alone.stop()
+    hub = HubProcess(tmp_path / "hub", acl=True)
+    edge = EdgeProcess(tmp_path / "edge", hub_url=hub.url, acl=True, extra=["--hub-token", MANAGEMENT_TOKEN])
+    try:
+        hub_admin = httpx.Client(base_url=hub.url, timeout=10, headers=ADMIN)
+        # Its data syncs; its fleet-wide ACL records do not, and the session goes on.
+        eventually(lambda: hub_admin.get("/v1/kv/before-hub?dc=s1&raw").content == b"1", what="the edge's data at the hub")
+        with httpx.Client(base_url=edge.url, timeout=10, headers=ADMIN) as client:
+            assert client.put("/v1/kv/after", content=b"2").json() is True
+            # Now that it has a hub, it makes no more fleet-wide records itself.
+            refused = client.put("/v1/acl/policy", json={"Name": "late", "Rules": ""})
+            assert refused.status_code == 403 and refused.json()["error"] == "acl_global_at_hub"
+            assert client.put("/v1/acl/token", json={"Local": True}).status_code == 200  # site-local ones it does
+        eventually(lambda: hub_admin.get("/v1/kv/after?dc=s1&raw").content == b"2", what="later writes at the hub")
+        assert hub_admin.get("/v1/acl/policy/name/edge-made").status_code == 404
+        assert hub.url and httpx.get(f"{hub.url}/v1/kv/after?dc=s1", headers={"X-Consul-Token": made["SecretID"]}).status_code == 403
+        assert "refused a peer's change to global/acl" in hub.output
+        hub_admin.close()
+    finally:
+        edge.stop()
         hub.stop()

@@ -1,8 +1,7 @@
 """Devices as principals (docs/acl.md): shorthands, policies, rotation, rates, audit, on a real edge.
 
 The edge runs with ACLs on and an initial management token; policies and
-tokens are made over ``/v1/acl`` (the launcher registers the ACL blueprint,
-see tests/edge/acl_edge_main.py). Devices talk MQTT (paho) and CoAP (aiocoap).
+tokens are made over ``/v1/acl``. Devices talk MQTT (paho) and CoAP (aiocoap).
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import json
 import queue
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -23,27 +21,22 @@ from aiocoap.numbers.codes import Code
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agents import EdgeProcess, _Listening, eventually  # noqa: E402
+from agents import MANAGEMENT_TOKEN, EdgeProcess, eventually  # noqa: E402
 
-LAUNCHER = Path(__file__).resolve().parent.parent / "edge" / "acl_edge_main.py"
-MANAGEMENT = str(uuid.uuid4())
+MANAGEMENT = MANAGEMENT_TOKEN
 KV = "konsul/v1/kv/"
 DEVICES = "konsul/v1/devices/"
 
 
-class DeviceAclEdge(_Listening):
-    """`konsul edge` with ACLs on, MQTT and CoAP, the ACL API, and an initial management token."""
+class DeviceAclEdge(EdgeProcess):
+    """`konsul edge` with ACLs on, MQTT and CoAP, and an initial management token."""
 
     def __init__(self, data_dir: Path, extra: list[str] | None = None) -> None:
         super().__init__(
-            ["edge", "--site", "s1", "--node", "n1", "--data-dir", str(data_dir), "--http-addr", "127.0.0.1:0",
-             "--mqtt-addr", "127.0.0.1:0", "--coap-addr", "127.0.0.1:0", "--hub-url", "",
-             "--acl-initial-management", MANAGEMENT, *(extra or [])],
-            command=[sys.executable, str(LAUNCHER)],
+            data_dir, acl=True, extra=["--mqtt-addr", "127.0.0.1:0", "--coap-addr", "127.0.0.1:0", *(extra or [])]
         )
-        self._ready(data_dir)
-        self.mqtt_host, self.mqtt_port = EdgeProcess.mqtt_addr(self)
-        host, port = EdgeProcess.coap_addr(self)
+        self.mqtt_host, self.mqtt_port = self.mqtt_addr()
+        host, port = self.coap_addr()
         self.coap = f"coap://{host}:{port}"
         self.http = httpx.Client(base_url=self.url, timeout=10, headers={"X-Consul-Token": MANAGEMENT})
 
