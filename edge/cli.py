@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(dev, "--data-dir", "where the dev agents keep their state", str(Path.home() / ".konsul" / "dev"))
     add_flag(dev, "--sim-devices", "simulated devices to start (mixed MQTT and CoAP); 0 starts none", "5", type=int)
+    add_flag(dev, "--edge-addr", "the dev edge's HTTP address", DEFAULT_HTTP_ADDR)
+    add_flag(dev, "--hub-addr", "the dev hub's HTTP address", DEFAULT_HUB_ADDR)
+    add_flag(dev, "--mqtt-addr", "the dev edge's MQTT address; empty disables it", DEFAULT_MQTT_ADDR)
+    add_flag(dev, "--coap-addr", "the dev edge's CoAP address; empty disables it", DEFAULT_COAP_ADDR)
     dev.set_defaults(run=cmd_dev)
 
     add_sim_command(commands)
@@ -315,7 +319,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
         async with trio.open_nursery() as nursery:
             hub = await nursery.start(
-                run_hub, HubConfig(data_dir / "hub", DEFAULT_HUB_ADDR, acl_initial_management=management)
+                run_hub, HubConfig(data_dir / "hub", args.hub_addr, acl_initial_management=management)
             )
             edge = await nursery.start(
                 run_edge,
@@ -323,7 +327,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
                     site="dev",
                     data_dir=data_dir / "edge",
                     node="dev-edge",
-                    http_addr=DEFAULT_HTTP_ADDR,
+                    http_addr=args.edge_addr,
+                    mqtt_addr=args.mqtt_addr,
+                    coap_addr=args.coap_addr,
                     hub_url=hub.http_url,
                     allow_anonymous=True,
                     acl_initial_management=management,

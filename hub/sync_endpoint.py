@@ -15,6 +15,7 @@ import logging
 import trio
 from quart import Blueprint, current_app, websocket
 
+from konsul.protocols.access import count_refusal
 from konsul.protocols.admission import NetworkLimits, source_of
 from konsul.protocols.http.authz import token_from
 from konsul.sync.errors import KonsulError
@@ -64,6 +65,7 @@ def admit_sync(source: str) -> None:
         who.authorizer.require("operator", "", "write")
     except KonsulError as error:
         current_app.config["KONSUL_HUB"].setdefault("sync_refusals", SyncRefusals()).add("unauthorized")
+        count_refusal(ctx.registry, "sync", error.code)
         if ctx.audit is not None:
             ctx.audit.record(
                 accessor=None, source=source, interface="sync", operation="sync:connect",

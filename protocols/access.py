@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,29 @@ log = logging.getLogger("konsul.acl")
 # secret's hash, so an agent restarted with the same flag finds its token
 # instead of making another, and nothing about the secret can be read back.
 _INITIAL_NAMESPACE = uuid.UUID("6f1c3c1e-6b0e-4d5e-9a63-0e7a2f6c1b3d")
+
+
+_REFUSALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def count_refusal(registry: Any, interface: str, reason: str) -> None:
+    """``konsul_acl_refusals_total{interface,reason}``: a request refused for who sent it.
+
+    ``reason`` is the refusal's code: ``permission_denied`` (a known token or
+    device without the right), ``acl_not_found`` (an unknown or revoked token),
+    ``unauthorized`` (a device's wrong credentials). One counter per registry.
+    """
+    if registry is None:
+        return
+    counter = _REFUSALS.get(registry)
+    if counter is None:
+        from prometheus_client import Counter
+
+        counter = _REFUSALS[registry] = Counter(
+            "konsul_acl_refusals", "Requests refused for their token or credentials, by interface and reason",
+            ["interface", "reason"], registry=registry,
+        )
+    counter.labels(interface, reason).inc()
 
 
 @dataclass

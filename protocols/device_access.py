@@ -31,6 +31,7 @@ from konsul.sync.acl_rules import Authorizer, PolicyRules, parse_rules, shorthan
 from konsul.sync.errors import InvalidArgument
 from konsul.sync.replica import GLOBAL_SCOPE
 
+from .access import count_refusal
 from .rate_limit import TokenBuckets, device_message_limit
 
 if TYPE_CHECKING:
@@ -240,7 +241,9 @@ class DeviceAccess:
         self, device_id: str | None, source: str, interface: str, operation: str, resource: str,
         result: str = "allowed", reason: str = "",
     ) -> None:
-        """One audit event (nothing without an audit log)."""
+        """One audit event (nothing without an audit log); a denial is also counted."""
+        if result == "denied":
+            count_refusal(self.ctx.registry, interface, reason.split(":", 1)[0] or "denied")
         audit = self.ctx.audit
         if audit is not None:
             audit.record(

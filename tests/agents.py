@@ -118,6 +118,7 @@ class EdgeProcess(_Listening):
         node: str = "n1",
         extra: list[str] | None = None,
         hub_url: str = "",
+        *,
         acl: bool = False,
     ) -> None:
         """``acl``: run with ACLs on (``token`` is then a management secret); off by default
@@ -153,7 +154,7 @@ class EdgeProcess(_Listening):
 class HubProcess(_Listening):
     """`konsul hub`; give ``port`` to bring a hub back where its edges expect it."""
 
-    def __init__(self, data_dir: Path, port: int = 0, acl: bool = False, extra: list[str] | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int = 0, extra: list[str] | None = None, *, acl: bool = False) -> None:
         self.token = MANAGEMENT_TOKEN if acl else None
         super().__init__([
             "hub", "--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{port}",

@@ -28,7 +28,7 @@ from aiocoap.util.vendored.link_header import ParseException
 from konsul.sync.devices import PresenceTable, check_device_id
 
 from .access import Access, query_params
-from .directory import DEFAULT_LIFETIME, MAX_LIFETIME, DirectoryFull, Registration, ResourceDirectory
+from .directory import DEFAULT_LIFETIME, MAX_LIFETIME, DirectoryFull, Registration, ResourceDirectory, check_links
 from .limits import Refused, peer_source
 from .errors import CoapError, ExplainedResource, bad_request
 
@@ -146,6 +146,9 @@ class RegistrationsResource(ExplainedResource):
         lifetime = _lifetime(params) or DEFAULT_LIFETIME
         base = _base(params) or f"coap://{request.remote.hostinfo}"
         links = _links(request)
+        # Before the caller is known: a refused registration must not register
+        # an anonymous device either.
+        check_links(base, links.links)
         await self.access.caller(request)  # authenticates ep (registers anonymous devices)
         attributes = {k: v for k, v in params.items() if k not in _REGISTRATION_PARAMS}
         source = peer_source(request.remote)

@@ -13,6 +13,8 @@ from werkzeug.routing import PathConverter
 from konsul.sync.errors import InvalidArgument, KonsulError
 from konsul.sync.limits import MAX_VALUE_BYTES
 
+from konsul.protocols.access import count_refusal
+
 from . import authz
 from .acl_routes import acl_api
 from .agent_routes import agent_api
@@ -79,6 +81,8 @@ def create_app(ctx: HttpContext, extra_blueprints: tuple | list = ()) -> QuartTr
             response.headers.update(extra)
         if error.status in (401, 403, 429) and has_request_context():
             g.konsul_refusal = f"{error.code}: {error}"
+            if error.status != 429:  # rate limits count in konsul_rate_limited_total
+                count_refusal(ctx.registry, "http", error.code)
         return response
 
     def target() -> tuple[str, str]:

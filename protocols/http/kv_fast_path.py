@@ -33,6 +33,7 @@ import logging
 from email.utils import formatdate
 from time import time
 
+from konsul.protocols.access import count_refusal
 from konsul.sync.errors import KonsulError
 from konsul.sync.limits import MAX_VALUE_BYTES
 
@@ -210,6 +211,8 @@ class KvFastPath:
             payload = json.dumps({"error": error.code, "detail": str(error)}, separators=(",", ":")).encode()
             extra = b""
             if error.status in (401, 403, 429):
+                if error.status != 429:
+                    count_refusal(ctx.registry, "http", error.code)
                 if ctx.audit is not None:
                     self._audit(who, source, method, key, "rate_limited" if error.status == 429 else "denied",
                                 f"{error.code}: {error}")

@@ -255,6 +255,10 @@ def test_writes_and_refusals_are_audited_without_secrets(tmp_path):
         }
         assert all(e["source"] == "127.0.0.1" and e["interface"] == "http" for e in events)
         assert MANAGEMENT_TOKEN not in log.read_text() and "1" * 36 not in log.read_text()
+        metrics = httpx.get(f"{edge.url}/metrics", headers=ADMIN).text
+        assert 'konsul_acl_refusals_total{interface="http",reason="permission_denied"} 1.0' in metrics
+        assert 'konsul_acl_refusals_total{interface="http",reason="acl_not_found"} 1.0' in metrics
+        assert 'konsul_audit_events_total{interface="http",result="denied"} 2.0' in metrics
     finally:
         edge.stop()
 

@@ -453,6 +453,8 @@ def test_a_registered_link_that_is_not_a_url_is_refused_and_lookups_keep_working
         assert (refused.code, refused.payload) == (Code.CONTENT, b""), refused.payload  # nothing was registered
     finally:
         peer.close()
+    # Not even the anonymous device the registration would have made.
+    assert httpx.get(f"{edge.url}/v1/devices/links-bad", timeout=5).status_code == 404
     still_serving(edge)
 
 
