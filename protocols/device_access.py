@@ -27,8 +27,7 @@ import time
 from typing import TYPE_CHECKING, Protocol
 
 from konsul.sync.acl import MANAGEMENT_POLICY_ID
-from konsul.sync.acl_rules import Authorizer, PolicyRules, parse_rules, shorthand_rules
-from konsul.sync.errors import InvalidArgument
+from konsul.sync.acl_rules import Authorizer, PolicyRules, shorthand_rules
 from konsul.sync.replica import GLOBAL_SCOPE
 
 from .access import count_refusal
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
 
 _CACHE_LIMIT = 16_384  # devices whose rights are kept (a forgotten one is rebuilt, never refused)
 RATE_AUDIT_INTERVAL = 1.0  # seconds: one audit event per device and interval for messages over its rate
-_RULES_LIMIT = 4096  # parsed policies kept
 
 
 class Rights(Protocol):
@@ -139,7 +137,6 @@ class DeviceAccess:
         self.ctx = ctx
         # device id -> (record, its version, ACL generations, rights)
         self._cache: dict[str, tuple[DeviceRecord, tuple, tuple[int, int], PolicyRights]] = {}
-        self._rules: dict[tuple, PolicyRules] = {}
         self._rates: dict[str, TokenBuckets] = {}
         # (interface, device) -> [when its last rate_limited event was recorded, refusals since]
         self._rate_audits: dict[tuple[str, str], list] = {}
@@ -178,21 +175,8 @@ class DeviceAccess:
             policy = self.ctx.acl.policy(policy_id)
             if policy is None or not policy.applies_in(self.ctx.site):
                 continue  # a deleted policy grants nothing; one for other sites nothing here
-            rules.append(self._parsed(policy))
+            rules.append(self.ctx.acl.parsed_rules(policy))
         return PolicyRights(record.device_id, Authorizer(rules, principal=principal), rules)
-
-    def _parsed(self, policy) -> PolicyRules:
-        key = (policy.policy_id, policy.stamp)
-        found = self._rules.get(key)
-        if found is None:
-            try:
-                found = parse_rules(policy.rules)
-            except InvalidArgument:
-                found = PolicyRules()  # checked when written; a bad record from a peer grants nothing
-            if len(self._rules) >= _RULES_LIMIT:
-                self._rules.clear()
-            self._rules[key] = found
-        return found
 
     # -- message rates -------------------------------------------------------------------
 

@@ -141,7 +141,7 @@ class AclResolver:
             policy = self.policy(policy_id, registries, home)
             if policy is None or not policy.applies_in(datacenter):
                 continue  # a deleted policy grants nothing; a policy for other sites nothing here
-            parsed.append(self._parsed(policy))
+            parsed.append(self.parsed_rules(policy))
         return Authorizer(parsed, principal=token.accessor_id)
 
     def policy(self, policy_id: str, registries: list[AclRegistry] | None = None, home: AclRegistry | None = None) -> AclPolicy | None:
@@ -153,7 +153,8 @@ class AclResolver:
                 return found
         return None
 
-    def _parsed(self, policy: AclPolicy) -> PolicyRules:
+    def parsed_rules(self, policy: AclPolicy) -> PolicyRules:
+        """A policy's parsed rules, cached per policy version (devices' rights use it too)."""
         key = (policy.policy_id, policy.stamp)
         found = self._rules.get(key)
         if found is None:

@@ -16,12 +16,14 @@ from pathlib import Path
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
-from aiocoap import Context, Message
+from aiocoap import Message
 from aiocoap.numbers.codes import Code
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agents import MANAGEMENT_TOKEN, EdgeProcess, eventually  # noqa: E402
+from test_coap_aiocoap import request  # noqa: E402
+from test_coap_aiocoap import run as coap  # noqa: E402
 
 MANAGEMENT = MANAGEMENT_TOKEN
 KV = "konsul/v1/kv/"
@@ -119,27 +121,6 @@ class Device:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
-
-def coap(coro_fn, *args):
-    """Run ``coro_fn(client, *args)`` with a fresh aiocoap client, on a plain selector loop."""
-
-    async def main():
-        client = await Context.create_client_context()
-        try:
-            return await asyncio.wait_for(coro_fn(client, *args), 30)
-        finally:
-            await client.shutdown()
-
-    loop = asyncio.SelectorEventLoop()
-    try:
-        return loop.run_until_complete(main())
-    finally:
-        loop.close()
-
-
-async def request(client: Context, code: Code, uri: str, payload: bytes = b"", **options) -> Message:
-    return await client.request(Message(code=code, uri=uri, payload=payload, **options)).response
 
 
 def still_serving(edge: DeviceAclEdge) -> None:
