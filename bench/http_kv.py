@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import functools
 import http.client
 import json
 import os
@@ -224,6 +225,17 @@ def prioritised(argv: list[str]) -> list[str]:
 BENCH_TOKEN = "b3c4d5e6-0000-4000-8000-00000000beef"
 
 
+# The "konsul-baseline" target: another checkout's konsul (--baseline-bin), for
+# a before/after comparison in one run.
+BASELINE: list[Path] = []
+
+
+@functools.cache
+def has_acls(konsul: Path = KONSUL) -> bool:
+    usage = subprocess.run([str(konsul), "edge", "--help"], capture_output=True, text=True, check=False).stdout
+    return "--acl " in usage
+
+
 def is_konsul(target: str) -> bool:
     return target.startswith("konsul")
 
@@ -232,10 +244,12 @@ def token_for(target: str) -> str:
     return BENCH_TOKEN if target == "konsul" else ""
 
 
-def start_konsul(data_dir: Path, logs: Path, everything: bool = False, acl: bool = True) -> Server:
+def start_konsul(data_dir: Path, logs: Path, everything: bool = False, acl: bool = True,
+                 konsul: Path = KONSUL) -> Server:
     port = free_port()
-    argv = [str(KONSUL), "edge", "--site", "s1", "--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{port}"]
-    argv += ["--acl-initial-management", BENCH_TOKEN] if acl else ["--acl", "off"]
+    argv = [str(konsul), "edge", "--site", "s1", "--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{port}"]
+    if has_acls(konsul):  # a baseline checkout from before ACLs takes neither flag
+        argv += ["--acl-initial-management", BENCH_TOKEN] if acl else ["--acl", "off"]
     if everything:
         argv += [
             "--mqtt-addr", f"127.0.0.1:{free_port()}",
@@ -402,7 +416,12 @@ def run_wrk(server: Server, target: str, op: str, prefix: str, keys: int, connec
 
 def bench_target(target: str, root: Path, logs: Path, args: argparse.Namespace, round_: int) -> list[dict]:
     data = root / f"{target}-data-{round_}"
-    server = start_konsul(data, logs, acl=target == "konsul") if is_konsul(target) else start_etcd(data, logs)
+    if target == "konsul-baseline":
+        server = start_konsul(data, logs, acl=False, konsul=BASELINE[0] / "konsul")
+    elif is_konsul(target):
+        server = start_konsul(data, logs, acl=target == "konsul")
+    else:
+        server = start_etcd(data, logs)
     results = []
     try:
         server.wait_ready()
@@ -792,6 +811,15 @@ def table(cells: list[dict], args: argparse.Namespace) -> str:
             if k and e:
                 goal = " (goal >= 0.5x)" if op == "put" and n == 64 else ""
                 lines.append(f"| {op.upper()} | {n} | {k['rps']:,.0f} | {e['rps']:,.0f} | {k['rps'] / e['rps']:.2f}x{goal} |")
+    if any(c["target"] == "konsul-baseline" for c in cells):
+        lines += ["", "| op | conns | this checkout, --acl off (req/s) | baseline (req/s) | this/baseline |",
+                  "|---|---:|---:|---:|---:|"]
+        for op in ("put", "get"):
+            for n in args.connections:
+                k, b = by.get(("konsul-noacl", op, n)), by.get(("konsul-baseline", op, n))
+                if k and b:
+                    lines.append(f"| {op.upper()} | {n} | {k['rps']:,.0f} ({k['cpu_us_per_req']:,.0f} µs CPU) "
+                                 f"| {b['rps']:,.0f} ({b['cpu_us_per_req']:,.0f} µs CPU) | {k['rps'] / b['rps']:.2f}x |")
     if any(c["target"] == "konsul-noacl" for c in cells):
         lines += ["", "| op | conns | ACLs on, token on every request (req/s) | --acl off (req/s) | on/off |",
                   "|---|---:|---:|---:|---:|"]
@@ -813,7 +841,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="repeat the whole workload, report the median (default 3)")
     parser.add_argument("--starts", type=int, default=5, help="konsul starts for the start-up median (default 5)")
     parser.add_argument("--targets", default="konsul,etcd",
-                        help="comma-separated: konsul (ACLs on, a token on every request), konsul-noacl (--acl off), etcd")
+                        help="comma-separated: konsul (ACLs on, a token on every request), konsul-noacl (--acl off), "
+                        "konsul-baseline (--baseline-bin's konsul, ACLs off if it has them), etcd")
+    parser.add_argument("--baseline-bin", help="the bin directory of another checkout's virtualenv (the konsul-baseline target)")
     parser.add_argument("--floors", action="store_true",
                         help="also run the PUT workload at the highest connection count against do-nothing "
                         "HTTP servers (bench/http_floor.py): what the HTTP layer alone costs")
@@ -831,6 +861,10 @@ def main() -> int:
     args = parser.parse_args()
     args.connections = [int(c) for c in args.connections.split(",")]
     targets = [t for t in args.targets.split(",") if t]
+    if "konsul-baseline" in targets:
+        if not args.baseline_bin or not (Path(args.baseline_bin) / "konsul").exists():
+            sys.exit("konsul-baseline needs --baseline-bin DIR, the bin directory holding that checkout's konsul")
+        BASELINE.append(Path(args.baseline_bin))
     global NICE
     NICE = args.nice if args.nice is not None else (-10 if os.geteuid() == 0 else 0)
 
@@ -863,7 +897,10 @@ def main() -> int:
         rounds = []
         for round_ in range(args.rounds):
             results = []
-            for target in targets:
+            # Each round starts with another target: the first of a round
+            # measured slower (a cold page cache, CPU frequency), which would
+            # otherwise always fall on the same one.
+            for target in targets[round_ % len(targets):] + targets[:round_ % len(targets)]:
                 results += bench_target(target, root, logs, args, round_)
             rounds.append(results)
         cells = median_cells(rounds)

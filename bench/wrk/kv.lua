@@ -68,7 +68,7 @@ function init(args)
       put_headers["X-Consul-Token"] = token
       get_headers["X-Consul-Token"] = token
    end
-   if target == "konsul-noacl" then target = "konsul" end
+   if target == "konsul-noacl" or target == "konsul-baseline" then target = "konsul" end
    bad = 0          -- global: read back by done() through thread:get
    bad_status = 0
    responses = 0
