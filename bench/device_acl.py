@@ -29,11 +29,9 @@ from konsul.sync.acl_resolver import AclResolver
 from konsul.sync.devices import DeviceRecord, PresenceTable
 from konsul.sync.replica import GLOBAL_SCOPE, Replica
 
+from acl_check import per_call_us  # bench/acl_check.py, beside this script
+
 CALLS = 200_000
-
-
-def per_call_us(started: float, calls: int) -> float:
-    return (time.perf_counter() - started) / calls * 1e6
 
 
 async def main() -> None:

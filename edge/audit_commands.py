@@ -13,12 +13,11 @@ import argparse
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .client_commands import CommandError, UsageError, note, out
+from .client_commands import CommandError, UsageError, note, out, run_command
 
 FOLLOW_POLL_S = 0.25
 _BLOCK = 64 * 1024
@@ -50,18 +49,8 @@ def add_audit_command(commands: argparse._SubParsersAction, add_flag: Callable[.
 
 
 def _runner(command: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser):
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except UsageError as error:
-            parser.error(str(error))
-        except CommandError as error:
-            print(f"konsul: {error}", file=sys.stderr)
-            return error.code
-        except (BrokenPipeError, KeyboardInterrupt):
-            return 0
-
-    return run
+    # Ctrl-C is how `--follow` is meant to end: not an interruption.
+    return lambda args: run_command(command, args, parser, interrupted=0)
 
 
 def log_path(args: argparse.Namespace) -> Path:

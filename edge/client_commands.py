@@ -252,21 +252,31 @@ def _runner(command: Callable[[argparse.Namespace], int], parser: argparse.Argum
         if args.format not in FORMATS:  # from KONSUL_FORMAT, which argparse does not check
             parser.error(f"--format must be one of {', '.join(FORMATS)}, not {args.format!r}")
         _quiet_http_logging()
-        try:
-            return command(args)
-        except UsageError as error:
-            parser.error(str(error))
-        except CommandError as error:
-            print(f"konsul: {error}", file=sys.stderr)
-            return error.code
-        except BrokenPipeError:
-            # The reader went away (`konsul kv list | head`); not an error of ours.
-            _silence_stdout()
-            return 0
-        except KeyboardInterrupt:
-            return 130
+        return run_command(command, args, parser)
 
     return run
+
+
+def run_command(
+    command: Callable[[argparse.Namespace], int], args: argparse.Namespace, parser: argparse.ArgumentParser,
+    interrupted: int = 130,
+) -> int:
+    """Run a CLI command the way every ``konsul`` command reports: a :class:`UsageError` is
+    argparse's usage error (exit 2), a :class:`CommandError` prints ``konsul: ...`` and exits with
+    its code, a closed stdout ends quietly, Ctrl-C exits with ``interrupted``."""
+    try:
+        return command(args)
+    except UsageError as error:
+        parser.error(str(error))
+    except CommandError as error:
+        print(f"konsul: {error}", file=sys.stderr)
+        return error.code
+    except BrokenPipeError:
+        # The reader went away (`konsul kv list | head`); not an error of ours.
+        _silence_stdout()
+        return 0
+    except KeyboardInterrupt:
+        return interrupted
 
 
 def _quiet_http_logging() -> None:

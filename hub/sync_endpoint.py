@@ -17,7 +17,7 @@ from quart import Blueprint, current_app, websocket
 
 from konsul.protocols.access import count_refusal
 from konsul.protocols.admission import NetworkLimits, source_of
-from konsul.protocols.http.authz import token_from
+from konsul.protocols.http.authz import resolve, token_from
 from konsul.sync.errors import KonsulError
 from konsul.sync.link import LinkClosed, SyncLink
 from konsul.sync.log_limits import peer_log
@@ -61,7 +61,7 @@ def admit_sync(source: str) -> None:
         return
     secret = token_from(websocket.headers.get, websocket.args.get("token"))
     try:
-        who = ctx.acl.principal(secret)
+        who = resolve(ctx, secret, source)
         who.authorizer.require("operator", "", "write")
     except KonsulError as error:
         current_app.config["KONSUL_HUB"].setdefault("sync_refusals", SyncRefusals()).add("unauthorized")

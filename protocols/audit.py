@@ -241,13 +241,17 @@ class AuditLog:
             async for event in self._receive:
                 batch = [event]
                 await trio.sleep(FLUSH_DELAY_S)
-                while len(batch) < BATCH:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                await self._flush(batch)
-                batch = []
+                more = True
+                while more:  # everything gathered meanwhile, BATCH at a time, before waiting again
+                    while len(batch) < BATCH:
+                        try:
+                            batch.append(self._receive.receive_nowait())
+                        except trio.WouldBlock:
+                            more = False
+                            break
+                    if batch:
+                        await self._flush(batch)
+                    batch = []
         finally:
             with trio.CancelScope(shield=True):
                 await self._drain_rest(batch)

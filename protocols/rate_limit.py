@@ -188,14 +188,16 @@ class HttpRateLimits:
         token's bucket (so another address using the same token is not
         punished for it).
         """
+        return self.check_source(source, cost) or (self.check_token(accessor, cost) if accessor else None)
+
+    def check_source(self, source: str, cost: float = 1.0) -> RateLimited | None:
+        """The address's share of :meth:`check`, for callers that charge it before they know the token."""
         wait = self.per_source.take(source, cost)
-        if wait is not None:
-            return RateLimited(wait, "source")
-        if accessor:
-            wait = self.per_token.take(accessor, cost)
-            if wait is not None:
-                return RateLimited(wait, "token")
-        return None
+        return None if wait is None else RateLimited(wait, "source")
+
+    def check_token(self, accessor: str, cost: float = 1.0) -> RateLimited | None:
+        wait = self.per_token.take(accessor, cost)
+        return None if wait is None else RateLimited(wait, "token")
 
 
 def device_message_limit(limits: Any, interface: str, registry: Any = None, clock: Clock = time.monotonic) -> TokenBuckets:

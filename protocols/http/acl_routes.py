@@ -34,7 +34,7 @@ from konsul.sync.limits import parse_json_document
 from konsul.sync.replica import GLOBAL_SCOPE
 from konsul.sync.scope import Scope
 
-from .authz import authorizer, principal, request_token
+from .authz import principal, request_token
 from .context import HttpContext
 from .responses import json_response
 
@@ -50,17 +50,6 @@ _UNSUPPORTED_TOKEN_FIELDS = ("roles", "serviceidentities", "nodeidentities", "te
 class AclDisabled(KonsulError):
     code = "acl_disabled"
     status = 401
-
-
-# -- who is asking (protocols/http/authz.py resolves it once per request) -----------
-
-
-def acl_resolver(ctx: HttpContext) -> AclResolver:
-    return ctx.acl
-
-
-request_principal = principal
-request_authorizer = authorizer  # for route modules: what this request's token may do
 
 
 # -- shapes -------------------------------------------------------------------------
@@ -117,16 +106,16 @@ def policy_json(policy: AclPolicy, home: AclRegistry | None, rules: bool = True)
 
 def _ctx_and_resolver() -> tuple[HttpContext, AclResolver]:
     ctx = current_app.config["KONSUL"]
-    resolver = acl_resolver(ctx)
+    resolver = ctx.acl
     if not resolver.enabled:
         raise AclDisabled("ACL support is disabled on this agent (started with --acl=off)")
     return ctx, resolver
 
 
 def _require(access: str) -> Principal:
-    principal = request_principal()
-    principal.authorizer.require("acl", "", access)
-    return principal
+    who = principal()
+    who.authorizer.require("acl", "", access)
+    return who
 
 
 class GlobalAclElsewhere(KonsulError):
@@ -150,10 +139,10 @@ def _require_global_write(ctx: HttpContext) -> Principal:
             f"policies and global tokens are made at the hub ({ctx.hub_url}) and reach this edge by sync; "
             'here only site-local tokens ("Local": true) can be made'
         )
-    principal = _require("write")
-    if ctx.role == "hub" and principal.scope != GLOBAL_SCOPE and ctx.acl.enabled:
+    who = _require("write")
+    if ctx.role == "hub" and who.scope != GLOBAL_SCOPE and ctx.acl.enabled:
         raise GlobalAclElsewhere("a site-local token cannot change fleet-wide ACL records; use a global token")
-    return principal
+    return who
 
 
 async def _body() -> dict:
@@ -282,11 +271,11 @@ async def create_token() -> Response:
 @acl_api.route("/v1/acl/token/self", methods=["GET"])
 async def token_self() -> Response:
     ctx, resolver = _ctx_and_resolver()
-    principal = request_principal()
-    if principal.token is None:
+    who = principal()
+    if who.token is None:
         raise NotFound("this request carries no token and the anonymous token does not exist yet (bootstrap first)")
-    home = ctx.replica.scope(principal.scope).acl
-    return json_response(token_json(resolver, principal.token, home, request_token() or "anonymous"))
+    home = ctx.replica.scope(who.scope).acl
+    return json_response(token_json(resolver, who.token, home, request_token() or "anonymous"))
 
 
 @acl_api.route("/v1/acl/token/<accessor>", methods=["GET", "PUT", "DELETE"])

@@ -88,7 +88,7 @@ def principal() -> Principal:
         ctx: HttpContext = current_app.config["KONSUL"]
         # At the hub a site-local token is found in the site the request names.
         site = request.args.get("dc") if ctx.role == "hub" else None
-        found = g.konsul_principal = ctx.acl.principal(request_token(), site)
+        found = g.konsul_principal = resolve(ctx, request_token(), _source(), site)
     return found
 
 
@@ -109,6 +109,27 @@ def _source() -> str:
     return source_of(request.scope.get("client"))
 
 
+def resolve(ctx: HttpContext, secret: str | None, source: str, site: str | None = None) -> Principal:
+    """Who a request is, within the rate limits; raises the refusal.
+
+    The one order every door keeps (the app's routes, the KV fast path, the
+    hub's sync handshake): the address is charged first, so a flood of
+    made-up secrets from one address is limited like any other; then the
+    secret is resolved; then its token is charged.
+    """
+    limits = ctx.rate_limits
+    if limits is not None:
+        refused = limits.check_source(source)
+        if refused is not None:
+            raise refused
+    who = ctx.acl.principal(secret, site)
+    if limits is not None and who.token is not None:
+        refused = limits.check_token(who.accessor_id)
+        if refused is not None:
+            raise refused
+    return who
+
+
 def admit(endpoint: str | None) -> None:
     """Before a handler: token, rate limits and the route's own permission."""
     ctx: HttpContext = current_app.config["KONSUL"]
@@ -116,15 +137,11 @@ def admit(endpoint: str | None) -> None:
         return
     if endpoint in OPEN:
         if ctx.rate_limits is not None:
-            refused = ctx.rate_limits.check(None, _source())
+            refused = ctx.rate_limits.check_source(_source())
             if refused is not None:
                 raise refused
         return
     who = principal()
-    if ctx.rate_limits is not None:
-        refused = ctx.rate_limits.check(who.accessor_id if who.token is not None else None, _source())
-        if refused is not None:
-            raise refused
     needed = ROUTE_ACCESS.get(endpoint)
     if needed is not None:
         who.authorizer.require(*needed(ctx))

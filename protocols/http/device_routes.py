@@ -23,7 +23,7 @@ from konsul.sync.errors import InvalidArgument, NotFound
 from konsul.sync.replica import GLOBAL_SCOPE
 from konsul.sync.scope import Scope
 
-from .acl_routes import request_authorizer
+from .authz import authorizer as request_authorizer
 from .agent_routes import _fields, json_body
 from .params import flag
 from .responses import json_response

@@ -37,6 +37,7 @@ from konsul.protocols.access import count_refusal
 from konsul.sync.errors import KonsulError
 from konsul.sync.limits import MAX_VALUE_BYTES
 
+from .authz import resolve
 from .context import HttpContext
 from .kv_routes import entry_json
 from .metrics import HttpMetrics
@@ -185,12 +186,7 @@ class KvFastPath:
         ctx = self.ctx
         who = None
         try:
-            # The order of authz.admit: who, then the rate limits, then the permission.
-            who = ctx.acl.principal(token)
-            if ctx.rate_limits is not None:
-                refused = ctx.rate_limits.check(who.accessor_id if who.token is not None else None, source)
-                if refused is not None:
-                    raise refused
+            who = resolve(ctx, token, source)
             if not who.authorizer.management:
                 who.authorizer.require("key", key.decode(), _ACCESS[method])
             scope = ctx.scope(dc)

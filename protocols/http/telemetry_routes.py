@@ -20,7 +20,7 @@ from konsul.sync.devices import check_device_id
 from konsul.sync.errors import InvalidArgument, NotFound
 from konsul.sync.telemetry import sample_fields, sample_json
 
-from .acl_routes import request_authorizer
+from .authz import authorizer as request_authorizer
 from .agent_routes import json_body_any
 from .device_routes import listed_scopes, readable, records_matching, require_registered
 from .params import int_arg

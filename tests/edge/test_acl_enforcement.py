@@ -327,3 +327,18 @@ def test_the_hub_never_takes_fleet_wide_acl_records_from_an_edge(tmp_path):
     finally:
         edge.stop()
         hub.stop()
+
+
+def test_made_up_tokens_from_one_address_are_rate_limited_too(tmp_path):
+    # The address is charged before the secret is looked up: guessing secrets costs the guesser.
+    edge = EdgeProcess(tmp_path / "guessed", acl=True,
+                       extra=["--http-rate-per-source", "5", "--http-burst-per-source", "5"])
+    try:
+        guesses = [
+            httpx.get(f"{edge.url}/v1/kv/k{path}", headers={"X-Consul-Token": f"00000000-0000-4000-8000-{n:012d}"})
+            for n, path in enumerate(["", "?flags=1"] * 6)  # the fast path and the app alike
+        ]
+        assert {g.status_code for g in guesses} == {403, 429}, [g.status_code for g in guesses]
+        assert all(g.json()["error"] in ("acl_not_found", "rate_limited") for g in guesses)
+    finally:
+        edge.stop()

@@ -9,7 +9,7 @@ from pathlib import Path
 import trio
 from prometheus_client import CollectorRegistry
 
-from konsul.protocols.audit import FIELDS, AuditLog, RotatingFileSink, StdoutSink, open_audit_log
+from konsul.protocols.audit import BATCH, FIELDS, AuditLog, RotatingFileSink, StdoutSink, open_audit_log
 
 
 class ListSink:
@@ -177,3 +177,17 @@ def test_open_audit_log_choices(tmp_path: Path) -> None:
     assert open_audit_log("off", tmp_path, 10, 1) is None
     assert isinstance(open_audit_log("-", tmp_path, 10, 1).sink, StdoutSink)
     assert open_audit_log("", tmp_path, 10, 1).sink.path == tmp_path / "audit.log"
+
+
+async def test_a_burst_of_several_batches_is_written_whole_in_one_gathering() -> None:
+    # The writer waits FLUSH_DELAY_S once, then writes everything gathered, BATCH at a time:
+    # at thousands of writes a second it must not fall behind one batch per wait and drop.
+    sink = ListSink()
+    audit = AuditLog(sink, queue_size=10_000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(audit.run)
+        for number in range(5 * BATCH):
+            record(audit, number)
+        await until(lambda: len(sink.lines) == 5 * BATCH, "the whole burst written")
+        nursery.cancel_scope.cancel()
+    assert audit.dropped == 0 and audit.written == 5 * BATCH
