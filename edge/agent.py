@@ -23,6 +23,7 @@ from konsul.protocols.admission import NetworkLimits
 from konsul.protocols.audit import DEFAULT_KEEP as DEFAULT_AUDIT_KEEP
 from konsul.protocols.audit import DEFAULT_MAX_BYTES as DEFAULT_AUDIT_MAX_BYTES
 from konsul.protocols.gateway import GatewayContext
+from konsul.protocols.tls import ServerTls, TlsFiles, reload_on_sighup
 
 from .check_runner import CheckRunner
 from .connector import HubConnector, sync_url
@@ -57,6 +58,17 @@ class EdgeConfig:
     # acl.tokens.initial_management); local to this edge's site.
     acl_initial_management: str = ""
     hub_token: str = ""  # sent to the hub's /v1/sync (a token that may write operator)
+    # TLS (docs/security.md): the HTTP API and a TLS MQTT listener serve with
+    # these files when given; ``mqtts_addr`` "" means no TLS MQTT listener.
+    tls: TlsFiles | None = None
+    mqtts_addr: str = ""
+    # The sync link: the CA the hub's certificate must chain to (pinning; the
+    # system's CAs when empty), and this site's credential at the hub: a join
+    # token (`konsul sites add`) or a client certificate for mutual TLS.
+    hub_ca: str = ""
+    site_token: str = ""
+    site_cert: str = ""
+    site_key: str = ""
 
 
 @dataclass
@@ -67,6 +79,7 @@ class EdgeInfo:
     replica_id: str
     mqtt_addr: str | None = None
     coap_addr: str | None = None
+    mqtts_addr: str | None = None
 
 
 def split_addr(addr: str, what: str) -> tuple[str, int]:
@@ -89,6 +102,8 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
         sync_url(config.hub_url)  # a malformed URL stops start-up, not the connector
     # With a hub, the hub owns the epochs (compaction); standalone, we compact
     # into local epochs that can never be mistaken for the hub's.
+    # Certificates are read before anything is opened: a wrong file stops start-up.
+    server_tls = None if config.tls is None else ServerTls(config.tls)
     replica = Replica.open(
         config.data_dir, config.durability, auto_compact=not config.hub_url, epoch_authority=False
     )
@@ -102,6 +117,8 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
         async with trio.open_nursery() as nursery:
             await nursery.start(replica.run)
             await nursery.start(buffer.run)
+            if server_tls is not None:
+                await nursery.start(reload_on_sighup, server_tls)
             site = replica.scope(config.site)
             replica.scope(GLOBAL_SCOPE)
             bridge = DeviceBridge(site, buffer)
@@ -168,7 +185,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 audit=access.audit,
             )
             bridge.install(gateways)
-            bound = await nursery.start(run_device_gateways, gateways, config)
+            bound = await nursery.start(run_device_gateways, gateways, config, server_tls)
             await nursery.start(bridge.run)
             ready = True
             log.info(
@@ -187,7 +204,8 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
 
 
 async def run_device_gateways(
-    gateways: GatewayContext, config: EdgeConfig, *, task_status: trio.TaskStatus[dict[str, str]]
+    gateways: GatewayContext, config: EdgeConfig, server_tls: ServerTls | None = None,
+    *, task_status: trio.TaskStatus[dict[str, str]],
 ) -> None:
     """MQTT and CoAP, both asyncio libraries, behind one trio-asyncio loop (DESIGN.md, 2)."""
     mqtt = config.mqtt_broker or config.mqtt_addr  # a URL attaches to an external broker

@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_limit_flags(edge, "edge")
     add_security_flags(edge)
+    add_tls_flags(edge, "edge")
     edge.set_defaults(run=cmd_edge)
 
     hub = commands.add_parser("hub", help="run the central hub", description="Run the hub edges sync with.")
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(hub, "--durability", "full or relaxed, as for konsul edge", "full", choices=["full", "relaxed"])
     add_limit_flags(hub, "hub")
     add_security_flags(hub)
+    add_tls_flags(hub, "hub")
     hub.set_defaults(run=cmd_hub)
 
     dev = commands.add_parser(
@@ -150,6 +152,66 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
              metavar="SIZE")
     add_flag(group, "--audit-keep", "rotated audit log files kept (audit.log.1 newest); 0 keeps none", "5", type=int,
              metavar="N")
+
+
+def add_tls_flags(parser: argparse.ArgumentParser, role: str) -> None:
+    """TLS for the listeners and, at an edge, the sync link and its site credential (docs/security.md)."""
+    group = parser.add_argument_group("TLS and site credentials (docs/security.md)")
+    add_flag(group, "--tls-cert", "PEM certificate (chain) to serve HTTPS" + (" and MQTT over TLS" if role == "edge" else "")
+             + " with; reloaded on SIGHUP", "", metavar="PATH")
+    add_flag(group, "--tls-key", "PEM private key of --tls-cert", "", metavar="PATH")
+    add_flag(group, "--tls-ca", "PEM CA bundle that signs clients' certificates", "", metavar="PATH")
+    add_flag(group, "--tls-verify-client", "'on': every TLS client must present a certificate --tls-ca signed", "off",
+             metavar="on|off")
+    if role != "edge":
+        return
+    add_flag(group, "--mqtts-addr", "MQTT over TLS address; default 127.0.0.1:8883 when --tls-cert is given, "
+             "'off' for none", "", metavar="HOST:PORT")
+    add_flag(group, "--hub-ca", "the only CA the hub's certificate may chain to (pinning); empty trusts the "
+             "system's CAs", "", metavar="PATH")
+    add_flag(group, "--site-token", "this site's join token at the hub (`konsul sites add SITE` prints it)", "",
+             metavar="SECRET")
+    add_flag(group, "--site-cert", "a client certificate for this site (mutual TLS with the hub), instead of "
+             "--site-token", "", metavar="PATH")
+    add_flag(group, "--site-key", "PEM private key of --site-cert", "", metavar="PATH")
+
+
+DEFAULT_MQTTS_ADDR = "127.0.0.1:8883"
+
+
+def tls_config(args: argparse.Namespace, role: str) -> dict:
+    """The TLS fields of EdgeConfig / HubConfig from the parsed flags."""
+    from konsul.protocols.tls import TlsFiles
+
+    verify = str(args.tls_verify_client).strip().lower()
+    if verify not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+        raise SystemExit(f"konsul: --tls-verify-client must be on or off, not {args.tls_verify_client!r}")
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise SystemExit("konsul: --tls-cert and --tls-key go together")
+        tls = TlsFiles(
+            Path(args.tls_cert), Path(args.tls_key), Path(args.tls_ca) if args.tls_ca else None,
+            verify in ("on", "true", "1", "yes"),
+        )
+    elif args.tls_ca or verify in ("on", "true", "1", "yes"):
+        raise SystemExit("konsul: --tls-ca and --tls-verify-client need --tls-cert and --tls-key")
+    config: dict = {"tls": tls}
+    if role == "edge":
+        mqtts = (args.mqtts_addr or "").strip()
+        if mqtts.lower() == "off":
+            mqtts = ""
+        elif not mqtts and tls is not None:
+            mqtts = DEFAULT_MQTTS_ADDR
+        elif mqtts and tls is None:
+            raise SystemExit("konsul: --mqtts-addr needs --tls-cert and --tls-key")
+        if bool(args.site_cert) != bool(args.site_key):
+            raise SystemExit("konsul: --site-cert and --site-key go together")
+        config.update(
+            mqtts_addr=mqtts, hub_ca=args.hub_ca, site_token=(args.site_token or "").strip(),
+            site_cert=args.site_cert, site_key=args.site_key,
+        )
+    return config
 
 
 def security_config(args: argparse.Namespace) -> dict:
@@ -274,6 +336,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
         telemetry_buffer_bytes=parse_size(args.telemetry_buffer, "--telemetry-buffer"),
         limits=network_limits(args),
         **security_config(args),
+        **tls_config(args, "edge"),
     )
     return run_until_signal(run_edge, config)
 
@@ -297,7 +360,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
 
     config = HubConfig(
         data_dir=Path(args.data_dir), http_addr=args.http_addr, durability=args.durability, limits=network_limits(args),
-        **security_config(args),
+        **security_config(args), **tls_config(args, "hub"),
     )
     return run_until_signal(run_hub, config)
 

@@ -17,6 +17,7 @@ from konsul.sync.checks import CheckTable
 from konsul.sync.replica import GLOBAL_SCOPE, Replica
 
 from konsul.protocols.admission import NetworkLimits
+from konsul.protocols.tls import ServerTls, TlsFiles, reload_on_sighup
 from konsul.protocols.audit import DEFAULT_KEEP as DEFAULT_AUDIT_KEEP
 from konsul.protocols.audit import DEFAULT_MAX_BYTES as DEFAULT_AUDIT_MAX_BYTES
 
@@ -39,6 +40,9 @@ class HubConfig:
     # A management token's secret (a UUID) made at start if missing (Consul's
     # acl.tokens.initial_management); global, so it reaches every edge.
     acl_initial_management: str = ""
+    # TLS for the HTTP API and /v1/sync (docs/security.md); with ``verify_client``
+    # and a CA, sites may authenticate with a client certificate instead of a join token.
+    tls: TlsFiles | None = None
 
 
 @dataclass
@@ -64,6 +68,8 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
 
     host, port = split_addr(config.http_addr, "--http-addr")
     limits = config.limits
+    # Certificates are read before anything is opened: a wrong file stops start-up.
+    server_tls = None if config.tls is None else ServerTls(config.tls)
     replica = Replica.open(
         config.data_dir, config.durability, per_scope_stores=True,
         max_scopes=_scopes_that_fit(limits.sync_scopes_total),
@@ -75,6 +81,8 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
         telemetry = TelemetryStore(Path(config.data_dir) / "telemetry.db", config.durability)
         async with trio.open_nursery() as nursery:
             await nursery.start(replica.run)
+            if server_tls is not None:
+                await nursery.start(reload_on_sighup, server_tls)
             await replica.open_scope(GLOBAL_SCOPE)
             sites = SiteRegistry()
             sync_status = None  # set below; the registry reads it lazily
