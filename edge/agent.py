@@ -57,7 +57,6 @@ class EdgeConfig:
     # A management token's secret (a UUID) made at start if missing (Consul's
     # acl.tokens.initial_management); local to this edge's site.
     acl_initial_management: str = ""
-    hub_token: str = ""  # sent to the hub's /v1/sync (a token that may write operator)
     # TLS (docs/security.md): the HTTP API and a TLS MQTT listener serve with
     # these files when given; ``mqtts_addr`` "" means no TLS MQTT listener.
     tls: TlsFiles | None = None
@@ -142,7 +141,8 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 await ensure_initial_management(replica, config.site, config.acl_initial_management)
             if config.hub_url:
                 connector = HubConnector(
-                    config.hub_url, replica, config.site, checks, presence, buffer, token=config.hub_token
+                    config.hub_url, replica, config.site, checks, presence, buffer,
+                    site_token=config.site_token, max_clock_skew_ms=int(config.limits.max_clock_skew_s * 1000),
                 )
                 await nursery.start(connector.run)
             ctx = HttpContext(

@@ -54,8 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(edge, "--site", "this site's id (its Consul datacenter name)", required=env_default("--site") is None)
     add_flag(edge, "--data-dir", "where the agent keeps its state", required=env_default("--data-dir") is None)
     add_flag(edge, "--hub-url", "the hub to sync with; empty runs standalone", "")
-    add_flag(edge, "--hub-token", "an ACL token the hub lets sync (one that may write operator); "
-             "needed when the hub runs with ACLs", "")
     add_flag(edge, "--node", "this agent's node name", socket.gethostname())
     add_flag(edge, "--http-addr", "HTTP API address; port 0 picks a free port", DEFAULT_HTTP_ADDR)
     add_flag(edge, "--mqtt-addr", "MQTT address for devices; empty disables it", DEFAULT_MQTT_ADDR)
@@ -330,7 +328,6 @@ def cmd_edge(args: argparse.Namespace) -> int:
         mqtt_broker=args.mqtt_broker,
         coap_addr=args.coap_addr,
         hub_url=args.hub_url,
-        hub_token=(args.hub_token or "").strip(),
         allow_anonymous=args.allow_anonymous,
         durability=args.durability,
         telemetry_buffer_bytes=parse_size(args.telemetry_buffer, "--telemetry-buffer"),
@@ -375,6 +372,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     # kept in the data directory, is the hub's and the edge's initial
     # management token, the edge's sync token, and the printed examples' token.
     management = dev_management_token(data_dir)
+    site_token = dev_site_token(data_dir)
     os.environ["KONSUL_HTTP_TOKEN"] = management  # for anything this process starts
 
     async def run_dev(_config, *, task_status):
@@ -382,7 +380,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
         async with trio.open_nursery() as nursery:
             hub = await nursery.start(
-                run_hub, HubConfig(data_dir / "hub", args.hub_addr, acl_initial_management=management)
+                run_hub, HubConfig(
+                    data_dir / "hub", args.hub_addr, acl_initial_management=management,
+                    initial_site_tokens={"dev": site_token},
+                ),
             )
             edge = await nursery.start(
                 run_edge,
@@ -396,7 +397,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
                     hub_url=hub.http_url,
                     allow_anonymous=True,
                     acl_initial_management=management,
-                    hub_token=management,
+                    site_token=site_token,
                 ),
             )
             if args.sim_devices > 0:
@@ -471,13 +472,32 @@ def dev_management_token(data_dir: Path) -> str:
     """The dev agents' management secret: read from ``<data-dir>/management-token``, made on first start."""
     import uuid
 
-    path = data_dir / "management-token"
+    def valid(text: str) -> bool:
+        try:
+            return str(uuid.UUID(text)) == text
+        except ValueError:
+            return False
+
+    return dev_secret(data_dir / "management-token", lambda: str(uuid.uuid4()), valid)
+
+
+def dev_site_token(data_dir: Path) -> str:
+    """The dev edge's join token at the dev hub: ``<data-dir>/site-token``, made on first start."""
+    from konsul.hub.site_credentials import new_join_token
+
+    return dev_secret(data_dir / "site-token", new_join_token, lambda text: text.startswith("ksite-"))
+
+
+def dev_secret(path: Path, make, valid) -> str:
+    """A secret kept in ``path`` (0600): read if it holds a valid one, else made and written."""
     try:
-        return str(uuid.UUID(path.read_text().strip()))
-    except (FileNotFoundError, ValueError):
+        found = path.read_text().strip()
+        if valid(found):
+            return found
+    except FileNotFoundError:
         pass
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    secret = str(uuid.uuid4())
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret = make()
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as file:
         file.write(secret + "\n")

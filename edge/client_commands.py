@@ -240,9 +240,11 @@ def add_commands(commands: argparse._SubParsersAction, add_flag: Callable[..., N
 
     from .acl_commands import add_acl_commands
     from .device_commands import add_device_commands
+    from .site_commands import add_site_commands
 
     add_device_commands(commands, sub)
     add_acl_commands(commands, sub)
+    add_site_commands(commands, sub)
 
 
 def _runner(command: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser):

@@ -23,7 +23,7 @@ import trio
 from konsul.sync.batch import WriteBatch
 from konsul.sync.checks import CheckTable
 from konsul.sync.devices import PresenceTable
-from konsul.sync.hlc import Stamp
+from konsul.sync.hlc import Stamp, system_wall_ms
 from konsul.sync.link import LinkClosed, SyncLink, is_panic
 from konsul.sync.log_limits import peer_log
 from konsul.sync.replica import GLOBAL_SCOPE, Replica
@@ -82,11 +82,13 @@ class HubConnector:
         checks: CheckTable,
         presence: PresenceTable | None = None,
         telemetry: TelemetryBuffer | None = None,
-        token: str = "",
+        site_token: str = "",
+        max_clock_skew_ms: int | None = None,
     ) -> None:
         self.hub_url = hub_url
-        # The hub's ACLs admit a sync link for a token that may write operator.
-        self._headers = [(b"x-consul-token", token.encode())] if token else []
+        # The hub admits a sync link with this site's join token (docs/security.md).
+        self._headers = [(b"x-konsul-site-token", site_token.encode())] if site_token else []
+        self.max_clock_skew_ms = max_clock_skew_ms
         self.url = sync_url(hub_url)
         self.replica = replica
         self.site = site
@@ -187,7 +189,10 @@ class HubConnector:
 
     async def _session(self, ws) -> None:
         """One connection's life, until it fails."""
-        session = SyncSession("edge", self.site, self.replica.replica_id, self.scopes)
+        session = SyncSession(
+            "edge", self.site, self.replica.replica_id, self.scopes,
+            wall_ms=system_wall_ms, max_peer_ahead_ms=self.max_clock_skew_ms,
+        )
         link = SyncLink(
             session,
             self.replica.scope,

@@ -53,7 +53,10 @@ class TelemetryForwarder:
             self._wake.set()
             refused = data.get("refused")
             if type(refused) is int and refused > 0:
-                log.warning("the hub refused %d forwarded telemetry samples as unreadable; they are deleted here", refused)
+                log.warning(
+                    "the hub refused %d forwarded telemetry samples (unreadable, of a deleted device, or numbered "
+                    "far ahead: the hub's log says which); they are deleted here", refused,
+                )
         else:
             log.warning("ignoring a malformed telemetry acknowledgement: %.200r", data)
         return True

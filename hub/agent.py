@@ -43,6 +43,8 @@ class HubConfig:
     # TLS for the HTTP API and /v1/sync (docs/security.md); with ``verify_client``
     # and a CA, sites may authenticate with a client certificate instead of a join token.
     tls: TlsFiles | None = None
+    # site -> join token made at start if missing, allowed to write global (`konsul dev`).
+    initial_site_tokens: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -63,6 +65,7 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
     from .sync_endpoint import sync_api
     from .telemetry_store import TelemetryStore
 
+    from .site_credentials import SiteCredentials
     from .sync_endpoint import SyncRefusals
     from .sync_metrics import HubRefusalCollector
 
@@ -95,9 +98,12 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
             await nursery.start(access.run)
             if config.acl_initial_management:
                 await ensure_initial_management(replica, GLOBAL_SCOPE, config.acl_initial_management)
+            site_credentials = SiteCredentials(replica.store)
+            for site, secret in config.initial_site_tokens.items():
+                await site_credentials.ensure(site, secret, "write", "made at start")
             hub_state = {
                 "replica": replica, "sites": sites, "links": set(), "telemetry": telemetry, "limits": config.limits,
-                "sync_refusals": SyncRefusals(),
+                "sync_refusals": SyncRefusals(), "site_credentials": site_credentials,
             }
             ctx = HttpContext(
                 replica=replica,

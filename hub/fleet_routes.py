@@ -1,20 +1,32 @@
-"""Hub-only HTTP: ``/v1/sites``, every site's sync state."""
+"""Hub-only HTTP: ``/v1/sites``, every site's sync state and credential.
+
+``PUT /v1/sites/<site>`` issues the site's join token (shown once; a body may
+set ``Global`` to ``read`` or ``write`` and a ``Description``), replacing any
+earlier one; ``DELETE /v1/sites/<site>`` revokes it. Both end the site's open
+sync sessions. They need ``operator:write``; the list needs ``operator:read``.
+"""
 
 from __future__ import annotations
 
 import time
 
-from quart import Blueprint, Response, current_app
+from quart import Blueprint, Response, current_app, request
 
+from konsul.protocols.http.agent_routes import json_body_any
 from konsul.protocols.http.responses import json_response
+from konsul.sync.errors import InvalidArgument, NotFound
+
+from .site_credentials import SiteCredentials, check_site_name
 
 fleet_api = Blueprint("hub_fleet", __name__)
 
 
 def site_summaries(hub: dict) -> list[dict]:
     replica, sites = hub["replica"], hub["sites"]
+    credentials: SiteCredentials | None = hub.get("site_credentials")
     now = time.time()
-    names = (set(replica.scopes) | set(sites.sites)) - {"global"}
+    known = {c.site for c in credentials.all()} if credentials is not None else set()
+    names = (set(replica.scopes) | set(sites.sites) | known) - {"global"}
     found = []
     for name in sorted(names):
         state = sites.get(name)
@@ -35,6 +47,7 @@ def site_summaries(hub: dict) -> list[dict]:
                 "Conflicts": 0 if scope is None else scope.conflicts(),
                 "BytesSent": state.bytes_sent,
                 "BytesReceived": state.bytes_received,
+                "Credential": None if name not in known else credentials.get(name).to_json(),
             }
         )
     return found
@@ -43,3 +56,25 @@ def site_summaries(hub: dict) -> list[dict]:
 @fleet_api.route("/v1/sites", methods=["GET"])
 async def sites() -> Response:
     return json_response(site_summaries(current_app.config["KONSUL_HUB"]))
+
+
+@fleet_api.route("/v1/sites/<site>", methods=["PUT", "DELETE"])
+async def site_credential(site: str) -> Response:
+    check_site_name(site)
+    credentials: SiteCredentials = current_app.config["KONSUL_HUB"]["site_credentials"]
+    if request.method == "DELETE":
+        found = await credentials.revoke(site)
+        if found is None:
+            raise NotFound(f"site {site!r} has no join token")
+        return json_response(found.to_json())
+    body = await json_body_any() if (await request.get_data()) else {}
+    if not isinstance(body, dict):
+        raise InvalidArgument('the body is {"Global": "read"|"write", "Description": "..."}')
+    unknown = set(body) - {"Global", "Description"}
+    if unknown:
+        raise InvalidArgument(f"unknown fields {sorted(unknown)}; a site takes Global and Description")
+    description = body.get("Description", "")
+    if not isinstance(description, str):
+        raise InvalidArgument("Description is a string")
+    secret = await credentials.issue(site, body.get("Global", "read"), description)
+    return json_response({**credentials.get(site).to_json(), "JoinToken": secret})

@@ -1,5 +1,15 @@
 """``/v1/sync``: the WebSocket edges connect to, one SyncLink per connection.
 
+Who may sync (docs/security.md). With ACLs on, a connection must present a
+live site credential before the WebSocket opens: the site's join token
+(``X-Konsul-Site-Token``, or ``Authorization: Bearer``) or, over TLS with a
+client CA, a client certificate naming a site the hub has added. Without one
+the handshake is answered 401 and nothing is opened or created. The session
+is then bound to that site: a hello for another site or for any scope but
+the site's own and ``global`` is refused, and ``global`` is read-only unless
+the site was added with ``--global write``. Replacing or revoking a site's
+credential ends its open sessions at once.
+
 Whatever a peer sends ends at most its own session: a frame the session or
 the link refuses is answered with an ``error`` frame and the connection is
 closed; any other failure of one session is logged (one line, rate-limited
@@ -11,19 +21,23 @@ on the hub created, only for a hello the session accepted as a whole (at most
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import trio
 from quart import Blueprint, current_app, websocket
 
 from konsul.protocols.access import count_refusal
 from konsul.protocols.admission import NetworkLimits, source_of
-from konsul.protocols.http.authz import resolve, token_from
+from konsul.protocols.http.authz import token_from
 from konsul.sync.errors import KonsulError
+from konsul.sync.hlc import system_wall_ms
 from konsul.sync.link import LinkClosed, SyncLink
 from konsul.sync.log_limits import peer_log
 from konsul.sync.replica import GLOBAL_SCOPE, Replica
+from konsul.sync.scope import COLLECTIONS
 from konsul.sync.session import SyncSession
 
+from .site_credentials import SiteCredentialRequired, SiteCredentials
 from .sites import SiteRegistry
 from .telemetry_store import TelemetryIntake
 
@@ -50,21 +64,52 @@ class SyncRefusals:
         self.by_code[code] = self.by_code.get(code, 0) + 1
 
 
-def admit_sync(source: str) -> None:
-    """Refuse the handshake (403 before the WebSocket opens) to a token that may not sync.
+@dataclass(frozen=True)
+class SyncGrant:
+    """What one sync connection may do, decided before its WebSocket opens."""
 
-    Until sites hold their own credentials, an edge syncs with a token that
-    may write ``operator`` (``konsul edge --hub-token``); with ACLs off anyone may.
+    site: str | None  # the only site it may sync; None: any (ACLs off)
+    global_write: bool  # whether its changes to ``global`` are taken
+    credential: str  # "join-token", "certificate" or "open" (ACLs off)
+
+
+OPEN_GRANT = SyncGrant(None, True, "open")
+SITE_TOKEN_HEADER = "X-Konsul-Site-Token"
+
+
+def admit_sync(source: str) -> SyncGrant:
+    """The grant of the connecting site, or the 401 that ends the handshake.
+
+    With ACLs off (a closed test bench) anyone may sync any one site, as
+    anyone may do anything else there.
     """
     ctx = current_app.config["KONSUL"]
     if not ctx.acl.enabled:
-        return
-    secret = token_from(websocket.headers.get, websocket.args.get("token"))
+        return OPEN_GRANT
+    hub = current_app.config["KONSUL_HUB"]
+    credentials: SiteCredentials = hub["site_credentials"]
     try:
-        who = resolve(ctx, secret, source)
-        who.authorizer.require("operator", "", "write")
+        if ctx.rate_limits is not None:  # the address first, as at every door
+            refused = ctx.rate_limits.check_source(source)
+            if refused is not None:
+                raise refused
+        secret = websocket.headers.get(SITE_TOKEN_HEADER) or token_from(websocket.headers.get, None)
+        found = credentials.identify(secret.strip() if secret else None)
+        how = "join-token"
+        if found is None:
+            named = certificate_site(websocket.scope)
+            found = None if named is None else credentials.get(named)
+            if found is not None and found.revoked is not None:
+                found = None
+            how = "certificate"
+        if found is None:
+            raise SiteCredentialRequired(
+                "sync needs this site's credential: its join token (`konsul sites add SITE` at the hub prints it; "
+                "`konsul edge --site-token`) or a client certificate for an added site; the one given is "
+                "unknown, revoked or missing"
+            )
     except KonsulError as error:
-        current_app.config["KONSUL_HUB"].setdefault("sync_refusals", SyncRefusals()).add("unauthorized")
+        hub.setdefault("sync_refusals", SyncRefusals()).add("unauthorized")
         count_refusal(ctx.registry, "sync", error.code)
         if ctx.audit is not None:
             ctx.audit.record(
@@ -73,13 +118,25 @@ def admit_sync(source: str) -> None:
             )
         peer_log.log(log, logging.WARNING, ("sync-refused", source), "refused sync from %s: %s", source, error)
         raise
+    return SyncGrant(found.site, found.global_access == "write", how)
+
+
+def certificate_site(scope: dict) -> str | None:
+    """The site a TLS client certificate names (its common name), if any.
+
+    The server fills the TLS extension's client fields only for a
+    certificate that verified against ``--tls-ca`` (protocols/http/server.py).
+    """
+    tls = (scope.get("extensions") or {}).get("tls") or {}
+    name = tls.get("client_cert_common_name")
+    return name if isinstance(name, str) and name else None
 
 
 @sync_api.websocket("/v1/sync")
 async def sync_socket() -> None:
     hub = current_app.config["KONSUL_HUB"]
     source = source_of(websocket.remote_addr)
-    admit_sync(source)
+    grant = admit_sync(source)
     refusals: SyncRefusals = hub.setdefault("sync_refusals", SyncRefusals())
     key = ("sync-frame", source)
     first = None
@@ -95,7 +152,7 @@ async def sync_socket() -> None:
         await websocket.close(1003, "the sync protocol speaks binary CBOR frames")
         return
     try:
-        await _serve(hub, first, source, refusals)
+        await _serve(hub, first, source, refusals, grant)
     except Exception as error:  # noqa: BLE001 - one session's failure, never the hub's
         refusals.add("internal")
         peer_log.log(
@@ -104,7 +161,7 @@ async def sync_socket() -> None:
         )
 
 
-async def _serve(hub: dict, first: bytes, source: str, refusals: SyncRefusals) -> None:
+async def _serve(hub: dict, first: bytes, source: str, refusals: SyncRefusals, grant: SyncGrant) -> None:
     replica: Replica = hub["replica"]
     sites: SiteRegistry = hub["sites"]
     limits: NetworkLimits = hub["limits"]
@@ -112,7 +169,10 @@ async def _serve(hub: dict, first: bytes, source: str, refusals: SyncRefusals) -
     async def transmit(frame: bytes) -> None:
         await websocket.send(frame)
 
-    session = SyncSession("hub", "hub", replica.replica_id, [], max_scopes=limits.sync_scopes_per_session)
+    session = SyncSession(
+        "hub", "hub", replica.replica_id, [], max_scopes=limits.sync_scopes_per_session,
+        bound_site=grant.site, wall_ms=system_wall_ms, max_peer_ahead_ms=int(limits.max_clock_skew_s * 1000),
+    )
 
     def on_ephemeral(scope: str, kind: str, data) -> None:
         if not intake.offer(kind, data):
@@ -122,39 +182,58 @@ async def _serve(hub: dict, first: bytes, source: str, refusals: SyncRefusals) -
         session, replica.scope, transmit, on_ephemeral=on_ephemeral, open_scopes=replica.open_scopes,
         # Fleet-wide ACL records (policies, global tokens) are made at the hub
         # only: an edge, however it came to hold some, never changes them here.
-        read_only=frozenset({(GLOBAL_SCOPE, "acl")}),
+        # The rest of global only from a site allowed to write it.
+        read_only=frozenset({(GLOBAL_SCOPE, "acl")}) if grant.global_write
+        else frozenset((GLOBAL_SCOPE, collection) for collection in COLLECTIONS),
     )
-    intake = TelemetryIntake(hub["telemetry"], link, source)
+    intake = TelemetryIntake(hub["telemetry"], link, source, replica, int(limits.max_clock_skew_s * 1000))
     hub["links"].add(link)
     site = None
     registered = False
     closed: LinkClosed | None = None
+    ended = trio.CancelScope()  # cancelled when the site's credential is replaced or revoked
+    revoked = False
+
+    def on_credential_changed(changed: str) -> None:
+        nonlocal revoked
+        if grant.site is not None and changed == grant.site:
+            revoked = True
+            ended.cancel()
+
+    credentials: SiteCredentials = hub["site_credentials"]
+    credentials.listeners.append(on_credential_changed)
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(link.run)
-            nursery.start_soon(intake.run)
-            frame = first
+        with ended:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(link.run)
+                nursery.start_soon(intake.run)
+                frame = first
+                try:
+                    while True:
+                        await link.receive(frame)
+                        if link.peer is not None and not registered:
+                            registered = True
+                            site = link.peer.site
+                            sites.connected(site, link.peer.replica)
+                            peer_log.log(
+                                log, logging.INFO, ("sync-session", source),
+                                "site %s connected from %s (replica %s)", site, source, link.peer.replica,
+                            )
+                            nursery.start_soon(_resync_forever, link)
+                        if registered:
+                            sites.seen(site, session)
+                        await link.drained()
+                        frame = await websocket.receive()
+                        if not isinstance(frame, bytes):
+                            link.refuse("malformed", "text frame on the sync socket")
+                except LinkClosed as error:
+                    closed = error
+                nursery.cancel_scope.cancel()
+        if revoked and closed is None:
             try:
-                while True:
-                    await link.receive(frame)
-                    if link.peer is not None and not registered:
-                        registered = True
-                        site = link.peer.site
-                        sites.connected(site, link.peer.replica)
-                        peer_log.log(
-                            log, logging.INFO, ("sync-session", source),
-                            "site %s connected from %s (replica %s)", site, source, link.peer.replica,
-                        )
-                        nursery.start_soon(_resync_forever, link)
-                    if registered:
-                        sites.seen(site, session)
-                    await link.drained()
-                    frame = await websocket.receive()
-                    if not isinstance(frame, bytes):
-                        link.refuse("malformed", "text frame on the sync socket")
+                link.refuse("site_revoked", f"the credential of site {grant.site} was replaced or revoked at the hub")
             except LinkClosed as error:
                 closed = error
-            nursery.cancel_scope.cancel()
         if closed is not None:
             if not closed.by_peer:
                 refusals.add(closed.code)
@@ -169,6 +248,7 @@ async def _serve(hub: dict, first: bytes, source: str, refusals: SyncRefusals) -
                 except Exception:  # noqa: BLE001 - the peer may be gone already
                     pass
     finally:
+        credentials.listeners.remove(on_credential_changed)
         link.stop()
         hub["links"].discard(link)
         if registered:

@@ -29,7 +29,12 @@ class HubRefusalCollector:
             value=self.hub_state["replica"].clock.skewed,
         )
         telemetry = self.hub_state.get("telemetry")
-        yield CounterMetricFamily(
-            "konsul_telemetry_refused", "Forwarded telemetry samples refused as unreadable",
-            value=getattr(telemetry, "refused", 0),
+        refused_samples = CounterMetricFamily(
+            "konsul_telemetry_refused",
+            "Forwarded telemetry samples refused: unreadable, of a device the site does not have, or numbered "
+            "far ahead of the device's",
+            labels=["reason"],
         )
+        for reason, count in sorted(getattr(telemetry, "refused_by_reason", {}).items()):
+            refused_samples.add_metric([reason], count)
+        yield refused_samples

@@ -12,6 +12,14 @@ counted (``Refused``, ``konsul_telemetry_refused_total``) and left out, and
 the batch is still acknowledged, so that the edge deletes it instead of
 sending the same junk forever.
 
+Ownership (docs/security.md). A session stores samples under its own site
+only (the site its credential binds it to), and only for devices of that
+site: a sample for a device the site's registry at the hub has deleted, or
+whose sequence number runs far ahead of what the hub has seen of the device
+(``seq_too_far_ahead``), is refused and counted. A batch naming a device the
+hub has not heard of yet is answered "not stored" and comes again: the
+device's record may still be on its way over the same connection.
+
 Telemetry lives in ``telemetry.db`` in the hub's data directory, apart from the
 replicated state. It is kept without limit for now; retention is an operator
 decision still to be made (docs/operations.md).
@@ -33,6 +41,7 @@ from konsul.sync.log_limits import peer_log
 from konsul.sync.store import store_error
 from konsul.sync.tables import immediate
 from konsul.sync.link import SyncLink
+from konsul.sync.replica import Replica
 from konsul.sync.telemetry import (
     ACK_KIND,
     BATCH_KIND,
@@ -44,6 +53,16 @@ from konsul.sync.telemetry import (
 )
 
 log = logging.getLogger("konsul.hub.telemetry")
+
+# How far a device's own sequence numbers may run ahead of the highest the
+# hub has stored for it: a device counting one sample a second would take
+# 136 years to get there, a forger who wants to claim the numbers a real
+# device will use next is stopped.
+MAX_SEQ_AHEAD = 2**32
+# Numbers the edge gives (microseconds since 1970, sync/telemetry.py) are at
+# least this (2001-09-09); they may run ahead of the hub's clock by at most
+# the accepted clock skew.
+TIME_SEQ_FLOOR = 10**15
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
@@ -69,6 +88,9 @@ class TelemetryStore:
         self.count = self._stored_count()
         self.duplicates = 0
         self.refused = 0  # forwarded samples that failed check_sample, since start
+        # Samples refused since start by reason (konsul_telemetry_refused_total).
+        self.refused_by_reason: dict[str, int] = {}
+        self._highest: dict[tuple[str, str], int | None] = {}  # (site, device) -> highest counter seq stored
 
     def close(self) -> None:
         self._db.close()
@@ -105,7 +127,44 @@ class TelemetryStore:
                 raise store_error(error, self.path) from error
         self.count += new
         self.duplicates += len(samples) - new
+        for sample in samples:
+            key = (site, sample.device)
+            if sample.seq < TIME_SEQ_FLOOR and key in self._highest:
+                known = self._highest[key]
+                self._highest[key] = sample.seq if known is None else max(known, sample.seq)
         return new
+
+    def count_refused(self, reason: str, n: int) -> None:
+        self.refused += n
+        self.refused_by_reason[reason] = self.refused_by_reason.get(reason, 0) + n
+
+    async def too_far_ahead(self, site: str, samples: list[Sample], now_ms: int, max_skew_ms: int) -> set[int]:
+        """Indexes of ``samples`` whose sequence number runs too far ahead (see ``MAX_SEQ_AHEAD``)."""
+        ceiling_time = (now_ms + max_skew_ms) * 1000
+        far = set()
+        for index, sample in enumerate(samples):
+            if sample.seq >= TIME_SEQ_FLOOR:
+                if sample.seq > ceiling_time:
+                    far.add(index)
+                continue
+            highest = await self._highest_counter(site, sample.device)
+            if highest is not None and sample.seq > highest + MAX_SEQ_AHEAD:
+                far.add(index)
+        return far
+
+    async def _highest_counter(self, site: str, device: str) -> int | None:
+        key = (site, device)
+        if key not in self._highest:
+            def read() -> int | None:
+                (found,) = self._db.execute(
+                    "SELECT max(seq) FROM samples WHERE site = ? AND device = ? AND seq < ?",
+                    (site, device, TIME_SEQ_FLOOR),
+                ).fetchone()
+                return found
+
+            async with self._lock:
+                self._highest[key] = await trio.to_thread.run_sync(read)
+        return self._highest[key]
 
     async def samples(
         self, devices: list[tuple[str, str]], since_ms: int | None, until_ms: int | None, limit: int
@@ -131,8 +190,11 @@ class TelemetryStore:
             "telemetry is ingested at the device's edge (POST there); the hub stores what edges forward"
         )
 
-    def status(self) -> dict[str, int]:
-        return {"Stored": self.count, "Duplicates": self.duplicates, "Refused": self.refused}
+    def status(self) -> dict[str, Any]:
+        return {
+            "Stored": self.count, "Duplicates": self.duplicates, "Refused": self.refused,
+            "RefusedByReason": dict(self.refused_by_reason),
+        }
 
 
 class TelemetryIntake:
@@ -150,10 +212,15 @@ class TelemetryIntake:
     # batches of at most 4 MiB in flight (edge/telemetry_forwarder.py).
     MAX_QUEUED_BYTES = 64 * 1024 * 1024
 
-    def __init__(self, store: TelemetryStore, link: SyncLink, source: str = "") -> None:
+    def __init__(
+        self, store: TelemetryStore, link: SyncLink, source: str = "", replica: Replica | None = None,
+        max_clock_skew_ms: int = 300_000,
+    ) -> None:
         self.store = store
         self.link = link
         self.source = source  # the peer's address, for rate-limited log lines
+        self.replica = replica  # whose site registries say which devices a site has
+        self.max_clock_skew_ms = max_clock_skew_ms
         self._queue: deque[tuple[Any, int]] = deque()
         self._queued_bytes = 0
         self._wake = trio.Event()
@@ -192,13 +259,20 @@ class TelemetryIntake:
                     continue
                 if site is None:
                     continue
+                samples, not_yet, refused_here = await self._owned(site, samples)
+                if not_yet:
+                    # Not stored, not refused: the edge sends the batch again
+                    # once the device's record has had time to arrive.
+                    self.link.send_ephemeral(site, ACK_KIND, {"b": batch_id, "ok": False, "refused": 0})
+                    continue
                 if refused:
-                    self.store.refused += refused
+                    self.store.count_refused("unreadable", refused)
                     peer_log.log(
                         log, logging.WARNING, ("telemetry-sample", self.source),
                         "refused %d telemetry samples from %s (%s): not a document the hub can store",
                         refused, site, self.source,
                     )
+                refused += refused_here
                 try:
                     if samples:
                         await self.store.store(site, samples, int(time.time() * 1000))
@@ -209,6 +283,41 @@ class TelemetryIntake:
                 # Acknowledged with the refused ones: they would not be stored
                 # on any later try, and the edge deletes what is acknowledged.
                 self.link.send_ephemeral(site, ACK_KIND, {"b": batch_id, "ok": ok, "refused": refused})
+
+
+    async def _owned(self, site: str, samples: list[Sample]) -> tuple[list[Sample], bool, int]:
+        """The samples ``site`` may store; whether a device is not known yet; how many were refused."""
+        if self.replica is None:
+            return samples, False, 0
+        registry = self.replica.scope(site).devices
+        kept, not_yet, deleted = [], "", 0
+        for sample in samples:
+            if registry.get(sample.device) is not None:
+                kept.append(sample)
+            elif not registry.ever_registered(sample.device):
+                not_yet = sample.device
+            else:
+                deleted += 1
+        if not_yet:
+            peer_log.log(
+                log, logging.INFO, ("telemetry-unknown", self.source),
+                "telemetry from %s (%s) names device %r, which the site has not registered (yet); not stored",
+                site, self.source, not_yet,
+            )
+            return [], True, 0
+        far = await self.store.too_far_ahead(site, kept, int(time.time() * 1000), self.max_clock_skew_ms)
+        if deleted:
+            self.store.count_refused("unknown_device", deleted)
+        if far:
+            self.store.count_refused("seq_too_far_ahead", len(far))
+            kept = [sample for index, sample in enumerate(kept) if index not in far]
+        if deleted or far:
+            peer_log.log(
+                log, logging.WARNING, ("telemetry-owner", self.source),
+                "refused telemetry from %s (%s): %d samples of deleted devices, %d with sequence numbers far "
+                "ahead of the device's", site, self.source, deleted, len(far),
+            )
+        return kept, not_yet, deleted + len(far)
 
 
 def _batch_bytes(data: Any) -> int:

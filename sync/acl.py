@@ -53,6 +53,7 @@ from .batch import WriteBatch
 from .errors import InvalidArgument, KonsulError, NotFound
 from .hlc import Stamp
 from .records import RecordCollection
+from .wire import GLOBAL_SCOPE
 
 if TYPE_CHECKING:
     from .scope import Scope
@@ -61,7 +62,6 @@ MANAGEMENT_POLICY_ID = "00000000-0000-0000-0000-000000000001"
 MANAGEMENT_POLICY_NAME = "global-management"
 ANONYMOUS_ACCESSOR = "00000000-0000-0000-0000-000000000002"
 BOOTSTRAP_KEY = "bootstrap"
-GLOBAL_SCOPE = "global"  # replica.GLOBAL_SCOPE (not imported: replica imports scope, which imports this)
 
 _POLICY_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 MAX_DESCRIPTION_CHARS = 4096

@@ -139,6 +139,10 @@ class DeviceRegistry(RecordCollection):
         self._changed(batch)
         return touched
 
+    def ever_registered(self, device_id: str) -> bool:
+        """Whether this registry holds any version of the device, live or deleted."""
+        return self.versions.current(f"d/{device_id}") is not None
+
     def get(self, device_id: str) -> DeviceRecord | None:
         current = self.versions.current(f"d/{device_id}")
         if current is None or current.deleted:

@@ -20,11 +20,10 @@ from .errors import InvalidArgument, NotFound, StoreError
 from .hlc import HybridClock, system_wall_ms
 from .scope import Scope
 from .store import DB_NAME, Store
-from .wire import SCOPE_NAME
+from .wire import GLOBAL_SCOPE, SCOPE_NAME  # noqa: F401 - GLOBAL_SCOPE is imported from here too
 
 log = logging.getLogger(__name__)
 
-GLOBAL_SCOPE = "global"
 _CREATED_MARK = "scope_created_ms"  # meta row of a scope store made for an accepted session
 
 

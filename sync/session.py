@@ -6,9 +6,13 @@ Bytes in, events out; bytes to send come back from the calls that make them.
 No sockets, no clocks, no documents: the driver (:mod:`konsul.sync.link`) owns
 those and tells the session what to say.
 
-1. Both sides send ``hello`` (protocol version, site, replica, role, scopes).
-   A version or role mismatch is an ``error`` to the peer and a
-   :class:`RemoteProtocolError` here; both sides then close.
+1. Both sides send ``hello`` (protocol version, site, replica, role, scopes,
+   wall clock). A version or role mismatch is an ``error`` to the peer and a
+   :class:`RemoteProtocolError` here; both sides then close. The hub admits
+   only the scopes an edge may sync: its own site's (the one its credential
+   names, when the driver bound one) and ``global``. A peer whose clock runs
+   further ahead of this side's than ``max_peer_ahead_ms`` is refused
+   (``clock_skew``): its stamps would win every conflict for that long.
 2. Per scope and collection, each side sends its state vector (``sv``,
    pycrdt's sync step 1). A side that gets a state vector of its own epoch
    answers with the diff (``data``, step 2); the hub answers a state vector
@@ -35,7 +39,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from .wire import PROTOCOL_VERSION, SCOPE_NAME, WireError, covers, decode, decode_state_vector, encode
+from collections.abc import Callable
+
+from .wire import GLOBAL_SCOPE, PROTOCOL_VERSION, SCOPE_NAME, WireError, covers, decode, decode_state_vector, encode
 
 ROLES = ("edge", "hub")
 # The scopes one hello may name unless the driver says otherwise: an edge names
@@ -86,6 +92,7 @@ class PeerHello:
     replica: str
     role: str
     scopes: tuple[str, ...]
+    now_ms: int  # the peer's wall clock when it said hello
 
 
 @dataclass(frozen=True)
@@ -154,10 +161,18 @@ class SyncSession:
         scopes: the scopes this side offers; the edge proposes, the hub echoes.
         max_scopes: the most scopes a peer's hello may name; a hello naming
             more is refused before anything acts on it.
+        bound_site: (the hub) the site this connection's credential names: a
+            hello for any other site is refused (``site_not_allowed``).
+        wall_ms: this side's wall clock, sent in the hello and compared with
+            the peer's.
+        max_peer_ahead_ms: how far the peer's clock may run ahead of
+            ``wall_ms``; None does not check.
     """
 
     def __init__(
-        self, role: str, site: str, replica: str, scopes: list[str], max_scopes: int = DEFAULT_MAX_SCOPES
+        self, role: str, site: str, replica: str, scopes: list[str], max_scopes: int = DEFAULT_MAX_SCOPES,
+        *, bound_site: str | None = None, wall_ms: Callable[[], int] = lambda: 0,
+        max_peer_ahead_ms: int | None = None,
     ) -> None:
         if role not in ROLES:
             raise LocalProtocolError(f"role is one of {ROLES}")
@@ -166,6 +181,9 @@ class SyncSession:
         self.replica = replica
         self.scopes = tuple(scopes)
         self.max_scopes = max_scopes
+        self.bound_site = bound_site
+        self.wall_ms = wall_ms
+        self.max_peer_ahead_ms = max_peer_ahead_ms
         self.state = State.IDLE
         self.peer: PeerHello | None = None
         self.bytes_sent = 0
@@ -185,7 +203,7 @@ class SyncSession:
             raise LocalProtocolError(f"a {self.role} cannot say hello in state {self.state.value}")
         return self._frame(
             {"t": "hello", "v": PROTOCOL_VERSION, "site": self.site, "replica": self.replica,
-             "role": self.role, "scopes": list(self.scopes)}
+             "role": self.role, "scopes": list(self.scopes), "now": self.wall_ms()}
         )
 
     def send_state_vector(self, scope: str, collection: str, epoch: int, state_vector: bytes) -> bytes:
@@ -287,16 +305,34 @@ class SyncSession:
             raise self._violation("malformed", "site is 1-64 letters, digits, '.', '_' or '-'")
         if not _REPLICA_ID.fullmatch(message["replica"]):
             raise self._violation("malformed", "replica is 1-64 letters, digits, '_' or '-'")
+        ahead = message["now"] - self.wall_ms()
+        if self.max_peer_ahead_ms is not None and ahead > self.max_peer_ahead_ms:
+            raise self._violation(
+                "clock_skew",
+                f"the {message['role']}'s clock is {ahead / 1000:.0f} s ahead of this {self.role}'s "
+                f"(at most {self.max_peer_ahead_ms / 1000:.0f} s is accepted); set the clocks right (NTP)",
+            )
         if self.role == "hub":
             if message["site"] not in scopes:
                 raise self._violation("malformed", "an edge offers its own site's scope")
+            if self.bound_site is not None and message["site"] != self.bound_site:
+                raise self._violation(
+                    "site_not_allowed", f"this connection's credential is for site {self.bound_site!r}, "
+                    f"not {message['site']!r}",
+                )
+            others = [s for s in scopes if s not in (message["site"], GLOBAL_SCOPE)]
+            if others:
+                raise self._violation(
+                    "scope_not_allowed",
+                    f"an edge syncs its own site's scope and {GLOBAL_SCOPE!r}, not {others[:4]}",
+                )
             self.scopes = tuple(scopes)
             self.state = State.HELLO_RECEIVED
         elif set(scopes) != set(self.scopes):
             raise self._violation("scope_mismatch", f"the hub offers {scopes}, this edge {list(self.scopes)}")
         else:
             self.state = State.OPEN
-        self.peer = PeerHello(message["site"], message["replica"], message["role"], tuple(scopes))
+        self.peer = PeerHello(message["site"], message["replica"], message["role"], tuple(scopes), message["now"])
         return self.peer
 
     def _on_ack(self, message: dict[str, Any]) -> list[Event]:

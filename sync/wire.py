@@ -9,7 +9,7 @@ clear error naming the field.
 ``t``       fields (type)
 ==========  =====================================================================
 hello       v (int, protocol version), site (str), replica (str), role (str),
-            scopes (list of str)
+            scopes (list of str), now (int, the sender's wall clock in ms)
 error       code (str), detail (str)
 sv          s (scope), c (collection), e (epoch int), sv (bytes: Yjs state vector)
 data        n (seq int), s, c, e, u (bytes: Yjs update)
@@ -28,7 +28,9 @@ import cbor2
 
 # 2: version ids carry compact stamps and KV payloads may be plain values
 # (sync/hlc.py, sync/kv.py); a version 1 agent could not read them.
-PROTOCOL_VERSION = 2
+# 3: a hello carries the sender's wall clock (``now``), which the other side
+# checks (a peer whose clock runs far ahead is refused).
+PROTOCOL_VERSION = 3
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 # A frame is a handful of fields; a diff or snapshot is one byte string in it.
 # Only ephemeral messages (check and presence snapshots, telemetry batches)
@@ -43,10 +45,12 @@ _INT64 = 2**63  # sequence numbers, epochs and versions are SQLite INTEGERs
 
 # Scope (site) names: they name directories on the hub.
 SCOPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# The fleet-wide scope every edge syncs besides its own site's.
+GLOBAL_SCOPE = "global"
 
 _SCOPED = {"s": str, "c": str, "e": int}
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "hello": {"v": int, "site": str, "replica": str, "role": str, "scopes": list},
+    "hello": {"v": int, "site": str, "replica": str, "role": str, "scopes": list, "now": int},
     "error": {"code": str, "detail": str},
     "sv": {**_SCOPED, "sv": bytes},
     "data": {"n": int, **_SCOPED, "u": bytes},

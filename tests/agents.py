@@ -163,6 +163,18 @@ class HubProcess(_Listening):
         self._ready(data_dir)
 
 
+def join_token(hub: HubProcess, site: str, global_access: str = "read") -> str:
+    """A join token for ``site`` from a hub run with ``acl=True`` (``konsul sites add``)."""
+    import httpx
+
+    response = httpx.put(
+        f"{hub.url}/v1/sites/{site}", json={"Global": global_access},
+        headers={"X-Consul-Token": MANAGEMENT_TOKEN}, timeout=10,
+    )
+    response.raise_for_status()
+    return response.json()["JoinToken"]
+
+
 def eventually(condition, timeout: float = 30.0, what: str = "condition"):
     """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds.
 

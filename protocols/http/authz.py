@@ -41,6 +41,7 @@ ROUTE_ACCESS: dict[str, Callable[[HttpContext], tuple[str, str, str]]] = {
     "ops.metrics": lambda ctx: ("agent", ctx.node, "read"),
     "ops.sync_status": lambda ctx: ("operator", "", "read"),
     "hub_fleet.sites": lambda ctx: ("operator", "", "read"),
+    "hub_fleet.site_credential": lambda ctx: ("operator", "", "write"),
 }
 
 # endpoints that call authorizer() themselves (their needs depend on the data)

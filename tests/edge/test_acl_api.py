@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agents import MANAGEMENT_TOKEN, EdgeProcess, HubProcess, eventually, free_port  # noqa: E402
+from agents import MANAGEMENT_TOKEN, EdgeProcess, HubProcess, eventually, free_port, join_token  # noqa: E402
 
 APP_RULES = 'key_prefix "app/" { policy = "write" }'
 
@@ -168,7 +168,7 @@ def test_the_secret_is_never_stored(acl_edge, management, http):
 def test_a_token_made_at_the_hub_is_enforced_at_the_edge_offline_and_revocation_follows(tmp_path):
     port = free_port()
     hub = HubProcess(tmp_path / "hub", port, acl=True)
-    edge = EdgeProcess(tmp_path / "edge", hub_url=hub.url, acl=True, extra=["--hub-token", MANAGEMENT_TOKEN])
+    edge = EdgeProcess(tmp_path / "edge", hub_url=hub.url, acl=True, extra=["--site-token", join_token(hub, "s1")])
     try:
         hub_admin = consul.Consul(host=hub.host, port=hub.port, token=consul.Consul(host=hub.host, port=hub.port).acl.bootstrap()["SecretID"])
         policy = hub_admin.acl.policy.create("app", rules=APP_RULES)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from quart_trio import QuartTrio
 
-from agents import MANAGEMENT_TOKEN, EdgeProcess, HubProcess, eventually
+from agents import MANAGEMENT_TOKEN, EdgeProcess, HubProcess, eventually, join_token
 
 from konsul.hub.fleet_routes import fleet_api
 from konsul.hub.sync_endpoint import sync_api
@@ -56,7 +56,10 @@ ROUTES = {
     "acl.policy_by_name": [("GET", "/v1/acl/policy/name/global-management", None)],
     "acl.list_policies": [("GET", "/v1/acl/policies", None)],
 }
-HUB_ROUTES = {"hub_fleet.sites": [("GET", "/v1/sites", None)]}
+HUB_ROUTES = {
+    "hub_fleet.sites": [("GET", "/v1/sites", None)],
+    "hub_fleet.site_credential": [("PUT", "/v1/sites/plant-9", None), ("DELETE", "/v1/sites/plant-9", None)],
+}
 
 
 def all_endpoints() -> set[str]:
@@ -276,9 +279,9 @@ def test_the_hub_refuses_anonymous_requests_and_sync_without_an_operator_token(t
             # The sync WebSocket's handshake is refused before anything opens.
             upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
                        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
-            assert anonymous.get("/v1/sync", headers=upgrade).status_code == 403
-        # An edge syncing with an operator token gets through; one without does not.
-        edge = EdgeProcess(tmp_path / "edge", hub_url=hub.url, acl=True, extra=["--hub-token", MANAGEMENT_TOKEN])
+            assert anonymous.get("/v1/sync", headers=upgrade).status_code == 401
+        # An edge syncing with its site's join token gets through; one without does not.
+        edge = EdgeProcess(tmp_path / "edge", hub_url=hub.url, acl=True, extra=["--site-token", join_token(hub, "s1")])
         stranger = EdgeProcess(tmp_path / "stranger", site="s2", hub_url=hub.url, acl=True)
         try:
             with httpx.Client(base_url=edge.url, timeout=10, headers=ADMIN) as client:
@@ -308,7 +311,7 @@ def test_the_hub_never_takes_fleet_wide_acl_records_from_an_edge(tmp_path):
     finally:
         alone.stop()
     hub = HubProcess(tmp_path / "hub", acl=True)
-    edge = EdgeProcess(tmp_path / "edge", hub_url=hub.url, acl=True, extra=["--hub-token", MANAGEMENT_TOKEN])
+    edge = EdgeProcess(tmp_path / "edge", hub_url=hub.url, acl=True, extra=["--site-token", join_token(hub, "s1")])
     try:
         hub_admin = httpx.Client(base_url=hub.url, timeout=10, headers=ADMIN)
         # Its data syncs; its fleet-wide ACL records do not, and the session goes on.

@@ -121,6 +121,7 @@ def test_help_documents_every_flag():
         [sys.executable, "-m", "konsul.edge.cli", "edge", "--help"], capture_output=True, text=True, check=True
     )
     for flag in ("--site", "--data-dir", "--hub-url", "--node", "--http-addr", "--mqtt-addr",
-                 "--coap-addr", "--allow-anonymous", "--durability", "--acl", "--acl-initial-management", "--hub-token"):
+                 "--coap-addr", "--allow-anonymous", "--durability", "--acl", "--acl-initial-management", "--site-token",
+                 "--tls-cert", "--mqtts-addr", "--hub-ca"):
         assert flag in result.stdout
     assert "KONSUL_HTTP_ADDR" in result.stdout

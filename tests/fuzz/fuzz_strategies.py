@@ -71,6 +71,7 @@ _FIELD_VALUES = {
     "site": st.sampled_from(SCOPES + ["", "other"]),
     "replica": st.text(max_size=8),
     "role": st.sampled_from(["edge", "hub", "observer"]),
+    "now": st.integers(-1, 2**53) | st.integers(2**63, 2**65),
     "scopes": st.lists(st.sampled_from(SCOPES + ["", "x"]) | cbor_values, max_size=4),
     "s": st.sampled_from(SCOPES + ["x"]),
     "c": st.sampled_from(["kv", "catalog", "devices", "zz", ""]),

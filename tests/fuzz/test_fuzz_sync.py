@@ -48,7 +48,7 @@ def test_session_takes_any_frames(frames_in):
 def test_session_after_a_good_hello_takes_any_frames(before, after):
     # The hub state after the edge's hello, before its answer, is reached only this way.
     sessions = open_sessions()
-    hello = {"t": "hello", "v": wire.PROTOCOL_VERSION, "site": "s1", "replica": "e2", "role": "edge", "scopes": SCOPES}
+    hello = {"t": "hello", "v": wire.PROTOCOL_VERSION, "site": "s1", "replica": "e2", "role": "edge", "scopes": SCOPES, "now": 0}
     sessions[0].receive(wire.encode(hello))
     sync_session_frames(before + after, sessions)
 

@@ -30,7 +30,7 @@ from konsul.sync.session import SyncSession
 from konsul.sync.update_check import UpdateRefused
 from konsul.sync.versioned import version_id
 
-HELLO = wire.encode({"t": "hello", "v": wire.PROTOCOL_VERSION, "site": "s1", "replica": "e2", "role": "edge", "scopes": SCOPES})
+HELLO = wire.encode({"t": "hello", "v": wire.PROTOCOL_VERSION, "site": "s1", "replica": "e2", "role": "edge", "scopes": SCOPES, "now": 0})
 
 
 @asynccontextmanager

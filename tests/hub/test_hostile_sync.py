@@ -33,7 +33,7 @@ REPLICA = "abcdefabcdef"
 def hello(site: str = "s1", scopes: list | None = None, **fields) -> bytes:
     message = {
         "t": "hello", "v": PROTOCOL_VERSION, "site": site, "replica": REPLICA, "role": "edge",
-        "scopes": [site, "global"] if scopes is None else scopes,
+        "scopes": [site, "global"] if scopes is None else scopes, "now": int(time.time() * 1000),
     }
     return encode(message | fields)
 
@@ -329,7 +329,7 @@ class _FakeHub:
             first = cbor2.loads(await ws.get_message())
             await ws.send_message(encode({
                 "t": "hello", "v": PROTOCOL_VERSION, "site": "hub", "replica": "fakefakefake",
-                "role": "hub", "scopes": first["scopes"],
+                "role": "hub", "scopes": first["scopes"], "now": int(time.time() * 1000),
             }))
             await ws.send_message(self.answers[turn % len(self.answers)])
             while True:
@@ -357,13 +357,18 @@ def test_telemetry_samples_the_hub_cannot_read_are_refused_and_listings_never_fa
         def acked(messages):
             return any(m.get("k") == "telemetry-ack" for m in messages)
 
+        # Samples are stored only for devices of the session's site the hub knows.
+        messages, _ = talk(hub.url, [hello(), batch], until=acked)
+        [ack] = [m["d"] for m in messages if m.get("k") == "telemetry-ack"]
+        assert ack == {"b": 42, "ok": False, "refused": 0}  # not yet: the edge sends it again
+        httpx.put(f"{hub.url}/v1/devices/d1", params={"dc": "s1"}, json={"Type": "sensor"}).raise_for_status()
         messages, _ = talk(hub.url, [hello(), batch], until=acked)
         [ack] = [m["d"] for m in messages if m.get("k") == "telemetry-ack"]
         assert ack == {"b": 42, "ok": True, "refused": 4}  # acknowledged: the edge deletes them
         listing = httpx.get(f"{hub.url}/v1/devices/d1/telemetry", params={"dc": "s1"})
         assert listing.status_code == 200, listing.text
         assert [s["Data"] for s in listing.json()] == [{"t": 21.5}]
-        assert "konsul_telemetry_refused_total 4.0" in httpx.get(f"{hub.url}/metrics").text
+        assert 'konsul_telemetry_refused_total{reason="unreadable"} 4.0' in httpx.get(f"{hub.url}/metrics").text
     finally:
         hub.stop()
     # A bad row already stored (by an older version) shows as undecodable.

@@ -181,14 +181,20 @@ async def test_a_retransmitted_request_gets_the_same_answer_and_is_applied_once(
         datagram = _put("k/x", query, cbor2.dumps(b"one"), mid=0x1234)
         with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sock:
             await sock.connect(h.host_port)
-            answers = []
-            for _ in range(2):
-                await sock.send(datagram)
-                with trio.fail_after(5):
-                    answers.append(await sock.recv(2048))
-            assert answers[0] == answers[1]
-            assert answers[0][1] == 0x41  # 2.01 Created, both times
+            await sock.send(datagram)
+            with trio.fail_after(5):
+                first = await sock.recv(2048)
+                # A busy server may first acknowledge with an empty ACK and answer separately.
+                while first[1] == 0:
+                    first = await sock.recv(2048)
+            assert first[1] == 0x41  # 2.01 Created
             index = h.gateways.scope.kv.get("k/x").modify_index
+            await sock.send(datagram)
+            with trio.fail_after(5):
+                again = await sock.recv(2048)
+            # The same answer again (or, after a separate response, the same empty ACK), never a new write.
+            assert again == first or (again[1] == 0 and again[2:4] == b"\x12\x34")
+            assert h.gateways.scope.kv.get("k/x").modify_index == index
             # a new message id is a new request
             await sock.send(datagram[:2] + b"\x12\x35" + datagram[4:])
             with trio.fail_after(5):

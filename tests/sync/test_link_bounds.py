@@ -16,7 +16,7 @@ from konsul.sync.wire import PROTOCOL_VERSION, encode
 
 def edge_hello() -> bytes:
     return encode({"t": "hello", "v": PROTOCOL_VERSION, "site": "s1", "replica": "abcdefabcdef",
-                   "role": "edge", "scopes": ["s1"]})
+                   "role": "edge", "scopes": ["s1"], "now": 0})
 
 
 async def test_a_peer_that_does_not_read_is_paused_then_dropped(tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ def open_pair() -> tuple[SyncSession, SyncSession]:
     edge = SyncSession("edge", "s1", "e1", ["s1", "global"])
     hub = SyncSession("hub", "hub", "h1", [])
     [peer] = hub.receive(edge.start())
-    assert peer == PeerHello("s1", "e1", "edge", ("s1", "global"))
+    assert peer == PeerHello("s1", "e1", "edge", ("s1", "global"), 0)
     [peer] = edge.receive(hub.start())
     assert peer.role == "hub"
     assert edge.state is State.OPEN and hub.state is State.OPEN
@@ -99,7 +99,7 @@ def test_version_mismatch_is_an_error_on_both_sides():
     hub = SyncSession("hub", "hub", "h1", [])
     edge.start()
     future = cbor2.dumps({"t": "hello", "v": PROTOCOL_VERSION + 1, "site": "s1", "replica": "e1",
-                          "role": "edge", "scopes": ["s1"]})
+                          "role": "edge", "scopes": ["s1"], "now": 0})
     with pytest.raises(RemoteProtocolError) as caught:
         hub.receive(future)
     assert caught.value.code == "version_mismatch"
@@ -145,6 +145,41 @@ def test_malformed_frames_close_the_session(frame, code):
     assert hub.state is State.CLOSED
     [closed] = edge.receive(caught.value.reply)
     assert closed.code == code
+
+
+def hub_refusal(hub: SyncSession, edge: SyncSession) -> RemoteProtocolError:
+    with pytest.raises(RemoteProtocolError) as caught:
+        hub.receive(edge.start())
+    assert hub.state is State.CLOSED
+    return caught.value
+
+
+def test_a_hub_session_bound_to_a_site_refuses_another_site():
+    refused = hub_refusal(SyncSession("hub", "hub", "h1", [], bound_site="plant-1"),
+                          SyncSession("edge", "plant-2", "e1", ["plant-2"]))
+    assert refused.code == "site_not_allowed" and "plant-1" in refused.detail
+    bound = SyncSession("hub", "hub", "h1", [], bound_site="plant-1")
+    [peer] = bound.receive(SyncSession("edge", "plant-1", "e1", ["plant-1", "global"]).start())
+    assert peer.scopes == ("plant-1", "global")
+
+
+def test_an_edge_may_offer_only_its_own_scope_and_global():
+    refused = hub_refusal(SyncSession("hub", "hub", "h1", []),
+                          SyncSession("edge", "plant-1", "e1", ["plant-1", "plant-2", "global"]))
+    assert refused.code == "scope_not_allowed" and "plant-2" in refused.detail
+
+
+def test_a_peer_clock_far_ahead_is_refused_and_a_little_ahead_is_not():
+    now = 1_800_000_000_000
+    hub = SyncSession("hub", "hub", "h1", [], wall_ms=lambda: now, max_peer_ahead_ms=60_000)
+    refused = hub_refusal(hub, SyncSession("edge", "s1", "e1", ["s1"], wall_ms=lambda: now + 3_600_000))
+    assert refused.code == "clock_skew" and "NTP" in refused.detail
+    hub = SyncSession("hub", "hub", "h1", [], wall_ms=lambda: now, max_peer_ahead_ms=60_000)
+    [peer] = hub.receive(SyncSession("edge", "s1", "e1", ["s1"], wall_ms=lambda: now + 30_000).start())
+    assert peer.now_ms == now + 30_000
+    # A clock behind is not a threat to the stamps it writes (they lose), so it is let in.
+    hub = SyncSession("hub", "hub", "h1", [], wall_ms=lambda: now, max_peer_ahead_ms=60_000)
+    hub.receive(SyncSession("edge", "s1", "e1", ["s1"], wall_ms=lambda: now - 86_400_000).start())
 
 
 def test_data_before_hello_is_refused():
