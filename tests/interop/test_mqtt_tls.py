@@ -272,3 +272,34 @@ def test_sighup_reloads_the_certificate_for_new_connections(tmp_path):
         assert edge.proc.pid == pid and edge.proc.poll() is None
     finally:
         edge.stop()
+
+
+def test_connections_are_admitted_against_the_caps_before_their_handshake(tmp_path, certs):
+    edge = tls_edge(tmp_path / "edge", certs, "--mqtt-max-connections-per-source", "2")
+    try:
+        with http_client(edge, certs) as http:
+            refused = metric(http, "konsul_mqtt_refused_total", reason="connections")
+            # Two handshakes that never start hold this address's two places...
+            stalled = [socket.create_connection(("127.0.0.1", edge.mqtts_port), timeout=30) for _ in range(2)]
+            # ...so a third connection (accepted after them: one accept loop, in order) is
+            # closed before any TLS is spoken: no ServerHello.
+            with socket.create_connection(("127.0.0.1", edge.mqtts_port), timeout=10) as third:
+                context = ssl.create_default_context(cafile=str(certs.ca))
+                try:
+                    context.wrap_socket(third, server_hostname="127.0.0.1").close()
+                    handshook = True
+                except (ssl.SSLError, ConnectionError):
+                    handshook = False
+            assert not handshook
+            eventually(lambda: metric(http, "konsul_mqtt_refused_total", reason="connections") == refused + 1,
+                       what="the refusal counted")
+            assert "refused an MQTT connection from 127.0.0.1: 2 connections held by this address" in edge.output
+            for sock in stalled:
+                sock.close()
+            # Places given back: a TLS client is served again.
+            token = register(http, "capped-1")
+            eventually(lambda: mosquitto_pub(edge.mqtts_port, "--cafile", str(certs.ca), "-i", "capped-1", "-u", "capped-1",
+                                             "-P", token, "-t", "konsul/v1/devices/capped-1/telemetry",
+                                             "-m", "{}").returncode == 0, what="a TLS client served")
+    finally:
+        edge.stop()
