@@ -436,6 +436,7 @@ class EmbeddedBroker:
         except (OSError, EOFError, TimeoutError) as error:  # ssl.SSLError is an OSError
             self.agent.refusals.tls_failed(f"{address[0]}:{address[1]}", source, handshake_failure(error))
             return None
+        _shrink_tls_read_buffer(transport)
         return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -502,6 +503,31 @@ async def _listen(host: str, port: int) -> list[socket.socket]:
             sock.close()
         raise
     return sockets
+
+
+# What a TLS connection reads from its socket at a time, once connected: one
+# whole TLS record (16 KiB of data and its overhead), and a little more.
+TLS_READ_BUFFER = 20 * 1024
+
+
+def _shrink_tls_read_buffer(transport: asyncio.BaseTransport) -> None:
+    """Give a connected TLS transport a read buffer of ``TLS_READ_BUFFER`` instead of asyncio's 256 KiB.
+
+    asyncio's ``SSLProtocol`` (3.11 to 3.13) holds a 256 KiB buffer for its
+    socket reads per connection, zero-filled, so resident: 256 of the 330 KiB a
+    held TLS connection cost (bench/mqtt_connection_memory.py --tls). A device
+    connection sends a few small frames at a time. Done between two of the
+    protocol's callbacks (it reads into the buffer and takes the bytes out in
+    one), so swapping it is safe; if a later Python names these differently,
+    nothing changes but the memory.
+    """
+    ssl_protocol = getattr(transport, "_ssl_protocol", None)
+    if ssl_protocol is None or not hasattr(ssl_protocol, "_ssl_buffer_view"):
+        return
+    if getattr(ssl_protocol, "max_size", 0) > TLS_READ_BUFFER:
+        ssl_protocol.max_size = TLS_READ_BUFFER  # an instance attribute: asyncio's default stays as it is
+        ssl_protocol._ssl_buffer = bytearray(TLS_READ_BUFFER)
+        ssl_protocol._ssl_buffer_view = memoryview(ssl_protocol._ssl_buffer)
 
 
 # OpenSSL's reasons, in words that say what the operator or the client can do.
