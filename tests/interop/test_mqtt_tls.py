@@ -143,6 +143,11 @@ def test_paho_with_tls_set_is_a_device_like_any_other(edge, http, certs):
         assert device.message("konsul/v1/kv/tls/paho/cfg").payload == b"on"
         device.publish("konsul/v1/kv/tls/paho/back", b"ack", qos=1, retain=True)
         assert http.get("/v1/kv/tls/paho/back?raw").text == "ack"  # PUBACK came once durable
+        # A value over several TLS records, both ways.
+        big = bytes(range(256)) * 200  # 51,200 bytes
+        device.publish("konsul/v1/kv/tls/paho/big", big, qos=1, retain=True)
+        assert http.get("/v1/kv/tls/paho/big?raw").content == big
+        assert device.message("konsul/v1/kv/tls/paho/big").payload == big
         # Outside its allowance: refused as on the plain port (SUBACK 0x80).
         assert device.subscribe("konsul/v1/devices/tls-mq/desired") == [0x80]
     finally:
