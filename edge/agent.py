@@ -70,6 +70,8 @@ class EdgeConfig:
     site_token: str = ""
     site_cert: str = ""
     site_key: str = ""
+    # With an mqtts:// --mqtt-broker: the CA its certificate must chain to (the system's CAs when empty).
+    mqtt_broker_ca: str = ""
 
 
 @dataclass
@@ -229,7 +231,8 @@ async def run_device_gateways(
                 from konsul.protocols.mqtt import run_mqtt_gateway
 
                 bound.update(await nursery.start(
-                    partial(run_mqtt_gateway, tls_addr=mqtts, server_tls=server_tls), gateways, mqtt
+                    partial(run_mqtt_gateway, tls_addr=mqtts, server_tls=server_tls, broker_ca=config.mqtt_broker_ca),
+                    gateways, mqtt,
                 ))
                 if "mqtt" in bound:
                     log.info("mqtt %s %s", "using the broker" if config.mqtt_broker else "listening on", bound["mqtt"])

@@ -7,7 +7,8 @@ edge agent starts:
   ``tls_addr`` ``HOST:PORT`` with ``server_tls`` adds a listener for MQTT over
   TLS to the same broker (either address may be empty, not both);
 - ``addr`` ``mqtt://HOST:PORT`` attaches to an existing broker (mosquitto) as
-  a client, with the same topic contract.
+  a client, with the same topic contract; ``mqtts://`` over TLS, the broker's
+  certificate checked against ``broker_ca`` (a CA file) or the system's CAs.
 
 Module map: ``topics`` (the contract and access rules), ``frames`` (MQTT
 framing, sans-IO), ``policy`` (refusals, metrics, payload rules), ``core``
@@ -32,7 +33,7 @@ __all__ = ["run_mqtt_gateway"]
 
 async def run_mqtt_gateway(
     gateways: GatewayContext, addr: str, *, tls_addr: str = "", server_tls: ServerTls | None = None,
-    task_status: trio.TaskStatus[dict[str, str]] = trio.TASK_STATUS_IGNORED,
+    broker_ca: str = "", task_status: trio.TaskStatus[dict[str, str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve devices over MQTT until cancelled.
 
@@ -42,7 +43,7 @@ async def run_mqtt_gateway(
     if "://" in addr:  # a URL: --mqtt-broker
         from .external import run_external
 
-        await run_external(gateways, addr, task_status=_Renamed(task_status, "mqtt"))
+        await run_external(gateways, addr, ca=broker_ca, task_status=_Renamed(task_status, "mqtt"))
         return
     from .boundary import run_embedded
     from .broker import Listener

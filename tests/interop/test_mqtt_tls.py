@@ -11,6 +11,7 @@ loses that connection only, counted in
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import ssl
@@ -20,8 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 import trustme
-from agents import EdgeProcess, eventually
-from test_mqtt_embedded import Device, metric, mosquitto_pub, mosquitto_sub, register, stop_spawned  # noqa: F401
+from agents import AgentProcess, EdgeProcess, eventually, free_port
+from test_mqtt_embedded import _spawned, Device, metric, mosquitto_pub, mosquitto_sub, register, stop_spawned  # noqa: F401
+from test_mqtt_external import MOSQUITTO
 from konsul.protocols.mqtt import frames
 
 
@@ -306,5 +308,42 @@ def test_connections_are_admitted_against_the_caps_before_their_handshake(tmp_pa
             eventually(lambda: mosquitto_pub(edge.mqtts_port, "--cafile", str(certs.ca), "-i", "capped-1", "-u", "capped-1",
                                              "-P", token, "-t", "konsul/v1/devices/capped-1/telemetry",
                                              "-m", "{}").returncode == 0, what="a TLS client served")
+    finally:
+        edge.stop()
+
+
+def tls_mosquitto(directory: Path, certs: Certificates) -> AgentProcess:
+    """mosquitto with a TLS listener on a free port (``port``), anonymous clients allowed."""
+    port = free_port()
+    config = directory / "mosquitto.conf"
+    # Started as root, mosquitto would read the files as user "mosquitto", who may not enter pytest's tmp.
+    user = "user root\n" if os.geteuid() == 0 else ""
+    config.write_text(f"listener {port} 127.0.0.1\ncertfile {certs.cert}\nkeyfile {certs.key}\n{user}"
+                      "allow_anonymous true\npersistence false\nlog_dest stderr\n")
+    broker = AgentProcess(["-c", str(config)], command=[MOSQUITTO])
+    _spawned.append(broker)
+    broker.wait_for(r"mosquitto version \S+ running")
+    broker.port = port
+    return broker
+
+
+def test_an_external_broker_over_tls_with_a_pinned_ca(tmp_path, certs):
+    broker = tls_mosquitto(tmp_path, certs)
+    url = f"mqtts://127.0.0.1:{broker.port}"
+    # A CA that did not sign the broker's certificate: no link, and the log says what to do.
+    other = Certificates(tmp_path / "other", "other")
+    wrong = EdgeProcess(tmp_path / "wrong", extra=["--mqtt-broker", url, "--mqtt-broker-ca", str(other.ca)])
+    try:
+        wrong.wait_for(r"cannot reach the MQTT broker 127.0.0.1:\d+ \(TLS: .*give --mqtt-broker-ca the CA")
+    finally:
+        wrong.stop()
+    edge = EdgeProcess(tmp_path / "edge", extra=["--mqtt-broker", url, "--mqtt-broker-ca", str(certs.ca)])
+    try:
+        edge.wait_for(r"mqtt attached to the external broker 127.0.0.1:\d+ as konsul-edge-s1 \(TLS\)")
+        assert "mqtts listening" not in edge.output
+        with http_client(edge, certs) as http:
+            done = mosquitto_pub(broker.port, "--cafile", str(certs.ca), "-q", "1", "-t", "konsul/v1/kv/ext-tls/a", "-m", "x")
+            assert done.returncode == 0, done.stderr
+            eventually(lambda: http.get("/v1/kv/ext-tls/a?raw").text == "x", what="the write through the TLS broker")
     finally:
         edge.stop()
