@@ -10,7 +10,7 @@ in the same run, everything on 127.0.0.1:
   ("konsul-relaxed": no fsync per commit), which separates the cost of the
   disk from the cost of the gateway;
 - a bare amqtt broker on plain asyncio (same amqtt, anonymous auth plugin only);
-- mosquitto (Debian's, a generated config: one listener, anonymous).
+- mosquitto (Debian's, a generated config: one listener, anonymous, TCP_NODELAY).
 
 MQTT over TLS: ``konsul-edge-tls``, ``konsul-relaxed-tls`` and
 ``mosquitto-tls`` are the same brokers with clients connecting to their TLS
