@@ -10,7 +10,15 @@ in the same run, everything on 127.0.0.1:
   ("konsul-relaxed": no fsync per commit), which separates the cost of the
   disk from the cost of the gateway;
 - a bare amqtt broker on plain asyncio (same amqtt, anonymous auth plugin only);
-- mosquitto (Debian's, a generated config: one listener, anonymous).
+- mosquitto (Debian's, a generated config: one listener, anonymous, TCP_NODELAY).
+
+MQTT over TLS: ``konsul-edge-tls``, ``konsul-relaxed-tls`` and
+``mosquitto-tls`` are the same brokers with clients connecting to their TLS
+listener instead (a CA and a server certificate for 127.0.0.1 made with
+trustme for the run; TLS 1.3, the default of both ends). The report then
+adds TLS/plain ratios, and ``--connects N`` measures connection set-up: N
+connections one after another (TCP, TLS handshake, CONNECT, CONNACK,
+DISCONNECT) from one client, per second, with the broker's CPU per connection.
 
 Workload: publishers send 64-byte retained messages to ``konsul/v1/kv/bench/
 <run>/p<i>/<n>`` (a fresh KV key per message) and one subscriber takes
@@ -44,6 +52,8 @@ import platform
 import selectors
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -77,6 +87,7 @@ class Broker:
         self.proc = subprocess.Popen(argv, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT, cwd=workdir)
         self.port = 0
         self.credentials: dict[str, str] = {}  # device id -> token (edge only)
+        self.ca: str | None = None  # with a CA file, clients connect over TLS (to ``port``)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             text = self.log_path.read_text()
@@ -108,24 +119,46 @@ class Broker:
                 self.proc.wait()
 
 
+class Certificates:
+    """A CA and a server certificate for 127.0.0.1, made once per run (trustme, from the test extra)."""
+
+    def __init__(self, directory: Path) -> None:
+        import trustme
+
+        authority = trustme.CA()
+        issued = authority.issue_cert("127.0.0.1", "localhost")
+        self.ca, self.cert, self.key = (str(directory / name) for name in ("ca.pem", "cert.pem", "key.pem"))
+        authority.cert_pem.write_to_path(self.ca)
+        issued.cert_chain_pems[0].write_to_path(self.cert)
+        issued.private_key_pem.write_to_path(self.key)
+
+
 def start_edge(
-    workdir: Path, publishers: int, durability: str = "full", venv_bin: Path | None = None, acl: bool | None = True
+    workdir: Path, publishers: int, durability: str = "full", venv_bin: Path | None = None, acl: bool | None = True,
+    tls: Certificates | None = None,
 ) -> Broker:
     """The edge; ``acl`` True: ACLs on with a management token creating the devices, False: ``--acl off``,
-    None: neither flag (a baseline checkout that may predate them)."""
+    None: neither flag (a baseline checkout that may predate them). ``tls``: clients use its TLS listener."""
+    tls_flags = [] if tls is None else [
+        "--tls-cert", tls.cert, "--tls-key", tls.key, "--mqtts-addr", "127.0.0.1:0", "--mqtt-addr", ""]
     broker = Broker(
         "konsul-edge",
         [str((venv_bin or VENV_BIN) / "konsul"), "edge", "--site", "bench", "--data-dir", str(workdir / "edge-data"),
          "--http-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0", "--coap-addr", "", "--allow-anonymous",
-         "--durability", durability, *_acl_flags(acl)],
+         "--durability", durability, *_acl_flags(acl), *tls_flags],
         "http listening on",
         workdir,
     )
     text = broker.log_text
-    broker.port = int(text.split("mqtt listening on ", 1)[1].split()[0].rsplit(":", 1)[1])
+    listening = "mqtt listening on " if tls is None else "mqtts listening on "
+    broker.port = int(text.split(listening, 1)[1].split()[0].rsplit(":", 1)[1])
+    broker.ca = None if tls is None else tls.ca
     http_url = text.split("http listening on ", 1)[1].split()[0]
     broker.http_url = http_url
-    with httpx.Client(base_url=http_url, timeout=30, headers={"X-Consul-Token": MANAGEMENT_TOKEN}) as http:
+    # The HTTP API may be served over TLS with the same certificate.
+    verify = True if tls is None else ssl.create_default_context(cafile=tls.ca)
+    broker.http_verify = verify
+    with httpx.Client(base_url=http_url, timeout=30, headers={"X-Consul-Token": MANAGEMENT_TOKEN}, verify=verify) as http:
         for device_id, fields in [("bench-sub", {})] + [(f"bench-pub-{i}", {"KVWrite": ["bench/"]}) for i in range(publishers)]:
             response = http.put(f"/v1/devices/{device_id}", json={"Type": "bench", **fields})
             response.raise_for_status()
@@ -171,7 +204,7 @@ def serve_amqtt(port: int) -> None:
     asyncio.run(main())
 
 
-def start_mosquitto(workdir: Path) -> Broker:
+def start_mosquitto(workdir: Path, tls: Certificates | None = None) -> Broker:
     from socket import socket
 
     with socket() as probe:
@@ -180,11 +213,20 @@ def start_mosquitto(workdir: Path) -> Broker:
     config = workdir / "mosquitto.conf"
     # No cap on queued QoS 1 messages: by default mosquitto drops past 1,000 per
     # client, and amqtt never does, so the two would not deliver the same work.
+    tls_lines = "" if tls is None else f"certfile {tls.cert}\nkeyfile {tls.key}\n"
+    if tls is not None and os.geteuid() == 0:
+        # Started as root, mosquitto drops to user "mosquitto" before reading the
+        # files, which then lie in a directory only root may enter.
+        tls_lines += "user root\n"
+    # TCP_NODELAY like asyncio's transports (the edge): over TLS, mosquitto's
+    # CONNACK otherwise waits behind its session tickets for a delayed ACK, 40 ms.
     config.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nlog_dest stderr\n"
+        f"listener {port} 127.0.0.1\n{tls_lines}allow_anonymous true\npersistence false\nmax_queued_messages 0\n"
+        "set_tcp_nodelay true\nlog_dest stderr\n"
     )
     broker = Broker("mosquitto", ["mosquitto", "-c", str(config)], "running", workdir)
     broker.port = port
+    broker.ca = None if tls is None else tls.ca
     return broker
 
 
@@ -199,11 +241,13 @@ class Pool:
         self.clients: list[mqtt.Client] = []
         self.connected = 0
 
-    def add(self, port: int, client_id: str, token: str | None, keepalive: int = 60) -> mqtt.Client:
+    def add(self, port: int, client_id: str, token: str | None, keepalive: int = 60, ca: str | None = None) -> mqtt.Client:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
         client.max_inflight_messages_set(WINDOW)
         if token is not None:
             client.username_pw_set(client_id, token)
+        if ca is not None:
+            client.tls_set(ca_certs=ca)
         client.on_connect = self._on_connect
         client.connect("127.0.0.1", port, keepalive=keepalive)
         self.selector.register(client.socket(), selectors.EVENT_READ, client)
@@ -216,7 +260,11 @@ class Pool:
         self.connected += 1
 
     def pump(self, timeout: float = 0.0) -> None:
-        for key, _ in self.selector.select(timeout):
+        # TLS: what OpenSSL has decrypted already is no longer on the socket, and epoll cannot see it.
+        pending = [client for client in self.clients if getattr(client.socket(), "pending", lambda: 0)()]
+        for client in pending:
+            client.loop_read()
+        for key, _ in self.selector.select(0 if pending else timeout):
             key.data.loop_read()
         for client in self.clients:
             if client.want_write():
@@ -235,9 +283,9 @@ class Pool:
         self.pump(0.1)
 
 
-def subscriber(pipe, port: int, token: str | None, topic_filter: str, qos: int, expected: int) -> None:
+def subscriber(pipe, port: int, token: str | None, topic_filter: str, qos: int, expected: int, ca: str | None) -> None:
     pool = Pool()
-    client = pool.add(port, "bench-sub", token)
+    client = pool.add(port, "bench-sub", token, ca=ca)
     got = {"count": 0, "first": 0.0, "last": 0.0, "subscribed": False}
 
     def on_message(client, userdata, message) -> None:
@@ -263,11 +311,13 @@ def subscriber(pipe, port: int, token: str | None, topic_filter: str, qos: int, 
     pool.close()
 
 
-def publishers(pipe, port: int, tokens: list[str | None], run: str, qos: int, per_publisher: int) -> None:
+def publishers(
+    pipe, port: int, tokens: list[str | None], run: str, qos: int, per_publisher: int, ca: str | None
+) -> None:
     pool = Pool()
     outstanding = [0] * len(tokens)
     for i, token in enumerate(tokens):
-        client = pool.add(port, f"bench-pub-{i}", token)
+        client = pool.add(port, f"bench-pub-{i}", token, ca=ca)
         client.user_data_set(i)
 
         def on_publish(client, index, mid, reason_code, properties) -> None:
@@ -309,8 +359,8 @@ def run_scenario(broker: Broker, run: str, publisher_count: int, qos: int, total
     context = multiprocessing.get_context("fork")
     sub_pipe, sub_end = context.Pipe()
     pub_pipe, pub_end = context.Pipe()
-    sub = context.Process(target=subscriber, args=(sub_end, broker.port, sub_token, f"konsul/v1/kv/bench/{run}/#", qos, expected))
-    pub = context.Process(target=publishers, args=(pub_end, broker.port, pub_tokens, run, qos, per_publisher))
+    sub = context.Process(target=subscriber, args=(sub_end, broker.port, sub_token, f"konsul/v1/kv/bench/{run}/#", qos, expected, broker.ca))
+    pub = context.Process(target=publishers, args=(pub_end, broker.port, pub_tokens, run, qos, per_publisher, broker.ca))
     sub.start()
     assert sub_pipe.recv() == "ready"
     pub.start()
@@ -339,7 +389,7 @@ def idle_clients(broker: Broker, count: int) -> int:
     def hold(pipe) -> None:
         pool = Pool()
         for i in range(count):
-            pool.add(broker.port, f"idle-{i}", None, keepalive=120)
+            pool.add(broker.port, f"idle-{i}", None, keepalive=120, ca=broker.ca)
             if i % 50 == 49:
                 pool.pump(0)
         pool.wait_connected(120)
@@ -361,8 +411,41 @@ def idle_clients(broker: Broker, count: int) -> int:
     return rss
 
 
+def connect_rate(broker: Broker, count: int) -> dict:
+    """``count`` connections one after another, each CONNECT, CONNACK, DISCONNECT: per second, broker CPU each.
+
+    Raw sockets (paho's set-up costs more than the broker's): the edge's
+    clients are its registered devices in turn, mosquitto's anonymous.
+    """
+    from konsul.protocols.mqtt import frames
+
+    context = None
+    if broker.ca is not None:
+        context = ssl.create_default_context(cafile=broker.ca)
+    devices = sorted(broker.credentials.items()) or [(f"conn-{i}", None) for i in range(100)]
+    cpu_before = broker.cpu_seconds()
+    started = time.monotonic()
+    for i in range(count):
+        device_id, token = devices[i % len(devices)]
+        raw = socket.create_connection(("127.0.0.1", broker.port), timeout=30)
+        # The handshake's last flight and the CONNECT are two small writes in a
+        # row: with Nagle on, the second waits for a delayed ACK (40 ms).
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = raw if context is None else context.wrap_socket(raw, server_hostname="127.0.0.1")
+        try:
+            sock.sendall(frames.encode_connect(device_id, keepalive=60, username=device_id if token else None,
+                                               password=token))
+            if sock.recv(4) != b"\x20\x02\x00\x00":
+                raise RuntimeError(f"{broker.name}: {device_id} not connected")
+            sock.sendall(b"\xe0\x00")  # DISCONNECT
+        finally:
+            sock.close()
+    seconds = time.monotonic() - started
+    return {"rate": count / seconds, "cpu_us": 1e6 * (broker.cpu_seconds() - cpu_before) / count}
+
+
 def _edge_connected(broker: Broker) -> float:
-    for line in httpx.get(f"{broker.http_url}/metrics", timeout=10).text.splitlines():
+    for line in httpx.get(f"{broker.http_url}/metrics", timeout=10, verify=broker.http_verify).text.splitlines():
         if line.startswith("konsul_mqtt_connected_devices "):
             return float(line.split()[1])
     return 0.0
@@ -412,6 +495,8 @@ def main() -> int:
         help="the bin directory of another checkout's virtualenv (e.g. /work/main/.venv/bin); "
         "broker konsul-baseline is its edge",
     )
+    parser.add_argument("--connects", type=int, default=0,
+                        help="also measure N connection set-ups one after another per broker (0: not)")
     parser.add_argument("--serve-amqtt", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_amqtt:
@@ -419,8 +504,12 @@ def main() -> int:
         return 0
     if shutil.which("mosquitto") is None:
         sys.exit("mosquitto is missing: apt-get install mosquitto (scripts/setup does)")
+    certificates: list[Certificates] = []  # made in the run's directory, below
     starters = {
         "konsul-edge": lambda d: start_edge(d, 100),
+        "konsul-edge-tls": lambda d: start_edge(d, 100, tls=certificates[0]),
+        "konsul-relaxed-tls": lambda d: start_edge(d, 100, "relaxed", tls=certificates[0]),
+        "mosquitto-tls": lambda d: start_mosquitto(d, certificates[0]),
         "konsul-relaxed": lambda d: start_edge(d, 100, "relaxed"),
         "amqtt": start_amqtt,
         "konsul-baseline": lambda d: start_edge(d, 100, venv_bin=Path(args.baseline_bin), acl=None),
@@ -433,6 +522,8 @@ def main() -> int:
     results: dict[str, dict] = {}
     log(machine())
     with tempfile.TemporaryDirectory(prefix="konsul-mqtt-bench-") as tmp:
+        if any(name.endswith("-tls") for name in names):
+            certificates.append(Certificates(Path(tmp)))
         for name in names:
             figures = results[name] = {}
             if args.idle:
@@ -440,6 +531,12 @@ def main() -> int:
                     figures["rss_idle"] = broker.rss_kb()
                     figures["rss_clients"] = idle_clients(broker, args.idle)
                 log(f"{name}: {figures['rss_idle'] / 1024:.1f} MiB idle, {figures['rss_clients'] / 1024:.1f} MiB with {args.idle} clients")
+        for _ in range(args.reps if args.connects else 0):
+            for name in names:  # interleaved, like the cells below
+                with running(starters[name], fresh_dir(tmp, name)) as broker:
+                    cell = connect_rate(broker, args.connects)
+                results[name].setdefault("connects", []).append(cell)
+                log(f"{name}: {cell['rate']:,.0f} connections/s, broker CPU {cell['cpu_us']:.0f} us each")
         for publisher_count, qos in scenarios:
             total = args.messages if qos == 0 else args.messages // 2
             cells: dict[str, list[dict]] = {name: [] for name in names}
@@ -459,6 +556,11 @@ def main() -> int:
                 results[name][(publisher_count, qos)] = ordered[len(ordered) // 2]
     print(report(results, names, scenarios, args))
     return 0
+
+
+def _ratio(a: float, b: float) -> str:
+    """``a / b`` as ``1.23x``; ``-`` when ``b`` is below the clock tick's resolution (no CPU time measured)."""
+    return f"{a / b:.2f}x" if b > 0 else "-"
 
 
 def report(results: dict, names: list[str], scenarios: list[tuple[int, int]], args: argparse.Namespace) -> str:
@@ -487,6 +589,26 @@ def report(results: dict, names: list[str], scenarios: list[tuple[int, int]], ar
                 rate = results[peer][(publisher_count, qos)]["rate"]
                 row += f"{edge['rate'] / rate:>{width - 1}.2f}x" if rate else f"{'-':>{width}}"
         lines.append(row)
+    pairs = [(plain, f"{plain}-tls") for plain in ("konsul-edge", "konsul-relaxed", "mosquitto") if
+             plain in names and f"{plain}-tls" in names]
+    if pairs:
+        lines += ["", "TLS / plain, delivered msg/s (broker CPU per message)"]
+        lines.append(f"{'scenario':<16}" + "".join(f"{tls:>34}" for _plain, tls in pairs))
+        for publisher_count, qos in scenarios:
+            row = f"{publisher_count:>3} -> 1, QoS {qos} "
+            for plain, tls in pairs:
+                a, b = results[plain][(publisher_count, qos)], results[tls][(publisher_count, qos)]
+                row += f"{b['rate'] / a['rate']:.2f}x ({_ratio(b['cpu_us'], a['cpu_us'])} CPU)".rjust(34)
+            lines.append(row)
+    if args.connects:
+        lines += ["", f"connection set-up, {args.connects} one after another: per second (broker CPU each), median of {args.reps}"]
+        for name in names:
+            ordered = sorted(results[name]["connects"], key=lambda c: c["rate"])
+            cell = results[name]["connects_median"] = ordered[len(ordered) // 2]
+            lines.append(f"  {name:<20} {cell['rate']:>8,.0f}/s ({cell['cpu_us']:.0f} us)")
+        for plain, tls in pairs:
+            a, b = results[plain]["connects_median"], results[tls]["connects_median"]
+            lines.append(f"  {tls} / {plain}: {b['rate'] / a['rate']:.2f}x the rate, {_ratio(b['cpu_us'], a['cpu_us'])} the CPU")
     if not args.idle:
         return "\n".join(lines)
     lines.append("")

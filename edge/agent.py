@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -68,6 +69,8 @@ class EdgeConfig:
     site_token: str = ""
     site_cert: str = ""
     site_key: str = ""
+    # With an mqtts:// --mqtt-broker: the CA its certificate must chain to (the system's CAs when empty).
+    mqtt_broker_ca: str = ""
 
 
 @dataclass
@@ -196,7 +199,9 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 Path(config.data_dir).resolve(),
                 http_url,
             )
-            task_status.started(EdgeInfo(http_url, replica.replica_id, bound.get("mqtt"), bound.get("coap")))
+            task_status.started(
+                EdgeInfo(http_url, replica.replica_id, bound.get("mqtt"), bound.get("coap"), bound.get("mqtts"))
+            )
     finally:
         if buffer is not None:
             buffer.close()
@@ -209,7 +214,11 @@ async def run_device_gateways(
 ) -> None:
     """MQTT and CoAP, both asyncio libraries, behind one trio-asyncio loop (DESIGN.md, 2)."""
     mqtt = config.mqtt_broker or config.mqtt_addr  # a URL attaches to an external broker
-    wanted = {name: addr for name, addr in (("mqtt", mqtt), ("coap", config.coap_addr)) if addr}
+    # MQTT over TLS is a listener of the embedded broker; with an external one, devices connect there.
+    mqtts = "" if config.mqtt_broker or server_tls is None else config.mqtts_addr
+    if config.mqtt_broker and config.mqtts_addr:
+        log.info("no MQTT TLS listener (%s): devices use the broker at %s", config.mqtts_addr, config.mqtt_broker)
+    wanted = {name: addr for name, addr in (("mqtt", mqtt or mqtts), ("coap", config.coap_addr)) if addr}
     if not wanted:
         task_status.started({})
         await trio.sleep_forever()
@@ -221,8 +230,14 @@ async def run_device_gateways(
             if "mqtt" in wanted:
                 from konsul.protocols.mqtt import run_mqtt_gateway
 
-                bound["mqtt"] = await nursery.start(run_mqtt_gateway, gateways, wanted["mqtt"])
-                log.info("mqtt %s %s", "using the broker" if config.mqtt_broker else "listening on", bound["mqtt"])
+                bound.update(await nursery.start(
+                    partial(run_mqtt_gateway, tls_addr=mqtts, server_tls=server_tls, broker_ca=config.mqtt_broker_ca),
+                    gateways, mqtt,
+                ))
+                if "mqtt" in bound:
+                    log.info("mqtt %s %s", "using the broker" if config.mqtt_broker else "listening on", bound["mqtt"])
+                if "mqtts" in bound:
+                    log.info("mqtts listening on %s (MQTT over TLS)", bound["mqtts"])
             if "coap" in wanted:
                 from konsul.protocols.coap import run_coap_gateway
 

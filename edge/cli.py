@@ -60,10 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         edge,
         "--mqtt-broker",
-        "attach to this MQTT broker (mqtt://[user:password@]host:port) as a client instead of "
-        "embedding one; --mqtt-addr is then unused",
+        "attach to this MQTT broker (mqtt://[user:password@]host:port, mqtts:// over TLS) as a client "
+        "instead of embedding one; --mqtt-addr is then unused",
         "",
     )
+    add_flag(edge, "--mqtt-broker-ca", "for an mqtts:// --mqtt-broker: the only CA its certificate may chain to "
+             "(pinning); empty trusts the system's CAs", "", metavar="PATH")
     add_flag(edge, "--coap-addr", "CoAP (UDP) address for devices; empty disables it", DEFAULT_COAP_ADDR)
     edge.add_argument(
         "--allow-anonymous",
@@ -334,6 +336,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
         limits=network_limits(args),
         **security_config(args),
         **tls_config(args, "edge"),
+        mqtt_broker_ca=args.mqtt_broker_ca,
     )
     return run_until_signal(run_edge, config)
 

@@ -145,6 +145,12 @@ class EdgeProcess(_Listening):
         host, port = self.wait_for(r"mqtt listening on (\S+)").group(1).rsplit(":", 1)
         return host.strip("[]"), int(port)
 
+    def mqtts_addr(self) -> tuple[str, int]:
+        """Where the edge serves MQTT over TLS (start it with ``--tls-cert``, ``--tls-key`` and
+        ``extra=["--mqtts-addr", "127.0.0.1:0"]``)."""
+        host, port = self.wait_for(r"mqtts listening on (\S+)").group(1).rsplit(":", 1)
+        return host.strip("[]"), int(port)
+
     def coap_addr(self) -> tuple[str, int]:
         """Where the edge serves CoAP (start it with ``extra=["--coap-addr", "127.0.0.1:0"]``)."""
         host, port = self.wait_for(r"coap listening on (\S+)").group(1).rsplit(":", 1)

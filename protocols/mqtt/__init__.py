@@ -1,10 +1,14 @@
 """The MQTT device gateway: an embedded amqtt broker, or a client of an external broker.
 
-``run_mqtt_gateway(gateways, addr)`` is what the edge agent starts:
+``run_mqtt_gateway(gateways, addr, tls_addr=..., server_tls=...)`` is what the
+edge agent starts:
 
 - ``addr`` ``HOST:PORT`` runs the embedded broker there (port 0 picks one);
+  ``tls_addr`` ``HOST:PORT`` with ``server_tls`` adds a listener for MQTT over
+  TLS to the same broker (either address may be empty, not both);
 - ``addr`` ``mqtt://HOST:PORT`` attaches to an existing broker (mosquitto) as
-  a client, with the same topic contract.
+  a client, with the same topic contract; ``mqtts://`` over TLS, the broker's
+  certificate checked against ``broker_ca`` (a CA file) or the system's CAs.
 
 Module map: ``topics`` (the contract and access rules), ``frames`` (MQTT
 framing, sans-IO), ``policy`` (refusals, metrics, payload rules), ``core``
@@ -15,25 +19,63 @@ external-broker client, trio). See docs/mqtt.md.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import trio
 
 from konsul.protocols.gateway import GatewayContext
+
+if TYPE_CHECKING:
+    from konsul.protocols.tls import ServerTls
 
 __all__ = ["run_mqtt_gateway"]
 
 
 async def run_mqtt_gateway(
-    gateways: GatewayContext, addr: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    gateways: GatewayContext, addr: str, *, tls_addr: str = "", server_tls: ServerTls | None = None,
+    broker_ca: str = "", task_status: trio.TaskStatus[dict[str, str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve devices over MQTT until cancelled; reports where (``host:port`` or the broker URL)."""
+    """Serve devices over MQTT until cancelled.
+
+    Reports where: ``{"mqtt": host:port or the broker URL, "mqtts": host:port}``,
+    each key only when served.
+    """
     if "://" in addr:  # a URL: --mqtt-broker
         from .external import run_external
 
-        await run_external(gateways, addr, task_status=task_status)
+        await run_external(gateways, addr, ca=broker_ca, task_status=_Renamed(task_status, "mqtt"))
         return
     from .boundary import run_embedded
+    from .broker import Listener
 
+    listeners: list[Listener] = []
+    names: list[str] = []
+    if addr:
+        listeners.append(Listener(*_host_port(addr, "--mqtt-addr")))
+        names.append("mqtt")
+    if tls_addr:
+        if server_tls is None:
+            raise ValueError("an MQTT TLS listener needs --tls-cert and --tls-key")
+        listeners.append(Listener(*_host_port(tls_addr, "--mqtts-addr"), tls=server_tls))
+        names.append("mqtts")
+    if not listeners:
+        raise ValueError("no MQTT address: give --mqtt-addr or --mqtts-addr")
+    await run_embedded(gateways, listeners, task_status=_Renamed(task_status, *names))
+
+
+def _host_port(addr: str, flag: str) -> tuple[str, int]:
     host, sep, port = addr.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--mqtt-addr must be HOST:PORT, got {addr!r}")
-    await run_embedded(gateways, host.strip("[]") or "127.0.0.1", int(port), task_status=task_status)
+        raise ValueError(f"{flag} must be HOST:PORT, got {addr!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class _Renamed:
+    """A task status that reports ``{name: address}`` for what the gateway reports as one address or a list."""
+
+    def __init__(self, status: trio.TaskStatus[dict[str, str]], *names: str) -> None:
+        self.status = status
+        self.names = names
+
+    def started(self, bound: str | list[str]) -> None:
+        self.status.started(dict(zip(self.names, [bound] if isinstance(bound, str) else bound)))

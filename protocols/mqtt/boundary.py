@@ -32,7 +32,7 @@ from konsul.protocols.aio_loop import run_callbacks_in_batches
 
 from konsul.protocols.gateway import GatewayContext
 
-from .broker import EmbeddedBroker
+from .broker import EmbeddedBroker, Listener
 from .core import MqttGateway, Outgoing
 
 log = logging.getLogger("konsul.mqtt")
@@ -82,9 +82,10 @@ async def _create_broker(port: AgentPort) -> EmbeddedBroker:
 
 
 async def run_embedded(
-    gateways: GatewayContext, host: str, port: int, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    gateways: GatewayContext, listeners: list[Listener], *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the embedded broker on ``host:port`` until cancelled; reports ``host:port`` bound."""
+    """Run the embedded broker on ``listeners`` until cancelled; reports the ``host:port`` each is bound to."""
     quiet_amqtt()
     run_callbacks_in_batches(trio_asyncio.current_loop.get())
     contain_callback_errors(trio_asyncio.current_loop.get(), gateways.registry)  # amqtt's callbacks too
@@ -93,7 +94,7 @@ async def run_embedded(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(gateway.run, EmbeddedOutlet(broker))
-            bound = await aio_as_trio(broker.start)(host, port)
+            bound = await aio_as_trio(broker.start)(listeners)
             gateways.extras["publish_desired"] = gateway.publish_desired
             gateways.extras["mqtt_gateway"] = gateway
             task_status.started(bound)

@@ -7,11 +7,12 @@ plain methods only touch memory.
 How the agent hooks in:
 
 - amqtt gets its connections from us (an "external" listener): we accept the
-  socket (our own accept loop: a connection over the per-source or total cap
+  socket on each of our listeners, plain or TLS (our own accept loop: a connection over the per-source or total cap
   is closed before anything is read, and an accept that fails for want of
   file descriptors backs off instead of reaching the loop's exception
-  handler, which trio-asyncio turns into the end of the process), check
-  every frame and admit the device first (``connection.py``), then hand the
+  handler, which trio-asyncio turns into the end of the process), on a TLS
+  listener finish the TLS handshake under a deadline (a failed one ends that
+  connection only, counted), check every frame and admit the device first (``connection.py``), then hand the
   checked stream to ``Broker.external_connected``;
 - presence follows amqtt's connect and disconnect events (a broker plugin);
 - :class:`KonsulBroker` replaces three of amqtt 0.12's internals with the
@@ -31,6 +32,7 @@ import errno
 import logging
 import resource
 import socket
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +43,7 @@ from amqtt.plugins.base import BasePlugin
 from amqtt.session import OutgoingApplicationMessage, Session
 
 from konsul.protocols.admission import ConnectionLimit, source_of
+from konsul.protocols.tls import HANDSHAKE_TIMEOUT_S
 from konsul.sync.devices import hash_token
 from konsul.sync.log_limits import peer_log
 
@@ -220,6 +223,15 @@ class PresencePlugin(BasePlugin[BrokerContext]):
         self.config.agent.disconnected(client_id)
 
 
+@dataclass(frozen=True)
+class Listener:
+    """One listening address of the embedded broker; with ``tls`` (a ``protocols.tls.ServerTls``) MQTT over TLS."""
+
+    host: str
+    port: int
+    tls: Any = None
+
+
 @dataclass
 class _Live:
     connection: DeviceConnection
@@ -251,9 +263,11 @@ class EmbeddedBroker:
                 self.admission.total, int(FD_SHARE * 100), limits.mqtt_connections,
             )
 
-    async def start(self, host: str, port: int) -> str:
+    async def start(self, listeners: list[Listener]) -> list[str]:
+        """Listen on every one of ``listeners``; the ``host:port`` each is bound to, in order."""
         config = {
-            "listeners": {"default": {"type": "external", "bind": f"{host}:{port}"}},
+            # amqtt only receives the streams we hand it; one external listener serves them all.
+            "listeners": {"default": {"type": "external", "bind": f"{listeners[0].host}:{listeners[0].port}"}},
             "plugins": {f"{__name__}.PresencePlugin": {"agent": self.agent}},
             "session_expiry_interval": SESSION_EXPIRY,
         }
@@ -263,11 +277,15 @@ class EmbeddedBroker:
         self.broker._index = None
         self.broker._filters = {}
         await self.broker.start()
-        self._sockets = await _listen(host, port)
-        for sock in self._sockets:
-            self._acceptors.append(self._spawn(self._accept_loop(sock)))
-        bound = self._sockets[0].getsockname()
-        return f"{bound[0]}:{bound[1]}"
+        bound: list[str] = []
+        for listener in listeners:
+            sockets = await _listen(listener.host, listener.port)
+            self._sockets += sockets
+            for sock in sockets:
+                self._acceptors.append(self._spawn(self._accept_loop(sock, listener.tls)))
+            address = sockets[0].getsockname()
+            bound.append(f"{address[0]}:{address[1]}")
+        return bound
 
     async def stop(self) -> None:
         for task in self._acceptors:  # before their sockets close under them
@@ -323,8 +341,11 @@ class EmbeddedBroker:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
-        """Accept connections until stopped; never ends on an error a peer or the system causes."""
+    async def _accept_loop(self, listener: socket.socket, tls: Any = None) -> None:
+        """Accept connections until stopped; never ends on an error a peer or the system causes.
+
+        ``tls``: the ``ServerTls`` whose current context serves each new connection.
+        """
         loop = asyncio.get_running_loop()
         retry = ACCEPT_RETRY_MIN
         while True:
@@ -362,12 +383,20 @@ class EmbeddedBroker:
                     source, held, "in total" if bound == "total" else "by this address", cap,
                 )
                 continue
-            self._spawn(self._accept(sock, address, source))
+            # The context is taken now, not when the listener started: a SIGHUP
+            # reload (protocols/tls.py) serves every connection accepted after it.
+            self._spawn(self._accept(sock, address, source, None if tls is None else tls.context))
 
-    async def _accept(self, sock: socket.socket, address: Any, source: str) -> None:
+    async def _accept(self, sock: socket.socket, address: Any, source: str, context: ssl.SSLContext | None) -> None:
         writer = None
         try:
-            reader, writer = await asyncio.open_connection(sock=sock)
+            if context is None:
+                reader, writer = await asyncio.open_connection(sock=sock)
+            else:
+                streams = await self._tls_streams(sock, address, source, context)
+                if streams is None:
+                    return
+                reader, writer = streams
             await self._serve(reader, writer)
         except asyncio.CancelledError:
             raise
@@ -381,6 +410,34 @@ class EmbeddedBroker:
                 writer.close()
             else:
                 sock.close()
+
+    async def _tls_streams(
+        self, sock: socket.socket, address: Any, source: str, context: ssl.SSLContext
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The accepted socket after a TLS handshake as the server; None (counted, logged) if it failed.
+
+        The same streams ``asyncio.open_connection`` makes, over asyncio's TLS
+        transport: everything after the handshake is as on the plain listener.
+        A plaintext client, a client that does not trust our certificate, one
+        without a certificate ``--tls-verify-client on`` requires, or one that
+        stalls past ``HANDSHAKE_TIMEOUT_S`` ends here; the connection held its
+        place in the caps all along, so half-open handshakes cannot pile up.
+        """
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, sock, ssl=context,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
+                # A client that never answers our close_notify must not hold the socket for asyncio's 30 s.
+                ssl_shutdown_timeout=HANDSHAKE_TIMEOUT_S,
+            )
+        except (OSError, EOFError, TimeoutError) as error:  # ssl.SSLError is an OSError
+            self.agent.refusals.tls_failed(f"{address[0]}:{address[1]}", source, handshake_failure(error))
+            return None
+        _shrink_tls_read_buffer(transport)
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername") or ("?", 0)
@@ -446,6 +503,57 @@ async def _listen(host: str, port: int) -> list[socket.socket]:
             sock.close()
         raise
     return sockets
+
+
+# What a TLS connection reads from its socket at a time, once connected: one
+# whole TLS record (16 KiB of data and its overhead), and a little more.
+TLS_READ_BUFFER = 20 * 1024
+
+
+def _shrink_tls_read_buffer(transport: asyncio.BaseTransport) -> None:
+    """Give a connected TLS transport a read buffer of ``TLS_READ_BUFFER`` instead of asyncio's 256 KiB.
+
+    asyncio's ``SSLProtocol`` (3.11 to 3.13) holds a 256 KiB buffer for its
+    socket reads per connection, zero-filled, so resident: 256 of the 330 KiB a
+    held TLS connection cost (bench/mqtt_connection_memory.py --tls). A device
+    connection sends a few small frames at a time. Done between two of the
+    protocol's callbacks (it reads into the buffer and takes the bytes out in
+    one), so swapping it is safe; if a later Python names these differently,
+    nothing changes but the memory.
+    """
+    ssl_protocol = getattr(transport, "_ssl_protocol", None)
+    if ssl_protocol is None or not hasattr(ssl_protocol, "_ssl_buffer_view"):
+        return
+    if getattr(ssl_protocol, "max_size", 0) > TLS_READ_BUFFER:
+        ssl_protocol.max_size = TLS_READ_BUFFER  # an instance attribute: asyncio's default stays as it is
+        ssl_protocol._ssl_buffer = bytearray(TLS_READ_BUFFER)
+        ssl_protocol._ssl_buffer_view = memoryview(ssl_protocol._ssl_buffer)
+
+
+# OpenSSL's reasons, in words that say what the operator or the client can do.
+_HANDSHAKE_REASONS = {
+    "WRONG_VERSION_NUMBER": "not TLS (a plaintext MQTT client on the TLS port?)",
+    "HTTP_REQUEST": "not TLS (an HTTP request)",
+    "UNSUPPORTED_PROTOCOL": "the client offers only TLS versions below 1.2",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no client certificate, and --tls-verify-client on requires one",
+    "CERTIFICATE_VERIFY_FAILED": "the client certificate is not signed by --tls-ca (or has expired)",
+    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust our certificate (give it the CA that signed --tls-cert)",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the client rejected our certificate (its name or dates?)",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the client rejected our certificate (its name or CA?)",
+    "NO_SHARED_CIPHER": "no cipher both sides support",
+}
+
+
+def handshake_failure(error: BaseException) -> str:
+    """Why a server-side TLS handshake failed, in a few words."""
+    if isinstance(error, ssl.SSLError):
+        reason = getattr(error, "reason", None) or type(error).__name__
+        return _HANDSHAKE_REASONS.get(reason, f"{reason} ({error})")
+    if isinstance(error, (TimeoutError, ConnectionAbortedError)):
+        return f"not finished within {HANDSHAKE_TIMEOUT_S:g}s"
+    if isinstance(error, (ConnectionResetError, BrokenPipeError, EOFError)):
+        return "the client closed the connection during the handshake"
+    return f"{type(error).__name__}: {error}"
 
 
 def _fd_budget() -> int:

@@ -1,7 +1,9 @@
 """External-broker mode: the agent as an MQTT client of an existing broker (trio).
 
 ``--mqtt-broker mqtt://[user:password@]host:port`` makes the agent attach to a
-broker such as mosquitto instead of embedding one. The topic contract is the
+broker such as mosquitto instead of embedding one; ``mqtts://`` over TLS
+(trio's ``SSLStream``), the broker's certificate checked against
+``--mqtt-broker-ca`` or else the system's CAs. The topic contract is the
 same; the broker authenticates devices and enforces its own ACLs (MQTT 3.1.1
 does not tell a subscriber who published a message, so the agent can check
 topics and payloads but not device allowances; docs/mqtt.md has a mosquitto
@@ -32,7 +34,9 @@ from __future__ import annotations
 
 import logging
 import math
+import ssl
 from collections import deque
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import trio
@@ -60,21 +64,33 @@ LINK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio
 MAX_ECHOES = 10_000  # per topic; past this the broker is not echoing and we stop waiting
 
 
+TLS_SCHEMES = ("mqtts", "ssl")
+
+
 def parse_broker_url(url: str) -> tuple[str, int, str | None, str | None]:
     parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+    if parts.scheme not in ("mqtt", "tcp", *TLS_SCHEMES) or not parts.hostname:
         shown = f"{parts.scheme}://{parts.hostname or ''}"  # never echo a password
-        raise ValueError(f"--mqtt-broker must be mqtt://[user:password@]host[:port], got {shown!r}...")
-    return parts.hostname, parts.port or 1883, parts.username, parts.password
+        raise ValueError(f"--mqtt-broker must be mqtt[s]://[user:password@]host[:port], got {shown!r}...")
+    return parts.hostname, parts.port or (8883 if parts.scheme in TLS_SCHEMES else 1883), parts.username, parts.password
 
 
 class BrokerLink:
     """One connection at a time to the external broker, re-established on loss."""
 
-    def __init__(self, gateway: MqttGateway, url: str, client_id: str) -> None:
+    def __init__(self, gateway: MqttGateway, url: str, client_id: str, ca: str = "") -> None:
+        """``ca``: with ``mqtts://``, the only CA the broker's certificate may chain to (else the system's)."""
         self.gateway = gateway
         self.url = url
         self.host, self.port, self.username, self.password = parse_broker_url(url)
+        self.scheme = "mqtts" if urlsplit(url).scheme in TLS_SCHEMES else "mqtt"
+        self.tls: ssl.SSLContext | None = None
+        if self.scheme == "mqtts":
+            from konsul.protocols.tls import client_context
+
+            self.tls = client_context(Path(ca) if ca else None)  # a bad CA file stops start-up here
+        elif ca:
+            raise ValueError("--mqtt-broker-ca is for an mqtts:// broker")
         self.client_id = client_id
         self.who = f"broker {self.host}:{self.port}"
         self._out: trio.MemorySendChannel[bytes] | None = None
@@ -105,9 +121,10 @@ class BrokerLink:
         delay = RETRY_MIN
         while True:
             try:
-                stream = await trio.open_tcp_stream(self.host, self.port)
-            except OSError as error:
-                log.warning("cannot reach the MQTT broker %s:%s (%s); retrying in %gs", self.host, self.port, error, delay)
+                stream = await self._open()
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError) as error:
+                log.warning("cannot reach the MQTT broker %s:%s (%s); retrying in %gs", self.host, self.port,
+                            _why(error), delay)
             else:
                 try:
                     async with stream:
@@ -123,7 +140,21 @@ class BrokerLink:
             await trio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
 
-    async def _session(self, stream: trio.SocketStream) -> None:
+    async def _open(self) -> trio.abc.Stream:
+        """A connection to the broker; with TLS, past the handshake (the certificate checked)."""
+        stream = await trio.open_tcp_stream(self.host, self.port)
+        if self.tls is None:
+            return stream
+        tls = trio.SSLStream(stream, self.tls, server_hostname=self.host)
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                await tls.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return tls
+
+    async def _session(self, stream: trio.abc.Stream) -> None:
         out_send, out_receive = trio.open_memory_channel[bytes](math.inf)
         self._acks = frames.OrderedAcks()
         self._echoes.clear()
@@ -146,12 +177,13 @@ class BrokerLink:
             nursery.start_soon(self._reader, stream, splitter)
             with trio.fail_after(CONNECT_TIMEOUT):
                 await self._subscribed.wait()
-            log.info("mqtt attached to the external broker %s:%s as %s", self.host, self.port, self.client_id)
+            log.info("mqtt attached to the external broker %s:%s as %s%s", self.host, self.port, self.client_id,
+                     " (TLS)" if self.tls is not None else "")
             # The broker may hold stale retained state: bring it up to date.
             await self.send(self.gateway.kv_messages())
             await self.send([Outgoing(f"{DEVICES}{d}/desired", p, True, "desired") for d, p in self.gateway.desired.items()])
 
-    async def _writer(self, stream: trio.SocketStream, outbox: trio.MemoryReceiveChannel[bytes]) -> None:
+    async def _writer(self, stream: trio.abc.Stream, outbox: trio.MemoryReceiveChannel[bytes]) -> None:
         async for data in outbox:
             chunks = [data]
             while True:  # coalesce what queued meanwhile into one write
@@ -166,7 +198,7 @@ class BrokerLink:
             await trio.sleep(KEEPALIVE / 2)
             out.send_nowait(frames.encode_pingreq())
 
-    async def _reader(self, stream: trio.SocketStream, splitter: FrameSplitter) -> None:
+    async def _reader(self, stream: trio.abc.Stream, splitter: FrameSplitter) -> None:
         while True:
             # The broker answers a ping within the keep-alive; silence means a dead link.
             with trio.fail_after(KEEPALIVE * 1.5):
@@ -245,7 +277,17 @@ class BrokerLink:
         return self._packet_id
 
 
-async def _next_frame(stream: trio.SocketStream, splitter: FrameSplitter) -> frames.Frame:
+def _why(error: BaseException) -> str:
+    """An error in words; trio wraps a failed TLS handshake (a certificate it did not trust) in BrokenResourceError."""
+    cause = error.__cause__ if isinstance(error, trio.BrokenResourceError) and error.__cause__ else error
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"TLS: {cause.verify_message}; give --mqtt-broker-ca the CA that signed the broker's certificate"
+    if isinstance(error, trio.TooSlowError):
+        return f"no TLS handshake within {CONNECT_TIMEOUT:g}s"
+    return str(cause) or type(cause).__name__
+
+
+async def _next_frame(stream: trio.abc.Stream, splitter: FrameSplitter) -> frames.Frame:
     while True:
         frame = splitter.next_frame()
         if frame is not None:
@@ -256,10 +298,15 @@ async def _next_frame(stream: trio.SocketStream, splitter: FrameSplitter) -> fra
         splitter.feed(data)
 
 
-async def run_external(gateways: GatewayContext, url: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Attach to the broker at ``url`` until cancelled; starts at once and keeps retrying."""
+async def run_external(
+    gateways: GatewayContext, url: str, *, ca: str = "", task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Attach to the broker at ``url`` until cancelled; starts at once and keeps retrying.
+
+    ``ca``: for ``mqtts://``, the CA file the broker's certificate must chain to.
+    """
     gateway = MqttGateway(gateways)
-    link = BrokerLink(gateway, url, client_id=f"konsul-edge-{gateways.site}")
+    link = BrokerLink(gateway, url, client_id=f"konsul-edge-{gateways.site}", ca=ca)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(gateway.run, link)
@@ -267,7 +314,7 @@ async def run_external(gateways: GatewayContext, url: str, *, task_status: trio.
             gateways.extras["mqtt_gateway"] = gateway
             nursery.start_soon(link.run)
             # Local-first: the agent serves everything else while the broker is away.
-            task_status.started(f"mqtt://{link.host}:{link.port}")  # never the password
+            task_status.started(f"{link.scheme}://{link.host}:{link.port}")  # never the password
     finally:
         gateways.extras.pop("publish_desired", None)
         gateways.extras.pop("mqtt_gateway", None)

@@ -42,7 +42,11 @@ REASONS = (
     "limit",  # over a per-connection bound: filters, subscriptions, QoS 2 messages awaiting PUBREL
     "accept",  # accepting failed (out of file descriptors): the listener backed off
     "rate_limited",  # a device over its message rate (--device-message-rate): dropped
+    "tls",  # a TLS handshake on the MQTT TLS listener that failed: plaintext, no or unknown certificate, too slow
 )
+
+# Shared by every TLS listener of the agent (HTTP, MQTT), told apart by ``interface``.
+TLS_FAILURES = "konsul_tls_handshake_failures"
 
 
 class Metrics:
@@ -69,6 +73,18 @@ class Metrics:
         )
         self.connected = Gauge("konsul_mqtt_connected_devices", "Devices connected over MQTT now", registry=registry)
         self.connects = Counter("konsul_mqtt_connects", "MQTT connections accepted", registry=registry)
+        self.tls_failures = tls_handshake_failures(registry).labels(interface="mqtt")
+
+
+def tls_handshake_failures(registry: CollectorRegistry) -> Counter:
+    """``konsul_tls_handshake_failures_total{interface}``: the registry's own if another listener made it."""
+    existing = getattr(registry, "_names_to_collectors", {}).get(TLS_FAILURES + "_total")
+    if isinstance(existing, Counter):
+        return existing
+    return Counter(
+        TLS_FAILURES, "TLS handshakes that failed (plaintext, no or unknown certificate, too slow), by interface",
+        ["interface"], registry=registry,
+    )
 
 
 class Refusals:
@@ -87,6 +103,11 @@ class Refusals:
         self.metrics.refused.labels(reason).inc()
         key = ("mqtt", reason, source if source is not None else log_key(who))
         peer_log.log(log, logging.WARNING, key, "refused (%s) from %s: %s", reason, who, detail)
+
+    def tls_failed(self, peer: str, source: str, detail: str) -> None:
+        """A TLS handshake that failed: counted as a refusal and in the agent's TLS handshake failures."""
+        self.metrics.tls_failures.inc()
+        self.refuse("tls", f"?@{peer}", f"TLS handshake failed: {detail}", source=source)
 
     def count(self, reason: str) -> None:
         """Count a refusal the caller logs itself."""

@@ -68,7 +68,11 @@ def mosquitto_pub(port: int, *args: str) -> subprocess.CompletedProcess:
 class Device:
     """A paho-mqtt client that records what it gets, with waits on CONNACK and SUBACK."""
 
-    def __init__(self, port: int, device_id: str, token: str | None, *, clean: bool = True, will: bytes | None = None) -> None:
+    def __init__(
+        self, port: int, device_id: str, token: str | None, *, clean: bool = True, will: bytes | None = None,
+        tls: dict | None = None,
+    ) -> None:
+        """``tls``: connect over TLS with these ``tls_set`` arguments (``ca_certs``, ``certfile``, ``keyfile``)."""
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.events: queue.Queue[tuple] = queue.Queue()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, clean_session=clean)
@@ -80,6 +84,8 @@ class Device:
         self.client.on_subscribe = lambda c, u, mid, codes, props: self.events.put(("subscribe", [r.value for r in codes]))
         self.client.on_disconnect = lambda c, u, flags, rc, props: self.events.put(("disconnect", rc.value))
         self.client.on_message = lambda c, u, message: self.messages.put(message)
+        if tls is not None:
+            self.client.tls_set(**tls)
         self.client.connect("127.0.0.1", port, keepalive=30)
         self.client.loop_start()
 

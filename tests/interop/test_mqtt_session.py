@@ -30,7 +30,7 @@ async def gateway(tmp_path):
             ctx = GatewayContext(replica=replica, site="s1", presence=PresenceTable())
             async with trio_asyncio.open_loop():
                 async with trio.open_nursery() as gateways:
-                    addr = await gateways.start(run_mqtt_gateway, ctx, "127.0.0.1:0")
+                    addr = (await gateways.start(run_mqtt_gateway, ctx, "127.0.0.1:0"))["mqtt"]
                     ctx.extras["port"] = int(addr.rsplit(":", 1)[1])
                     yield ctx
                     gateways.cancel_scope.cancel()
