@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from konsul.protocols.admission import NetworkLimits
 from konsul.protocols.audit import DEFAULT_KEEP as DEFAULT_AUDIT_KEEP
 from konsul.protocols.audit import DEFAULT_MAX_BYTES as DEFAULT_AUDIT_MAX_BYTES
 from konsul.protocols.gateway import GatewayContext
+from konsul.protocols.oscore_contexts import OscoreContexts
 
 from .check_runner import CheckRunner
 from .connector import HubConnector, sync_url
@@ -57,6 +59,9 @@ class EdgeConfig:
     # acl.tokens.initial_management); local to this edge's site.
     acl_initial_management: str = ""
     hub_token: str = ""  # sent to the hub's /v1/sync (a token that may write operator)
+    # CoAP devices may prove themselves with tk=<token> in the URI (in clear on the
+    # network); off: only OSCORE or anonymous devices (docs/coap.md).
+    coap_uri_tokens: bool = False
 
 
 @dataclass
@@ -110,6 +115,9 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
             for service in site.catalog.services():
                 if service.node == config.node:
                     checks.sync_service(service)
+            # The devices' OSCORE contexts: secrets on this edge's disk, loaded when used.
+            oscore = OscoreContexts(Path(config.data_dir), site)
+            await nursery.start(oscore.run)
             runner = CheckRunner(site, checks, config.node)
             await nursery.start(runner.run)
             connector = None
@@ -152,6 +160,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 acl=access.acl,
                 audit=access.audit,
                 rate_limits=access.http_rate,
+                oscore=oscore,
             )
             sync_status = ctx.sync_status
             app = create_app(ctx)
@@ -168,7 +177,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 audit=access.audit,
             )
             bridge.install(gateways)
-            bound = await nursery.start(run_device_gateways, gateways, config)
+            bound = await nursery.start(run_device_gateways, gateways, config, oscore)
             await nursery.start(bridge.run)
             ready = True
             log.info(
@@ -187,7 +196,8 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
 
 
 async def run_device_gateways(
-    gateways: GatewayContext, config: EdgeConfig, *, task_status: trio.TaskStatus[dict[str, str]]
+    gateways: GatewayContext, config: EdgeConfig, oscore: OscoreContexts | None = None, *,
+    task_status: trio.TaskStatus[dict[str, str]],
 ) -> None:
     """MQTT and CoAP, both asyncio libraries, behind one trio-asyncio loop (DESIGN.md, 2)."""
     mqtt = config.mqtt_broker or config.mqtt_addr  # a URL attaches to an external broker
@@ -208,6 +218,7 @@ async def run_device_gateways(
             if "coap" in wanted:
                 from konsul.protocols.coap import run_coap_gateway
 
-                bound["coap"] = await nursery.start(run_coap_gateway, gateways, wanted["coap"])
+                serve = partial(run_coap_gateway, uri_tokens=config.coap_uri_tokens, oscore=oscore)
+                bound["coap"] = await nursery.start(serve, gateways, wanted["coap"])
                 log.info("coap listening on %s", bound["coap"])
             task_status.started(bound)

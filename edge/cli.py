@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         "1GB); past it the oldest samples are dropped and counted",
         "64MiB",
     )
+    add_flag(
+        edge, "--coap-uri-tokens", "on: CoAP devices may give their token in the URI (tk=), in clear on the "
+        "network; off: they use OSCORE (PUT /v1/devices/<id>?oscore=true) or are anonymous (docs/coap.md)",
+        "off", metavar="on|off",
+    )
     add_limit_flags(edge, "edge")
     add_security_flags(edge)
     edge.set_defaults(run=cmd_edge)
@@ -274,8 +279,16 @@ def cmd_edge(args: argparse.Namespace) -> int:
         telemetry_buffer_bytes=parse_size(args.telemetry_buffer, "--telemetry-buffer"),
         limits=network_limits(args),
         **security_config(args),
+        coap_uri_tokens=on_off(args.coap_uri_tokens, "--coap-uri-tokens"),
     )
     return run_until_signal(run_edge, config)
+
+
+def on_off(value: str, flag: str) -> bool:
+    text = str(value).strip().lower()
+    if text not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+        raise SystemExit(f"konsul: {flag} must be on or off, not {value!r}")
+    return text in ("on", "true", "1", "yes")
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -334,6 +347,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
                     allow_anonymous=True,
                     acl_initial_management=management,
                     hub_token=management,
+                    # The simulator's CoAP devices give their token in the URI; dev is one machine's loopback.
+                    coap_uri_tokens=True,
                 ),
             )
             if args.sim_devices > 0:
