@@ -99,6 +99,7 @@ class OscoreContexts:
         self.root = Path(data_dir) / "oscore"
         self.scope = scope
         self._device_of: dict[bytes, str] = {}  # Sender ID -> the device its directory was made for
+        self._ids_of: dict[str, set[bytes]] = {}  # device -> its contexts' Sender IDs (more than one while rotating)
         self._pending: set[bytes] = set()  # written, not yet named by a record
         self._loaded: dict[bytes, Any] = {}  # Sender ID -> DeviceSecurityContext (protocols/coap/oscore_context.py)
 
@@ -127,7 +128,7 @@ class OscoreContexts:
             except (ValueError, OSError):
                 sender_id, device_id = b"", ""
             if sender_id and self._named(device_id, sender_id):
-                self._device_of[sender_id] = device_id
+                self._add(sender_id, device_id)
             else:
                 log.info("removing OSCORE context %s (no device record names it)", entry)
                 shutil.rmtree(path, ignore_errors=True)
@@ -155,7 +156,7 @@ class OscoreContexts:
             if sender_id not in self._device_of and sender_id != EDGE_SENDER_ID:
                 break
         secret, salt = secrets.token_bytes(SECRET_BYTES), secrets.token_bytes(SALT_BYTES)
-        self._device_of[sender_id] = device_id
+        self._add(sender_id, device_id)
         self._pending.add(sender_id)
         aiocoap_form = {
             "sender-id_hex": EDGE_SENDER_ID.hex(),
@@ -228,15 +229,25 @@ class OscoreContexts:
     def _changed(self, collection: str, keys: set[str]) -> None:
         if collection != "devices":
             return
-        devices = {key[2:] for key in keys if key.startswith("d/")}
-        if not devices:
-            return
-        for sender_id, device_id in list(self._device_of.items()):
-            if device_id in devices and sender_id not in self._pending and not self._named(device_id, sender_id):
-                self._retire(sender_id)  # rotated or deleted: the old context ends now
+        for key in keys:
+            if not key.startswith("d/"):
+                continue
+            device_id = key[2:]
+            for sender_id in list(self._ids_of.get(device_id, ())):
+                if sender_id not in self._pending and not self._named(device_id, sender_id):
+                    self._retire(sender_id)  # rotated or deleted: the old context ends now
+
+    def _add(self, sender_id: bytes, device_id: str) -> None:
+        self._device_of[sender_id] = device_id
+        self._ids_of.setdefault(device_id, set()).add(sender_id)
 
     def _retire(self, sender_id: bytes) -> None:
-        self._device_of.pop(sender_id, None)
+        device_id = self._device_of.pop(sender_id, None)
+        ids = self._ids_of.get(device_id)
+        if ids is not None:
+            ids.discard(sender_id)
+            if not ids:
+                del self._ids_of[device_id]
         self._pending.discard(sender_id)
         context = self._loaded.pop(sender_id, None)
         if context is not None:

@@ -24,7 +24,7 @@ from aiocoap.transports.oscore import OSCOREAddress
 
 from konsul.sync.log_limits import peer_log
 
-from ..admission import source_of
+from .limits import peer_source
 from .errors import CoapError
 
 log = logging.getLogger("konsul.coap.oscore")
@@ -63,12 +63,8 @@ class DeviceSecurityContext(oscore.FilesystemSecurityContext):
             self._destroy()
 
 
-def source_of_remote(remote: Any) -> str:
-    return source_of(getattr(remote, "sockaddr", None) or remote)
-
-
 def _refuse(pipe: Any, code: Code, reason: str, detail: str, refused: Callable[[str, str], None]) -> None:
-    source = source_of_remote(pipe.request.remote)
+    source = peer_source(pipe.request.remote)
     refused(reason, source)
     peer_log.log(log, logging.INFO, ("oscore", reason, source), "OSCORE request from %s refused: %s", source, detail)
     if pipe.request.mtype == aiocoap.CON:
@@ -98,7 +94,7 @@ async def render_protected(pipe: Any, inner: Any, contexts: Any, refused: Callab
     except oscore.ReplayErrorWithEcho:
         # After an unclean stop the replay window is unknown (RFC 8613 B.1.2):
         # the device repeats the request with this Echo value, which proves it fresh.
-        refused("oscore_echo", source_of_remote(request.remote))
+        refused("oscore_echo", peer_source(request.remote))
         raise
     except oscore.ReplayError:
         return _refuse(pipe, Code.UNAUTHORIZED, "oscore_replay", "replay detected: this sequence number was used", refused)

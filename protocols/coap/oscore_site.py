@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 from aiocoap import CON, interfaces
 from aiocoap.numbers.codes import Code
 
-from ..admission import source_of
 from .errors import CoapError
+from .limits import peer_source
 
 if TYPE_CHECKING:
     from ..oscore_contexts import OscoreContexts
@@ -51,7 +51,7 @@ class OscoreSite(interfaces.Resource):
             return
         if self.contexts is None or not self.contexts.any:
             # Nothing to look up: refused without loading any cryptography.
-            self.refused("oscore_unknown_context", source_of(getattr(request.remote, "sockaddr", None) or request.remote))
+            self.refused("oscore_unknown_context", peer_source(request.remote))
             if request.mtype == CON:
                 raise CoapError(
                     Code.UNAUTHORIZED, "oscore_unknown_context",

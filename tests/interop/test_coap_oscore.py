@@ -206,6 +206,28 @@ def test_desired_state_is_observed_over_oscore(edge, tmp_path):
     assert json.loads(notification.payload) == {"interval": 9}
 
 
+def test_registration_and_a_large_value_over_oscore(edge, tmp_path):
+    device = edge.provision("osc-rd", {"KVWrite": ["osc-rd/"]})
+    context_dir = save_context(tmp_path / "osc-rd", device)
+    large = bytes(range(256)) * 12  # 3 KiB: block-wise inside the protection
+
+    async def talk(client):
+        registered = await request(
+            client, Code.POST, f"{edge.coap}/rd?ep=osc-rd&lt=60", b'</t>;rt="temperature"', content_format=40
+        )
+        other = await request(client, Code.POST, f"{edge.coap}/rd?ep=someone-else&lt=60", b"", content_format=40)
+        put = await request(client, Code.PUT, f"{edge.coap}/kv/osc-rd/blob", large, content_format=42)
+        got = await request(client, Code.GET, f"{edge.coap}/kv/osc-rd/blob", accept=42)
+        return registered, other, put, got
+
+    registered, other, put, got = oscore(edge, context_dir, talk)
+    assert registered.code == Code.CREATED, registered.payload
+    assert other.code == Code.BAD_REQUEST and b"contradicts the OSCORE context" in other.payload
+    assert put.code in (Code.CREATED, Code.CHANGED) and got.payload == large
+    assert edge.kv("osc-rd/blob") == large
+    assert edge.http.get("/v1/devices/osc-rd").json()["Online"]
+
+
 def test_without_oscore_and_with_a_uri_token_requests_are_refused_by_default(edge):
     token = edge.provision("osc-plain", {"KVWrite": ["osc-plain/"]})["Token"]
 
