@@ -77,7 +77,7 @@ async def render_protected(pipe: Any, inner: Any, contexts: Any, refused: Callab
     request = pipe.request
     try:
         header = oscore.verify_start(request)
-    except oscore.DecodeError:
+    except Exception:  # noqa: BLE001 - aiocoap raises IndexError, not DecodeError, for some truncated options
         return _refuse(pipe, Code.BAD_OPTION, "oscore_decode", "the OSCORE option could not be decoded", refused)
     sender_id = header.get(oscore.COSE_KID)
     context = contexts.context(sender_id) if isinstance(sender_id, bytes) else None
@@ -102,6 +102,8 @@ async def render_protected(pipe: Any, inner: Any, contexts: Any, refused: Callab
         return _refuse(pipe, Code.BAD_OPTION, "oscore_decode", "the OSCORE message could not be decoded", refused)
     except oscore.ProtectionInvalid:
         return _refuse(pipe, Code.BAD_REQUEST, "oscore_decrypt", "decryption failed (wrong key?)", refused)
+    except Exception as exc:  # noqa: BLE001 - whatever else a malformed message makes aiocoap raise
+        return _refuse(pipe, Code.BAD_REQUEST, "oscore_decode", f"the protected message is malformed ({type(exc).__name__})", refused)
     plain.remote = OSCOREAddress(context, request.remote)
     responder = context.context_for_response()
 

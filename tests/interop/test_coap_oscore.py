@@ -174,6 +174,8 @@ def test_an_oscore_device_reads_and_writes_kv_and_posts_telemetry(edge, tmp_path
         posted = await request(
             client, Code.POST, f"{edge.coap}/devices/osc-1/telemetry", b'{"t": 21.5}', content_format=50
         )
+        reported = await request(client, Code.POST, f"{edge.coap}/devices/osc-1/reported", b'{"fw": "1.2"}', content_format=50)
+        assert reported.code == Code.CHANGED, reported.payload
         refused = await request(client, Code.PUT, f"{edge.coap}/kv/elsewhere", b"x", content_format=TEXT)
         return put, got, posted, refused
 
@@ -184,6 +186,7 @@ def test_an_oscore_device_reads_and_writes_kv_and_posts_telemetry(edge, tmp_path
     assert refused.code == Code.FORBIDDEN  # the device's own rights, as with a token
     assert edge.kv("osc-1/temp") == b"21.5"
     eventually(lambda: edge.http.get("/v1/devices/osc-1/telemetry").json(), what="the telemetry sample")
+    assert edge.http.get("/v1/devices/osc-1/reported").json() == {"fw": "1.2"}
     shown = edge.http.get("/v1/devices/osc-1").json()
     assert shown["Online"] and shown["Protocol"] == "coap"
 
@@ -291,6 +294,26 @@ def test_unknown_context_wrong_key_and_replay_are_refused_and_counted(edge, tmp_
     for reason, count in before.items():
         assert edge.metric(f'konsul_coap_refused_total{{reason="{reason}"}}') == count + 1, reason
     assert edge.proc.poll() is None and edge.http.get("/v1/status/leader").status_code == 200
+
+
+def test_malformed_oscore_options_are_refused_and_the_edge_stays_up(edge, tmp_path):
+    device = edge.provision("osc-junk", {"KVWrite": ["osc-junk/"]})  # so that contexts exist and are looked up
+    context_dir = save_context(tmp_path / "ctx", device)
+    kid = bytes.fromhex(device["OSCORE"]["SenderID"])
+    options = [
+        b"\x18",  # kid context flag without the context
+        b"\x07\x01",  # a 7-byte partial IV announced, one present
+        b"\xe9" + kid,  # reserved bits
+        b"\x09\x01" + kid,  # a valid header: the ciphertext is what is wrong
+    ]
+    for number, value in enumerate(options):
+        # CON POST, no token, MID; the OSCORE option (9): delta 9, length; a payload of junk
+        datagram = bytes([0x40, 0x02, 0x7F, number, 0x90 | len(value)]) + value + b"\xff" + b"\x00" * 12
+        answer = exchange(edge, datagram, 50 + number)
+        assert answer.code in (Code.BAD_OPTION, Code.BAD_REQUEST), (value, answer)
+    write = (Code.PUT, ("kv", "osc-junk", "v"), b"fine")
+    assert exchange(edge, protected_datagram(context_dir, *write), 60).code == Code.CHANGED
+    assert edge.kv("osc-junk/v") == b"fine"
 
 
 # -- rotation, deletion, restarts ------------------------------------------------------------------
