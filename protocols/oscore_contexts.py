@@ -107,7 +107,7 @@ class OscoreContexts:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the store, follow the device registry until cancelled, then write back loaded contexts."""
-        await trio.to_thread.run_sync(self.open)
+        self.open()  # in this thread: it reads the device records (a few small files per context otherwise)
         self.scope.listeners.append(self._changed)
         try:
             task_status.started()

@@ -23,7 +23,7 @@ from aiocoap.numbers.codes import Code
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agents import MANAGEMENT_TOKEN, EdgeProcess, eventually, free_port, free_udp_port  # noqa: E402
+from agents import MANAGEMENT_TOKEN, EdgeProcess, HubProcess, eventually, free_port, free_udp_port  # noqa: E402
 from test_coap_aiocoap import request  # noqa: E402
 from test_coap_aiocoap import run as plain  # noqa: E402
 
@@ -145,6 +145,27 @@ def test_provisioning_returns_the_context_once_and_keeps_the_secret_on_the_edge(
     # Only where the edge serves the device: not for another scope.
     reply = edge.http.put("/v1/devices/osc-prov?oscore=true&dc=global", json={})
     assert reply.status_code == 400 and "OSCORE" in reply.json()["detail"]
+
+
+def test_the_hub_makes_no_contexts(tmp_path):
+    hub = HubProcess(tmp_path / "hub", acl=True)
+    try:
+        reply = httpx.put(f"{hub.url}/v1/devices/d1?oscore=true&dc=global", json={},
+                          headers={"X-Consul-Token": MANAGEMENT_TOKEN})
+        assert reply.status_code == 400 and "the edge that serves the device" in reply.json()["detail"]
+        shown = httpx.get(f"{hub.url}/v1/devices/d1?dc=global", headers={"X-Consul-Token": MANAGEMENT_TOKEN})
+        assert shown.status_code == 404  # refused before anything was written
+    finally:
+        hub.stop()
+
+
+def test_an_edge_loads_no_oscore_code_until_a_device_uses_it():
+    """aiocoap.oscore (and cryptography with it) costs ~12 MB of RSS: only on first use."""
+    import subprocess
+
+    modules = "konsul.edge.agent", "konsul.protocols.coap.site", "konsul.protocols.oscore_contexts"
+    script = f"import sys; import {', '.join(modules)}; print('aiocoap.oscore' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
 def test_provisioning_needs_device_write_on_that_device(edge):
