@@ -159,14 +159,12 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
 
 def security_config(args: argparse.Namespace) -> dict:
     """The ``acl`` and ``audit_*`` fields of EdgeConfig / HubConfig from the parsed flags."""
-    acl = str(args.acl).strip().lower()
-    if acl not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
-        raise SystemExit(f"konsul: --acl must be on or off, not {args.acl!r}")
+    acl = on_off(args.acl, "--acl")
     max_bytes = parse_size(args.audit_max_bytes, "--audit-max-bytes")
     if max_bytes < 1 or args.audit_keep < 0:
         raise SystemExit("konsul: --audit-max-bytes must be positive and --audit-keep not negative")
     return {
-        "acl": acl in ("on", "true", "1", "yes"),
+        "acl": acl,
         "acl_initial_management": check_initial_management(args.acl_initial_management),
         "audit_log": args.audit_log,
         "audit_max_bytes": max_bytes,
@@ -285,6 +283,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
 
 
 def on_off(value: str, flag: str) -> bool:
+    """An on|off flag's value; a usage error for anything else."""
     text = str(value).strip().lower()
     if text not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
         raise SystemExit(f"konsul: {flag} must be on or off, not {value!r}")
