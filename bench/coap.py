@@ -296,6 +296,9 @@ def start_edge(work: Path, durability: str, python: str = sys.executable, label:
         ],
         work / f"edge-{durability}{label}.log",
         r"http listening on (http://\S+)",
+        # The device authenticates with tk= (off by default since OSCORE); by
+        # environment, which a baseline without the flag ignores.
+        env={"KONSUL_COAP_URI_TOKENS": "on"},
     )
     url = server.match.group(1)
     port = int(re.search(r"coap listening on \S+:(\d+)", server.log_path.read_text()).group(1))

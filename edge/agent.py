@@ -24,6 +24,7 @@ from konsul.protocols.admission import NetworkLimits
 from konsul.protocols.audit import DEFAULT_KEEP as DEFAULT_AUDIT_KEEP
 from konsul.protocols.audit import DEFAULT_MAX_BYTES as DEFAULT_AUDIT_MAX_BYTES
 from konsul.protocols.gateway import GatewayContext
+from konsul.protocols.oscore_contexts import OscoreContexts
 from konsul.protocols.tls import ServerTls, TlsFiles, reload_on_sighup
 
 from .check_runner import CheckRunner
@@ -71,6 +72,9 @@ class EdgeConfig:
     site_key: str = ""
     # With an mqtts:// --mqtt-broker: the CA its certificate must chain to (the system's CAs when empty).
     mqtt_broker_ca: str = ""
+    # CoAP devices may prove themselves with tk=<token> in the URI (in clear on the
+    # network); off: only OSCORE or anonymous devices (docs/coap.md).
+    coap_uri_tokens: bool = False
 
 
 @dataclass
@@ -129,6 +133,9 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
             for service in site.catalog.services():
                 if service.node == config.node:
                     checks.sync_service(service)
+            # The devices' OSCORE contexts: secrets on this edge's disk, loaded when used.
+            oscore = OscoreContexts(Path(config.data_dir), site)
+            await nursery.start(oscore.run)
             runner = CheckRunner(site, checks, config.node)
             await nursery.start(runner.run)
             connector = None
@@ -172,6 +179,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 acl=access.acl,
                 audit=access.audit,
                 rate_limits=access.http_rate,
+                oscore=oscore,
             )
             sync_status = ctx.sync_status
             app = create_app(ctx)
@@ -188,7 +196,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 audit=access.audit,
             )
             bridge.install(gateways)
-            bound = await nursery.start(run_device_gateways, gateways, config, server_tls)
+            bound = await nursery.start(run_device_gateways, gateways, config, server_tls, oscore)
             await nursery.start(bridge.run)
             ready = True
             log.info(
@@ -210,7 +218,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
 
 async def run_device_gateways(
     gateways: GatewayContext, config: EdgeConfig, server_tls: ServerTls | None = None,
-    *, task_status: trio.TaskStatus[dict[str, str]],
+    oscore: OscoreContexts | None = None, *, task_status: trio.TaskStatus[dict[str, str]],
 ) -> None:
     """MQTT and CoAP, both asyncio libraries, behind one trio-asyncio loop (DESIGN.md, 2)."""
     mqtt = config.mqtt_broker or config.mqtt_addr  # a URL attaches to an external broker
@@ -241,6 +249,7 @@ async def run_device_gateways(
             if "coap" in wanted:
                 from konsul.protocols.coap import run_coap_gateway
 
-                bound["coap"] = await nursery.start(run_coap_gateway, gateways, wanted["coap"])
+                serve = partial(run_coap_gateway, uri_tokens=config.coap_uri_tokens, oscore=oscore)
+                bound["coap"] = await nursery.start(serve, gateways, wanted["coap"])
                 log.info("coap listening on %s", bound["coap"])
             task_status.started(bound)

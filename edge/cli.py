@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         "1GB); past it the oldest samples are dropped and counted",
         "64MiB",
     )
+    add_flag(
+        edge, "--coap-uri-tokens", "on: CoAP devices may give their token in the URI (tk=), in clear on the "
+        "network; off: they use OSCORE (PUT /v1/devices/<id>?oscore=true) or are anonymous (docs/coap.md)",
+        "off", metavar="on|off",
+    )
     add_limit_flags(edge, "edge")
     add_security_flags(edge)
     add_tls_flags(edge, "edge")
@@ -216,14 +221,12 @@ def tls_config(args: argparse.Namespace, role: str) -> dict:
 
 def security_config(args: argparse.Namespace) -> dict:
     """The ``acl`` and ``audit_*`` fields of EdgeConfig / HubConfig from the parsed flags."""
-    acl = str(args.acl).strip().lower()
-    if acl not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
-        raise SystemExit(f"konsul: --acl must be on or off, not {args.acl!r}")
+    acl = on_off(args.acl, "--acl")
     max_bytes = parse_size(args.audit_max_bytes, "--audit-max-bytes")
     if max_bytes < 1 or args.audit_keep < 0:
         raise SystemExit("konsul: --audit-max-bytes must be positive and --audit-keep not negative")
     return {
-        "acl": acl in ("on", "true", "1", "yes"),
+        "acl": acl,
         "acl_initial_management": check_initial_management(args.acl_initial_management),
         "audit_log": args.audit_log,
         "audit_max_bytes": max_bytes,
@@ -337,8 +340,17 @@ def cmd_edge(args: argparse.Namespace) -> int:
         **security_config(args),
         **tls_config(args, "edge"),
         mqtt_broker_ca=args.mqtt_broker_ca,
+        coap_uri_tokens=on_off(args.coap_uri_tokens, "--coap-uri-tokens"),
     )
     return run_until_signal(run_edge, config)
+
+
+def on_off(value: str, flag: str) -> bool:
+    """An on|off flag's value; a usage error for anything else."""
+    text = str(value).strip().lower()
+    if text not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+        raise SystemExit(f"konsul: {flag} must be on or off, not {value!r}")
+    return text in ("on", "true", "1", "yes")
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -401,6 +413,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
                     allow_anonymous=True,
                     acl_initial_management=management,
                     site_token=site_token,
+                    # The simulator's CoAP devices give their token in the URI; dev is one machine's loopback.
+                    coap_uri_tokens=True,
                 ),
             )
             if args.sim_devices > 0:

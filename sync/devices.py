@@ -3,8 +3,8 @@
 A record holds what users author and what must survive: id, type, tags,
 attributes, firmware version, the hash of the device's token, which KV
 prefixes it may read and write (shorthands for ACL rules), the IDs of the ACL
-policies it links (docs/acl.md, "Devices as principals"), and when it was
-created. Presence (online,
+policies it links (docs/acl.md, "Devices as principals"), the Sender ID of
+its OSCORE context if it has one (never the secret), and when it was created. Presence (online,
 last seen, protocol, address) churns and lives in :class:`PresenceTable`,
 out of the CRDT (DESIGN.md, decision 5).
 
@@ -66,6 +66,12 @@ class DeviceRecord:
     # ACL policy IDs (names are resolved when written); last, and absent from
     # records written before devices linked policies.
     policy_ids: tuple[str, ...] = ()
+    # The OSCORE Sender ID (hex) of the device's security context, if one was
+    # provisioned (protocols/oscore_contexts.py). Only the ID: the master
+    # secret never enters the record, it stays on the edge that serves the
+    # device. A context is used only while the record names its ID, so
+    # rotating or deleting the record ends the old one on every replica.
+    oscore_id: str = ""
 
     def to_payload(self) -> bytes:
         return cbor2.dumps(
@@ -80,6 +86,8 @@ class DeviceRecord:
                 "kv_write": list(self.kv_write),
                 "created": self.created_ms,
                 "policies": list(self.policy_ids),
+                # Written only when set, so records without OSCORE encode as before.
+                **({"oscore": self.oscore_id} if self.oscore_id else {}),
             }
         )
 
@@ -98,9 +106,10 @@ class DeviceRecord:
             data["created"],
             stamp,
             tuple(data.get("policies", ())),
+            data.get("oscore", ""),
         )
         strings = (
-            record.device_id, record.type, record.firmware, record.token_hash,
+            record.device_id, record.type, record.firmware, record.token_hash, record.oscore_id,
             *record.tags, *record.kv_read, *record.kv_write, *record.policy_ids,
         )
         if not all(type(s) is str for s in strings) or type(record.created_ms) is not int:
@@ -173,6 +182,9 @@ class DeviceRegistry(RecordCollection):
             record = replace(record, token_hash=hash_token(token))
         else:
             record = replace(record, token_hash=existing.token_hash)
+        if not record.oscore_id and existing is not None:
+            # An update keeps the device's OSCORE context unless it names a new one.
+            record = replace(record, oscore_id=existing.oscore_id)
         created = existing.created_ms if existing else int(time.time() * 1000)
         record = replace(record, created_ms=created)
         self.versions.write(f"d/{record.device_id}", self.clock.now(), record.to_payload())

@@ -120,9 +120,12 @@ class EdgeProcess(_Listening):
         hub_url: str = "",
         *,
         acl: bool = False,
+        coap_uri_tokens: bool = True,
     ) -> None:
         """``acl``: run with ACLs on (``token`` is then a management secret); off by default
-        for tests about something else."""
+        for tests about something else. ``coap_uri_tokens``: admit CoAP ``tk=`` tokens
+        (``--coap-uri-tokens on``), which tests written before OSCORE use; the agent's
+        own default is off (tests/interop/test_coap_oscore.py)."""
         self.token = MANAGEMENT_TOKEN if acl else None
         super().__init__(
             [
@@ -135,6 +138,7 @@ class EdgeProcess(_Listening):
                 "--coap-addr", "",
                 "--hub-url", hub_url,
                 *acl_args(acl, extra or []),
+                *([] if not coap_uri_tokens or "--coap-uri-tokens" in (extra or []) else ["--coap-uri-tokens", "on"]),
                 *(extra or []),
             ]
         )

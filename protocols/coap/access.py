@@ -1,11 +1,16 @@
 """Who is asking: the device behind a CoAP request, and what it may do.
 
-A device names itself with the URI-Query ``ep=<device id>`` (the RFC 9176
+A request protected with OSCORE (RFC 8613, :mod:`.oscore_site`) comes from the
+device whose security context unprotected it: nothing in the URI names or
+proves it, and ``tk=`` is ignored. The context is in force only while the
+device's record names it (protocols/oscore_contexts.py).
+
+Otherwise a device names itself with the URI-Query ``ep=<device id>`` (the RFC 9176
 endpoint name, used for every resource, not only ``/rd``) and proves it with
 ``tk=<token>``, the token ``PUT /v1/devices/<id>`` issued. That is the weak
 option docs/coap.md describes: the token crosses the network in clear inside
-the URI, so it is only as safe as the site's network; OSCORE with a per-device
-key is the next step.
+the URI, so it is only as safe as the site's network. It is refused (4.01)
+unless the agent runs with ``--coap-uri-tokens on``.
 
 Without ``--allow-anonymous`` every request needs both. With it, a request
 without a token is admitted: with ``ep`` the device is registered on first
@@ -36,6 +41,7 @@ from ..device_access import LegacyRights, Rights
 from ..gateway import GatewayContext
 from ..rate_limit import retry_after
 from .errors import CoapError, bad_request, from_konsul
+from .oscore_site import oscore_device
 
 RunTrio = Callable[..., Awaitable[Any]]
 
@@ -113,9 +119,10 @@ def query_params(request: Message) -> dict[str, str]:
 class Access:
     """Authenticates CoAP requests through the gateway context, with a small cache."""
 
-    def __init__(self, gateways: GatewayContext, run_trio: RunTrio) -> None:
+    def __init__(self, gateways: GatewayContext, run_trio: RunTrio, uri_tokens: bool = False) -> None:
         self.gateways = gateways
         self.run_trio = run_trio
+        self.uri_tokens = uri_tokens  # --coap-uri-tokens: admit tk= (in clear in the URI)
         self._verified: dict[tuple[str, str | None], DeviceRecord] = {}
         self._verified_at = -1
         self._addresses: dict[Any, str] = {}
@@ -131,11 +138,12 @@ class Access:
         ``device_id`` is the device a path names (used when ``ep`` is absent).
         """
         params = query_params(request)
-        caller = params.get("ep") or device_id
+        protected = oscore_device(request)
+        caller = protected[0] if protected else params.get("ep") or device_id
         if not caller:
             return _nothing
         held = self._observations.setdefault(caller, {})
-        held[serverobservation] = params.get("tk") or None
+        held[serverobservation] = (_OSCORE, protected[1].hex()) if protected else params.get("tk") or None
 
         def forget() -> None:
             held.pop(serverobservation, None)
@@ -157,17 +165,21 @@ class Access:
                     held.pop(observation, None)
                     observation.trigger(Message(
                         code=Code.UNAUTHORIZED,
-                        payload=b"unauthorized: this device's token was rotated or the device deleted; "
-                                b"observe again with the new token",
+                        payload=b"unauthorized: this device's credentials were rotated or the device deleted; "
+                                b"observe again with the new ones",
                     ), is_last=True)
 
-    def still_valid(self, device_id: str, token: str | None) -> bool:
+    def still_valid(self, device_id: str, token: str | tuple[str, str] | None) -> bool:
         """Whether ``device_id`` with ``token`` would still be admitted (without registering anything).
 
         Asked when the device's record changed, for every observation it
-        holds: a rotated token or a deleted device ends them.
+        holds: a rotated token or OSCORE context, or a deleted device, ends them.
+        ``token`` is ``(_OSCORE, sender id)`` for an observation made over OSCORE.
         """
         devices = self.gateways.scope.devices
+        if isinstance(token, tuple):
+            record = devices.get(device_id)
+            return record is not None and record.oscore_id == token[1]
         if token:
             return devices.verify(device_id, token) is not None
         record = devices.get(device_id)
@@ -188,6 +200,9 @@ class Access:
         """
         params = query_params(request)
         named = params.get(name_param) or None
+        protected = oscore_device(request)
+        if protected is not None:
+            return await self._protected_caller(request, protected, named, device_id, name_param, acting_for)
         if device_id is not None and named is not None and named != device_id:
             if not (acting_for and self.device_access.enabled):
                 raise bad_request(f"ep={named!r} contradicts the device {device_id!r} in the path")
@@ -207,6 +222,14 @@ class Access:
             self._charge(request, caller, "@" + _host(caller.source))
             return caller
         address = self._address(request.remote)
+        if token is not None and not self.uri_tokens:
+            detail = (
+                "tokens in the URI (tk=) are off on this edge: protect requests with OSCORE (a context from "
+                f"PUT /v1/devices/{device_id}?oscore=true) or start the agent with --coap-uri-tokens on"
+            )
+            self.device_access.audit(device_id, _host(address), "coap", "device:connect", device_id, "denied",
+                                     f"uri_tokens_off: {detail}")
+            raise CoapError(Code.UNAUTHORIZED, "uri_tokens_off", detail)
         try:
             record = await self._authenticate(device_id, token)
         except CoapError as error:
@@ -218,6 +241,43 @@ class Access:
         caller = Caller(device_id, record, self.device_access.rights(record), address, self)
         self._charge(request, caller, device_id)
         return caller
+
+    async def _protected_caller(
+        self, request: Message, protected: tuple[str, bytes], named: str | None, device_id: str | None,
+        name_param: str, acting_for: bool,
+    ) -> Caller:
+        """The caller of an OSCORE request: its context's device (``ep``, if given, must agree)."""
+        own, sender_id = protected
+        if named is not None and named != own:
+            raise bad_request(f"{name_param}={named!r} contradicts the OSCORE context's device {own!r}")
+        if device_id is not None and device_id != own and not (acting_for and self.device_access.enabled):
+            raise bad_request(f"device {own!r} (its OSCORE context) may not act for device {device_id!r}")
+        address = self._address(request.remote)
+        record = self._oscore_record(own, sender_id)
+        if record is None:
+            detail = f"the OSCORE context of device {own!r} was rotated or the device deleted"
+            self.device_access.audit(own, _host(address), "coap", "device:connect", own, "denied",
+                                     f"unauthorized: {detail}")
+            raise CoapError(Code.UNAUTHORIZED, "unauthorized", detail)
+        self.gateways.presence.seen(own, "coap", address)
+        caller = Caller(own, record, self.device_access.rights(record), address, self)
+        self._charge(request, caller, own)
+        return caller
+
+    def _oscore_record(self, device_id: str, sender_id: bytes) -> DeviceRecord | None:
+        """The record of ``device_id`` if it still names the context ``sender_id`` (cached as tokens are)."""
+        devices = self.gateways.scope.devices
+        if devices.last_index != self._verified_at or len(self._verified) >= _CACHE_LIMIT:
+            self._verified.clear()
+            self._verified_at = devices.last_index
+        key = (device_id, _OSCORE + sender_id.hex())  # no token contains ':'
+        record = self._verified.get(key)
+        if record is None:
+            record = devices.get(device_id)
+            if record is None or record.oscore_id != sender_id.hex():
+                return None
+            self._verified[key] = record
+        return record
 
     def _charge(self, request: Message, caller: Caller, key: str) -> None:
         """Spend one message of the caller's rate; 4.29 with Max-Age when it has none left."""
@@ -247,6 +307,7 @@ class Access:
     def _address(self, remote: Any) -> str:
         # aiocoap formats a remote's address afresh on every call, which cost
         # a noticeable share of a GET; devices keep their address for a while.
+        remote = getattr(remote, "underlying_address", remote)  # an OSCORE request's: the UDP peer
         key = getattr(remote, "sockaddr", None)
         if key is None:
             return remote.hostinfo
@@ -274,6 +335,9 @@ class Access:
         if devices.last_index == self._verified_at:
             self._verified[(device_id, token)] = record
         return record
+
+
+_OSCORE = "oscore:"
 
 
 def _nothing() -> None:

@@ -26,7 +26,7 @@ import os
 import socket
 from functools import partial
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 import trio_asyncio
@@ -40,6 +40,9 @@ from .backlog import coalesce_notifications
 from .dedup import compact_duplicates
 from .site import CoapGateway, responder_pipe
 from .writer import KvWriter
+
+if TYPE_CHECKING:
+    from ..oscore_contexts import OscoreContexts
 
 log = logging.getLogger("konsul.coap")
 
@@ -264,10 +267,13 @@ def _limit_aiocoap_logs() -> None:
 
 
 async def run_coap_gateway(
-    gateways: GatewayContext, addr: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    gateways: GatewayContext, addr: str, *, uri_tokens: bool = False, oscore: OscoreContexts | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve CoAP on ``addr`` (UDP) until cancelled; reports ``host:port`` once bound.
 
+    ``uri_tokens`` admits device tokens in the URI (``tk=``, --coap-uri-tokens);
+    ``oscore`` holds the devices' OSCORE contexts (None: OSCORE requests are refused).
     Must run inside ``trio_asyncio.open_loop()``.
     """
     import aiocoap
@@ -282,13 +288,13 @@ async def run_coap_gateway(
         return trio_asyncio.trio_as_aio(partial(fn, **kwargs) if kwargs else fn, loop=loop)(*args)
 
     writer = KvWriter(loop.create_future)
-    gateway = CoapGateway(gateways, run_trio, writer)
+    gateway = CoapGateway(gateways, run_trio, writer, uri_tokens=uri_tokens, oscore=oscore)
     # aiocoap sets SO_REUSEPORT by default, which would let a second agent bind
     # the same port silently and split the traffic; we want "address in use".
     os.environ.setdefault("AIOCOAP_REUSE_PORT", "0")
     try:
         context = await trio_asyncio.aio_as_trio(aiocoap.Context.create_server_context, loop=loop)(
-            gateway.site, bind=(host, port), transports=["udp6"]
+            gateway.root, bind=(host, port), transports=["udp6"]
         )
     except OSError as exc:
         raise OSError(exc.errno, f"cannot listen for CoAP on {addr}: {exc.strerror or exc}") from None

@@ -22,6 +22,7 @@ Refused = Callable[[str, str], None]  # (reason, source)
 
 def peer_source(remote: Any) -> str:
     """The source a CoAP peer counts against: its IP address (IPv4 without the IPv6 mapping)."""
+    remote = getattr(remote, "underlying_address", remote)  # an OSCORE request's: its UDP peer
     sockaddr = getattr(remote, "sockaddr", remote)
     host = str(sockaddr[0]) if isinstance(sockaddr, (tuple, list)) and sockaddr else str(sockaddr)
     return host.removeprefix("::ffff:")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiocoap import Message, error, resource
 from konsul.sync.log_limits import peer_log
@@ -18,6 +18,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..admission import ConnectionLimit
 from ..gateway import GatewayContext
+
+if TYPE_CHECKING:
+    from ..oscore_contexts import OscoreContexts
 from .access import Access, RunTrio
 from .blocks import LimitedBlock1Spool, LimitedBlock2Cache, TransferBudget, check_block_options
 from .devices import DeviceResource
@@ -25,6 +28,7 @@ from .directory import ResourceDirectory
 from .errors import with_diagnostic
 from .kv import KvResource, PutSoon
 from .limits import ObserverAdmission
+from .oscore_site import OscoreSite
 from .rd import (
     DirectoryTimer,
     LookupResource,
@@ -173,10 +177,14 @@ class EdgeSite(resource.Site):
 class CoapGateway:
     """The resources of one edge, built around a gateway context."""
 
-    def __init__(self, gateways: GatewayContext, run_trio: RunTrio, put_soon: PutSoon) -> None:
+    def __init__(
+        self, gateways: GatewayContext, run_trio: RunTrio, put_soon: PutSoon, *,
+        uri_tokens: bool = False, oscore: OscoreContexts | None = None,
+    ) -> None:
+        """``uri_tokens``: admit ``tk=`` tokens; ``oscore``: the devices' OSCORE contexts (None: no OSCORE)."""
         self.gateways = gateways
         self.metrics = CoapMetrics(gateways.registry)
-        self.access = Access(gateways, run_trio)
+        self.access = Access(gateways, run_trio, uri_tokens)
         limits = gateways.limits
         self.directory = ResourceDirectory(
             ConnectionLimit(limits.coap_registrations, limits.coap_registrations_per_source)
@@ -188,6 +196,8 @@ class CoapGateway:
             gateways, self.access, run_trio, lambda kind: self.metrics.documents.labels(kind).inc(), self.observers
         )
         site = self.site = EdgeSite(self.metrics)
+        # What the server context serves: OSCORE-protected requests are unprotected, the rest pass through.
+        self.root = OscoreSite(site, oscore, self.refused)
         site.add_resource([".well-known", "core"], resource.WKCResource(self.links, impl_info=None))
         site.add_resource(["kv"], self.kv)
         site.add_resource(["devices"], self.devices)

@@ -99,6 +99,7 @@ class HttpContext:
     acl: AclResolver | None = None
     audit: AuditLog | None = None  # None: no audit log (--audit-log off)
     rate_limits: HttpRateLimits | None = None  # None: no rate limits
+    oscore: Any = None  # an edge's OscoreContexts (protocols/oscore_contexts.py); None at the hub
 
     def device_presence(self, site: str, device_id: str) -> Presence:
         if site == self.site and self.role == "edge":

@@ -8,11 +8,18 @@ granting a device ``KVRead``/``KVWrite`` prefixes needs the caller to hold
 ``key:read``/``key:write`` on all of each prefix, and linking ``Policies``
 needs ``acl:write``; otherwise anyone allowed to write one device could give
 it write access to all KV.
+
+``PUT /v1/devices/<id>?oscore=true`` (``device:write``, as a token rotation)
+also makes the device a new OSCORE security context (RFC 8613) and returns it
+once, as the device uses it, under ``OSCORE``: the master secret stays on the
+edge that serves the device (protocols/oscore_contexts.py), the record names
+only the context's Sender ID, and asking again replaces the context.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from quart import Blueprint, Response, current_app, request
 
@@ -100,6 +107,8 @@ def device_json(record: DeviceRecord, presence: Presence, site: str, policies: l
         else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(presence.last_seen)),
         "Protocol": presence.protocol or None,
         "Address": presence.address or None,
+        # The device's OSCORE context, by its IDs only (the secret is shown once, when made).
+        "OSCORE": {"SenderID": record.oscore_id} if record.oscore_id else None,
     }
 
 
@@ -201,6 +210,18 @@ def parse_device(device_id: str, body: dict, existing: DeviceRecord | None, ctx=
     )
 
 
+def oscore_store(ctx, scope: Scope):
+    """This edge's OSCORE contexts, if ``scope`` is the site it serves devices of; else a 400 saying where to ask."""
+    if ctx.oscore is None or ctx.role != "edge":
+        raise InvalidArgument(
+            "OSCORE contexts are made by the edge that serves the device (the secret never leaves it): "
+            "send PUT /v1/devices/<id>?oscore=true to that site's edge"
+        )
+    if scope.name != ctx.site:
+        raise InvalidArgument(f"this edge serves the devices of {ctx.site!r}; OSCORE contexts are made there, not in {scope.name!r}")
+    return ctx.oscore
+
+
 @device_api.route("/v1/devices", methods=["GET"])
 async def list_devices() -> Response:
     """One site's devices; at the hub, ``?dc=global`` lists every site's (the fleet)."""
@@ -235,11 +256,23 @@ async def device(device_id: str) -> Response:
             for prefix in record.kv_read + record.kv_write:  # with ACLs on, a '*' in a prefix is a glob
                 check_pattern(prefix, f"the KV prefix {prefix[:64]!r}")
         check_grants(authorizer, record, existing)
-        # A rotated token ends the sessions made with the old one (the gateways watch the record).
-        stored, token = await scope.put_device(record, new_token=flag("rotate-token"))
+        material = None
+        if flag("oscore"):
+            oscore = oscore_store(ctx, scope)
+            sender_id, material = await oscore.create(device_id)
+            record = replace(record, oscore_id=sender_id)
+        # A rotated token or OSCORE context ends the sessions made with the old
+        # one, at once (the gateways and the OSCORE store watch the record).
+        try:
+            stored, token = await scope.put_device(record, new_token=flag("rotate-token"))
+        finally:
+            if material is not None:
+                oscore.settled(record.oscore_id, True)  # in force only if the record now names it
         body = device_json(stored, ctx.device_presence(scope.name, device_id), scope.name, policy_links(ctx, stored.policy_ids))
         if token is not None:
             body["Token"] = token  # shown once; only its hash is stored
+        if material is not None:
+            body["OSCORE"] = material  # shown once; the secret stays on this edge only
         return json_response(body, status=201 if existing is None else 200)
     record = scope.devices.get(device_id)
     if record is None:

@@ -8,6 +8,8 @@ trio, a clean shutdown, and a clear error when the port is taken.
 
 from __future__ import annotations
 
+from functools import partial
+
 import socket
 
 import cbor2
@@ -63,7 +65,8 @@ async def gateway_harness(tmp_path, extras, body, **context) -> None:
             await outer.start(replica.run)
             gateways = GatewayContext(replica, "s1", PresenceTable(), extras=extras, **context)
             async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-                addr = await nursery.start(run_coap_gateway, gateways, "127.0.0.1:0")
+                # these tests authenticate with tk= (--coap-uri-tokens on)
+                addr = await nursery.start(partial(run_coap_gateway, uri_tokens=True), gateways, "127.0.0.1:0")
                 client = await trio_asyncio.aio_as_trio(Context.create_client_context)()
                 try:
                     await body(Harness(gateways, f"coap://{addr}", client))
