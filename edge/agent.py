@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -23,7 +24,7 @@ from konsul.protocols.admission import NetworkLimits
 from konsul.protocols.audit import DEFAULT_KEEP as DEFAULT_AUDIT_KEEP
 from konsul.protocols.audit import DEFAULT_MAX_BYTES as DEFAULT_AUDIT_MAX_BYTES
 from konsul.protocols.gateway import GatewayContext
-from konsul.protocols.tls import ServerTls, TlsFiles, reload_on_sighup
+from konsul.protocols.tls import ServerTls, TlsCollector, TlsFiles, reload_on_sighup
 
 from .check_runner import CheckRunner
 from .connector import HubConnector, sync_url
@@ -104,6 +105,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
     # into local epochs that can never be mistaken for the hub's.
     # Certificates are read before anything is opened: a wrong file stops start-up.
     server_tls = None if config.tls is None else ServerTls(config.tls)
+    hub_tls = hub_client_context(config)
     replica = Replica.open(
         config.data_dir, config.durability, auto_compact=not config.hub_url, epoch_authority=False
     )
@@ -142,7 +144,8 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 await ensure_initial_management(replica, config.site, config.acl_initial_management)
             if config.hub_url:
                 connector = HubConnector(
-                    config.hub_url, replica, config.site, checks, presence, buffer, token=config.hub_token
+                    config.hub_url, replica, config.site, checks, presence, buffer, token=config.hub_token,
+                    ssl_context=hub_tls,
                 )
                 await nursery.start(connector.run)
             ctx = HttpContext(
@@ -172,7 +175,9 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
             )
             sync_status = ctx.sync_status
             app = create_app(ctx)
-            http_url = await nursery.start(serve_app, app, host, port)
+            if server_tls is not None:
+                ctx.registry.register(TlsCollector(server_tls))
+            http_url = await nursery.start(partial(serve_app, app, host, port, tls=server_tls))
             ctx.advertise = http_url.split("://", 1)[1]
             gateways = GatewayContext(
                 replica=replica,
@@ -201,6 +206,23 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
         if buffer is not None:
             buffer.close()
         replica.close()
+
+
+def hub_client_context(config: EdgeConfig):
+    """The sync link's TLS client context: ``--hub-ca`` pinned, ``--site-cert`` presented; None for ws://."""
+    from konsul.protocols.tls import client_context
+
+    if not config.hub_url:
+        return None
+    if not sync_url(config.hub_url).startswith("wss:"):
+        if config.hub_ca or config.site_cert:
+            raise ValueError("--hub-ca and --site-cert need an https:// --hub-url")
+        return None
+    return client_context(
+        Path(config.hub_ca) if config.hub_ca else None,
+        Path(config.site_cert) if config.site_cert else None,
+        Path(config.site_key) if config.site_key else None,
+    )
 
 
 async def run_device_gateways(

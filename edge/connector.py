@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -62,6 +63,19 @@ def _holds_panic(error: BaseException) -> bool:
     return False
 
 
+def _describe(error: BaseException) -> str:
+    """Why the link failed, for LastError; a failed TLS handshake says what to check."""
+    cause = error.__cause__ if isinstance(error, trio.BrokenResourceError) else error
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return (
+            f"TLS: the hub's certificate was refused ({cause.verify_message}); "
+            "is --hub-ca the CA that signed it, and does it name the host in --hub-url?"
+        )
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS handshake with the hub failed ({cause.reason or cause}); check --hub-url, --hub-ca, --site-cert"
+    return str(error) or type(error).__name__
+
+
 def sync_url(hub_url: str) -> str:
     """``http://hub:8700`` -> ``ws://hub:8700/v1/sync``."""
     parts = urlsplit(hub_url if "://" in hub_url else f"http://{hub_url}")
@@ -83,11 +97,15 @@ class HubConnector:
         presence: PresenceTable | None = None,
         telemetry: TelemetryBuffer | None = None,
         token: str = "",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.hub_url = hub_url
         # The hub's ACLs admit a sync link for a token that may write operator.
         self._headers = [(b"x-consul-token", token.encode())] if token else []
         self.url = sync_url(hub_url)
+        # For a wss:// URL: the CA the hub's certificate must chain to and this
+        # site's client certificate (tls.client_context); None: the system's CAs.
+        self.ssl_context = ssl_context
         self.replica = replica
         self.site = site
         self.checks = checks
@@ -151,11 +169,13 @@ class HubConnector:
             task_status.started()
             backoff = BACKOFF_START_S
             while True:
-                disconnects = (OSError, HandshakeError, ConnectionClosed, LinkClosed, trio.TooSlowError)
+                disconnects = (
+                    OSError, HandshakeError, ConnectionClosed, LinkClosed, trio.TooSlowError, trio.BrokenResourceError,
+                )
                 try:
                     async with open_websocket_url(
                         self.url, connect_timeout=HANDSHAKE_TIMEOUT_S, max_message_size=MAX_FRAME_BYTES,
-                        extra_headers=self._headers,
+                        extra_headers=self._headers, ssl_context=self.ssl_context,
                     ) as ws:
                         await self._session(ws)
                 except BaseException as error:
@@ -163,7 +183,7 @@ class HubConnector:
                         raise  # cancellation, KeyboardInterrupt: the edge is stopping
                     reason = _first_of(error, disconnects)
                     if reason is not None:
-                        self.last_error = str(reason)[:300] or type(reason).__name__
+                        self.last_error = _describe(reason)[:300]
                         peer_log.log(
                             log, logging.INFO, ("sync-hub", self.hub_url),
                             "hub %s unreachable or gone: %s", self.hub_url, self.last_error,
