@@ -16,6 +16,8 @@ import logging
 import random
 import ssl
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -173,10 +175,14 @@ class HubConnector:
                     OSError, HandshakeError, ConnectionClosed, LinkClosed, trio.TooSlowError, trio.BrokenResourceError,
                 )
                 try:
-                    async with open_websocket_url(
-                        self.url, connect_timeout=HANDSHAKE_TIMEOUT_S, max_message_size=MAX_FRAME_BYTES,
-                        extra_headers=self._headers, ssl_context=self.ssl_context,
-                    ) as ws:
+                    if self.url.startswith("wss:"):
+                        opened = self._open_tls_websocket()
+                    else:
+                        opened = open_websocket_url(
+                            self.url, connect_timeout=HANDSHAKE_TIMEOUT_S, max_message_size=MAX_FRAME_BYTES,
+                            extra_headers=self._headers,
+                        )
+                    async with opened as ws:
                         await self._session(ws)
                 except BaseException as error:
                     if not isinstance(error, Exception) and not _holds_panic(error):
@@ -204,6 +210,43 @@ class HubConnector:
                 delay = backoff * random.uniform(0.5, 1.5)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 await trio.sleep(delay)
+
+    @asynccontextmanager
+    async def _open_tls_websocket(self) -> AsyncIterator[Any]:
+        """The sync WebSocket over TLS, the TLS handshake done first.
+
+        trio_websocket would do the handshake inside its reader task, where a
+        refused certificate is swallowed and the connect waits for its
+        timeout; done here, it fails at once with the reason (for LastError).
+        """
+        from trio_websocket import wrap_client_stream
+
+        parts = urlsplit(self.url)
+        host, port = parts.hostname or "", parts.port or 443
+        context = self.ssl_context or ssl.create_default_context()
+        with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+            tcp = await trio.open_tcp_stream(host, port)
+            stream = trio.SSLStream(tcp, context, server_hostname=host, https_compatible=True)
+            try:
+                await stream.do_handshake()
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                    ws = await wrap_client_stream(
+                        nursery, stream, parts.netloc, parts.path or "/", extra_headers=self._headers,
+                        max_message_size=MAX_FRAME_BYTES,
+                    )
+                try:
+                    yield ws
+                finally:
+                    with trio.move_on_after(1):
+                        await ws.aclose()
+                    nursery.cancel_scope.cancel()
+        finally:
+            await trio.aclose_forcefully(stream)
 
     async def _session(self, ws) -> None:
         """One connection's life, until it fails."""

@@ -319,6 +319,8 @@ def handshake_failure(error: BaseException | None) -> tuple[str, str]:
             return "not_tls", f"not a TLS client ({detail})"
         if code in _CLIENT_CERT_REASONS:
             return "client_certificate", f"client certificate refused ({detail})"
+        if code == "UNEXPECTED_EOF_WHILE_READING" or isinstance(cause, ssl.SSLEOFError):
+            return "closed", "the client closed the connection during the handshake; does it trust this agent's CA?"
         if code.startswith(("SSLV3_ALERT", "TLSV1_ALERT", "TLSV13_ALERT")):
             # The client gave up on us: usually it does not trust our certificate.
             return "client_alert", f"the client aborted the handshake ({detail}); does it trust this agent's CA?"
