@@ -418,9 +418,22 @@ class Client:
         except httpx.TimeoutException:
             raise Unreachable(f"the agent at {self.base} did not answer {method} {path} in time") from None
         except httpx.HTTPError as error:
+            # With TLS 1.3 the agent's verdict on our certificate arrives as an
+            # alert on the first read, after the handshake seemed to succeed.
+            if "CERTIFICATE_REQUIRED" in str(error):
+                raise CommandError(
+                    f"the agent at {self.base} requires a client certificate (it runs with --tls-verify-client on): "
+                    "give --client-cert and --client-key, or set CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY"
+                ) from None
+            if any(alert in str(error) for alert in ("ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE",
+                                                     "ALERT_CERTIFICATE_UNKNOWN")):
+                raise CommandError(
+                    f"the agent at {self.base} refused the client certificate ({_reason(error)}); "
+                    "is --client-cert signed by the CA the agent trusts (its --tls-ca)?"
+                ) from None
             hint = ""
             if self.base.startswith("https:") and isinstance(error, httpx.RemoteProtocolError):
-                # What a TLS 1.3 client sees when the agent refuses its (missing) certificate.
+                # A closed connection without an alert (an older agent, a proxy).
                 hint = "; if the agent runs with --tls-verify-client on, give --client-cert and --client-key"
             raise Unreachable(f"request to the agent at {self.base} failed: {_reason(error)}{hint}") from None
 

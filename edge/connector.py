@@ -16,7 +16,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -74,8 +74,65 @@ def _describe(error: BaseException) -> str:
             "is --hub-ca the CA that signed it, and does it name the host in --hub-url?"
         )
     if isinstance(cause, ssl.SSLError):
-        return f"TLS handshake with the hub failed ({cause.reason or cause}); check --hub-url, --hub-ca, --site-cert"
+        reason = cause.reason or str(cause)
+        if reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
+            return "TLS: the hub requires a client certificate (it runs with --tls-verify-client on); give --site-cert and --site-key"
+        if reason in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN"):
+            return (
+                f"TLS: the hub refused this site's certificate ({reason}); is --site-cert signed by the CA "
+                "the hub trusts (its --tls-ca)?"
+            )
+        return f"TLS handshake with the hub failed ({reason}); check --hub-url, --hub-ca, --site-cert"
     return str(error) or type(error).__name__
+
+
+class _FirstStreamError(trio.abc.Stream):
+    """``stream``, remembering the first error a read or a send raised and calling ``on_error``.
+
+    Lets the sync link's opening see why the hub closed a TLS connection
+    (``_open_tls_websocket``): trio_websocket's reader task takes such an
+    error for a closed connection and leaves the opening to its timeout.
+    """
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.error: BaseException | None = None
+        self.on_error: Callable[[], None] | None = None
+
+    def _failed(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+            if self.on_error is not None:
+                self.on_error()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        try:
+            data = await self.stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            self._failed(error)
+            raise
+        if not data and self.on_error is not None:  # closed while the WebSocket was opening
+            self._failed(trio.BrokenResourceError(
+                "the hub closed the TLS connection before the sync WebSocket opened; "
+                "does it require a client certificate (--site-cert)?"
+            ))
+        return data
+
+    async def send_all(self, data) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            self._failed(error)
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 def sync_url(hub_url: str) -> str:
@@ -232,13 +289,23 @@ class HubConnector:
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
+        watched = _FirstStreamError(stream)
         try:
             async with trio.open_nursery() as nursery:
-                with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-                    ws = await wrap_client_stream(
-                        nursery, stream, parts.netloc, parts.path or "/", extra_headers=self._headers,
-                        max_message_size=MAX_FRAME_BYTES,
-                    )
+                with trio.CancelScope() as opening:
+                    watched.on_error = opening.cancel
+                    with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                        ws = await wrap_client_stream(
+                            nursery, watched, parts.netloc, parts.path or "/", extra_headers=self._headers,
+                            max_message_size=MAX_FRAME_BYTES,
+                        )
+                watched.on_error = None
+                if opening.cancelled_caught:
+                    # With TLS 1.3 the hub's verdict on our certificate comes
+                    # after our side of the handshake is done, as an alert on
+                    # the first read, in trio_websocket's reader task, which
+                    # would swallow it and leave the connect to its timeout.
+                    raise watched.error or trio.BrokenResourceError("the hub closed the connection")
                 try:
                     yield ws
                 finally:

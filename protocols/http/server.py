@@ -348,6 +348,8 @@ async def _handshake(stream: trio.SocketStream, tls: ServerTls, source: str) -> 
                 # A plaintext HTTP request: say so in plain HTTP, as the
                 # client is waiting for an answer it can read.
                 await _answer_plain(stream, TLS_REQUIRED_RESPONSE)
+            else:
+                await _send_alert(stream, secured)
     if scope.cancelled_caught:
         reason, detail = "timeout", f"the handshake did not finish within {HANDSHAKE_TIMEOUT_S:g}s"
     if not reason:
@@ -355,6 +357,17 @@ async def _handshake(stream: trio.SocketStream, tls: ServerTls, source: str) -> 
     tls.count_handshake_failure("http", reason)
     peer_log.log(log, logging.WARNING, ("http-tls", source), "TLS handshake with %s failed: %s", source, detail)
     return None
+
+
+async def _send_alert(stream: trio.SocketStream, secured: trio.SSLStream) -> None:
+    """Send the TLS alert OpenSSL wrote for a failed handshake, which trio leaves unsent.
+
+    It tells the client why (``certificate required``, ``unknown ca``)
+    instead of a bare reset; an edge's sync link puts it in LastError.
+    """
+    outgoing = getattr(secured, "_outgoing", None)  # trio.SSLStream's memory BIO
+    if isinstance(outgoing, ssl.MemoryBIO) and outgoing.pending:
+        await _answer_plain(stream, outgoing.read())
 
 
 async def _answer_plain(stream: trio.SocketStream, response: bytes) -> None:
