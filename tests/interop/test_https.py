@@ -8,10 +8,12 @@ with ``--acl off`` (these tests are about the transport, not tokens) and
 from __future__ import annotations
 
 import http.client
+import os
 import signal
 import socket
 import ssl
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,9 +80,20 @@ def curl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["curl", "-sS", "--max-time", "10", *args], capture_output=True, text=True, timeout=20)
 
 
-def metric(url: str, ca: Path, name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include ``labels``, from /metrics over HTTPS."""
-    text = httpx.get(f"{url}/metrics", verify=ssl.create_default_context(cafile=str(ca))).text
+def konsul(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The `konsul` CLI, with no TLS settings from this environment but ``env``'s."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("KONSUL_", "CONSUL_"))}
+    return subprocess.run([sys.executable, "-m", "konsul.edge.cli", *args], capture_output=True, text=True,
+                          timeout=30, env={**clean, **(env or {})})
+
+
+def metric(url: str, ca: Path | ssl.SSLContext, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``, from /metrics over HTTPS.
+
+    ``ca``: the CA file that signed the agent's certificate, or a client context to use.
+    """
+    context = ca if isinstance(ca, ssl.SSLContext) else ssl.create_default_context(cafile=str(ca))
+    text = httpx.get(f"{url}/metrics", verify=context).text
     total = 0.0
     for line in text.splitlines():
         if not line.startswith(name + "{") and not line.startswith(name + " "):
@@ -175,18 +188,28 @@ def test_client_certificates_are_required_with_tls_verify_client(tmp_path, pki, 
     ])
     try:
         ca = str(pki.ca)
+        # Refused, and told why: the agent's TLS alert reaches the client.
         without = curl("--cacert", ca, "-X", "PUT", "-d", "v", f"{edge.url}/v1/kv/x")
-        assert without.returncode != 0 and without.stdout != "true", without
+        assert without.returncode != 0 and "alert certificate required" in without.stderr, without
         stranger = curl("--cacert", ca, "--cert", str(stranger_cert), "--key", str(stranger_key), f"{edge.url}/v1/kv/x")
-        assert stranger.returncode != 0, stranger
+        assert stranger.returncode != 0 and "alert unknown ca" in stranger.stderr, stranger
+        cli = konsul("kv", "get", "x", "--http-addr", edge.url, "--ca-file", ca)
+        assert cli.returncode == 1 and "requires a client certificate" in cli.stderr and "--client-cert" in cli.stderr
+        cli = konsul("kv", "get", "x", "--http-addr", edge.url, "--ca-file", ca, "--client-cert", str(stranger_cert),
+                     "--client-key", str(stranger_key))
+        assert cli.returncode == 1 and "refused the client certificate" in cli.stderr, cli.stderr
         allowed = curl("--cacert", ca, "--cert", str(cert), "--key", str(key), "-X", "PUT", "-d", "v",
                        f"{edge.url}/v1/kv/x")
         assert allowed.returncode == 0 and allowed.stdout == "true", allowed
+        cli = konsul("kv", "get", "x", "--http-addr", edge.url, env={
+            "CONSUL_CACERT": ca, "CONSUL_CLIENT_CERT": str(cert), "CONSUL_CLIENT_KEY": str(key),
+        })
+        assert cli.returncode == 0 and ["Value", "v"] in [line.split() for line in cli.stdout.splitlines()], cli
         mutual = ssl.create_default_context(cafile=ca)
         mutual.load_cert_chain(str(cert), str(key))
         assert httpx.get(f"{edge.url}/v1/kv/x?raw", verify=mutual).content == b"v"
         refused = httpx.get(f"{edge.url}/metrics", verify=mutual).text
-        assert 'konsul_tls_handshake_failures_total{interface="http",reason="client_certificate"} 2.0' in refused
+        assert 'konsul_tls_handshake_failures_total{interface="http",reason="client_certificate"} 4.0' in refused
         # The refused clients wrote nothing: x is what the allowed one wrote.
         assert httpx.get(f"{edge.url}/v1/kv/x?raw", verify=mutual).content == b"v"
     finally:
@@ -262,6 +285,41 @@ def test_edge_syncs_with_a_hub_over_https_pinned_to_its_ca(tmp_path, pki, other_
                    what="the hub counts the refused handshakes")
     finally:
         for agent in (pinned, misled, hub):
+            agent.stop()
+
+
+def test_a_hub_requiring_client_certificates_syncs_only_with_sites_that_present_one(tmp_path, pki, other_pki):
+    sites = Pki.make(tmp_path / "sites")  # the CA that signs the sites' certificates
+    cert, key = sites.issue_client(tmp_path / "sites", "plant-1")
+    stranger_cert, stranger_key = other_pki.issue_client(tmp_path / "other-pki", "plant-2")
+    hub = HubProcess(tmp_path / "hub", extra=[
+        *pki.tls_flags(), "--tls-ca", str(sites.ca), "--tls-verify-client", "on",
+    ])
+    pinned = ["--hub-ca", str(pki.ca)]
+    member = EdgeProcess(tmp_path / "member", site="plant-1", hub_url=hub.url,
+                         extra=[*pinned, "--site-cert", str(cert), "--site-key", str(key)])
+    anonymous = EdgeProcess(tmp_path / "anonymous", site="plant-2", hub_url=hub.url, extra=pinned)
+    stranger = EdgeProcess(tmp_path / "stranger", site="plant-3", hub_url=hub.url,
+                           extra=[*pinned, "--site-cert", str(stranger_cert), "--site-key", str(stranger_key)])
+    # The operator's own client, with a certificate from the same CA (the hub asks everyone for one).
+    operator = pki.context()
+    operator.load_cert_chain(*map(str, sites.issue_client(tmp_path / "sites", "operator")))
+    try:
+        httpx.put(f"{member.url}/v1/kv/line/speed", content=b"42").raise_for_status()
+        eventually(lambda: httpx.get(f"{hub.url}/v1/kv/line/speed?dc=plant-1&raw", verify=operator).content
+                   == b"42", what="the member site's write at the hub")
+        # Refused at the TLS handshake, and each edge says why (the hub's alert), without waiting out a timeout.
+        error = eventually(lambda: sync_peer(anonymous)["LastError"], what="the missing certificate reported")
+        assert "requires a client certificate" in error and "--site-cert" in error, error
+        error = eventually(lambda: sync_peer(stranger)["LastError"], what="the foreign certificate reported")
+        assert "refused this site's certificate" in error, error
+        for refused in (anonymous, stranger):
+            assert sync_peer(refused)["Connects"] == 0
+        known = {site["Site"] for site in httpx.get(f"{hub.url}/v1/sites", verify=operator).json()}
+        assert known == {"plant-1"}
+        assert metric(hub.url, operator, "konsul_tls_handshake_failures_total", reason="client_certificate") >= 2
+    finally:
+        for agent in (member, anonymous, stranger, hub):
             agent.stop()
 
 
