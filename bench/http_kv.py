@@ -56,6 +56,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -122,10 +123,15 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 
 
 def http_request(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 5.0,
-                 conn: http.client.HTTPConnection | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+                 conn: http.client.HTTPConnection | None = None, headers: dict | None = None,
+                 context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
+    """One request; over HTTPS with ``context`` (bench/http_tls.py's TLS targets)."""
     own = conn is None
     if own:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        if context is not None:
+            conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=context)
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         headers = dict(headers or {})
         if body is not None and body[:1] == b"{":
@@ -139,12 +145,17 @@ def http_request(port: int, method: str, path: str, body: bytes | None = None, t
 
 
 class Server:
-    """A server process we started; stopped by its pid only."""
+    """A server process we started; stopped by its pid only.
+
+    ``context``: the server speaks HTTPS only, and this is how a client trusts it.
+    """
 
     def __init__(self, name: str, argv: list[str], log_path: Path, port: int, ready_path: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, context: ssl.SSLContext | None = None) -> None:
         self.name = name
         self.port = port
+        self.context = context
+        self.scheme = "http" if context is None else "https"
         self.log_path = log_path
         self.ready_path = ready_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - open while the server runs, closed by stop()
@@ -166,7 +177,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                status, _ = http_request(self.port, "GET", self.ready_path, timeout=1.0)
+                status, _ = http_request(self.port, "GET", self.ready_path, timeout=1.0, context=self.context)
                 if status == 200:
                     return time.perf_counter() - self.spawned
             except OSError:
@@ -245,9 +256,11 @@ def token_for(target: str) -> str:
 
 
 def start_konsul(data_dir: Path, logs: Path, everything: bool = False, acl: bool = True,
-                 konsul: Path = KONSUL) -> Server:
+                 konsul: Path = KONSUL, extra: tuple[str, ...] = (), context: ssl.SSLContext | None = None) -> Server:
+    """``extra``: more flags (``--tls-cert`` ...), with the ``context`` that trusts the edge's certificate."""
     port = free_port()
-    argv = [str(konsul), "edge", "--site", "s1", "--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{port}"]
+    argv = [str(konsul), "edge", "--site", "s1", "--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{port}",
+            *extra]
     if has_acls(konsul):  # a baseline checkout from before ACLs takes neither flag
         argv += ["--acl-initial-management", BENCH_TOKEN] if acl else ["--acl", "off"]
     if everything:
@@ -262,24 +275,28 @@ def start_konsul(data_dir: Path, logs: Path, everything: bool = False, acl: bool
     # dir (the environment may forbid writing it, PYTHONDONTWRITEBYTECODE).
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = str(logs.parent / "pycache")
-    return Server("konsul edge", argv, logs / f"konsul-{port}.log", port, "/health/ready", env)
+    return Server("konsul edge", argv, logs / f"konsul-{port}.log", port, "/health/ready", env, context)
 
 
-def start_etcd(data_dir: Path, logs: Path) -> Server:
+def start_etcd(data_dir: Path, logs: Path, tls: tuple[Path, Path] | None = None,
+               context: ssl.SSLContext | None = None) -> Server:
+    """``tls``: (certificate, key) to serve its clients over HTTPS, trusted through ``context``."""
     client, peer = free_port(), free_port()
+    scheme = "http" if tls is None else "https"
     argv = [
         shutil.which("etcd") or "etcd",
         "--name", "bench",
         "--data-dir", str(data_dir),
-        "--listen-client-urls", f"http://127.0.0.1:{client}",
-        "--advertise-client-urls", f"http://127.0.0.1:{client}",
+        "--listen-client-urls", f"{scheme}://127.0.0.1:{client}",
+        "--advertise-client-urls", f"{scheme}://127.0.0.1:{client}",
+        *(() if tls is None else ("--cert-file", str(tls[0]), "--key-file", str(tls[1]))),
         "--listen-peer-urls", f"http://127.0.0.1:{peer}",
         "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
         "--initial-cluster", f"bench=http://127.0.0.1:{peer}",
         "--initial-cluster-state", "new",
         "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
     ]
-    return Server("etcd", argv, logs / f"etcd-{client}.log", client, "/health")
+    return Server("etcd", argv, logs / f"etcd-{client}.log", client, "/health", context=context)
 
 
 def etcd_version() -> str:
@@ -344,10 +361,10 @@ def wait_quiet(max_wait: float, limit: float = 15.0) -> float:
         log(f"  machine {busy:.0f}% busy (not ours): waiting for it to calm down")
 
 
-def konsul_commit_counters(port: int) -> tuple[float, float] | None:
+def konsul_commit_counters(port: int, context: ssl.SSLContext | None = None) -> tuple[float, float] | None:
     """(commit rounds, batches) from konsul's /metrics, if it exports them."""
     try:
-        status, body = http_request(port, "GET", "/metrics", headers={"X-Consul-Token": BENCH_TOKEN})
+        status, body = http_request(port, "GET", "/metrics", headers={"X-Consul-Token": BENCH_TOKEN}, context=context)
     except OSError:
         return None
     values = {}
@@ -373,11 +390,12 @@ def run_wrk(server: Server, target: str, op: str, prefix: str, keys: int, connec
             duration: float, threads: int, quiet_wait: float = 0) -> dict:
     argv = [
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "10s",
-        "-s", str(LUA), f"http://127.0.0.1:{server.port}", "--", target, op, prefix, str(keys), token_for(target),
+        "-s", str(LUA), f"{server.scheme}://127.0.0.1:{server.port}", "--", target, op, prefix, str(keys),
+        token_for(target),
     ]
     if quiet_wait:
         wait_quiet(quiet_wait)
-    commits_before = konsul_commit_counters(server.port) if is_konsul(target) and op == "put" else None
+    commits_before = konsul_commit_counters(server.port, server.context) if is_konsul(target) and op == "put" else None
     machine_before = machine_busy_seconds()
     cpu_before = server.cpu_seconds()
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -404,7 +422,7 @@ def run_wrk(server: Server, target: str, op: str, prefix: str, keys: int, connec
     )
     result["cpu_us_per_req"] = 1e6 * (cpu_after - cpu_before) / max(1, result["requests"])
     if commits_before is not None:
-        commits_after = konsul_commit_counters(server.port)
+        commits_after = konsul_commit_counters(server.port, server.context)
         if commits_after is not None:
             rounds, batches = (a - b for a, b in zip(commits_after, commits_before))
             result["writes_per_commit"] = batches / rounds if rounds else 0.0

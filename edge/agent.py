@@ -25,7 +25,7 @@ from konsul.protocols.audit import DEFAULT_KEEP as DEFAULT_AUDIT_KEEP
 from konsul.protocols.audit import DEFAULT_MAX_BYTES as DEFAULT_AUDIT_MAX_BYTES
 from konsul.protocols.gateway import GatewayContext
 from konsul.protocols.oscore_contexts import OscoreContexts
-from konsul.protocols.tls import ServerTls, TlsFiles, reload_on_sighup
+from konsul.protocols.tls import ServerTls, TlsCollector, TlsFiles, reload_on_sighup
 
 from .check_runner import CheckRunner
 from .connector import HubConnector, sync_url
@@ -110,6 +110,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
     # into local epochs that can never be mistaken for the hub's.
     # Certificates are read before anything is opened: a wrong file stops start-up.
     server_tls = None if config.tls is None else ServerTls(config.tls)
+    hub_tls = hub_client_context(config)
     replica = Replica.open(
         config.data_dir, config.durability, auto_compact=not config.hub_url, epoch_authority=False
     )
@@ -153,6 +154,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 connector = HubConnector(
                     config.hub_url, replica, config.site, checks, presence, buffer,
                     site_token=config.site_token, max_clock_skew_ms=int(config.limits.max_clock_skew_s * 1000),
+                    ssl_context=hub_tls,
                 )
                 await nursery.start(connector.run)
             ctx = HttpContext(
@@ -183,7 +185,9 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
             )
             sync_status = ctx.sync_status
             app = create_app(ctx)
-            http_url = await nursery.start(serve_app, app, host, port)
+            if server_tls is not None:
+                ctx.registry.register(TlsCollector(server_tls))
+            http_url = await nursery.start(partial(serve_app, app, host, port, tls=server_tls))
             ctx.advertise = http_url.split("://", 1)[1]
             gateways = GatewayContext(
                 replica=replica,
@@ -214,6 +218,23 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
         if buffer is not None:
             buffer.close()
         replica.close()
+
+
+def hub_client_context(config: EdgeConfig):
+    """The sync link's TLS client context: ``--hub-ca`` pinned, ``--site-cert`` presented; None for ws://."""
+    from konsul.protocols.tls import client_context
+
+    if not config.hub_url:
+        return None
+    if not sync_url(config.hub_url).startswith("wss:"):
+        if config.hub_ca or config.site_cert:
+            raise ValueError("--hub-ca and --site-cert need an https:// --hub-url")
+        return None
+    return client_context(
+        Path(config.hub_ca) if config.hub_ca else None,
+        Path(config.site_cert) if config.site_cert else None,
+        Path(config.site_key) if config.site_key else None,
+    )
 
 
 async def run_device_gateways(

@@ -7,7 +7,11 @@ Consul-compatible API, like the ``consul`` CLI does. Every client command takes
 - ``--dc`` (env ``KONSUL_DC``): the datacenter (site) to ask about;
 - ``--format table|json`` (env ``KONSUL_FORMAT``): a readable table, or the API's JSON;
 - ``--token`` (env ``KONSUL_HTTP_TOKEN``, then ``CONSUL_HTTP_TOKEN``): the ACL token's
-  SecretID, sent as ``X-Consul-Token`` on every request.
+  SecretID, sent as ``X-Consul-Token`` on every request;
+- ``--ca-file`` (env ``KONSUL_CACERT``, then ``CONSUL_CACERT``): for an ``https://``
+  agent, the CA its certificate must chain to (the system's CAs otherwise);
+  ``--client-cert``/``--client-key`` (env ``KONSUL_CLIENT_CERT``/``CONSUL_CLIENT_CERT``,
+  ``..._KEY``): a certificate to present to an agent run with ``--tls-verify-client on``.
 
 Exit codes: 0 success, 1 when the request failed (the server's error is printed as
 ``konsul: <error>: <detail>``, a missing key, a failed check-and-set, an
@@ -36,6 +40,12 @@ FORMATS = ("table", "json")
 # Where the ACL token comes from when --token is not given, first found wins
 # (CONSUL_HTTP_TOKEN: scripts written for Consul work unchanged).
 TOKEN_ENVIRONMENT = ("KONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN")
+# The same for the TLS files, named as Consul's CLI names them.
+TLS_ENVIRONMENT = {
+    "ca_file": ("KONSUL_CACERT", "CONSUL_CACERT"),
+    "client_cert": ("KONSUL_CLIENT_CERT", "CONSUL_CLIENT_CERT"),
+    "client_key": ("KONSUL_CLIENT_KEY", "CONSUL_CLIENT_KEY"),
+}
 
 # Blocking queries used by `kv watch`: how long the server may hold one, and how
 # long the client waits for the answer (the server adds up to wait/16 of jitter).
@@ -90,6 +100,14 @@ def add_commands(commands: argparse._SubParsersAction, add_flag: Callable[..., N
         metavar="SECRET",
         help="the ACL token (its SecretID), sent as X-Consul-Token (env KONSUL_HTTP_TOKEN, then CONSUL_HTTP_TOKEN)",
     )
+    for dest, flag, what in (
+        ("ca_file", "--ca-file", "for an https:// agent: the PEM CA its certificate must chain to (instead of the "
+         "system's CAs)"),
+        ("client_cert", "--client-cert", "a PEM client certificate, for an agent run with --tls-verify-client on"),
+        ("client_key", "--client-key", "the PEM private key of --client-cert"),
+    ):
+        first, second = TLS_ENVIRONMENT[dest]
+        group.add_argument(flag, dest=dest, default=None, metavar="PATH", help=f"{what} (env {first}, then {second})")
 
     def sub(parent, name: str, run, help: str, description: str | None = None, epilog: str | None = None):
         parser = parent.add_parser(
@@ -322,6 +340,31 @@ def token_of(args: argparse.Namespace) -> str | None:
     return None
 
 
+def tls_file(args: argparse.Namespace, dest: str) -> str | None:
+    """``--ca-file`` / ``--client-cert`` / ``--client-key``, else the first of their environment variables set."""
+    for value in (getattr(args, dest, None), *(os.environ.get(name) for name in TLS_ENVIRONMENT[dest])):
+        if value and value.strip():
+            return value.strip()
+    return None
+
+
+def tls_verify(args: argparse.Namespace):
+    """What httpx's ``verify`` takes: an SSL context from the TLS files, or True (the system's CAs)."""
+    ca, cert, key = (tls_file(args, dest) for dest in ("ca_file", "client_cert", "client_key"))
+    if not (ca or cert):
+        return True
+    if key and not cert:
+        raise UsageError("--client-key needs --client-cert")
+    from pathlib import Path
+
+    from konsul.protocols.tls import TlsError, client_context
+
+    try:
+        return client_context(Path(ca) if ca else None, Path(cert) if cert else None, Path(key) if key else None)
+    except TlsError as error:
+        raise UsageError(str(error)) from None
+
+
 class Client:
     """A small synchronous client for the agent's HTTP API (every request carries the token)."""
 
@@ -338,6 +381,7 @@ class Client:
             base_url=self.base,
             timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
             headers={"X-Consul-Token": token} if token else None,
+            verify=tls_verify(args),
         )
 
     def request(
@@ -361,6 +405,14 @@ class Client:
         try:
             return self.http.request(method, path, params=query, content=content, timeout=timeout)
         except httpx.ConnectError as error:
+            if "CERTIFICATE_VERIFY_FAILED" in str(error):
+                # Not worth retrying: the agent answered with a certificate we do not trust.
+                raise CommandError(
+                    f"the agent at {self.base} has a certificate this client does not trust ({_reason(error)}); "
+                    "give --ca-file or set CONSUL_CACERT to the CA that signed it"
+                ) from None
+            if self.base.startswith("https:") and ("WRONG_VERSION_NUMBER" in str(error) or "RECORD_LAYER" in str(error).upper()):
+                raise CommandError(f"the agent at {self.base} does not speak TLS: use http://") from None
             raise Unreachable(
                 f"cannot connect to the agent at {self.base} ({_reason(error)}); "
                 "is it running? Set --http-addr or KONSUL_HTTP_ADDR to its HTTP address"
@@ -368,7 +420,24 @@ class Client:
         except httpx.TimeoutException:
             raise Unreachable(f"the agent at {self.base} did not answer {method} {path} in time") from None
         except httpx.HTTPError as error:
-            raise Unreachable(f"request to the agent at {self.base} failed: {_reason(error)}") from None
+            # With TLS 1.3 the agent's verdict on our certificate arrives as an
+            # alert on the first read, after the handshake seemed to succeed.
+            if "CERTIFICATE_REQUIRED" in str(error):
+                raise CommandError(
+                    f"the agent at {self.base} requires a client certificate (it runs with --tls-verify-client on): "
+                    "give --client-cert and --client-key, or set CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY"
+                ) from None
+            if any(alert in str(error) for alert in ("ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE",
+                                                     "ALERT_CERTIFICATE_UNKNOWN")):
+                raise CommandError(
+                    f"the agent at {self.base} refused the client certificate ({_reason(error)}); "
+                    "is --client-cert signed by the CA the agent trusts (its --tls-ca)?"
+                ) from None
+            hint = ""
+            if self.base.startswith("https:") and isinstance(error, httpx.RemoteProtocolError):
+                # A closed connection without an alert (an older agent, a proxy).
+                hint = "; if the agent runs with --tls-verify-client on, give --client-cert and --client-key"
+            raise Unreachable(f"request to the agent at {self.base} failed: {_reason(error)}{hint}") from None
 
     def call(self, method: str, path: str, **kwargs):
         """Like :meth:`request`, but a 4xx/5xx answer raises :class:`CommandError`."""

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -62,6 +65,76 @@ def _holds_panic(error: BaseException) -> bool:
     return False
 
 
+def _describe(error: BaseException) -> str:
+    """Why the link failed, for LastError; a failed TLS handshake says what to check."""
+    cause = error.__cause__ if isinstance(error, trio.BrokenResourceError) else error
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return (
+            f"TLS: the hub's certificate was refused ({cause.verify_message}); "
+            "is --hub-ca the CA that signed it, and does it name the host in --hub-url?"
+        )
+    if isinstance(cause, ssl.SSLError):
+        reason = cause.reason or str(cause)
+        if reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
+            return "TLS: the hub requires a client certificate (it runs with --tls-verify-client on); give --site-cert and --site-key"
+        if reason in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN"):
+            return (
+                f"TLS: the hub refused this site's certificate ({reason}); is --site-cert signed by the CA "
+                "the hub trusts (its --tls-ca)?"
+            )
+        return f"TLS handshake with the hub failed ({reason}); check --hub-url, --hub-ca, --site-cert"
+    return str(error) or type(error).__name__
+
+
+class _FirstStreamError(trio.abc.Stream):
+    """``stream``, remembering the first error a read or a send raised and calling ``on_error``.
+
+    Lets the sync link's opening see why the hub closed a TLS connection
+    (``_open_tls_websocket``): trio_websocket's reader task takes such an
+    error for a closed connection and leaves the opening to its timeout.
+    """
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.error: BaseException | None = None
+        self.on_error: Callable[[], None] | None = None
+
+    def _failed(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+            if self.on_error is not None:
+                self.on_error()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        try:
+            data = await self.stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            self._failed(error)
+            raise
+        if not data and self.on_error is not None:  # closed while the WebSocket was opening
+            self._failed(trio.BrokenResourceError(
+                "the hub closed the TLS connection before the sync WebSocket opened; "
+                "does it require a client certificate (--site-cert)?"
+            ))
+        return data
+
+    async def send_all(self, data) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            self._failed(error)
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
 def sync_url(hub_url: str) -> str:
     """``http://hub:8700`` -> ``ws://hub:8700/v1/sync``."""
     parts = urlsplit(hub_url if "://" in hub_url else f"http://{hub_url}")
@@ -84,12 +157,16 @@ class HubConnector:
         telemetry: TelemetryBuffer | None = None,
         site_token: str = "",
         max_clock_skew_ms: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.hub_url = hub_url
         # The hub admits a sync link with this site's join token (docs/security.md).
         self._headers = [(b"x-konsul-site-token", site_token.encode())] if site_token else []
         self.max_clock_skew_ms = max_clock_skew_ms
         self.url = sync_url(hub_url)
+        # For a wss:// URL: the CA the hub's certificate must chain to and this
+        # site's client certificate (tls.client_context); None: the system's CAs.
+        self.ssl_context = ssl_context
         self.replica = replica
         self.site = site
         self.checks = checks
@@ -153,19 +230,25 @@ class HubConnector:
             task_status.started()
             backoff = BACKOFF_START_S
             while True:
-                disconnects = (OSError, HandshakeError, ConnectionClosed, LinkClosed, trio.TooSlowError)
+                disconnects = (
+                    OSError, HandshakeError, ConnectionClosed, LinkClosed, trio.TooSlowError, trio.BrokenResourceError,
+                )
                 try:
-                    async with open_websocket_url(
-                        self.url, connect_timeout=HANDSHAKE_TIMEOUT_S, max_message_size=MAX_FRAME_BYTES,
-                        extra_headers=self._headers,
-                    ) as ws:
+                    if self.url.startswith("wss:"):
+                        opened = self._open_tls_websocket()
+                    else:
+                        opened = open_websocket_url(
+                            self.url, connect_timeout=HANDSHAKE_TIMEOUT_S, max_message_size=MAX_FRAME_BYTES,
+                            extra_headers=self._headers,
+                        )
+                    async with opened as ws:
                         await self._session(ws)
                 except BaseException as error:
                     if not isinstance(error, Exception) and not _holds_panic(error):
                         raise  # cancellation, KeyboardInterrupt: the edge is stopping
                     reason = _first_of(error, disconnects)
                     if reason is not None:
-                        self.last_error = str(reason)[:300] or type(reason).__name__
+                        self.last_error = _describe(reason)[:300]
                         peer_log.log(
                             log, logging.INFO, ("sync-hub", self.hub_url),
                             "hub %s unreachable or gone: %s", self.hub_url, self.last_error,
@@ -186,6 +269,53 @@ class HubConnector:
                 delay = backoff * random.uniform(0.5, 1.5)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 await trio.sleep(delay)
+
+    @asynccontextmanager
+    async def _open_tls_websocket(self) -> AsyncIterator[Any]:
+        """The sync WebSocket over TLS, the TLS handshake done first.
+
+        trio_websocket would do the handshake inside its reader task, where a
+        refused certificate is swallowed and the connect waits for its
+        timeout; done here, it fails at once with the reason (for LastError).
+        """
+        from trio_websocket import wrap_client_stream
+
+        parts = urlsplit(self.url)
+        host, port = parts.hostname or "", parts.port or 443
+        context = self.ssl_context or ssl.create_default_context()
+        with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+            tcp = await trio.open_tcp_stream(host, port)
+            stream = trio.SSLStream(tcp, context, server_hostname=host, https_compatible=True)
+            try:
+                await stream.do_handshake()
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+        watched = _FirstStreamError(stream)
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.CancelScope() as opening:
+                    watched.on_error = opening.cancel
+                    with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                        ws = await wrap_client_stream(
+                            nursery, watched, parts.netloc, parts.path or "/", extra_headers=self._headers,
+                            max_message_size=MAX_FRAME_BYTES,
+                        )
+                watched.on_error = None
+                if opening.cancelled_caught:
+                    # With TLS 1.3 the hub's verdict on our certificate comes
+                    # after our side of the handshake is done, as an alert on
+                    # the first read, in trio_websocket's reader task, which
+                    # would swallow it and leave the connect to its timeout.
+                    raise watched.error or trio.BrokenResourceError("the hub closed the connection")
+                try:
+                    yield ws
+                finally:
+                    with trio.move_on_after(1):
+                        await ws.aclose()
+                    nursery.cancel_scope.cancel()
+        finally:
+            await trio.aclose_forcefully(stream)
 
     async def _session(self, ws) -> None:
         """One connection's life, until it fails."""

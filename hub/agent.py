@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -17,7 +18,7 @@ from konsul.sync.checks import CheckTable
 from konsul.sync.replica import GLOBAL_SCOPE, Replica
 
 from konsul.protocols.admission import NetworkLimits
-from konsul.protocols.tls import ServerTls, TlsFiles, reload_on_sighup
+from konsul.protocols.tls import ServerTls, TlsCollector, TlsFiles, reload_on_sighup
 from konsul.protocols.audit import DEFAULT_KEEP as DEFAULT_AUDIT_KEEP
 from konsul.protocols.audit import DEFAULT_MAX_BYTES as DEFAULT_AUDIT_MAX_BYTES
 
@@ -128,7 +129,9 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
             app = create_app(ctx, extra_blueprints=[sync_api, fleet_api])
             app.config["KONSUL_HUB"] = hub_state
             ctx.registry.register(HubRefusalCollector(hub_state))
-            http_url = await nursery.start(serve_app, app, host, port)
+            if server_tls is not None:
+                ctx.registry.register(TlsCollector(server_tls))
+            http_url = await nursery.start(partial(serve_app, app, host, port, tls=server_tls))
             ctx.advertise = http_url.split("://", 1)[1]
             log.info(
                 "hub (replica %s, data %s): http listening on %s",

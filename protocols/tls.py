@@ -76,17 +76,54 @@ def server_context(files: TlsFiles) -> ssl.SSLContext:
 
 
 class ServerTls:
-    """The current server context for ``files``; ``reload()`` replaces it."""
+    """The current server context for ``files``; ``reload()`` replaces it.
+
+    Also what its listeners count: failed handshakes by listener (``http``,
+    ``mqtt``) and reason, exported by ``TlsCollector``.
+    """
 
     def __init__(self, files: TlsFiles) -> None:
         self.files = files
         self.context = server_context(files)
         self.reloads = 0
+        self.reload_failures = 0
+        self.handshake_failures: dict[tuple[str, str], int] = {}
 
     def reload(self) -> None:
         """Read the files again; on failure the old context stays and ``TlsError`` says why."""
-        self.context = server_context(self.files)
+        try:
+            self.context = server_context(self.files)
+        except TlsError:
+            self.reload_failures += 1
+            raise
         self.reloads += 1
+
+    def count_handshake_failure(self, interface: str, reason: str) -> None:
+        """One failed handshake on listener ``interface`` (``http``, ``mqtt``) for ``reason``."""
+        key = (interface, reason)
+        self.handshake_failures[key] = self.handshake_failures.get(key, 0) + 1
+
+
+class TlsCollector:
+    """Prometheus metrics of a ``ServerTls``: failed handshakes per listener and reason, reloads."""
+
+    def __init__(self, tls: ServerTls) -> None:
+        self.tls = tls
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        failures = CounterMetricFamily(
+            "konsul_tls_handshake_failures", "TLS handshakes that failed, by listener and reason "
+            "(not_tls, timeout, client_certificate, client_alert, closed, protocol)", labels=["interface", "reason"],
+        )
+        for (interface, reason), count in sorted(self.tls.handshake_failures.items()):
+            failures.add_metric([interface, reason], count)
+        yield failures
+        reloads = CounterMetricFamily("konsul_tls_reloads", "Certificate reloads (SIGHUP) by result", labels=["result"])
+        reloads.add_metric(["ok"], self.tls.reloads)
+        reloads.add_metric(["failed"], self.tls.reload_failures)
+        yield reloads
 
 
 def client_context(ca: Path | None = None, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-_LISTENING = re.compile(r"http listening on (http://\S+)")
+_LISTENING = re.compile(r"http listening on (https?://\S+)")
 
 # The management secret agents started with ``acl=True`` are given
 # (--acl-initial-management); tests send it as X-Consul-Token.

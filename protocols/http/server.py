@@ -21,10 +21,22 @@ on a bare ASGI app, docs/benchmarks.md, "HTTP KV"):
   whose generic-alias subscription alone is a measurable cost.
 
 The protocol core itself, the app task per request and WebSockets are
-hypercorn's own and unchanged; only plain TCP is served (konsul binds no TLS),
-and only HTTP/1.1: the Consul API is HTTP/1.1, and an HTTP/2 connection (an
-``h2c`` upgrade or the prior-knowledge preface) would carry a hundred
-requests past the per-connection bounds and the body timeout below.
+hypercorn's own and unchanged; only HTTP/1.1 is served: the Consul API is
+HTTP/1.1, and an HTTP/2 connection (an ``h2c`` upgrade, the prior-knowledge
+preface, or ALPN ``h2``) would carry a hundred requests past the
+per-connection bounds and the body timeout below.
+
+TLS (docs/tls.md). With a ``ServerTls`` the one port speaks only TLS: each
+connection is admitted first (a refused one costs no handshake), then wrapped
+in a ``trio.SSLStream`` with the context current at that moment (so a reload
+on SIGHUP applies to new connections only) and must finish its handshake
+within ``HANDSHAKE_TIMEOUT_S``. A handshake that fails (a plaintext client, a
+client that stops half-way, a client certificate that does not verify) ends
+that connection only, is counted (``konsul_tls_handshake_failures_total``)
+and logged once per source and window. Everything after the handshake (the
+fast path, the core) sees the decrypted bytes, and the scope says ``https`` /
+``wss`` and carries the verified client certificate as the ASGI TLS
+extension (``tls_extension``).
 
 In front of the core sits an optional fast path (``kv_fast_path.KvFastPath``,
 found in the app's config as ``KONSUL_FAST_PATH``): while the core has no
@@ -50,6 +62,7 @@ from __future__ import annotations
 import errno
 import logging
 import resource
+import ssl
 from collections.abc import Callable
 from functools import partial
 from math import inf
@@ -71,6 +84,7 @@ from konsul.sync.log_limits import peer_log
 from konsul.sync.wire import MAX_FRAME_BYTES
 
 from ..admission import ConnectionLimit, NetworkLimits, source_of
+from ..tls import HANDSHAKE_TIMEOUT_S, ServerTls
 from .kv_fast_path import Incomplete
 
 log = logging.getLogger(__name__)
@@ -130,8 +144,14 @@ TIMEOUT_RESPONSE = (
 )
 
 
-async def serve_app(app, host: str, port: int, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``app`` on ``host:port`` until cancelled; reports the URL it bound (port 0 resolved)."""
+async def serve_app(
+    app, host: str, port: int, *, tls: ServerTls | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on ``host:port`` until cancelled; reports the URL it bound (port 0 resolved).
+
+    With ``tls`` the port serves HTTPS only and the URL is ``https://``.
+    """
     config = Config()
     config.bind = [f"{host}:{port}"]
     config.accesslog = None
@@ -145,7 +165,7 @@ async def serve_app(app, host: str, port: int, *, task_status: trio.TaskStatus[s
     app_config = getattr(app, "config", {})
     fast_path = app_config.get("KONSUL_FAST_PATH")
     admission = app_config.get("KONSUL_ADMISSION")
-    await serve(app, config, fast_path=fast_path, admission=admission, task_status=task_status)
+    await serve(app, config, fast_path=fast_path, admission=admission, tls=tls, task_status=task_status)
 
 
 async def serve(
@@ -154,9 +174,13 @@ async def serve(
     *,
     fast_path=None,
     admission: ConnectionAdmission | None = None,
+    tls: ServerTls | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """hypercorn's ``worker_serve`` for plain TCP with ``Connection`` as the runtime adapter.
+    """hypercorn's ``worker_serve`` with ``Connection`` as the runtime adapter.
+
+    The sockets are plain TCP; with ``tls`` each connection is wrapped here
+    (``_run_connection``), not by hypercorn.
 
     Runs the ASGI lifespan, binds ``config.bind``, reports the first bound URL
     and serves until cancelled (cancellation is shutdown, as for every konsul
@@ -171,23 +195,23 @@ async def serve(
         await lifespan.wait_for_startup()
         sockets = config.create_sockets()
         if sockets.secure_sockets or sockets.quic_sockets:
-            raise ValueError("serve() binds plain TCP only")
+            raise ValueError("serve() binds plain TCP sockets; give TLS as tls=ServerTls")
         listeners = []
         binds = []
         for sock in sockets.insecure_sockets:
             sock.listen(config.backlog)
             listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-            binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+            binds.append(f"{'https' if tls else 'http'}://{repr_socket_addr(sock.family, sock.getsockname())}")
         for bind in binds:
             await config.log.info(f"Running on {bind} (CTRL + C to quit)")
         admission = admission or ConnectionAdmission(NetworkLimits())
         handler = partial(
             Connection, wrapped, config, context, ConnectionState(lifespan_state.copy()),
-            fast_path=fast_path, admission=admission,
+            fast_path=fast_path, admission=admission, secure=tls is not None,
         )
         async with trio.open_nursery() as nursery:
             for listener in listeners:
-                nursery.start_soon(_accept_loop, listener, nursery, handler, admission)
+                nursery.start_soon(_accept_loop, listener, nursery, handler, admission, tls)
             task_status.started(binds[0])
 
 
@@ -196,6 +220,7 @@ async def _accept_loop(
     nursery: trio.Nursery,
     handler: Callable[..., Connection],
     admission: ConnectionAdmission,
+    tls: ServerTls | None = None,
 ) -> None:
     """Accept connections for ever: admit each, or refuse it; back off while out of descriptors."""
     backoff = ACCEPT_BACKOFF_S[0]
@@ -224,17 +249,24 @@ async def _accept_loop(
                 continue
             refused = admission.connections.try_admit(source)
             if refused is not None:
-                await _refuse(stream, source, refused)
+                await _refuse(stream, source, refused, tls is not None)
                 continue
-            nursery.start_soon(_run_connection, handler, stream, admission, source)
+            nursery.start_soon(_run_connection, handler, stream, admission, source, tls)
 
 
-async def _refuse(stream: trio.SocketStream, source: str, reason: str) -> None:
-    """Answer 503 and close, without a task: a fresh socket's send buffer takes it at once."""
+async def _refuse(stream: trio.SocketStream, source: str, reason: str, secure: bool = False) -> None:
+    """Answer 503 and close, without a task: a fresh socket's send buffer takes it at once.
+
+    A TLS port just closes: a TLS client could not read a plaintext answer,
+    and a handshake is what the bound is there to spare.
+    """
     peer_log.log(
         log, logging.WARNING, ("http-refused", source),
         "refused an HTTP connection from %s: %s connection limit reached", source, reason.replace("_", " "),
     )
+    if secure:
+        await trio.aclose_forcefully(stream)
+        return
     with trio.move_on_after(0.1):
         try:
             await stream.send_all(_refusal(reason))
@@ -244,21 +276,171 @@ async def _refuse(stream: trio.SocketStream, source: str, reason: str) -> None:
     await trio.aclose_forcefully(stream)
 
 
-async def _run_connection(handler: Callable[..., Connection], stream: trio.SocketStream, admission, source: str) -> None:
+async def _run_connection(
+    handler: Callable[..., Connection], stream: trio.SocketStream, admission, source: str,
+    tls: ServerTls | None = None,
+) -> None:
+    served: trio.abc.Stream = stream
     try:
-        await handler(stream).run()
+        if tls is not None:
+            secured = await _handshake(stream, tls, source)
+            if secured is None:
+                return
+            served = secured
+        await handler(served).run()
     finally:
         admission.connections.release(source)
-        await trio.aclose_forcefully(stream)
+        await trio.aclose_forcefully(served)
+
+
+# What a failed handshake is counted as (the ``reason`` label). OpenSSL's
+# reasons for a peer that is not speaking TLS at all.
+_NOT_TLS_REASONS = frozenset({"HTTP_REQUEST", "WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE",
+                              "PACKET_LENGTH_TOO_LONG", "UNEXPECTED_RECORD", "RECORD_LENGTH_MISMATCH"})
+_CLIENT_CERT_REASONS = frozenset({"PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_VERIFY_FAILED",
+                                  "NO_CERTIFICATE_RETURNED"})
+_TLS_REQUIRED_BODY = (
+    b'{"error":"tls_required","detail":"this port serves HTTPS only: use https:// '
+    b'(and --cacert / CONSUL_CACERT with the CA that signed the agent\'s certificate)"}'
+)
+TLS_REQUIRED_RESPONSE = (
+    b"HTTP/1.1 400 \r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+    % len(_TLS_REQUIRED_BODY) + _TLS_REQUIRED_BODY
+)
+
+
+def handshake_failure(error: BaseException | None) -> tuple[str, str]:
+    """``(reason label, detail for the log)`` for what ``SSLStream.do_handshake`` raised."""
+    cause = error.__cause__ if isinstance(error, trio.BrokenResourceError) else error
+    if isinstance(cause, ssl.SSLError):
+        code = cause.reason or ""
+        detail = getattr(cause, "verify_message", None) or code or str(cause)
+        if code in _NOT_TLS_REASONS:
+            return "not_tls", f"not a TLS client ({detail})"
+        if code in _CLIENT_CERT_REASONS:
+            return "client_certificate", f"client certificate refused ({detail})"
+        if code == "UNEXPECTED_EOF_WHILE_READING" or isinstance(cause, ssl.SSLEOFError):
+            return "closed", "the client closed the connection during the handshake; does it trust this agent's CA?"
+        if code.startswith(("SSLV3_ALERT", "TLSV1_ALERT", "TLSV13_ALERT")):
+            # The client gave up on us: usually it does not trust our certificate.
+            return "client_alert", f"the client aborted the handshake ({detail}); does it trust this agent's CA?"
+        return "protocol", detail
+    if cause is None or isinstance(cause, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+        return "closed", "the client closed the connection during the handshake"
+    return "protocol", f"{type(cause).__name__}: {cause}"
+
+
+async def _handshake(stream: trio.SocketStream, tls: ServerTls, source: str) -> trio.SSLStream | None:
+    """The TLS handshake with a new client, within ``HANDSHAKE_TIMEOUT_S``; None when it failed.
+
+    The context is ``tls.context`` as it is now: a reload changes what new
+    connections get, never one being served. ``https_compatible``: HTTP
+    clients commonly close without a ``close_notify``, and do not expect one.
+    """
+    secured = trio.SSLStream(stream, tls.context, server_side=True, https_compatible=True)
+    reason = detail = ""
+    with trio.move_on_after(HANDSHAKE_TIMEOUT_S) as scope:
+        try:
+            await secured.do_handshake()
+        except trio.BrokenResourceError as error:
+            reason, detail = handshake_failure(error)
+            if isinstance(error.__cause__, ssl.SSLError) and error.__cause__.reason == "HTTP_REQUEST":
+                # A plaintext HTTP request: say so in plain HTTP, as the
+                # client is waiting for an answer it can read.
+                await _answer_plain(stream, TLS_REQUIRED_RESPONSE)
+            else:
+                await _send_alert(stream, secured)
+    if scope.cancelled_caught:
+        reason, detail = "timeout", f"the handshake did not finish within {HANDSHAKE_TIMEOUT_S:g}s"
+    if not reason:
+        return secured
+    tls.count_handshake_failure("http", reason)
+    peer_log.log(log, logging.WARNING, ("http-tls", source), "TLS handshake with %s failed: %s", source, detail)
+    return None
+
+
+async def _send_alert(stream: trio.SocketStream, secured: trio.SSLStream) -> None:
+    """Send the TLS alert OpenSSL wrote for a failed handshake, which trio leaves unsent.
+
+    It tells the client why (``certificate required``, ``unknown ca``)
+    instead of a bare reset; an edge's sync link puts it in LastError.
+    """
+    outgoing = getattr(secured, "_outgoing", None)  # trio.SSLStream's memory BIO
+    if isinstance(outgoing, ssl.MemoryBIO) and outgoing.pending:
+        await _answer_plain(stream, outgoing.read())
+
+
+async def _answer_plain(stream: trio.SocketStream, response: bytes) -> None:
+    with trio.move_on_after(0.1):
+        try:
+            await stream.send_all(response)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
+def _rfc4514(name: tuple) -> str:
+    """``getpeercert()``'s subject as an RFC 4514 string (most specific first, as ASGI's TLS extension has it)."""
+    short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+             "localityName": "L", "stateOrProvinceName": "ST", "domainComponent": "DC", "userId": "UID",
+             "streetAddress": "STREET", "serialNumber": "serialNumber", "emailAddress": "emailAddress"}
+
+    def escape(value: str) -> str:
+        value = "".join("\\" + c if c in ',+"\\<>;=' else c for c in value)
+        if value[:1] in ("#", " "):
+            value = "\\" + value
+        if value.endswith(" "):
+            value = value[:-1] + "\\ "
+        return value
+
+    return ",".join(
+        "+".join(f"{short.get(key, key)}={escape(str(value))}" for key, value in rdn) for rdn in reversed(name)
+    )
+
+
+_TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+
+
+def tls_extension(stream: trio.SSLStream) -> dict[str, Any]:
+    """The ASGI TLS extension (``scope["extensions"]["tls"]``) of a handshaken connection.
+
+    The spec's keys, plus what konsul reads to map a client certificate to a
+    site: ``client_cert_subject`` (attribute name -> value, e.g.
+    ``{"commonName": "plant-7"}``), ``client_cert_common_name`` and
+    ``client_cert_san`` (``[("DNS", "plant-7"), ("URI", ...)]``). The client
+    fields are set only for a certificate that verified against ``--tls-ca``;
+    without a CA the server asks for none and they are empty.
+    """
+    cert = stream.getpeercert() or {}
+    der = stream.getpeercert(binary_form=True) if cert else None
+    subject = cert.get("subject", ())
+    flat = {key: value for rdn in subject for key, value in rdn}
+    return {
+        "server_cert": None,
+        "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
+        "client_cert_name": _rfc4514(subject) if cert else None,
+        "client_cert_error": None,
+        "tls_version": _TLS_VERSIONS.get(stream.version() or ""),
+        "cipher_suite": None,
+        "client_cert_subject": flat,
+        "client_cert_common_name": flat.get("commonName"),
+        "client_cert_san": [tuple(entry) for entry in cert.get("subjectAltName", ())],
+    }
 
 
 class TaskGroup:
-    """hypercorn's trio ``TaskGroup``: the app of each request runs in its own task."""
+    """hypercorn's trio ``TaskGroup``: the app of each request runs in its own task.
 
-    def __init__(self, nursery: trio.Nursery) -> None:
+    ``tls``: the connection's ASGI TLS extension, put in every request's scope
+    here (hypercorn's core builds the scope and knows nothing of it).
+    """
+
+    def __init__(self, nursery: trio.Nursery, tls: dict[str, Any] | None = None) -> None:
         self._nursery = nursery
+        self._tls = tls
 
     async def spawn_app(self, app, config, scope, send):
+        if self._tls is not None:
+            scope["extensions"]["tls"] = self._tls
         # Not open_memory_channel[...]: subscripting the generic costs more
         # than the channel.
         app_send, app_receive = trio.open_memory_channel(config.max_app_queue_size)
@@ -297,16 +479,19 @@ class Connection:
     """
 
     def __init__(
-        self, app, config, context, state, stream: trio.SocketStream, *, fast_path=None,
-        admission: ConnectionAdmission | None = None,
+        self, app, config, context, state, stream: trio.abc.Stream, *, fast_path=None,
+        admission: ConnectionAdmission | None = None, secure: bool = False,
     ) -> None:
         self.app = app
+        self.secure = secure  # ``stream`` is a handshaken trio.SSLStream
         self.fast_path = fast_path
         self._pending = b""  # read, offered to the fast path, not yet answered
         self.config = config
         self.context = context
         self.state = state
         self.stream = stream
+        # The TCP socket under a TLS stream too: addresses, and the shutdown at close.
+        self.socket = (stream.transport_stream if secure else stream).socket
         self.protocol: Any = None
         self._send_lock = trio.Lock()
         self._idle_deadline = trio.current_time() + config.keep_alive_timeout
@@ -322,19 +507,20 @@ class Connection:
 
     async def run(self) -> None:
         try:
-            socket = self.stream.socket
+            socket = self.socket
             client = parse_socket_addr(socket.family, socket.getpeername())
             server = parse_socket_addr(socket.family, socket.getsockname())
             self._source = source_of(client)
             async with trio.open_nursery() as nursery:
-                task_group = TaskGroup(nursery)
+                task_group = TaskGroup(nursery, tls_extension(self.stream) if self.secure else None)
+                # ``secure``: the scope's scheme is https / wss.
                 self.protocol = ProtocolWrapper(
                     self.app, self.config, self.context, task_group, self.state,
-                    False, client, server, self.protocol_send, "http/1.1",
+                    self.secure, client, server, self.protocol_send, "http/1.1",
                 )
                 self.protocol.protocol = Http11Only(
                     self.app, self.config, self.context, task_group, self.state,
-                    False, client, server, self.protocol_send,
+                    self.secure, client, server, self.protocol_send,
                 )
                 await self.protocol.initiate()
                 await self._read_data()
@@ -538,7 +724,7 @@ class Connection:
         # hold the connection, and its descriptor, until the peer leaves.
         with trio.CancelScope(shield=True):
             try:
-                self.stream.socket.shutdown(trio.socket.SHUT_WR)
+                self.socket.shutdown(trio.socket.SHUT_WR)
             except OSError:
                 pass  # already gone
             await self.stream.aclose()
