@@ -173,13 +173,16 @@ class HubProcess(_Listening):
         self._ready(data_dir)
 
 
-def join_token(hub: HubProcess, site: str, global_access: str = "read") -> str:
-    """A join token for ``site`` from a hub run with ``acl=True`` (``konsul sites add``)."""
+def join_token(hub: HubProcess, site: str, global_access: str = "read", verify=True) -> str:
+    """A join token for ``site`` from a hub run with ``acl=True`` (``konsul sites add``).
+
+    ``verify``: for a hub on HTTPS, its CA file or a client SSL context.
+    """
     import httpx
 
     response = httpx.put(
         f"{hub.url}/v1/sites/{site}", json={"Global": global_access},
-        headers={"X-Consul-Token": MANAGEMENT_TOKEN}, timeout=10,
+        headers={"X-Consul-Token": MANAGEMENT_TOKEN}, timeout=10, verify=verify,
     )
     response.raise_for_status()
     return response.json()["JoinToken"]

@@ -385,15 +385,17 @@ class EmbeddedBroker:
                 continue
             # The context is taken now, not when the listener started: a SIGHUP
             # reload (protocols/tls.py) serves every connection accepted after it.
-            self._spawn(self._accept(sock, address, source, None if tls is None else tls.context))
+            self._spawn(self._accept(sock, address, source, tls, None if tls is None else tls.context))
 
-    async def _accept(self, sock: socket.socket, address: Any, source: str, context: ssl.SSLContext | None) -> None:
+    async def _accept(
+        self, sock: socket.socket, address: Any, source: str, tls: Any, context: ssl.SSLContext | None
+    ) -> None:
         writer = None
         try:
             if context is None:
                 reader, writer = await asyncio.open_connection(sock=sock)
             else:
-                streams = await self._tls_streams(sock, address, source, context)
+                streams = await self._tls_streams(sock, address, source, tls, context)
                 if streams is None:
                     return
                 reader, writer = streams
@@ -412,7 +414,7 @@ class EmbeddedBroker:
                 sock.close()
 
     async def _tls_streams(
-        self, sock: socket.socket, address: Any, source: str, context: ssl.SSLContext
+        self, sock: socket.socket, address: Any, source: str, tls: Any, context: ssl.SSLContext
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         """The accepted socket after a TLS handshake as the server; None (counted, logged) if it failed.
 
@@ -434,7 +436,9 @@ class EmbeddedBroker:
                 ssl_shutdown_timeout=HANDSHAKE_TIMEOUT_S,
             )
         except (OSError, EOFError, TimeoutError) as error:  # ssl.SSLError is an OSError
-            self.agent.refusals.tls_failed(f"{address[0]}:{address[1]}", source, handshake_failure(error))
+            reason, detail = handshake_failure(error)
+            tls.count_handshake_failure("mqtt", reason)  # konsul_tls_handshake_failures_total, with HTTPS's
+            self.agent.refusals.tls_failed(f"{address[0]}:{address[1]}", source, detail)
             return None
         _shrink_tls_read_buffer(transport)
         return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
@@ -544,16 +548,33 @@ _HANDSHAKE_REASONS = {
 }
 
 
-def handshake_failure(error: BaseException) -> str:
-    """Why a server-side TLS handshake failed, in a few words."""
+# The ``reason`` label of konsul_tls_handshake_failures_total, as HTTPS counts
+# them (protocols/http/server.py).
+_NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE",
+                      "PACKET_LENGTH_TOO_LONG", "UNEXPECTED_RECORD"})
+_CLIENT_CERTIFICATE = frozenset({"PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_VERIFY_FAILED",
+                                 "NO_CERTIFICATE_RETURNED"})
+
+
+def handshake_failure(error: BaseException) -> tuple[str, str]:
+    """Why a server-side TLS handshake failed: ``(reason label, a few words for the log)``."""
     if isinstance(error, ssl.SSLError):
         reason = getattr(error, "reason", None) or type(error).__name__
-        return _HANDSHAKE_REASONS.get(reason, f"{reason} ({error})")
+        detail = _HANDSHAKE_REASONS.get(reason, f"{reason} ({error})")
+        if reason in _NOT_TLS:
+            return "not_tls", detail
+        if reason in _CLIENT_CERTIFICATE:
+            return "client_certificate", detail
+        if reason.startswith(("SSLV3_ALERT", "TLSV1_ALERT", "TLSV13_ALERT")):
+            return "client_alert", detail
+        if isinstance(error, ssl.SSLEOFError):
+            return "closed", "the client closed the connection during the handshake"
+        return "protocol", detail
     if isinstance(error, (TimeoutError, ConnectionAbortedError)):
-        return f"not finished within {HANDSHAKE_TIMEOUT_S:g}s"
+        return "timeout", f"not finished within {HANDSHAKE_TIMEOUT_S:g}s"
     if isinstance(error, (ConnectionResetError, BrokenPipeError, EOFError)):
-        return "the client closed the connection during the handshake"
-    return f"{type(error).__name__}: {error}"
+        return "closed", "the client closed the connection during the handshake"
+    return "protocol", f"{type(error).__name__}: {error}"
 
 
 def _fd_budget() -> int:

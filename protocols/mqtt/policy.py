@@ -45,10 +45,6 @@ REASONS = (
     "tls",  # a TLS handshake on the MQTT TLS listener that failed: plaintext, no or unknown certificate, too slow
 )
 
-# Shared by every TLS listener of the agent (HTTP, MQTT), told apart by ``interface``.
-TLS_FAILURES = "konsul_tls_handshake_failures"
-
-
 class Metrics:
     """The gateway's Prometheus series, on the agent's registry."""
 
@@ -73,18 +69,6 @@ class Metrics:
         )
         self.connected = Gauge("konsul_mqtt_connected_devices", "Devices connected over MQTT now", registry=registry)
         self.connects = Counter("konsul_mqtt_connects", "MQTT connections accepted", registry=registry)
-        self.tls_failures = tls_handshake_failures(registry).labels(interface="mqtt")
-
-
-def tls_handshake_failures(registry: CollectorRegistry) -> Counter:
-    """``konsul_tls_handshake_failures_total{interface}``: the registry's own if another listener made it."""
-    existing = getattr(registry, "_names_to_collectors", {}).get(TLS_FAILURES + "_total")
-    if isinstance(existing, Counter):
-        return existing
-    return Counter(
-        TLS_FAILURES, "TLS handshakes that failed (plaintext, no or unknown certificate, too slow), by interface",
-        ["interface"], registry=registry,
-    )
 
 
 class Refusals:
@@ -105,8 +89,7 @@ class Refusals:
         peer_log.log(log, logging.WARNING, key, "refused (%s) from %s: %s", reason, who, detail)
 
     def tls_failed(self, peer: str, source: str, detail: str) -> None:
-        """A TLS handshake that failed: counted as a refusal and in the agent's TLS handshake failures."""
-        self.metrics.tls_failures.inc()
+        """A TLS handshake that failed (also counted by reason in the listener's ``ServerTls``)."""
         self.refuse("tls", f"?@{peer}", f"TLS handshake failed: {detail}", source=source)
 
     def count(self, reason: str) -> None:

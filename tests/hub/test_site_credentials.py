@@ -4,6 +4,7 @@ WebSocket clients that try what an attacker on the network would."""
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import cbor2
 import httpx
 import pytest
 import trio
+import trustme
 from agents import MANAGEMENT_TOKEN, EdgeProcess, HubProcess, eventually, join_token
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
@@ -198,3 +200,50 @@ def test_telemetry_is_stored_only_for_the_sessions_own_devices(hub):
     metrics = httpx.get(f"{hub.url}/metrics", headers=ADMIN).text
     assert 'konsul_telemetry_refused_total{reason="seq_too_far_ahead"} 1.0' in metrics
     assert 'konsul_telemetry_refused_total{reason="unknown_device"} 1.0' in metrics
+
+
+def test_a_client_certificate_naming_an_added_site_is_its_credential(tmp_path):
+    servers, sites = trustme.CA(), trustme.CA()  # the hub's CA, and the one that signs sites' certificates
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    servers.cert_pem.write_to_path(str(pki / "ca.pem"))
+    sites.cert_pem.write_to_path(str(pki / "sites-ca.pem"))
+    served = servers.issue_cert("127.0.0.1", "localhost")
+    served.cert_chain_pems[0].write_to_path(str(pki / "hub.pem"))
+    served.private_key_pem.write_to_path(str(pki / "hub-key.pem"))
+
+    def site_certificate(name: str) -> list[str]:
+        issued = sites.issue_cert(f"{name}.sites.test", common_name=name)
+        issued.cert_chain_pems[0].write_to_path(str(pki / f"{name}.pem"))
+        issued.private_key_pem.write_to_path(str(pki / f"{name}-key.pem"))
+        return ["--site-cert", str(pki / f"{name}.pem"), "--site-key", str(pki / f"{name}-key.pem")]
+
+    # Client certificates are asked for, not required: operators and token-bearing edges come in without.
+    hub = HubProcess(tmp_path / "hub", acl=True, extra=[
+        "--tls-cert", str(pki / "hub.pem"), "--tls-key", str(pki / "hub-key.pem"), "--tls-ca", str(pki / "sites-ca.pem"),
+    ])
+    verify = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    hub_admin = httpx.Client(base_url=hub.url, timeout=10, headers=ADMIN, verify=verify)
+    join_token(hub, "plant-1", verify=verify)  # added: its certificate is now a credential; the token is not used
+    pinned = ["--hub-ca", str(pki / "ca.pem"), "--mqtts-addr", "off"]
+    member = EdgeProcess(tmp_path / "member", site="plant-1", hub_url=hub.url, acl=True,
+                         extra=[*pinned, *site_certificate("plant-1")])
+    never_added = EdgeProcess(tmp_path / "never-added", site="plant-2", hub_url=hub.url, acl=True,
+                              extra=[*pinned, *site_certificate("plant-2")])
+    impostor = EdgeProcess(tmp_path / "impostor", site="plant-3", hub_url=hub.url, acl=True,
+                           extra=[*pinned, "--site-cert", str(pki / "plant-1.pem"), "--site-key", str(pki / "plant-1-key.pem")])
+    try:
+        assert httpx.put(f"{member.url}/v1/kv/line/speed", content=b"42", headers=ADMIN).json() is True
+        eventually(lambda: hub_admin.get("/v1/kv/line/speed?dc=plant-1&raw").content == b"42",
+                   what="the certified site's write at the hub")
+        error = eventually(lambda: sync_status(never_added)["LastError"], what="the unknown site refused")
+        assert "401" in error or "site_credential_required" in error, error
+        error = eventually(lambda: sync_status(impostor)["LastError"], what="plant-1's certificate for plant-3 refused")
+        assert "site_not_allowed" in error, error
+        assert not {"plant-2", "plant-3"} & set(hub_admin.get("/v1/catalog/datacenters").json())
+        # Revoking the site ends the certificate's session and it opens nothing after.
+        assert hub_admin.delete("/v1/sites/plant-1").status_code == 200
+        eventually(lambda: not sync_status(member)["Connected"], what="the revoked site's session ended")
+    finally:
+        for agent in (member, never_added, impostor, hub):
+            agent.stop()
