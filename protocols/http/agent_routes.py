@@ -10,6 +10,7 @@ from konsul.sync.errors import InvalidArgument, NotFound
 from konsul.sync.limits import parse_json_document
 
 from .authz import authorizer, filtered
+from .filter_fields import AGENT_SERVICE, CHECK, MEMBER, apply, request_filter
 from .params import parse_duration
 from .responses import json_response
 
@@ -125,8 +126,25 @@ def parse_service(body: dict, node: str) -> tuple[ServiceEntry, dict[str, str]]:
         tags=tuple(tags),
         meta=dict(meta),
         checks=checks,
+        enable_tag_override=_field(body, "EnableTagOverride", bool, False),
+        tagged_addresses=parse_service_addresses(_field(body, "TaggedAddresses", dict, {})),
+        kind=_field(body, "Kind", str, ""),
     )
     return entry, initial
+
+
+def parse_service_addresses(raw: dict) -> dict[str, tuple[str, int]]:
+    """Consul's service ``TaggedAddresses``: ``{"lan": {"Address": ..., "Port": ...}}``."""
+    found = {}
+    for name, value in raw.items():
+        if not isinstance(value, dict):
+            raise InvalidArgument('TaggedAddresses maps a name to {"Address": ..., "Port": ...}')
+        value = _fields(value)
+        port = _field(value, "Port", int, 0)
+        if not 0 <= port <= 65535:
+            raise InvalidArgument("a tagged address's Port is between 0 and 65535")
+        found[name] = (_field(value, "Address", str, ""), port)
+    return found
 
 
 def service_json(entry: ServiceEntry, site: str) -> dict:
@@ -138,9 +156,15 @@ def service_json(entry: ServiceEntry, site: str) -> dict:
         "Port": entry.port,
         "Address": entry.address,
         "Weights": {"Passing": 1, "Warning": 1},
-        "EnableTagOverride": False,
+        "EnableTagOverride": entry.enable_tag_override,
+        "TaggedAddresses": service_addresses_json(entry),
+        "Kind": entry.kind,
         "Datacenter": site,
     }
+
+
+def service_addresses_json(entry: ServiceEntry) -> dict:
+    return {name: {"Address": address, "Port": port} for name, (address, port) in entry.tagged_addresses.items()}
 
 
 def check_json(check: CheckStatus, node: str) -> dict:
@@ -155,9 +179,9 @@ def check_json(check: CheckStatus, node: str) -> dict:
         "ServiceID": check.service_id,
         "ServiceName": check.service_name,
         "ServiceTags": list(check.service_tags),
-        "Type": definition.kind,
-        "Interval": f"{definition.interval_s:g}s" if definition.kind != "ttl" else "",
-        "Timeout": f"{definition.timeout_s:g}s" if definition.kind != "ttl" else "",
+        "Type": "" if definition.kind == "static" else definition.kind,
+        "Interval": f"{definition.interval_s:g}s" if definition.kind in ("http", "tcp") else "",
+        "Timeout": f"{definition.timeout_s:g}s" if definition.kind in ("http", "tcp") else "",
     }
 
 
@@ -197,22 +221,34 @@ async def services() -> Response:
     ctx = current_app.config["KONSUL"]
     catalog = ctx.replica.scope(ctx.site).catalog
     allowed = authorizer()
+    wanted = request_filter(AGENT_SERVICE)
     mine = [e for e in catalog.services() if e.node == ctx.node]
     visible = [e for e in mine if allowed.allows("service", e.name, "read")]
     body = {e.service_id: service_json(e, ctx.site) for e in visible}
+    if wanted is not None:
+        body = {k: v for k, v in body.items() if wanted(v)}
     return json_response(body, headers=filtered(len(visible), len(mine)))
 
 
 @agent_api.route("/v1/agent/checks", methods=["GET"])
 async def checks() -> Response:
     ctx = current_app.config["KONSUL"]
+    wanted = request_filter(CHECK)
     ctx.checks.expire_ttls()
-    allowed = authorizer()
     every = ctx.checks.checks
-    visible = {k: c for k, c in every.items() if allowed.allows("service", c.service_name, "read")}
-    return json_response(
-        {k: check_json(c, ctx.node) for k, c in visible.items()}, headers=filtered(len(visible), len(every))
-    )
+    visible = {k: c for k, c in every.items() if may_read_check(c, ctx.node)}
+    body = {k: check_json(c, ctx.node) for k, c in visible.items()}
+    if wanted is not None:
+        body = {k: v for k, v in body.items() if wanted(v)}
+    return json_response(body, headers=filtered(len(visible), len(every)))
+
+
+def may_read_check(check: CheckStatus, node: str) -> bool:
+    """A service's check needs service:read on it, a node's check node:read (as Consul)."""
+    allowed = authorizer()
+    if check.service_id:
+        return allowed.allows("service", check.service_name, "read")
+    return allowed.allows("node", node, "read")
 
 
 @agent_api.route("/v1/agent/check/<verb>/<check_id>", methods=["PUT"])
@@ -221,29 +257,37 @@ async def report_check(verb: str, check_id: str) -> Response:
     status = {"pass": PASSING, "warn": WARNING, "fail": CRITICAL}.get(verb)
     if status is None:
         raise NotFound(f"no check verb {verb!r}; use pass, warn or fail")
+    require_check_write(ctx, check_id)
+    agent_check_routes.refuse_static(ctx, check_id)
+    ctx.checks.report(check_id, status, request.args.get("note", ""))
+    return Response(b"", status=200)
+
+
+def require_check_write(ctx, check_id: str) -> None:
     check = ctx.checks.checks.get(check_id)
     if check is None:
         authorizer().require_subtree("service", "", "write")  # as for deregister: no name to check
-    else:
+    elif check.service_id:
         authorizer().require("service", check.service_name, "write")
-    ctx.checks.report(check_id, status, request.args.get("note", ""))
-    return Response(b"", status=200)
+    else:
+        authorizer().require("node", ctx.node, "write")
 
 
 @agent_api.route("/v1/agent/self", methods=["GET"])
 async def self_info() -> Response:
     ctx = current_app.config["KONSUL"]
-    host = ctx.advertise.rsplit(":", 1)[0]
-    return json_response(
-        {
-            "Config": {
-                "Datacenter": ctx.site,
-                "NodeName": ctx.node,
-                "NodeID": ctx.replica.replica_id,
-                "Server": ctx.role == "hub",
-                "Version": "konsul-0.1.0",
-            },
-            "Member": {"Name": ctx.node, "Addr": host, "Port": 0, "Status": 1, "Tags": {"dc": ctx.site, "role": ctx.role}},
-            "Meta": {},
-        }
-    )
+    return json_response(agent_self(ctx))
+
+
+@agent_api.route("/v1/agent/members", methods=["GET"])
+async def members() -> Response:
+    ctx = current_app.config["KONSUL"]
+    wanted = request_filter(MEMBER)
+    every = agent_members(ctx)
+    visible = [m for m in every if authorizer().allows("node", m["Name"], "read")]
+    return json_response(apply(wanted, visible), headers=filtered(len(visible), len(every)))
+
+
+# The agent's own description and the check endpoints live in their own modules.
+from .agent_self import agent_members, agent_self  # noqa: E402
+from . import agent_check_routes  # noqa: E402,F401 - registers /v1/agent/check/* and maintenance on agent_api

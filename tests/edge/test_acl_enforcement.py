@@ -55,6 +55,22 @@ ROUTES = {
     "acl.policy": [("GET", "/v1/acl/policy/00000000-0000-0000-0000-000000000001", None)],
     "acl.policy_by_name": [("GET", "/v1/acl/policy/name/global-management", None)],
     "acl.list_policies": [("GET", "/v1/acl/policies", None)],
+    # checks, maintenance, members and the node-level catalog
+    "agent.register_check": [("PUT", "/v1/agent/check/register", json.dumps({"Name": "disk", "TTL": "30s"}).encode()),
+                             ("PUT", "/v1/agent/check/register",
+                              json.dumps({"Name": "w", "ServiceID": "web", "TTL": "30s"}).encode())],
+    "agent.deregister_check": [("PUT", "/v1/agent/check/deregister/service:web", None)],
+    "agent.update_check": [("PUT", "/v1/agent/check/update/service:web", b'{"Status": "passing"}')],
+    "agent.service_maintenance": [("PUT", "/v1/agent/service/maintenance/web?enable=true", None)],
+    "agent.node_maintenance": [("PUT", "/v1/agent/maintenance?enable=true", None)],
+    "agent.members": [("GET", "/v1/agent/members", None)],
+    "catalog.catalog_register": [("PUT", "/v1/catalog/register",
+                                  json.dumps({"Node": "plc-1", "Address": "10.0.0.9",
+                                              "Service": {"Service": "modbus", "Port": 502}}).encode())],
+    "catalog.catalog_deregister": [("PUT", "/v1/catalog/deregister", b'{"Node": "n1", "ServiceID": "web"}')],
+    "catalog.catalog_node": [("GET", "/v1/catalog/node/n1", None)],
+    "catalog.catalog_node_services": [("GET", "/v1/catalog/node-services/n1", None)],
+    "catalog.health_node": [("GET", "/v1/health/node/n1", None)],
 }
 HUB_ROUTES = {
     "hub_fleet.sites": [("GET", "/v1/sites", None)],
