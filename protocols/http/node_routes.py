@@ -188,12 +188,14 @@ async def catalog_deregister() -> Response:
     return json_response(True)
 
 
-def _readable_node(ctx, scope, node: str, records) -> None:
+def _readable_node(ctx, scope, node: str, records, headers: dict[str, str]) -> None:
     names = set(records) | {e.node for e in scope.catalog.services()}
     if _local(ctx, scope, node):
         names.add(node)
     if node not in names or not authorizer().allows("node", node, "read"):
-        raise NotFound(f"no node {node!r} in the catalog of {scope.name!r}")
+        missing = NotFound(f"no node {node!r} in the catalog of {scope.name!r}")
+        missing.headers = headers  # the index, for a client that blocks until the node appears
+        raise missing
 
 
 def _services_on(scope, node: str) -> list[ServiceEntry]:
@@ -208,7 +210,7 @@ async def catalog_node(node: str) -> Response:
     wanted = request_filter(AGENT_SERVICE)
     headers = await _block_on_catalog(ctx, scope)
     records = node_records(scope)
-    _readable_node(ctx, scope, node, records)
+    _readable_node(ctx, scope, node, records, headers)
     services = {e.service_id: service_json(e, scope.name) for e in _services_on(scope, node)}
     if wanted is not None:
         services = {k: v for k, v in services.items() if wanted(v)}
@@ -222,7 +224,7 @@ async def catalog_node_services(node: str) -> Response:
     wanted = request_filter(AGENT_SERVICE)
     headers = await _block_on_catalog(ctx, scope)
     records = node_records(scope)
-    _readable_node(ctx, scope, node, records)
+    _readable_node(ctx, scope, node, records, headers)
     services = apply(wanted, [service_json(e, scope.name) for e in _services_on(scope, node)])
     return json_response({"Node": node_json(ctx, scope, node, records), "Services": services}, headers=headers)
 
