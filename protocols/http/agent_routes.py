@@ -5,7 +5,7 @@ from __future__ import annotations
 from quart import Blueprint, Response, current_app, request
 
 from konsul.sync.catalog import CheckDefinition, ServiceEntry
-from konsul.sync.checks import CRITICAL, PASSING, STATES, WARNING, CheckStatus
+from konsul.sync.checks import CRITICAL, NODE_HEALTH_ID, PASSING, STATES, WARNING, CheckStatus
 from konsul.sync.errors import InvalidArgument, NotFound
 from konsul.sync.limits import parse_json_document
 
@@ -235,7 +235,8 @@ async def checks() -> Response:
     ctx = current_app.config["KONSUL"]
     wanted = request_filter(CHECK)
     ctx.checks.expire_ttls()
-    every = ctx.checks.checks
+    # serfHealth is the catalog's view of this agent, not a check registered with it (as in Consul).
+    every = {k: c for k, c in ctx.checks.checks.items() if k != NODE_HEALTH_ID}
     visible = {k: c for k, c in every.items() if may_read_check(c, ctx.node)}
     body = {k: check_json(c, ctx.node) for k, c in visible.items()}
     if wanted is not None:

@@ -72,7 +72,7 @@ def test_agent_checks_on_the_node_and_on_a_service(edge, client):
         answer = put(edge, path, body)
         assert answer.status_code == status, (path, answer.text)
         assert detail in answer.json()["detail"], answer.text
-    assert set(client.agent.checks()) == {"serfHealth", "service:api", "api-alive"}
+    assert set(client.agent.checks()) == {"service:api", "api-alive"}  # serfHealth is the catalog's, as in Consul
 
 
 def test_maintenance_mode_of_a_service_and_of_the_node(edge, client):
@@ -242,6 +242,19 @@ def test_the_hub_lists_sites_as_members_and_knows_their_liveness(tmp_path):
             return {c["CheckID"]: c["Status"] for c in checks}.get("serfHealth")
 
         eventually(lambda: serf_status() == "passing", what="serfHealth passing at the hub")
+        # Service fields reach the hub as registered.
+        gateway = {"Name": "gw", "Kind": "mesh-gateway", "EnableTagOverride": True,
+                   "TaggedAddresses": {"wan": {"Address": "203.0.113.7", "Port": 443}}}
+        assert httpx.put(f"{edge.url}/v1/agent/service/register", json=gateway).status_code == 200
+        eventually(lambda: httpx.get(f"{hub.url}/v1/catalog/service/gw?dc=s1").json(), what="gw at the hub")
+        at_hub = httpx.get(f"{hub.url}/v1/catalog/service/gw?dc=s1").json()[0]
+        assert (at_hub["ServiceKind"], at_hub["ServiceEnableTagOverride"]) == ("mesh-gateway", True)
+        assert at_hub["ServiceTaggedAddresses"] == {"wan": {"Address": "203.0.113.7", "Port": 443}}
+        # An external node registered at the hub for the site reaches the site's edge.
+        plc = {"Node": "plc-7", "Address": "10.0.0.7", "Service": {"Service": "opcua", "Port": 4840}}
+        assert httpx.put(f"{hub.url}/v1/catalog/register?dc=s1", json=plc).json() is True
+        eventually(lambda: httpx.get(f"{edge.url}/v1/catalog/node/plc-7").status_code == 200, what="plc-7 at the edge")
+        assert [s["Service"] for s in httpx.get(f"{edge.url}/v1/catalog/node-services/plc-7").json()["Services"]] == ["opcua"]
         edge.stop()
         eventually(lambda: serf_status() == "critical", what="serfHealth critical once the edge is gone")
         eventually(lambda: [m["Status"] for m in hub_client.agent.members() if m["Name"] == "n1"] == [4],
@@ -249,3 +262,37 @@ def test_the_hub_lists_sites_as_members_and_knows_their_liveness(tmp_path):
     finally:
         edge.stop()
         hub.stop()
+
+
+def test_check_writes_need_the_service_or_the_node(tmp_path):
+    from agents import MANAGEMENT_TOKEN
+
+    edge = EdgeProcess(tmp_path / "acl", acl=True)
+    try:
+        admin = httpx.Client(base_url=edge.url, timeout=10, headers={"X-Consul-Token": MANAGEMENT_TOKEN})
+
+        def token(rules: str) -> dict[str, str]:
+            name = f"p{abs(hash(rules))}"
+            assert admin.put("/v1/acl/policy", json={"Name": name, "Rules": rules}).status_code == 200
+            secret = admin.put("/v1/acl/token", json={"Policies": [{"Name": name}]}).json()["SecretID"]
+            return {"X-Consul-Token": secret}
+
+        assert admin.put("/v1/agent/service/register", json={"Name": "api", "Port": 1}).status_code == 200
+        api_writer = token('service "api" { policy = "write" }')
+        node_writer = token('node "n1" { policy = "write" }')
+        ttl = {"Name": "c", "TTL": "30s"}
+        assert httpx.put(f"{edge.url}/v1/agent/check/register", json={**ttl, "ServiceID": "api"}, headers=api_writer).status_code == 200
+        for path, body in [("/v1/agent/check/register", ttl), ("/v1/agent/maintenance?enable=true", None),
+                           ("/v1/catalog/register", {"Node": "plc", "Address": "10.0.0.1"})]:
+            refused = httpx.put(f"{edge.url}{path}", json=body, headers=api_writer)
+            assert refused.status_code == 403 and "node:write" in refused.json()["detail"], refused.text
+        assert httpx.put(f"{edge.url}/v1/agent/check/register", json={**ttl, "CheckID": "n"}, headers=node_writer).status_code == 200
+        assert httpx.put(f"{edge.url}/v1/agent/service/maintenance/api?enable=true", headers=node_writer).status_code == 403
+        assert httpx.put(f"{edge.url}/v1/agent/service/maintenance/api?enable=true", headers=api_writer).status_code == 200
+        # Members and node reads follow node:read.
+        assert httpx.get(f"{edge.url}/v1/agent/members", headers=api_writer).json() == []
+        assert [m["Name"] for m in httpx.get(f"{edge.url}/v1/agent/members", headers=node_writer).json()] == ["n1"]
+        assert httpx.get(f"{edge.url}/v1/health/node/n1", headers=api_writer).json() == []
+        admin.close()
+    finally:
+        edge.stop()
