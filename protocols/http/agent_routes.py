@@ -11,7 +11,7 @@ from konsul.sync.limits import parse_json_document
 
 from .authz import authorizer, filtered
 from .filter_fields import AGENT_SERVICE, CHECK, MEMBER, apply, request_filter
-from .params import parse_duration
+from .params import flag, parse_duration
 from .responses import json_response
 
 agent_api = Blueprint("agent", __name__)
@@ -58,7 +58,8 @@ def _field(body: dict, name: str, kind: type, default):
     return value
 
 
-def parse_check(body: dict, service_id: str, position: int) -> CheckDefinition:
+def parse_check(body: dict, service_id: str, position: int, numbered: bool = False) -> CheckDefinition:
+    """One check of a service; ``numbered``: the service has several, named ``service:<id>:<n>`` (as Consul)."""
     if not isinstance(body, dict):
         raise InvalidArgument("a check must be a JSON object")
     body = _fields(body)
@@ -72,7 +73,7 @@ def parse_check(body: dict, service_id: str, position: int) -> CheckDefinition:
     if len(kinds) > 1:
         raise InvalidArgument(f"a check has one type, this one has {', '.join(kinds)}")
     kind = kinds[0]
-    default_id = f"service:{service_id}" + (f":{position + 1}" if position else "")
+    default_id = f"service:{service_id}" + (f":{position + 1}" if numbered else "")
     check_id = _field(body, "CheckID", str, "") or _field(body, "ID", str, "") or default_id
     after = body.get("deregistercriticalserviceafter")
     definition = CheckDefinition(
@@ -109,7 +110,7 @@ def parse_service(body: dict, node: str) -> tuple[ServiceEntry, dict[str, str]]:
         raw_checks.append(body["check"])
     checks_field = _field(body, "Checks", list, [])
     raw_checks.extend(checks_field)
-    checks = tuple(parse_check(c, service_id, i) for i, c in enumerate(raw_checks))
+    checks = tuple(parse_check(c, service_id, i, len(raw_checks) > 1) for i, c in enumerate(raw_checks))
     initial = {}
     for definition, raw in zip(checks, raw_checks, strict=True):
         status = _fields(raw).get("status")
@@ -284,7 +285,7 @@ async def self_info() -> Response:
 async def members() -> Response:
     ctx = current_app.config["KONSUL"]
     wanted = request_filter(MEMBER)
-    every = agent_members(ctx)
+    every = agent_members(ctx, wan=flag("wan"))
     visible = [m for m in every if authorizer().allows("node", m["Name"], "read")]
     return json_response(apply(wanted, visible), headers=filtered(len(visible), len(every)))
 

@@ -52,9 +52,15 @@ def member_json(name: str, address: str, site: str, role: str, status: int, extr
     }
 
 
-def agent_members(ctx) -> list[dict[str, Any]]:
-    """This agent, then whatever the agent knows of (at the hub: one member per site)."""
-    return [own_member(ctx), *ctx.members()]
+def agent_members(ctx, wan: bool = False) -> list[dict[str, Any]]:
+    """This agent, then whatever the agent knows of (at the hub: one member per site).
+
+    ``wan``: Consul's WAN pool names each member ``<node>.<datacenter>``.
+    """
+    found = [own_member(ctx), *ctx.members()]
+    if wan:
+        found = [{**m, "Name": f"{m['Name']}.{m['Tags']['dc']}"} for m in found]
+    return found
 
 
 def agent_self(ctx) -> dict[str, Any]:
@@ -82,6 +88,9 @@ def agent_self(ctx) -> dict[str, Any]:
             "ACLsEnabled": bool(getattr(ctx.acl, "enabled", True)),
             "HTTPAddrs": [f"tcp://{ctx.advertise}"],
         },
+        # No network coordinates (nothing gossips): Consul's origin coordinate, and no xDS server.
+        "Coord": {"Vec": [0.0] * 8, "Error": 1.5, "Adjustment": 0.0, "Height": 1e-05},
+        "xDS": {"SupportedProxies": {}, "Port": -1, "Ports": {"Plaintext": -1, "TLS": -1}},
         "Member": own_member(ctx),
         "Meta": dict(record.meta) if record is not None else {},
         "Stats": {

@@ -65,7 +65,7 @@ CHECKED_IN_ROUTE = CHECKED_IN_ROUTE | frozenset({
     "agent.register_check", "agent.deregister_check", "agent.update_check", "agent.service_maintenance",
     "agent.node_maintenance", "agent.members",
     "catalog.catalog_register", "catalog.catalog_deregister", "catalog.catalog_node",
-    "catalog.catalog_node_services", "catalog.health_node",
+    "catalog.catalog_node_services", "catalog.health_node", "catalog.health_connect",
 })
 
 WRITE_METHODS = frozenset({"PUT", "POST", "PATCH", "DELETE"})

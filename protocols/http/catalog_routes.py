@@ -159,6 +159,8 @@ def near_order(ctx, nodes: list[str]) -> list[str]:
 
 
 def _instances(ctx, scope, name: str | None, records) -> list[ServiceEntry]:
+    if request.args.get("peer"):
+        return []  # Consul's cluster peering: Konsul has no peers, so a named one holds nothing
     tags = request.args.getlist("tag")
     meta = node_meta_wanted()
     found = [
@@ -251,6 +253,21 @@ async def health_service(name: str) -> Response:
             continue
         body.append(answer)
     return json_response(apply(wanted, body), headers=headers)
+
+
+@catalog_api.route("/v1/health/connect/<name>", methods=["GET"])
+@catalog_api.route("/v1/health/ingress/<name>", methods=["GET"])
+async def health_connect(name: str) -> Response:
+    """Connect-capable instances and ingress gateways: Konsul runs no service mesh, so none.
+
+    Answered (not a 404) so that clients which ask keep working; the filter is
+    still checked, as Consul would.
+    """
+    ctx = current_app.config["KONSUL"]
+    scope = _scope(ctx)
+    request_filter(HEALTH_SERVICE)
+    headers = await _block_on_catalog(ctx, scope)
+    return json_response([], headers=headers)
 
 
 def _readable_checks(ctx, scope, records, entries: list[ServiceEntry], with_nodes: bool) -> list[dict]:

@@ -71,6 +71,7 @@ ROUTES = {
     "catalog.catalog_node": [("GET", "/v1/catalog/node/n1", None)],
     "catalog.catalog_node_services": [("GET", "/v1/catalog/node-services/n1", None)],
     "catalog.health_node": [("GET", "/v1/health/node/n1", None)],
+    "catalog.health_connect": [("GET", "/v1/health/connect/web", None), ("GET", "/v1/health/ingress/web", None)],
 }
 HUB_ROUTES = {
     "hub_fleet.sites": [("GET", "/v1/sites", None)],

@@ -29,6 +29,11 @@ def test_agent_checks_on_the_node_and_on_a_service(edge, client):
     client.agent.check.ttl_pass("disk", notes="42% used")
     assert client.agent.checks()["disk"]["Output"] == "42% used"
 
+    # Several checks of one service are numbered, as Consul numbers them.
+    client.agent.service.register("multi", check=consul.Check.ttl("30s"), extra_checks=[consul.Check.ttl("30s")])
+    assert {"service:multi:1", "service:multi:2"} <= set(client.agent.checks())
+    client.agent.service.deregister("multi")
+
     # A check added to a registered service.
     client.agent.service.register("api", port=8080, check=consul.Check.ttl("30s"))
     assert client.agent.check.register("api-alive", consul.Check.ttl("30s"), service_id="api") is True
@@ -115,9 +120,11 @@ def test_agent_self_and_members(shared_edge):
     assert {"agent", "build", "consul", "runtime"} <= set(stats)
     assert all(isinstance(v, str) for section in stats.values() for v in section.values())
     assert stats["consul"]["server"] == "false" and int(stats["agent"]["services"]) >= 0
-    assert me["Member"]["Name"] == "n1"
+    assert set(me) == {"Config", "DebugConfig", "Coord", "xDS", "Member", "Meta", "Stats"}  # as py-consul's suite expects
     members = client.agent.members()
     assert [(m["Name"], m["Status"], m["Tags"]["dc"]) for m in members] == [("n1", 1, "s1")]
+    assert me["Member"] in members
+    assert [m["Name"] for m in client.agent.members(wan=True)] == ["n1.s1"]
 
 
 def test_catalog_register_an_external_node(edge, client):
@@ -207,6 +214,9 @@ def test_filters_tags_node_meta_and_near(edge, client):
     assert [s["ServiceID"] for s in tagged] == ["web-1"]
     for extra in ("near=_agent", "stale", "consistent"):
         assert httpx.get(f"{edge.url}/v1/health/service/web?{extra}").status_code == 200
+    # No cluster peers, no service mesh: a named peer, Connect and ingress hold nothing.
+    assert client.health.service("web", peer="elsewhere")[1] == []
+    assert client.health.connect("web")[1] == [] and client.health.ingress("web")[1] == []
 
     # A bad expression is a 400 that says what is wrong (curl, as a shell user would send it).
     out = subprocess.run(
