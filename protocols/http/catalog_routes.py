@@ -38,7 +38,7 @@ async def _block_on_catalog(ctx, scope) -> dict[str, str]:
 
 def _local(ctx, scope, node: str) -> bool:
     """Whether ``node`` is this agent's own node, whose check status is live here."""
-    return ctx.role == "edge" and scope.name == ctx.site and node == ctx.node
+    return scope.name == ctx.site and node == ctx.node
 
 
 def node_records(scope) -> dict[str, NodeRecord]:
@@ -47,7 +47,7 @@ def node_records(scope) -> dict[str, NodeRecord]:
 
 def node_names(ctx, scope, records: dict[str, NodeRecord]) -> set[str]:
     names = set(records) | {e.node for e in scope.catalog.services()}
-    if scope.name == ctx.site and ctx.role == "edge":
+    if scope.name == ctx.site:
         names.add(ctx.node)
     return names
 
