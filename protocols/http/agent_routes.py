@@ -231,6 +231,16 @@ async def services() -> Response:
     return json_response(body, headers=filtered(len(visible), len(mine)))
 
 
+@agent_api.route("/v1/agent/service/<service_id>", methods=["GET"])
+async def service_definition(service_id: str) -> Response:
+    """One service of this agent (Consul's ``/v1/agent/service/<id>``); 404 unless readable."""
+    ctx = current_app.config["KONSUL"]
+    entry = ctx.replica.scope(ctx.site).catalog.get(ctx.node, service_id)
+    if entry is None or not authorizer().allows("service", entry.name, "read"):
+        raise NotFound(f"no service {service_id!r} is registered with this agent")
+    return json_response(service_json(entry, ctx.site))
+
+
 @agent_api.route("/v1/agent/checks", methods=["GET"])
 async def checks() -> Response:
     ctx = current_app.config["KONSUL"]

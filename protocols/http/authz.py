@@ -63,7 +63,7 @@ CHECKED_IN_ROUTE = frozenset({
 # service); node reads need node:read, lists are filtered to what the token may read.
 CHECKED_IN_ROUTE = CHECKED_IN_ROUTE | frozenset({
     "agent.register_check", "agent.deregister_check", "agent.update_check", "agent.service_maintenance",
-    "agent.node_maintenance", "agent.members",
+    "agent.node_maintenance", "agent.members", "agent.service_definition",
     "catalog.catalog_register", "catalog.catalog_deregister", "catalog.catalog_node",
     "catalog.catalog_node_services", "catalog.health_node", "catalog.health_connect",
 })

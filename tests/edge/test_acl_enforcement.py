@@ -64,6 +64,7 @@ ROUTES = {
     "agent.service_maintenance": [("PUT", "/v1/agent/service/maintenance/web?enable=true", None)],
     "agent.node_maintenance": [("PUT", "/v1/agent/maintenance?enable=true", None)],
     "agent.members": [("GET", "/v1/agent/members", None)],
+    "agent.service_definition": [("GET", "/v1/agent/service/web", None)],
     "catalog.catalog_register": [("PUT", "/v1/catalog/register",
                                   json.dumps({"Node": "plc-1", "Address": "10.0.0.9",
                                               "Service": {"Service": "modbus", "Port": 502}}).encode())],

@@ -174,6 +174,8 @@ def test_service_fields_are_kept_through_register_and_read(edge, client):
     assert gw["EnableTagOverride"] is True
     assert gw["TaggedAddresses"] == {"lan": {"Address": "10.1.1.1", "Port": 8443}, "wan": {"Address": "203.0.113.7", "Port": 443}}
     assert client.agent.services()["mesh"]["Kind"] == "mesh-gateway"
+    assert client.agent.service_definition("gw-1")["TaggedAddresses"]["lan"]["Port"] == 8443
+    assert httpx.get(f"{edge.url}/v1/agent/service/nope").status_code == 404
     instance = client.catalog.service("gw")[1][0]
     assert instance["ServiceEnableTagOverride"] is True
     assert instance["ServiceTaggedAddresses"]["lan"] == {"Address": "10.1.1.1", "Port": 8443}
