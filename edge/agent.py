@@ -137,7 +137,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
             # The devices' OSCORE contexts: secrets on this edge's disk, loaded when used.
             oscore = OscoreContexts(Path(config.data_dir), site)
             await nursery.start(oscore.run)
-            runner = CheckRunner(site, checks, config.node)
+            runner = CheckRunner(site, checks, config.node, address=host if host not in ("0.0.0.0", "::") else "127.0.0.1")
             await nursery.start(runner.run)
             connector = None
             sync_status = None  # set below; the registry reads it lazily

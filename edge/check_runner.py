@@ -7,6 +7,7 @@ critical longer than ``DeregisterCriticalServiceAfter`` is deregistered.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import ssl
 from urllib.parse import urlsplit
@@ -15,7 +16,7 @@ import h11
 import trio
 
 from konsul.sync.catalog import CheckDefinition
-from konsul.sync.checks import CRITICAL, PASSING, WARNING, CheckTable
+from konsul.sync.checks import CRITICAL, PASSING, WARNING, CheckTable, agent_node_record
 from konsul.sync.scope import Scope
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,11 @@ async def probe_tcp(target: str, timeout_s: float) -> tuple[str, str]:
 class CheckRunner:
     """Keeps one probe task per HTTP/TCP check and enforces TTLs and deregistration."""
 
-    def __init__(self, scope: Scope, checks: CheckTable, node: str) -> None:
+    def __init__(self, scope: Scope, checks: CheckTable, node: str, address: str = "127.0.0.1") -> None:
         self.scope = scope
         self.checks = checks
         self.node = node
+        self.address = address
         self._changed = trio.Event()
         self._probes: dict[str, tuple[CheckDefinition, trio.CancelScope]] = {}
         checks.listeners.append(self.services_changed)
@@ -94,6 +96,7 @@ class CheckRunner:
         self._changed.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.register_own_node()
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
@@ -104,6 +107,19 @@ class CheckRunner:
                 deadline = self._next_deadline()
                 with trio.move_on_at(deadline):
                     await self._changed.wait()
+
+    async def register_own_node(self) -> None:
+        """Keep this agent's node in its site's catalog (address, liveness check), writing only a change.
+
+        The node record is how the hub and Consul's node endpoints know the
+        agent's node; its ``serfHealth`` check is passing here and, at the hub,
+        only while this edge's link is up.
+        """
+        existing = self.scope.catalog.node(self.node)
+        wanted = agent_node_record(self.node, self.address, existing)
+        if existing is None or existing.stamp is None or dataclasses.replace(existing, stamp=None) != wanted:
+            existing = await self.scope.register_node(wanted)
+        self.checks.sync_node(existing)
 
     def _next_deadline(self) -> float:
         ttl = self.checks.next_ttl_deadline()

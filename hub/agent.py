@@ -114,6 +114,7 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
                 role="hub",
                 remote_check_status=sites.check_status,
                 remote_presence=sites.device_presence,
+                members=lambda: sites.members(replica),
                 telemetry=telemetry,
                 limits=config.limits,
                 registry=registry,

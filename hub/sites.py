@@ -97,3 +97,24 @@ class SiteRegistry:
         if found is None:
             return None
         return str(found.get("status", "critical")), str(found.get("output", ""))
+
+    def members(self, replica: Any) -> list[dict[str, Any]]:
+        """Each site as a Consul member (``/v1/agent/members`` at the hub): alive while its edge is connected.
+
+        A member is named after the site's agent node, as that edge registered
+        it in its site's catalog, or after the site until it has.
+        """
+        from konsul.protocols.http.agent_self import MEMBER_ALIVE, MEMBER_FAILED, member_json
+
+        found = []
+        for site in sorted((set(replica.scopes) | set(self.sites)) - {"global"}):
+            scope = replica.scopes.get(site)
+            nodes = [r for r in scope.catalog.nodes() if r.agent] if scope is not None else []
+            state = self.sites.get(site)
+            alive = state is not None and state.connections > 0
+            extra = {"konsul_role": "edge", "site": site}
+            if state is not None and state.replica:
+                extra["replica"] = state.replica
+            for name, address in [(r.node, r.address) for r in nodes] or [(site, "")]:
+                found.append(member_json(name, address, site, "node", MEMBER_ALIVE if alive else MEMBER_FAILED, extra))
+        return found

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .catalog import CheckDefinition, ServiceEntry
+from .catalog import CheckDefinition, NodeRecord, ServiceEntry
 from .errors import InvalidArgument, NotFound
 
 PASSING, WARNING, CRITICAL = "passing", "warning", "critical"
 STATES = (PASSING, WARNING, CRITICAL)
+NODE_HEALTH_ID = "serfHealth"  # Consul's name for the node-level "the agent is alive" check
 
 
 @dataclass(slots=True)
@@ -45,22 +46,32 @@ class CheckTable:
 
     def sync_service(self, service: ServiceEntry) -> None:
         """Track the checks of a (re-)registered service, keeping known status."""
-        wanted = {c.check_id for c in service.checks}
-        for check_id in [k for k, v in self.checks.items() if v.service_id == service.service_id]:
+        self._sync(service.service_id, service.name, service.tags, service.checks)
+
+    def sync_node(self, record: NodeRecord) -> None:
+        """Track the node-level checks of this agent's node (service id "")."""
+        self._sync("", "", (), record.checks)
+
+    def _sync(self, service_id: str, name: str, tags: tuple[str, ...], checks: tuple[CheckDefinition, ...]) -> None:
+        wanted = {c.check_id for c in checks}
+        for check_id in [k for k, v in self.checks.items() if v.service_id == service_id]:
             if check_id not in wanted:
                 del self.checks[check_id]
         now = self.now()
-        for definition in service.checks:
+        for definition in checks:
             known = self.checks.get(definition.check_id)
-            if known is not None and known.definition == definition:
+            if known is not None and known.definition == definition and known.service_id == service_id:
                 continue
+            status = definition.status if definition.kind == "static" and definition.status else CRITICAL
             self.checks[definition.check_id] = CheckStatus(
                 definition,
-                service.service_id,
-                service.name,
-                service.tags,
+                service_id,
+                name,
+                tags,
+                status=status,
+                output=definition.output if definition.kind == "static" else "",
                 updated_at=now,
-                critical_since=now,
+                critical_since=now if status == CRITICAL else None,
             )
         self._changed()
 
@@ -114,7 +125,7 @@ class CheckTable:
         doomed = set()
         for check in self.checks.values():
             after = check.definition.deregister_after_s
-            if after is not None and check.critical_since is not None:
+            if after is not None and check.critical_since is not None and check.service_id:
                 if now - check.critical_since >= after:
                     doomed.add(check.service_id)
         return doomed
@@ -123,3 +134,31 @@ class CheckTable:
         self.version += 1
         for listener in list(self.listeners):
             listener()
+
+
+def node_health_definition() -> CheckDefinition:
+    """Consul's ``serfHealth``: the agent of the node is alive.
+
+    Static and passing at the agent itself (it answers, so it is alive);
+    elsewhere (at the hub) its status is the one the agent last reported over
+    a live link, and critical once the link is down.
+    """
+    return CheckDefinition(
+        NODE_HEALTH_ID, "Serf Health Status", "static", status=PASSING, output="Agent alive and reachable"
+    )
+
+
+def agent_node_record(node: str, address: str, existing: NodeRecord | None) -> NodeRecord:
+    """The node record an agent keeps for itself: its address and liveness check, other checks kept."""
+    others = tuple(c for c in (existing.checks if existing else ()) if c.check_id != NODE_HEALTH_ID)
+    tagged = {"lan": address, "wan": address}
+    if existing is not None and existing.tagged_addresses != {"lan": existing.address, "wan": existing.address}:
+        tagged = dict(existing.tagged_addresses)  # set by the operator: kept
+    return NodeRecord(
+        node,
+        address=address,
+        meta=dict(existing.meta) if existing else {},
+        tagged_addresses=tagged,
+        checks=(node_health_definition(), *others),
+        agent=True,
+    )

@@ -47,7 +47,7 @@ from pycrdt import Doc
 
 from .batch import WriteBatch
 from .acl import AclRegistry
-from .catalog import ServiceCatalog, ServiceEntry
+from .catalog import NodeRecord, ServiceCatalog, ServiceEntry
 from .devices import DeviceRecord, DeviceRegistry
 from .errors import InvalidArgument, StoreError
 from .hlc import HybridClock, Stamp
@@ -370,6 +370,28 @@ class Scope:
         finally:
             self._batch = None
         await self._finish(batch, "catalog", {f"{node}/{service_id}"})
+
+    async def register_node(self, record: NodeRecord, service: ServiceEntry | None = None) -> NodeRecord:
+        """Write a node record, and a service on it in the same commit."""
+        batch = self._begin()
+        keys = {record.node}
+        try:
+            stored = self.catalog.register_node(record, batch, service)
+            if service is not None:
+                keys.add(service.catalog_key)
+        finally:
+            self._batch = None
+        await self._finish(batch, "catalog", keys)
+        return stored
+
+    async def deregister_node(self, node: str) -> None:
+        """Remove a node and every service on it."""
+        batch = self._begin()
+        try:
+            keys = self.catalog.deregister_node(node, batch)
+        finally:
+            self._batch = None
+        await self._finish(batch, "catalog", set(keys))
 
     # -- devices ---------------------------------------------------------------------
 

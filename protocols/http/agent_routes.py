@@ -5,12 +5,13 @@ from __future__ import annotations
 from quart import Blueprint, Response, current_app, request
 
 from konsul.sync.catalog import CheckDefinition, ServiceEntry
-from konsul.sync.checks import CRITICAL, PASSING, STATES, WARNING, CheckStatus
+from konsul.sync.checks import CRITICAL, NODE_HEALTH_ID, PASSING, STATES, WARNING, CheckStatus
 from konsul.sync.errors import InvalidArgument, NotFound
 from konsul.sync.limits import parse_json_document
 
 from .authz import authorizer, filtered
-from .params import parse_duration
+from .filter_fields import AGENT_SERVICE, CHECK, MEMBER, apply, request_filter
+from .params import flag, parse_duration
 from .responses import json_response
 
 agent_api = Blueprint("agent", __name__)
@@ -57,7 +58,8 @@ def _field(body: dict, name: str, kind: type, default):
     return value
 
 
-def parse_check(body: dict, service_id: str, position: int) -> CheckDefinition:
+def parse_check(body: dict, service_id: str, position: int, numbered: bool = False) -> CheckDefinition:
+    """One check of a service; ``numbered``: the service has several, named ``service:<id>:<n>`` (as Consul)."""
     if not isinstance(body, dict):
         raise InvalidArgument("a check must be a JSON object")
     body = _fields(body)
@@ -71,7 +73,7 @@ def parse_check(body: dict, service_id: str, position: int) -> CheckDefinition:
     if len(kinds) > 1:
         raise InvalidArgument(f"a check has one type, this one has {', '.join(kinds)}")
     kind = kinds[0]
-    default_id = f"service:{service_id}" + (f":{position + 1}" if position else "")
+    default_id = f"service:{service_id}" + (f":{position + 1}" if numbered else "")
     check_id = _field(body, "CheckID", str, "") or _field(body, "ID", str, "") or default_id
     after = body.get("deregistercriticalserviceafter")
     definition = CheckDefinition(
@@ -108,7 +110,7 @@ def parse_service(body: dict, node: str) -> tuple[ServiceEntry, dict[str, str]]:
         raw_checks.append(body["check"])
     checks_field = _field(body, "Checks", list, [])
     raw_checks.extend(checks_field)
-    checks = tuple(parse_check(c, service_id, i) for i, c in enumerate(raw_checks))
+    checks = tuple(parse_check(c, service_id, i, len(raw_checks) > 1) for i, c in enumerate(raw_checks))
     initial = {}
     for definition, raw in zip(checks, raw_checks, strict=True):
         status = _fields(raw).get("status")
@@ -125,8 +127,25 @@ def parse_service(body: dict, node: str) -> tuple[ServiceEntry, dict[str, str]]:
         tags=tuple(tags),
         meta=dict(meta),
         checks=checks,
+        enable_tag_override=_field(body, "EnableTagOverride", bool, False),
+        tagged_addresses=parse_service_addresses(_field(body, "TaggedAddresses", dict, {})),
+        kind=_field(body, "Kind", str, ""),
     )
     return entry, initial
+
+
+def parse_service_addresses(raw: dict) -> dict[str, tuple[str, int]]:
+    """Consul's service ``TaggedAddresses``: ``{"lan": {"Address": ..., "Port": ...}}``."""
+    found = {}
+    for name, value in raw.items():
+        if not isinstance(value, dict):
+            raise InvalidArgument('TaggedAddresses maps a name to {"Address": ..., "Port": ...}')
+        value = _fields(value)
+        port = _field(value, "Port", int, 0)
+        if not 0 <= port <= 65535:
+            raise InvalidArgument("a tagged address's Port is between 0 and 65535")
+        found[name] = (_field(value, "Address", str, ""), port)
+    return found
 
 
 def service_json(entry: ServiceEntry, site: str) -> dict:
@@ -138,9 +157,15 @@ def service_json(entry: ServiceEntry, site: str) -> dict:
         "Port": entry.port,
         "Address": entry.address,
         "Weights": {"Passing": 1, "Warning": 1},
-        "EnableTagOverride": False,
+        "EnableTagOverride": entry.enable_tag_override,
+        "TaggedAddresses": service_addresses_json(entry),
+        "Kind": entry.kind,
         "Datacenter": site,
     }
+
+
+def service_addresses_json(entry: ServiceEntry) -> dict:
+    return {name: {"Address": address, "Port": port} for name, (address, port) in entry.tagged_addresses.items()}
 
 
 def check_json(check: CheckStatus, node: str) -> dict:
@@ -155,9 +180,9 @@ def check_json(check: CheckStatus, node: str) -> dict:
         "ServiceID": check.service_id,
         "ServiceName": check.service_name,
         "ServiceTags": list(check.service_tags),
-        "Type": definition.kind,
-        "Interval": f"{definition.interval_s:g}s" if definition.kind != "ttl" else "",
-        "Timeout": f"{definition.timeout_s:g}s" if definition.kind != "ttl" else "",
+        "Type": "" if definition.kind == "static" else definition.kind,
+        "Interval": f"{definition.interval_s:g}s" if definition.kind in ("http", "tcp") else "",
+        "Timeout": f"{definition.timeout_s:g}s" if definition.kind in ("http", "tcp") else "",
     }
 
 
@@ -197,22 +222,45 @@ async def services() -> Response:
     ctx = current_app.config["KONSUL"]
     catalog = ctx.replica.scope(ctx.site).catalog
     allowed = authorizer()
+    wanted = request_filter(AGENT_SERVICE)
     mine = [e for e in catalog.services() if e.node == ctx.node]
     visible = [e for e in mine if allowed.allows("service", e.name, "read")]
     body = {e.service_id: service_json(e, ctx.site) for e in visible}
+    if wanted is not None:
+        body = {k: v for k, v in body.items() if wanted(v)}
     return json_response(body, headers=filtered(len(visible), len(mine)))
+
+
+@agent_api.route("/v1/agent/service/<service_id>", methods=["GET"])
+async def service_definition(service_id: str) -> Response:
+    """One service of this agent (Consul's ``/v1/agent/service/<id>``); 404 unless readable."""
+    ctx = current_app.config["KONSUL"]
+    entry = ctx.replica.scope(ctx.site).catalog.get(ctx.node, service_id)
+    if entry is None or not authorizer().allows("service", entry.name, "read"):
+        raise NotFound(f"no service {service_id!r} is registered with this agent")
+    return json_response(service_json(entry, ctx.site))
 
 
 @agent_api.route("/v1/agent/checks", methods=["GET"])
 async def checks() -> Response:
     ctx = current_app.config["KONSUL"]
+    wanted = request_filter(CHECK)
     ctx.checks.expire_ttls()
+    # serfHealth is the catalog's view of this agent, not a check registered with it (as in Consul).
+    every = {k: c for k, c in ctx.checks.checks.items() if k != NODE_HEALTH_ID}
+    visible = {k: c for k, c in every.items() if may_read_check(c, ctx.node)}
+    body = {k: check_json(c, ctx.node) for k, c in visible.items()}
+    if wanted is not None:
+        body = {k: v for k, v in body.items() if wanted(v)}
+    return json_response(body, headers=filtered(len(visible), len(every)))
+
+
+def may_read_check(check: CheckStatus, node: str) -> bool:
+    """A service's check needs service:read on it, a node's check node:read (as Consul)."""
     allowed = authorizer()
-    every = ctx.checks.checks
-    visible = {k: c for k, c in every.items() if allowed.allows("service", c.service_name, "read")}
-    return json_response(
-        {k: check_json(c, ctx.node) for k, c in visible.items()}, headers=filtered(len(visible), len(every))
-    )
+    if check.service_id:
+        return allowed.allows("service", check.service_name, "read")
+    return allowed.allows("node", node, "read")
 
 
 @agent_api.route("/v1/agent/check/<verb>/<check_id>", methods=["PUT"])
@@ -221,29 +269,37 @@ async def report_check(verb: str, check_id: str) -> Response:
     status = {"pass": PASSING, "warn": WARNING, "fail": CRITICAL}.get(verb)
     if status is None:
         raise NotFound(f"no check verb {verb!r}; use pass, warn or fail")
+    require_check_write(ctx, check_id)
+    agent_check_routes.refuse_static(ctx, check_id)
+    ctx.checks.report(check_id, status, request.args.get("note", ""))
+    return Response(b"", status=200)
+
+
+def require_check_write(ctx, check_id: str) -> None:
     check = ctx.checks.checks.get(check_id)
     if check is None:
         authorizer().require_subtree("service", "", "write")  # as for deregister: no name to check
-    else:
+    elif check.service_id:
         authorizer().require("service", check.service_name, "write")
-    ctx.checks.report(check_id, status, request.args.get("note", ""))
-    return Response(b"", status=200)
+    else:
+        authorizer().require("node", ctx.node, "write")
 
 
 @agent_api.route("/v1/agent/self", methods=["GET"])
 async def self_info() -> Response:
     ctx = current_app.config["KONSUL"]
-    host = ctx.advertise.rsplit(":", 1)[0]
-    return json_response(
-        {
-            "Config": {
-                "Datacenter": ctx.site,
-                "NodeName": ctx.node,
-                "NodeID": ctx.replica.replica_id,
-                "Server": ctx.role == "hub",
-                "Version": "konsul-0.1.0",
-            },
-            "Member": {"Name": ctx.node, "Addr": host, "Port": 0, "Status": 1, "Tags": {"dc": ctx.site, "role": ctx.role}},
-            "Meta": {},
-        }
-    )
+    return json_response(agent_self(ctx))
+
+
+@agent_api.route("/v1/agent/members", methods=["GET"])
+async def members() -> Response:
+    ctx = current_app.config["KONSUL"]
+    wanted = request_filter(MEMBER)
+    every = agent_members(ctx, wan=flag("wan"))
+    visible = [m for m in every if authorizer().allows("node", m["Name"], "read")]
+    return json_response(apply(wanted, visible), headers=filtered(len(visible), len(every)))
+
+
+# The agent's own description and the check endpoints live in their own modules.
+from .agent_self import agent_members, agent_self  # noqa: E402
+from . import agent_check_routes  # noqa: E402,F401 - registers /v1/agent/check/* and maintenance on agent_api

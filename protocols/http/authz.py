@@ -57,6 +57,17 @@ CHECKED_IN_ROUTE = frozenset({
     "acl.policy", "acl.policy_by_name", "acl.list_policies",
 })
 
+# Checks, maintenance, members and the node-level catalog (docs/http-api.md, "Checks, nodes
+# and filters"): as Consul, check writes need service:write on the check's service or
+# node:write on the node; catalog register needs node:write (and service:write on its
+# service); node reads need node:read, lists are filtered to what the token may read.
+CHECKED_IN_ROUTE = CHECKED_IN_ROUTE | frozenset({
+    "agent.register_check", "agent.deregister_check", "agent.update_check", "agent.service_maintenance",
+    "agent.node_maintenance", "agent.members", "agent.service_definition",
+    "catalog.catalog_register", "catalog.catalog_deregister", "catalog.catalog_node",
+    "catalog.catalog_node_services", "catalog.health_node", "catalog.health_connect",
+})
+
 WRITE_METHODS = frozenset({"PUT", "POST", "PATCH", "DELETE"})
 _VERBS = {"GET": "read", "HEAD": "read", "DELETE": "delete"}  # other methods write
 # blueprint -> what the audit log calls its resource

@@ -100,6 +100,8 @@ class HttpContext:
     audit: AuditLog | None = None  # None: no audit log (--audit-log off)
     rate_limits: HttpRateLimits | None = None  # None: no rate limits
     oscore: Any = None  # an edge's OscoreContexts (protocols/oscore_contexts.py); None at the hub
+    # /v1/agent/members beyond this agent itself (the hub: one member per site), Consul's shape
+    members: Callable[[], list[dict[str, Any]]] = lambda: []
 
     def device_presence(self, site: str, device_id: str) -> Presence:
         if site == self.site and self.role == "edge":

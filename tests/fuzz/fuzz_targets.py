@@ -268,6 +268,9 @@ def _read_everything(collection: KvState | ServiceCatalog | DeviceRegistry) -> N
     elif isinstance(collection, ServiceCatalog):
         for service in collection.services():
             _json_answer(service_json(service, "s1"))
+        for record in collection.nodes():
+            _json_answer({"Node": record.node, "Address": record.address, "Meta": record.meta,
+                          "TaggedAddresses": record.tagged_addresses, "Checks": [c.to_wire() for c in record.checks]})
     else:
         for record in collection.records():
             _json_answer(device_json(record, Presence(), "s1"))

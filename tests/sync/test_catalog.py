@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from sync_support import BASE_MS, WallClock, send
 
@@ -27,7 +29,7 @@ OTHER_NODE = ServiceEntry("node2", "web-1", "web", "10.0.0.7", 8080)
 
 def definition(entry: ServiceEntry) -> ServiceEntry:
     """An entry without its stamp, to compare with what was registered."""
-    return ServiceEntry(*[getattr(entry, f) for f in ServiceEntry.__slots__ if f != "stamp"])
+    return dataclasses.replace(entry, stamp=None)
 
 
 @pytest.fixture
