@@ -100,6 +100,7 @@ class HttpContext:
     audit: AuditLog | None = None  # None: no audit log (--audit-log off)
     rate_limits: HttpRateLimits | None = None  # None: no rate limits
     oscore: Any = None  # an edge's OscoreContexts (protocols/oscore_contexts.py); None at the hub
+    sessions: Any = None  # an edge's SessionTable (sync/sessions.py); None at the hub: it grants no locks
 
     def device_presence(self, site: str, device_id: str) -> Presence:
         if site == self.site and self.role == "edge":
