@@ -33,14 +33,14 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from .batch import WriteBatch
-from .errors import InvalidArgument, KonsulError, NotFound
+from .errors import InvalidArgument, KonsulError, NotFound, StoreError
 from .scope import Scope
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ DEFAULT_TTL_MIN_S = 10.0
 TTL_MAX_S = 86400.0
 TTL_MULTIPLIER = 2  # Consul invalidates a session twice its TTL after its last renewal
 META_PREFIX = "consul_sessions/"
+RETRY_S = 1.0  # after the store refused to record an invalidation
 
 
 class InvalidSession(KonsulError):
@@ -359,10 +360,18 @@ class SessionTable:
             now = trio.current_time()
             expired = [s.id for s in self.sessions.values() if s.deadline is not None and s.deadline <= now]
             failing = [s.id for s in self.sessions.values() if s.id not in expired and self._failing_check(s)]
-            if expired:
-                await self._invalidate(expired, "its TTL ran out")
-            if failing:
-                await self._invalidate(failing, "a check it is bound to is critical")
+            try:
+                if expired:
+                    await self._invalidate(expired, "its TTL ran out")
+                if failing:
+                    await self._invalidate(failing, "a check it is bound to is critical")
+            except StoreError as error:
+                # The store refused (disk full, I/O error): nothing changed; the
+                # sessions stay due and are tried again, the agent keeps serving.
+                log.error("could not end %d session(s): %s; retrying in %gs",
+                          len(expired) + len(failing), error, RETRY_S)
+                await trio.sleep(RETRY_S)
+                continue
             if expired or failing:
                 continue
             deadlines = [s.deadline for s in self.sessions.values() if s.deadline is not None]
@@ -468,5 +477,3 @@ class SessionTable:
 def sessions_json(sessions: Iterable[Session]) -> list[dict[str, Any]]:
     return [s.to_json() for s in sessions]
 
-
-LockLookup = Callable[[str], KeyLock | None]

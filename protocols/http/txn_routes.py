@@ -79,7 +79,9 @@ def parse_operations(body) -> list[KvOp]:
         check_flags(flags)
         session = kv.get("Session") or ""
         if not isinstance(session, str) or (verb in _LOCKS and not session):
-            raise InvalidArgument(f"{where}: verb {verb!r} needs a Session (the ID of a session holding or taking the lock)")
+            raise InvalidArgument(
+                f"{where}: verb {verb!r} needs a Session (the ID of a session holding or taking the lock)"
+            )
         operations.append(KvOp(verb, key, value, flags, index, session))
     return operations
 

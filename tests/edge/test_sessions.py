@@ -238,7 +238,8 @@ def test_a_blocking_session_list_wakes_on_a_change(client, lock_edge):
     assert int(new_index) > int(index) and sid in [s["ID"] for s in sessions]
     # info blocks the same way, and wakes when the session ends.
     info_index, _ = client.session.info(sid)
-    watcher = threading.Thread(target=lambda: answers.append(watcher_client.session.info(sid, index=info_index, wait="30s")))
+    watcher = threading.Thread(
+        target=lambda: answers.append(watcher_client.session.info(sid, index=info_index, wait="30s")))
     watcher.start()
     client.session.destroy(sid)
     watcher.join(30)
