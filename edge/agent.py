@@ -75,6 +75,8 @@ class EdgeConfig:
     # CoAP devices may prove themselves with tk=<token> in the URI (in clear on the
     # network); off: only OSCORE or anonymous devices (docs/coap.md).
     coap_uri_tokens: bool = False
+    # The shortest session TTL allowed (Consul's session_ttl_min, docs/http-api.md).
+    session_ttl_min_s: float = 10.0
 
 
 @dataclass
@@ -139,6 +141,11 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
             await nursery.start(oscore.run)
             runner = CheckRunner(site, checks, config.node, address=host if host not in ("0.0.0.0", "::") else "127.0.0.1")
             await nursery.start(runner.run)
+            # Sessions and KV locks: this edge is their arbiter for its site (sync/sessions.py).
+            from konsul.sync.sessions import SessionTable
+
+            sessions = SessionTable(site, config.node, checks, ttl_min_s=config.session_ttl_min_s)
+            await nursery.start(sessions.run)
             connector = None
             sync_status = None  # set below; the registry reads it lazily
             registry = make_registry(replica, lambda: sync_status())
@@ -182,6 +189,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 audit=access.audit,
                 rate_limits=access.http_rate,
                 oscore=oscore,
+                sessions=sessions,
             )
             sync_status = ctx.sync_status
             app = create_app(ctx)

@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         "network; off: they use OSCORE (PUT /v1/devices/<id>?oscore=true) or are anonymous (docs/coap.md)",
         "off", metavar="on|off",
     )
+    add_flag(edge, "--session-ttl-min", "the shortest session TTL clients may ask for (Consul's session_ttl_min)",
+             "10s")
     add_limit_flags(edge, "edge")
     add_security_flags(edge)
     add_tls_flags(edge, "edge")
@@ -342,8 +344,23 @@ def cmd_edge(args: argparse.Namespace) -> int:
         **tls_config(args, "edge"),
         mqtt_broker_ca=args.mqtt_broker_ca,
         coap_uri_tokens=on_off(args.coap_uri_tokens, "--coap-uri-tokens"),
+        session_ttl_min_s=session_ttl_min(args.session_ttl_min),
     )
     return run_until_signal(run_edge, config)
+
+
+def session_ttl_min(text: str) -> float:
+    """``--session-ttl-min`` in seconds; a usage error unless a positive duration."""
+    from konsul.protocols.http.params import parse_duration
+    from konsul.sync.errors import InvalidArgument
+
+    try:
+        seconds = parse_duration(text, "--session-ttl-min")
+    except InvalidArgument as error:
+        raise SystemExit(f"konsul: {error}") from None
+    if seconds <= 0:
+        raise SystemExit("konsul: --session-ttl-min must be positive, e.g. 10s")
+    return seconds
 
 
 def on_off(value: str, flag: str) -> bool:

@@ -304,6 +304,21 @@ class KvState:
             self._archive(superseded[name], history)
         return True
 
+    def touch(self, key: str, batch: WriteBatch) -> bool:
+        """Give a key a new ModifyIndex without a new version (False if it does not exist).
+
+        For changes kept beside the replicated value, such as a lock released
+        when its session ends (sessions.py): blocking readers of the key wake
+        and see it, and no replica but this one hears of it.
+        """
+        entry = self._entries.get(key)
+        if entry is None:
+            return False
+        index = self._next_index()
+        self._entries[key] = entry._replace(modify_index=index)
+        batch.side_of(self.scope)[0].append((key, entry.create_index, index))
+        return True
+
     def apply_remote(self, update: bytes, batch: WriteBatch) -> set[str]:
         """Merge a remote update; returns the keys whose visible value changed."""
         touched, removed = self.versions.apply_update(update)

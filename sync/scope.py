@@ -333,6 +333,34 @@ class Scope:
         if batch:
             await self._finish(batch, "kv", touched)
 
+    async def local_change(self, change: Callable[[WriteBatch], tuple[T, dict[str, set[str]]]]) -> T:
+        """Apply ``change(batch)`` as one durable change; returns its result.
+
+        For state kept beside the replicated documents, in the batch's meta
+        rows (sessions and KV locks, sessions.py): ``change`` may also write KV
+        through ``self.kv`` with the same batch, so a lock and its value are
+        durable together. It returns its result and, per collection, the keys
+        it changed; the listeners hear of each once the batch is durable.
+        """
+        batch = self._begin()
+        try:
+            result, touched = change(batch)
+        finally:
+            self._batch = None
+        if not batch:
+            return result
+        own_stamp = self._close(batch)
+        await self.store.commit(batch)
+        # The CRDT updates (KV writes) reach the update listeners once, with "kv".
+        self._committed(batch, "kv", touched.get("kv", set()), None, own_stamp)
+        for collection, keys in touched.items():
+            if collection != "kv":
+                for listener in list(self.listeners):
+                    listener(collection, keys)
+        if batch.updates:
+            await self._compact_if_needed("kv")
+        return result
+
     async def expire_due(self) -> list[str]:
         """Hide the keys whose TTL has passed (call when :meth:`next_expiry_ms` is due)."""
         now = self.clock.wall_ms()

@@ -55,6 +55,10 @@ CHECKED_IN_ROUTE = frozenset({
     # /v1/acl checks acl:read/acl:write itself; token/self needs only a valid token
     "acl.create_token", "acl.token_self", "acl.token", "acl.list_tokens", "acl.create_policy",
     "acl.policy", "acl.policy_by_name", "acl.list_policies",
+    # sessions (Consul's session:write on the session's node to create, renew or
+    # destroy it, session:read to see it; a lock's key:write is kv.kv's)
+    "session.create_session", "session.destroy_session", "session.renew_session",
+    "session.session_info", "session.node_sessions", "session.list_sessions",
 })
 
 # Checks, maintenance, members and the node-level catalog (docs/http-api.md, "Checks, nodes

@@ -102,6 +102,7 @@ class HttpContext:
     oscore: Any = None  # an edge's OscoreContexts (protocols/oscore_contexts.py); None at the hub
     # /v1/agent/members beyond this agent itself (the hub: one member per site), Consul's shape
     members: Callable[[], list[dict[str, Any]]] = lambda: []
+    sessions: Any = None  # an edge's SessionTable (sync/sessions.py); None at the hub: it grants no locks
 
     def device_presence(self, site: str, device_id: str) -> Presence:
         if site == self.site and self.role == "edge":

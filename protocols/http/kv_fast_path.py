@@ -13,7 +13,9 @@ go to hypercorn untouched, which then answers or refuses them as it always did):
 
 - ``GET`` or ``PUT`` of ``/v1/kv/<key>``, HTTP/1.1, a ``Host`` header;
 - a key of printable ASCII without ``%`` (so no unescaping question arises);
-- a query that is empty, or only ``dc=<name>`` and, for GET, ``raw``;
+- a query that is empty, or only ``dc=<name>`` and, for GET, ``raw`` (so a
+  lock's ``?acquire=``/``?release=`` always goes the general way; a plain
+  PUT on a locked key is allowed and keeps the lock, as in Consul);
 - a token, if any, in ``X-Consul-Token`` or ``Authorization: Bearer`` (not
   ``?token=``), checked here exactly as ``authz.py`` checks it for the app:
   principal, rate limits, ``key:read``/``key:write``, and the audit log;
@@ -41,6 +43,7 @@ from .authz import resolve
 from .context import HttpContext
 from .kv_routes import entry_json
 from .metrics import HttpMetrics
+from .session_routes import lock_lookup
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +204,8 @@ class KvFastPath:
                 return self._response(method, 404, b"application/json", b"", index)
             if raw:
                 return self._response(method, 200, b"application/octet-stream", entry.value, index)
-            payload = json.dumps([entry_json(entry)], separators=(",", ":")).encode()
+            locks = lock_lookup(ctx, scope)  # a locked key shows its Session, as the app's answer does
+            payload = json.dumps([entry_json(entry, locks and locks(entry.key))], separators=(",", ":")).encode()
             return self._response(method, 200, b"application/json", payload, index)
         except KonsulError as error:
             payload = json.dumps({"error": error.code, "detail": str(error)}, separators=(",", ":")).encode()

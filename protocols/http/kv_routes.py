@@ -10,36 +10,32 @@ import base64
 
 from quart import Blueprint, Response, current_app, request
 
-from konsul.sync.errors import InvalidArgument, KonsulError
+from konsul.sync.errors import InvalidArgument
 from konsul.sync.kv import HistoryRecord, KvEntry
+from konsul.sync.sessions import KeyLock
 
 from .authz import authorizer, filtered
 from .blocking import block_until_changed, index_header
 from .params import duration_arg, flag, int_arg
 from .responses import json_response
+from .session_routes import lock_lookup, lock_table_for
 
 kv_api = Blueprint("kv", __name__)
 
 
-class SessionsUnsupported(KonsulError):
-    """A lock operation (``?acquire=``, ``?release=``, txn ``lock``): Konsul has no sessions yet."""
-
-    code = "sessions_unsupported"
-    status = 400
-
-
-SESSION_PARAMS = ("acquire", "release")
-
-
-def entry_json(entry: KvEntry) -> dict:
-    return {
-        "LockIndex": entry.lock_index,
+def entry_json(entry: KvEntry, lock: KeyLock | None = None) -> dict:
+    """A KV entry as Consul shows it; ``lock`` is the key's lock at this edge (sessions.py)."""
+    body = {
+        "LockIndex": entry.lock_index if lock is None else lock.lock_index,
         "Key": entry.key,
         "Flags": entry.flags,
         "Value": base64.b64encode(entry.value).decode() if entry.value else None,
         "CreateIndex": entry.create_index,
         "ModifyIndex": entry.modify_index,
     }
+    if lock is not None and lock.session:
+        body["Session"] = lock.session
+    return body
 
 
 def history_json(record: HistoryRecord) -> dict:
@@ -84,6 +80,7 @@ async def _get(ctx, scope, key: str) -> Response:
     if flag("history"):
         return json_response([history_json(r) for r in scope.kv.history(key)], headers=headers)
     allowed = authorizer()
+    locks = lock_lookup(ctx, scope)
     # Lists show what the token may read, as Consul filters them (a key the
     # token may not read is left out; nothing readable is a 404).
     if flag("keys"):
@@ -100,13 +97,13 @@ async def _get(ctx, scope, key: str) -> Response:
         headers = filtered(len(visible), len(entries), headers)
         if not visible:
             return _not_found(headers)
-        return json_response([entry_json(e) for e in visible], headers=headers)
+        return json_response([entry_json(e, locks and locks(e.key)) for e in visible], headers=headers)
     entry = scope.kv.get(key)
     if entry is None:
         return _not_found(headers)
     if flag("raw"):
         return Response(entry.value, content_type="application/octet-stream", headers=headers)
-    return json_response([entry_json(entry)], headers=headers)
+    return json_response([entry_json(entry, locks and locks(key))], headers=headers)
 
 
 def _not_found(headers: dict[str, str]) -> Response:
@@ -115,26 +112,28 @@ def _not_found(headers: dict[str, str]) -> Response:
 
 
 async def _put(scope, key: str) -> Response:
-    for name in SESSION_PARAMS:
-        if name in request.args:
-            # Writing as if the lock were taken would tell the client it holds
-            # a lock nobody else respects.
-            raise SessionsUnsupported(
-                f"?{name}= needs Consul sessions, which Konsul does not have; write without it, "
-                "or use ?cas=<ModifyIndex> for check-and-set"
-            )
     flags = int_arg("flags", default=0)
     cas = int_arg("cas")
     ttl = duration_arg("ttl")
     if ttl is not None and ttl <= 0:
         raise InvalidArgument("ttl must be positive, e.g. ttl=30s")
     value = await request.get_data(cache=True)
+    ttl_ms = None if ttl is None else max(1, int(ttl * 1000))
+    acquire, release = request.args.get("acquire"), request.args.get("release")
+    if acquire is not None or release is not None:
+        # A lock changes only at the edge that arbitrates the key's site (session_routes).
+        if acquire is not None and release is not None:
+            raise InvalidArgument("give ?acquire= or ?release=, not both")
+        table = lock_table_for(scope)
+        step = table.acquire if acquire is not None else table.release
+        ok = await step(key, acquire or release or "", value, flags=flags, cas=cas, ttl_ms=ttl_ms)
+        return json_response(ok)
     ok = await scope.kv_put(
         key,
         value,
         flags=flags,
         cas=cas,
-        ttl_ms=None if ttl is None else max(1, int(ttl * 1000)),
+        ttl_ms=ttl_ms,
     )
     return json_response(ok)
 

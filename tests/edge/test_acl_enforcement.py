@@ -23,7 +23,8 @@ ADMIN = {"X-Consul-Token": MANAGEMENT_TOKEN}
 ROUTES = {
     "kv.kv": [("GET", "/v1/kv/app/a", None), ("GET", "/v1/kv/?recurse", None), ("GET", "/v1/kv/?keys", None),
               ("PUT", "/v1/kv/app/a", b"x"), ("PUT", "/v1/kv/app/a?flags=3", b"x"), ("DELETE", "/v1/kv/app/a", None),
-              ("DELETE", "/v1/kv/?recurse", None), ("GET", "/v1/kv/app/a?history", None)],
+              ("DELETE", "/v1/kv/?recurse", None), ("GET", "/v1/kv/app/a?history", None),
+              ("PUT", "/v1/kv/app/a?acquire=0c3c5a0e-0000-4000-8000-000000000000", b"x")],
     "txn.transaction": [("PUT", "/v1/txn", json.dumps([{"KV": {"Verb": "get", "Key": "app/a"}}]).encode())],
     "agent.register": [("PUT", "/v1/agent/service/register", json.dumps({"Name": "web", "Port": 80}).encode())],
     "agent.deregister": [("PUT", "/v1/agent/service/deregister/web", None)],
@@ -73,6 +74,14 @@ ROUTES = {
     "catalog.catalog_node_services": [("GET", "/v1/catalog/node-services/n1", None)],
     "catalog.health_node": [("GET", "/v1/health/node/n1", None)],
     "catalog.health_connect": [("GET", "/v1/health/connect/web", None), ("GET", "/v1/health/ingress/web", None)],
+    # sessions (Consul's session:write on the node to create, renew, destroy; session:read to see)
+    "session.create_session": [("PUT", "/v1/session/create", b'{"Name": "s"}'),
+                               ("PUT", "/v1/session/create?dc=global", b"{}")],
+    "session.destroy_session": [("PUT", "/v1/session/destroy/0c3c5a0e-0000-4000-8000-000000000000", None)],
+    "session.renew_session": [("PUT", "/v1/session/renew/0c3c5a0e-0000-4000-8000-000000000000", None)],
+    "session.session_info": [("GET", "/v1/session/info/0c3c5a0e-0000-4000-8000-000000000000", None)],
+    "session.node_sessions": [("GET", "/v1/session/node/n1", None)],
+    "session.list_sessions": [("GET", "/v1/session/list", None)],
 }
 HUB_ROUTES = {
     "hub_fleet.sites": [("GET", "/v1/sites", None)],
@@ -127,6 +136,7 @@ def acl_edge(tmp_path_factory):
         service = {"Name": "web", "Port": 80, "Check": {"TTL": "30s"}}
         assert admin.put("/v1/agent/service/register", json=service).status_code == 200
         assert admin.put("/v1/devices/d1", json={"Type": "sensor"}).status_code in (200, 201)
+        assert admin.put("/v1/session/create", json={"Name": "held"}).status_code == 200
     yield edge
     edge.stop()
 

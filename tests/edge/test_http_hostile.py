@@ -374,12 +374,14 @@ def test_a_watcher_on_an_empty_store_waits_for_the_first_write(edge):
     assert woken.json()[0]["ModifyIndex"] > index
 
 
-def test_acquire_and_release_are_refused_without_sessions(http):
+def test_acquire_and_release_with_unknown_sessions_write_nothing(http):
     for query in ("acquire=5f6c8a3e-0000-0000-0000-000000000000", "release=x", "acquire="):
-        assert_error(http.put(f"/v1/kv/hostile/lock?{query}", content=b"v"), 400, "sessions_unsupported")
+        assert_error(http.put(f"/v1/kv/hostile/lock?{query}", content=b"v"), 400, "invalid_session")
+    assert_error(http.put("/v1/kv/hostile/lock?acquire=a&release=a", content=b"v"), 400, "invalid_argument")
     assert http.get("/v1/kv/hostile/lock").status_code == 404
     txn = [{"KV": {"Verb": "lock", "Key": "hostile/lock", "Value": "dg==", "Session": "x"}}]
-    assert_error(http.put("/v1/txn", json=txn), 400, "sessions_unsupported")
+    response = http.put("/v1/txn", json=txn)
+    assert response.status_code == 409 and "invalid session" in response.json()["Errors"][0]["What"]
     assert http.get("/v1/kv/hostile/lock").status_code == 404
 
 

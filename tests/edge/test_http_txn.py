@@ -69,7 +69,7 @@ def test_checks_see_earlier_operations(http):
         (b'[{"KV": {"Verb": "set", "Key": "txn4/k", "Value": "%%%not-base64"}}]', "base64"),
         (b'[{"KV": {"Verb": "set", "Key": "/txn4/k", "Value": "eA=="}}]', "key"),
         (b'[{"KV": {"Verb": "explode", "Key": "txn4/k"}}]', "verb"),
-        (b'[{"KV": {"Verb": "lock", "Key": "txn4/k"}}]', "sessions"),
+        (b'[{"KV": {"Verb": "lock", "Key": "txn4/k"}}]', "Session"),
         (b'{"KV": {}}', "list"),
     ],
 )
@@ -77,7 +77,7 @@ def test_malformed_transactions_are_refused(http, body, detail):
     before = index(http)
     response = http.put("/v1/txn", content=body)
     assert response.status_code == 400
-    assert response.json()["error"] in ("invalid_argument", "invalid_key", "sessions_unsupported")
+    assert response.json()["error"] in ("invalid_argument", "invalid_key")
     assert detail in response.json()["detail"]
     assert http.get("/v1/kv/txn4/k").status_code == 404
     assert index(http) == before
