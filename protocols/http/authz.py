@@ -55,6 +55,8 @@ CHECKED_IN_ROUTE = frozenset({
     # /v1/acl checks acl:read/acl:write itself; token/self needs only a valid token
     "acl.create_token", "acl.token_self", "acl.token", "acl.list_tokens", "acl.create_policy",
     "acl.policy", "acl.policy_by_name", "acl.list_policies",
+    # /v1/snapshot: a management token only, as in Consul (snapshot_routes.py)
+    "snapshot.save_snapshot", "snapshot.restore_snapshot",
 })
 
 WRITE_METHODS = frozenset({"PUT", "POST", "PATCH", "DELETE"})

@@ -55,6 +55,9 @@ ROUTES = {
     "acl.policy": [("GET", "/v1/acl/policy/00000000-0000-0000-0000-000000000001", None)],
     "acl.policy_by_name": [("GET", "/v1/acl/policy/name/global-management", None)],
     "acl.list_policies": [("GET", "/v1/acl/policies", None)],
+    # snapshots: a management token only
+    "snapshot.save_snapshot": [("GET", "/v1/snapshot", None)],
+    "snapshot.restore_snapshot": [("PUT", "/v1/snapshot", b"not a snapshot")],
 }
 HUB_ROUTES = {
     "hub_fleet.sites": [("GET", "/v1/sites", None)],
