@@ -210,3 +210,27 @@ def test_kv_export_import_round_trip_to_another_edge(tmp_path):
     finally:
         first.stop()
         second.stop()
+
+
+def test_a_restored_edge_gets_later_writes_back_from_the_hub(tmp_path):
+    from agents import HubProcess, eventually
+
+    hub = HubProcess(tmp_path / "hub")
+    edge = EdgeProcess(tmp_path / "edge", hub_url=hub.url)
+    try:
+        with httpx.Client(base_url=edge.url, timeout=10) as client:
+            assert client.put("/v1/kv/before", content=b"1").json() is True
+            snap = client.get("/v1/snapshot").content
+            assert client.put("/v1/kv/after", content=b"2").json() is True
+        with httpx.Client(base_url=hub.url, timeout=10) as client:
+            eventually(lambda: client.get("/v1/kv/after", params={"dc": "s1"}).status_code == 200, what="after at the hub")
+        edge.stop()
+        (tmp_path / "edge.snap").write_bytes(snap)
+        ok(konsul(None, "snapshot", "restore", str(tmp_path / "edge.snap"), "--data-dir", str(tmp_path / "new")))
+        edge = EdgeProcess(tmp_path / "new", hub_url=hub.url)
+        with httpx.Client(base_url=edge.url, timeout=10) as client:
+            assert client.get("/v1/kv/before", params={"raw": "true"}).content == b"1"
+            eventually(lambda: client.get("/v1/kv/after", params={"raw": "true"}).content == b"2", what="after, from the hub")
+    finally:
+        edge.stop()
+        hub.stop()
