@@ -5,7 +5,7 @@ Theory of operation
 A snapshot is a gzip'd tar archive (docs/operations.md, "Snapshots"):
 
 - ``meta.json``: ``{"Format": "konsul-snapshot", "Version": 1, "Site",
-  "Replica", "Index", "CreatedAt", "Counts", "Files"}``;
+  "Replica", "Index", "CreatedAt", "OscoreContexts", "Files"}``;
 - ``SHA256SUMS``: one ``<sha256>  <name>`` line per file below, in the
   format ``sha256sum -c`` reads;
 - ``state/konsul.db``: the state store (KV, catalog, devices, ACLs),
@@ -55,7 +55,7 @@ from typing import Any, BinaryIO
 
 from .errors import InvalidArgument, KonsulError
 from .store import DB_NAME, LOCK_NAME, Store, lock_directory
-from .tables import KNOWN_VERSIONS
+from .tables import KNOWN_VERSIONS, scope_counters
 from .wire import GLOBAL_SCOPE
 
 FORMAT = "konsul-snapshot"
@@ -75,6 +75,8 @@ MAX_MEMBERS = 100_000
 MAX_SMALL_FILE = 64 * 1024
 MAX_TOTAL_BYTES = 64 * 1024**3
 CHUNK = 64 * 1024
+# gzip level: 1 is several times faster than tarfile's default 9 (measured: bench/snapshot.py, docs/benchmarks.md).
+COMPRESS_LEVEL = 1
 PRIVATE_FILE_MODE = 0o600
 PENDING_NAME = "restore-pending.tar.gz"  # a restore accepted over HTTP, applied at the next start
 
@@ -175,35 +177,43 @@ def _copy_oscore(data_dir: Path, into: Path) -> list[str]:
     return names
 
 
+def _identity(state: Path, site: str) -> tuple[str | None, int]:
+    """The copy's replica id and the site's index, read with SQL (cheap: nothing is loaded)."""
+    conn = sqlite3.connect(f"file:{state}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE name = 'replica_id'").fetchone()
+        index = scope_counters(lambda sql, *params: conn.execute(sql, params).fetchall(), site)[0]
+    finally:
+        conn.close()
+    return (row[0] if row else None), index
+
+
 def save(data_dir: Path, site: str, work_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """Write a snapshot of ``data_dir`` to ``work_dir/snapshot.tar.gz``; its path and meta."""
+    """Write a snapshot of ``data_dir`` to ``work_dir/snapshot.tar.gz``; its path and meta.
+
+    What the store holds (counts of keys, services, devices) is not computed
+    here: that means loading every document, which would compete with the
+    agent's writers for the interpreter; :func:`inspect` counts offline.
+    """
     state = work_dir / STATE_NAME
     state.parent.mkdir(mode=0o700)
     backup_database(data_dir / DB_NAME, state)
-    summary = database_summary(state)
+    replica, index = _identity(state, site)
     names = [STATE_NAME, *_copy_oscore(data_dir, work_dir)]
     files = {name: {"Size": (work_dir / name).stat().st_size, "SHA256": _sha256(work_dir / name)} for name in names}
-    scopes = summary["Scopes"]
-    own = scopes.get(site, {})
     meta = {
         "Format": FORMAT,
         "Version": VERSION,
         "Site": site,
-        "Replica": summary["Replica"],
-        "Index": own.get("Index", 0),
+        "Replica": replica,
+        "Index": index,
         "CreatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "Counts": {
-            "Keys": sum(s["Keys"] for s in scopes.values()),
-            "Services": sum(s["Services"] for s in scopes.values()),
-            "Devices": sum(s["Devices"] for s in scopes.values()),
-            "OscoreContexts": len({n.split("/")[1] for n in names if n.startswith(OSCORE_DIR + "/")}),
-        },
-        "Scopes": scopes,
+        "OscoreContexts": len({n.split("/")[1] for n in names if n.startswith(OSCORE_DIR + "/")}),
         "Files": files,
     }
     archive = work_dir / "snapshot.tar.gz"
     descriptor = os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
-    with os.fdopen(descriptor, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+    with os.fdopen(descriptor, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz", compresslevel=COMPRESS_LEVEL) as tar:
         _add_bytes(tar, META_NAME, json.dumps(meta, indent=2).encode() + b"\n")
         sums = "".join(f"{files[name]['SHA256']}  {name}\n" for name in names)
         _add_bytes(tar, SUMS_NAME, sums.encode())
@@ -341,7 +351,14 @@ def inspect(path: Path) -> dict[str, Any]:
     """Check the snapshot file at ``path`` whole; its meta, with the archive's size."""
     with tempfile.TemporaryDirectory(prefix="konsul-inspect-") as work, open(path, "rb") as archive:
         meta = check(archive, Path(work))
-    return {**meta, "ArchiveBytes": path.stat().st_size}
+        scopes = database_summary(Path(work) / STATE_NAME)["Scopes"]
+    counts = {
+        "Keys": sum(s["Keys"] for s in scopes.values()),
+        "Services": sum(s["Services"] for s in scopes.values()),
+        "Devices": sum(s["Devices"] for s in scopes.values()),
+        "OscoreContexts": meta.get("OscoreContexts", 0),
+    }
+    return {**meta, "Counts": counts, "Scopes": scopes, "ArchiveBytes": path.stat().st_size}
 
 
 # -- restoring ---------------------------------------------------------------------

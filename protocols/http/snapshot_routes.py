@@ -104,7 +104,7 @@ async def restore_snapshot() -> Response:
         "Staged": True,
         "Site": meta.get("Site"),
         "Index": meta.get("Index"),
-        "Counts": meta.get("Counts"),
+        "Replica": meta.get("Replica"),
         "detail": "the snapshot is checked and staged: restart the agent to load it",
     })
 
