@@ -53,10 +53,9 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import InvalidArgument, KonsulError
+from .errors import InvalidArgument, KonsulError, StoreError
 from .store import DB_NAME, LOCK_NAME, Store, lock_directory
 from .tables import KNOWN_VERSIONS, scope_counters
-from .wire import GLOBAL_SCOPE
 
 FORMAT = "konsul-snapshot"
 VERSION = 1
@@ -275,7 +274,7 @@ def check(archive: BinaryIO, into: Path) -> dict[str, Any]:
                 if total > MAX_TOTAL_BYTES:
                     raise SnapshotInvalid("the archive is larger than any snapshot this agent writes")
                 digests[name] = _unpack(tar.extractfile(member), into / name)
-    except (tarfile.TarError, OSError, EOFError, EOFError) as error:
+    except (tarfile.TarError, OSError, EOFError) as error:
         raise SnapshotInvalid(f"the archive is damaged or truncated ({error}); nothing was changed") from None
     meta = _meta(small)
     sums = _sums(small)
@@ -482,14 +481,23 @@ def apply_pending(data_dir: Path) -> dict[str, Any] | None:
     pending = data_dir / PENDING_NAME
     if not pending.exists():
         return None
-    options = json.loads((data_dir / (PENDING_NAME + ".json")).read_text() or "{}")
-    meta = restore(pending, data_dir, force=True, same_replica=bool(options.get("same_replica")))
-    os.unlink(data_dir / (PENDING_NAME + ".json"))
+    try:
+        options = json.loads((data_dir / (PENDING_NAME + ".json")).read_text() or "{}")
+    except (OSError, ValueError):
+        options = {}
+    try:
+        meta = restore(pending, data_dir, force=True, same_replica=bool(options.get("same_replica")))
+    except SnapshotInvalid as error:
+        raise StoreError(
+            f"the snapshot staged for restore, {pending}, cannot be loaded ({error}); the data directory "
+            "was left as it was: remove that file to start without it"
+        ) from None
+    (data_dir / (PENDING_NAME + ".json")).unlink(missing_ok=True)
     os.unlink(pending)
     return meta
 
 
 __all__ = [
-    "FORMAT", "GLOBAL_SCOPE", "PENDING_NAME", "RestoreRefused", "SnapshotInvalid", "apply_pending",
+    "FORMAT", "PENDING_NAME", "RestoreRefused", "SnapshotInvalid", "apply_pending",
     "backup_database", "check", "holds_data", "inspect", "restore", "save",
 ]
