@@ -123,7 +123,7 @@ def cmd_snapshot_restore(args: argparse.Namespace) -> int:
     if args.data_dir is None:
         return _restore_online(args)
     from konsul.sync.errors import KonsulError
-    from konsul.sync.snapshot import restore
+    from konsul.sync.snapshot_restore import restore
 
     try:
         meta = restore(Path(args.file), Path(args.data_dir), force=args.force, same_replica=args.same_replica)
