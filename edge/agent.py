@@ -113,6 +113,11 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
     # Certificates are read before anything is opened: a wrong file stops start-up.
     server_tls = None if config.tls is None else ServerTls(config.tls)
     hub_tls = hub_client_context(config)
+    # A snapshot restored over HTTP (PUT /v1/snapshot) is loaded before the store opens.
+    from konsul.sync.snapshot_restore import apply_pending
+
+    if (restored := apply_pending(Path(config.data_dir))) is not None:
+        log.warning("restored snapshot of site %s (index %s)", restored.get("Site"), restored.get("Index"))
     replica = Replica.open(
         config.data_dir, config.durability, auto_compact=not config.hub_url, epoch_authority=False
     )

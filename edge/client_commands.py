@@ -201,6 +201,9 @@ def add_commands(commands: argparse._SubParsersAction, add_flag: Callable[..., N
     )
     watch.add_argument("key", metavar="KEY_OR_PREFIX", help="the key, or the prefix with --recurse")
     watch.add_argument("--recurse", action="store_true", help="watch every key starting with KEY_OR_PREFIX")
+    from .snapshot_commands import add_kv_transfer_commands
+
+    add_kv_transfer_commands(kv_commands, sub)
 
     # -- services
     services = commands.add_parser(
@@ -263,6 +266,9 @@ def add_commands(commands: argparse._SubParsersAction, add_flag: Callable[..., N
     add_device_commands(commands, sub)
     add_acl_commands(commands, sub)
     add_site_commands(commands, sub)
+    from .snapshot_commands import add_snapshot_commands
+
+    add_snapshot_commands(commands, sub)
 
 
 def _runner(command: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser):

@@ -51,7 +51,7 @@ from .batch import WriteBatch
 from .errors import StoreCorrupt, StoreError, StoreFull, StoreLocked
 from .tables import KNOWN_VERSIONS, SCHEMA_VERSION, commit_rows, prepare_schema
 
-__all__ = ["DB_NAME", "DURABILITY_MODES", "SCHEMA_VERSION", "Store", "private_database", "store_error"]
+__all__ = ["DB_NAME", "DURABILITY_MODES", "SCHEMA_VERSION", "Store", "lock_directory", "private_database", "store_error"]
 
 DB_NAME = "konsul.db"
 LOCK_NAME = "LOCK"
@@ -549,3 +549,12 @@ def store_error(error: sqlite3.Error, path: Path) -> StoreError:
     if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
         return StoreLocked(f"{path} is locked by another process ({error})")
     return StoreError(f"{path}: {error}")
+
+
+def lock_directory(directory: Path) -> int:
+    """Lock a data directory as a running agent does (snapshot restores); the lock's descriptor.
+
+    Raises:
+        StoreLocked: an agent (or another restore) holds it.
+    """
+    return _lock_directory(directory)

@@ -26,6 +26,7 @@ from .metrics import ConnectionCollector, HttpMetrics, make_registry
 from .device_routes import device_api
 from .ops_routes import ops_api
 from .session_routes import session_api
+from .snapshot_routes import snapshot_api
 from .telemetry_routes import telemetry_api
 from .twin_routes import twin_api
 from .txn_routes import txn_api
@@ -70,8 +71,8 @@ def create_app(ctx: HttpContext, extra_blueprints: tuple | list = ()) -> QuartTr
     # The server admits connections against the agent's limits (server.py).
     admission = app.config["KONSUL_ADMISSION"] = ConnectionAdmission(ctx.limits)
     ctx.registry.register(ConnectionCollector(admission))
-    blueprints = (kv_api, txn_api, agent_api, catalog_api, device_api, twin_api, telemetry_api, ops_api, acl_api)
-    blueprints += (session_api,)
+    blueprints = (kv_api, txn_api, agent_api, catalog_api, device_api, twin_api, telemetry_api, ops_api, acl_api,
+                  session_api, snapshot_api)
     for blueprint in (*blueprints, *extra_blueprints):
         app.register_blueprint(blueprint)
 

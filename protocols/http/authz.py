@@ -70,6 +70,8 @@ CHECKED_IN_ROUTE = CHECKED_IN_ROUTE | frozenset({
     "agent.node_maintenance", "agent.members", "agent.service_definition",
     "catalog.catalog_register", "catalog.catalog_deregister", "catalog.catalog_node",
     "catalog.catalog_node_services", "catalog.health_node", "catalog.health_connect",
+    # /v1/snapshot: a management token only, as in Consul (snapshot_routes.py)
+    "snapshot.save_snapshot", "snapshot.restore_snapshot",
 })
 
 WRITE_METHODS = frozenset({"PUT", "POST", "PATCH", "DELETE"})

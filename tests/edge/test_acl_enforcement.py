@@ -82,6 +82,9 @@ ROUTES = {
     "session.session_info": [("GET", "/v1/session/info/0c3c5a0e-0000-4000-8000-000000000000", None)],
     "session.node_sessions": [("GET", "/v1/session/node/n1", None)],
     "session.list_sessions": [("GET", "/v1/session/list", None)],
+    # snapshots: a management token only
+    "snapshot.save_snapshot": [("GET", "/v1/snapshot", None)],
+    "snapshot.restore_snapshot": [("PUT", "/v1/snapshot", b"not a snapshot")],
 }
 HUB_ROUTES = {
     "hub_fleet.sites": [("GET", "/v1/sites", None)],
