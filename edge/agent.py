@@ -18,6 +18,7 @@ import trio
 
 from konsul.sync.checks import CheckTable
 from konsul.sync.devices import PresenceTable
+from konsul.sync.events import EventLog
 from konsul.sync.replica import GLOBAL_SCOPE, Replica, check_scope_name
 
 from konsul.protocols.admission import NetworkLimits
@@ -138,6 +139,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
             await nursery.start(oscore.run)
             runner = CheckRunner(site, checks, config.node)
             await nursery.start(runner.run)
+            events = EventLog(config.site)  # user events (/v1/event, sync/events.py)
             connector = None
             sync_status = None  # set below; the registry reads it lazily
             registry = make_registry(replica, lambda: sync_status())
@@ -153,6 +155,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 connector = HubConnector(
                     config.hub_url, replica, config.site, checks, presence, buffer,
                     site_token=config.site_token, max_clock_skew_ms=int(config.limits.max_clock_skew_s * 1000),
+                    events=events,
                 )
                 await nursery.start(connector.run)
             ctx = HttpContext(
@@ -180,6 +183,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 audit=access.audit,
                 rate_limits=access.http_rate,
                 oscore=oscore,
+                events=events,
             )
             sync_status = ctx.sync_status
             app = create_app(ctx)
@@ -196,6 +200,9 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 audit=access.audit,
             )
             bridge.install(gateways)
+            from .event_delivery import deliver_events
+
+            deliver_events(events, ctx, gateways)
             bound = await nursery.start(run_device_gateways, gateways, config, server_tls, oscore)
             await nursery.start(bridge.run)
             ready = True

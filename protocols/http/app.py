@@ -24,6 +24,7 @@ from .kv_fast_path import KvFastPath
 from .kv_routes import kv_api
 from .metrics import ConnectionCollector, HttpMetrics, make_registry
 from .device_routes import device_api
+from .event_routes import event_api
 from .ops_routes import ops_api
 from .telemetry_routes import telemetry_api
 from .twin_routes import twin_api
@@ -70,6 +71,7 @@ def create_app(ctx: HttpContext, extra_blueprints: tuple | list = ()) -> QuartTr
     admission = app.config["KONSUL_ADMISSION"] = ConnectionAdmission(ctx.limits)
     ctx.registry.register(ConnectionCollector(admission))
     blueprints = (kv_api, txn_api, agent_api, catalog_api, device_api, twin_api, telemetry_api, ops_api, acl_api)
+    blueprints += (event_api,)
     for blueprint in (*blueprints, *extra_blueprints):
         app.register_blueprint(blueprint)
 

@@ -42,6 +42,8 @@ ROUTE_ACCESS: dict[str, Callable[[HttpContext], tuple[str, str, str]]] = {
     "ops.sync_status": lambda ctx: ("operator", "", "read"),
     "hub_fleet.sites": lambda ctx: ("operator", "", "read"),
     "hub_fleet.site_credential": lambda ctx: ("operator", "", "write"),
+    # User events (issue 17): event:write on the name to fire (list filters by event:read in the route).
+    "event.fire": lambda ctx: ("event", request.view_args.get("name", ""), "write"),
 }
 
 # endpoints that call authorizer() themselves (their needs depend on the data)
@@ -55,6 +57,8 @@ CHECKED_IN_ROUTE = frozenset({
     # /v1/acl checks acl:read/acl:write itself; token/self needs only a valid token
     "acl.create_token", "acl.token_self", "acl.token", "acl.list_tokens", "acl.create_policy",
     "acl.policy", "acl.policy_by_name", "acl.list_policies",
+    # User events (issue 17): the list holds only events the token has event:read on.
+    "event.list_events",
 })
 
 WRITE_METHODS = frozenset({"PUT", "POST", "PATCH", "DELETE"})

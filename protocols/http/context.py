@@ -19,6 +19,7 @@ from ..admission import NetworkLimits
 
 if TYPE_CHECKING:
     from konsul.sync.acl_resolver import AclResolver
+    from konsul.sync.events import EventLog
 
     from ..audit import AuditLog
     from ..rate_limit import HttpRateLimits
@@ -100,6 +101,7 @@ class HttpContext:
     audit: AuditLog | None = None  # None: no audit log (--audit-log off)
     rate_limits: HttpRateLimits | None = None  # None: no rate limits
     oscore: Any = None  # an edge's OscoreContexts (protocols/oscore_contexts.py); None at the hub
+    events: EventLog | None = None  # user events (/v1/event); None: not served
 
     def device_presence(self, site: str, device_id: str) -> Presence:
         if site == self.site and self.role == "edge":
