@@ -76,6 +76,8 @@ class EdgeConfig:
     # CoAP devices may prove themselves with tk=<token> in the URI (in clear on the
     # network); off: only OSCORE or anonymous devices (docs/coap.md).
     coap_uri_tokens: bool = False
+    # The DNS interface (protocols/dns_server.py): HOST:PORT, UDP and TCP; "" serves none.
+    dns_addr: str = ""
 
 
 @dataclass
@@ -87,6 +89,7 @@ class EdgeInfo:
     mqtt_addr: str | None = None
     coap_addr: str | None = None
     mqtts_addr: str | None = None
+    dns_addr: str | None = None
 
 
 def split_addr(addr: str, what: str) -> tuple[str, int]:
@@ -204,6 +207,15 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
 
             deliver_events(events, ctx, gateways)
             bound = await nursery.start(run_device_gateways, gateways, config, server_tls, oscore)
+            if config.dns_addr:  # DNS (dnspython) is imported only when served
+                from konsul.protocols.dns_server import catalog_view, run_dns
+
+                view = catalog_view(replica, config.site, config.node,
+                                    lambda: ctx.advertise.rsplit(":", 1)[0].strip("[]"), checks)
+                bound["dns"] = await nursery.start(
+                    run_dns, view, split_addr(config.dns_addr, "--dns-addr"), config.limits, ctx.registry
+                )
+                log.info("dns listening on %s (UDP and TCP)", bound["dns"])
             await nursery.start(bridge.run)
             ready = True
             log.info(
@@ -215,7 +227,8 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 http_url,
             )
             task_status.started(
-                EdgeInfo(http_url, replica.replica_id, bound.get("mqtt"), bound.get("coap"), bound.get("mqtts"))
+                EdgeInfo(http_url, replica.replica_id, bound.get("mqtt"), bound.get("coap"), bound.get("mqtts"),
+                         bound.get("dns"))
             )
     finally:
         if buffer is not None:
