@@ -55,6 +55,9 @@ ROUTES = {
     "acl.policy": [("GET", "/v1/acl/policy/00000000-0000-0000-0000-000000000001", None)],
     "acl.policy_by_name": [("GET", "/v1/acl/policy/name/global-management", None)],
     "acl.list_policies": [("GET", "/v1/acl/policies", None)],
+    # User events (issue 17): event:write on the name to fire; the list shows only event:read names.
+    "event.fire": [("PUT", "/v1/event/fire/deploy", b"v1"), ("PUT", "/v1/event/fire/deploy?dc=global", None)],
+    "event.list_events": [("GET", "/v1/event/list", None), ("GET", "/v1/event/list?name=deploy", None)],
 }
 HUB_ROUTES = {
     "hub_fleet.sites": [("GET", "/v1/sites", None)],
