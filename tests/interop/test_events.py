@@ -133,3 +133,41 @@ def test_filters_decide_which_edges_take_an_event(fleet):
 
     eventually(lambda: taken() == wanted, what="the events s1's node and services match")
     assert len(httpx.get(f"{hub.url}/v1/event/list?name=filtered").json()) == 5  # the hub keeps them all
+
+
+def test_with_acls_on_a_device_hears_only_events_it_may_read_and_a_fire_needs_event_write(tmp_path):
+    from agents import MANAGEMENT_TOKEN
+
+    edge = EdgeProcess(tmp_path / "acl", acl=True, extra=["--mqtt-addr", "127.0.0.1:0"])
+    admin = httpx.Client(base_url=edge.url, timeout=10, headers={"X-Consul-Token": MANAGEMENT_TOKEN})
+    devices: list[Device] = []
+    try:
+        rules = {"deploy-reader": 'event "deploy" { policy = "read" }', "deployer": 'event "deploy" { policy = "write" }'}
+        for name, rule in rules.items():
+            assert admin.put("/v1/acl/policy", json={"Name": name, "Rules": rule}).status_code == 200
+        port = edge.mqtt_addr()[1]
+        for device_id, policies in (("reader-1", [{"Name": "deploy-reader"}]), ("plain-1", [])):
+            reply = admin.put(f"/v1/devices/{device_id}", json={"Type": "sensor", "Policies": policies})
+            assert reply.status_code == 201, reply.text
+            devices.append(Device(port, device_id, reply.json()["Token"]))
+            assert devices[-1].connected() == 0
+        reader, plain = devices
+        assert reader.subscribe("konsul/v1/events/deploy") == [1]
+        assert reader.subscribe("konsul/v1/events/#") == [128]  # a wildcard needs event_prefix "" read
+        assert plain.subscribe("konsul/v1/events/deploy") == [128]
+        assert reader.subscribe("konsul/v1/events/other") == [128]
+        # Firing needs event:write on the name.
+        assert httpx.put(f"{edge.url}/v1/event/fire/deploy", timeout=10).status_code == 403
+        secret = admin.put("/v1/acl/token", json={"Policies": [{"Name": "deployer"}]}).json()["SecretID"]
+        fired = httpx.put(f"{edge.url}/v1/event/fire/deploy", content=b"go", timeout=10,
+                          headers={"X-Consul-Token": secret})
+        assert fired.status_code == 200, fired.text
+        assert json.loads(reader.message("konsul/v1/events/deploy").payload)["ID"] == fired.json()["ID"]
+        # The list shows a token only the names it may read.
+        assert httpx.get(f"{edge.url}/v1/event/list", timeout=10).json() == []
+        assert [e["ID"] for e in admin.get("/v1/event/list").json()] == [fired.json()["ID"]]
+    finally:
+        for device in devices:
+            device.close()
+        admin.close()
+        edge.stop()
