@@ -32,7 +32,7 @@ from konsul.sync.log_limits import peer_log
 from konsul.sync.replica import Replica
 
 from .admission import ConnectionLimit, NetworkLimits, source_of
-from .dns_answers import DnsView, Instance, answer
+from .dns_answers import AnswerCache, DnsView, Instance
 from .rate_limit import TokenBuckets
 
 log = logging.getLogger("konsul.dns")
@@ -72,7 +72,11 @@ def catalog_view(replica: Replica, site: str, node: str, node_address: Callable[
             return node_address()
         return None  # other nodes' addresses are not kept in the catalog here
 
-    return DnsView(site.lower(), instances, address_of)
+    def generation() -> tuple[int, int, int]:
+        scope = replica.scope(site)
+        return (scope.catalog.last_index, checks.version, id(scope))
+
+    return DnsView(site.lower(), instances, address_of, generation)
 
 
 class DnsMetrics:
@@ -93,6 +97,7 @@ class DnsServer:
 
     def __init__(self, view: DnsView, limits: NetworkLimits, registry=None) -> None:
         self.view = view
+        self.cache = AnswerCache(view)
         self.metrics = DnsMetrics(registry)
         self.rate = TokenBuckets(
             limits.dns_rate_per_source, limits.dns_burst_per_source, interface="dns", kind="source", registry=registry
@@ -198,7 +203,7 @@ class DnsServer:
             self.metrics.queries.labels(transport, "rate_limited").inc()
             return None
         try:
-            out, outcome = answer(wire, self.view, udp=transport == "udp")
+            out, outcome = self.cache.answer(wire, udp=transport == "udp")
         except Exception:  # noqa: BLE001 - a bug on one query must not stop the listener
             peer_log.log(log, logging.ERROR, ("dns-bug", source_of(peer)), "DNS query from %s failed",
                          source_of(peer), exc_info=True)
