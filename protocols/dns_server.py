@@ -107,19 +107,10 @@ class DnsServer:
     async def run(self, host: str, port: int, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; reports ``host:port`` (port 0: the one picked, the same for both)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        udp = trio.socket.socket(family, socket.SOCK_DGRAM)
+        udp, tcp = await _bind_pair(family, host, port)
         tcp_listeners = None
         try:
-            await udp.bind((host, port))
             bound_port = udp.getsockname()[1]
-            tcp = trio.socket.socket(family, socket.SOCK_STREAM)
-            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                await tcp.bind((host, bound_port))
-                tcp.listen(128)
-            except BaseException:
-                tcp.close()
-                raise
             tcp_listeners = [trio.SocketListener(tcp)]
             where = f"[{host}]:{bound_port}" if family == socket.AF_INET6 else f"{host}:{bound_port}"
             async with trio.open_nursery() as nursery:
@@ -210,6 +201,34 @@ class DnsServer:
             return None
         self.metrics.queries.labels(transport, outcome).inc()
         return out
+
+
+async def _bind_pair(family: int, host: str, port: int) -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
+    """A UDP and a listening TCP socket on one port; with port 0, one free for both.
+
+    The port the system picks for UDP may be taken for TCP by someone else: then
+    another is tried (a given port that is taken is an error, as for any listener).
+    """
+    for attempt in range(50):
+        udp = trio.socket.socket(family, socket.SOCK_DGRAM)
+        tcp = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            await udp.bind((host, port))
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await tcp.bind((host, udp.getsockname()[1]))
+            tcp.listen(128)
+            return udp, tcp
+        except OSError as error:
+            udp.close()
+            tcp.close()
+            if port != 0 or error.errno != errno.EADDRINUSE or attempt == 49:
+                raise OSError(error.errno, f"DNS cannot listen on {host}:{port} (--dns-addr): {error.strerror}; "
+                              "give another address, or --dns-addr '' to serve no DNS") from None
+        except BaseException:
+            udp.close()
+            tcp.close()
+            raise
+    raise AssertionError("unreachable")
 
 
 async def run_dns(
