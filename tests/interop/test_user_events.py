@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 import threading
+from pathlib import Path
 
 import consul
 import httpx
@@ -170,4 +172,22 @@ def test_with_acls_on_a_device_hears_only_events_it_may_read_and_a_fire_needs_ev
         for device in devices:
             device.close()
         admin.close()
+        edge.stop()
+
+
+NODE_CLIENTS = Path(__file__).resolve().parent / "node"
+
+
+def test_node_consul_fires_lists_and_blocks_on_events(tmp_path):
+    """node-consul (npm ``consul``, installed by scripts/setup) against a real edge."""
+    assert (NODE_CLIENTS / "node_modules" / "consul").is_dir(), "run scripts/setup (npm install in tests/interop/node)"
+    edge = EdgeProcess(tmp_path / "edge")
+    try:
+        result = subprocess.run(["node", str(NODE_CLIENTS / "events.js"), str(edge.port)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        seen = json.loads(result.stdout)
+        assert seen["listed"] == [[seen["first"], "v1"]]
+        assert seen["woken"] == [[seen["first"], "v1"], [seen["second"], "v2"]]
+    finally:
         edge.stop()
