@@ -18,6 +18,7 @@ import trio
 
 from konsul.sync.checks import CheckTable
 from konsul.sync.devices import PresenceTable
+from konsul.sync.events import EventLog
 from konsul.sync.replica import GLOBAL_SCOPE, Replica, check_scope_name
 
 from konsul.protocols.admission import NetworkLimits
@@ -77,6 +78,8 @@ class EdgeConfig:
     coap_uri_tokens: bool = False
     # The shortest session TTL allowed (Consul's session_ttl_min, docs/http-api.md).
     session_ttl_min_s: float = 10.0
+    # The DNS interface (protocols/dns_server.py): HOST:PORT, UDP and TCP; "" serves none.
+    dns_addr: str = ""
 
 
 @dataclass
@@ -88,6 +91,7 @@ class EdgeInfo:
     mqtt_addr: str | None = None
     coap_addr: str | None = None
     mqtts_addr: str | None = None
+    dns_addr: str | None = None
 
 
 def split_addr(addr: str, what: str) -> tuple[str, int]:
@@ -151,6 +155,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
 
             sessions = SessionTable(site, config.node, checks, ttl_min_s=config.session_ttl_min_s)
             await nursery.start(sessions.run)
+            events = EventLog(config.site)  # user events (/v1/event, sync/events.py)
             connector = None
             sync_status = None  # set below; the registry reads it lazily
             registry = make_registry(replica, lambda: sync_status())
@@ -167,6 +172,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                     config.hub_url, replica, config.site, checks, presence, buffer,
                     site_token=config.site_token, max_clock_skew_ms=int(config.limits.max_clock_skew_s * 1000),
                     ssl_context=hub_tls,
+                    events=events,
                 )
                 await nursery.start(connector.run)
             ctx = HttpContext(
@@ -195,6 +201,7 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 rate_limits=access.http_rate,
                 oscore=oscore,
                 sessions=sessions,
+                events=events,
             )
             sync_status = ctx.sync_status
             app = create_app(ctx)
@@ -213,7 +220,19 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 audit=access.audit,
             )
             bridge.install(gateways)
+            from .event_delivery import deliver_events
+
+            deliver_events(events, ctx, gateways)
             bound = await nursery.start(run_device_gateways, gateways, config, server_tls, oscore)
+            if config.dns_addr:  # DNS (dnspython) is imported only when served
+                from konsul.protocols.dns_server import catalog_view, run_dns
+
+                view = catalog_view(replica, config.site, config.node,
+                                    lambda: ctx.advertise.rsplit(":", 1)[0].strip("[]"), checks)
+                bound["dns"] = await nursery.start(
+                    run_dns, view, split_addr(config.dns_addr, "--dns-addr"), config.limits, ctx.registry
+                )
+                log.info("dns listening on %s (UDP and TCP)", bound["dns"])
             await nursery.start(bridge.run)
             ready = True
             log.info(
@@ -225,7 +244,8 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
                 http_url,
             )
             task_status.started(
-                EdgeInfo(http_url, replica.replica_id, bound.get("mqtt"), bound.get("coap"), bound.get("mqtts"))
+                EdgeInfo(http_url, replica.replica_id, bound.get("mqtt"), bound.get("coap"), bound.get("mqtts"),
+                         bound.get("dns"))
             )
     finally:
         if buffer is not None:

@@ -24,6 +24,7 @@ DEFAULT_HTTP_ADDR = "127.0.0.1:8500"
 DEFAULT_MQTT_ADDR = "127.0.0.1:1883"
 DEFAULT_COAP_ADDR = "127.0.0.1:5683"
 DEFAULT_HUB_ADDR = "127.0.0.1:8700"
+DEFAULT_DNS_ADDR = "127.0.0.1:8600"
 
 
 def env_default(flag: str, default: str | None = None) -> str | None:
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(edge, "--mqtt-broker-ca", "for an mqtts:// --mqtt-broker: the only CA its certificate may chain to "
              "(pinning); empty trusts the system's CAs", "", metavar="PATH")
     add_flag(edge, "--coap-addr", "CoAP (UDP) address for devices; empty disables it", DEFAULT_COAP_ADDR)
+    add_flag(edge, "--dns-addr", "DNS interface address, UDP and TCP (docs/dns.md); empty disables it; port 0 "
+             "picks a free port", DEFAULT_DNS_ADDR)
     edge.add_argument(
         "--allow-anonymous",
         action="store_true",
@@ -345,6 +348,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
         mqtt_broker_ca=args.mqtt_broker_ca,
         coap_uri_tokens=on_off(args.coap_uri_tokens, "--coap-uri-tokens"),
         session_ttl_min_s=session_ttl_min(args.session_ttl_min),
+        dns_addr=(args.dns_addr or "").strip(),
     )
     return run_until_signal(run_edge, config)
 

@@ -26,6 +26,7 @@ import trio
 from konsul.sync.batch import WriteBatch
 from konsul.sync.checks import CheckTable
 from konsul.sync.devices import PresenceTable
+from konsul.sync.events import EventLog, UserEvent
 from konsul.sync.hlc import Stamp, system_wall_ms
 from konsul.sync.link import LinkClosed, SyncLink, is_panic
 from konsul.sync.log_limits import peer_log
@@ -158,6 +159,7 @@ class HubConnector:
         site_token: str = "",
         max_clock_skew_ms: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        events: EventLog | None = None,
     ) -> None:
         self.hub_url = hub_url
         # The hub admits a sync link with this site's join token (docs/security.md).
@@ -188,6 +190,11 @@ class HubConnector:
         self.presence = presence
         if presence is not None:
             presence.listeners.append(lambda device_id, state: self._push_presence())
+        # User events fired here go to the hub as they happen; on (re)connection
+        # both sides replay their recent ones (sync/events.py).
+        self.events = events
+        if events is not None:
+            events.listeners.append(self._push_event)
 
     # -- status ------------------------------------------------------------------
 
@@ -367,6 +374,9 @@ class HubConnector:
         log.info("synced with hub %s (hub replica %s)", self.hub_url, link.peer.replica)
         self._push_checks()
         self._push_presence()
+        if self.events is not None:
+            for name in self.scopes:
+                link.send_ephemeral(name, "events", self.events.replay(name))
 
     async def _resync_forever(self, link: SyncLink) -> None:
         while True:
@@ -395,6 +405,9 @@ class HubConnector:
                 log.warning("could not store the hub's acknowledgement: %s", error)
 
     def _on_ephemeral(self, scope: str, kind: str, data: Any) -> None:
+        if kind == "events" and self.events is not None:
+            self.events.merge(scope, data)
+            return
         if self.forwarder is not None and self.forwarder.on_ephemeral(kind, data):
             return
         log.debug("ignoring an ephemeral %r message from the hub", kind)
@@ -408,6 +421,10 @@ class HubConnector:
             for device_id, p in self.presence.devices.items()
         }
         self._link.send_ephemeral(self.site, "presence", snapshot)
+
+    def _push_event(self, scope: str, event: UserEvent, local: bool) -> None:
+        if local and self._link is not None and self._link.peer is not None:
+            self._link.send_ephemeral(scope, "events", [event.to_wire()])
 
     def _push_checks(self) -> None:
         if self._link is None or self._link.peer is None:

@@ -106,6 +106,13 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
                 "replica": replica, "sites": sites, "links": set(), "telemetry": telemetry, "limits": config.limits,
                 "sync_refusals": SyncRefusals(), "site_credentials": site_credentials,
             }
+            # User events (/v1/event): kept per scope, handed on to the edges (sync/events.py).
+            from konsul.sync.events import EventLog
+
+            from .sync_endpoint import forward_event
+
+            events = hub_state["events"] = EventLog("hub")
+            events.listeners.append(lambda scope, event, local: forward_event(hub_state, scope, event, local))
             ctx = HttpContext(
                 replica=replica,
                 site=GLOBAL_SCOPE,
@@ -121,7 +128,11 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
                 acl=access.acl,
                 audit=access.audit,
                 rate_limits=access.http_rate,
+                events=events,
             )
+            from konsul.protocols.http.event_routes import notify_event
+
+            events.listeners.append(lambda scope, event, local: notify_event(ctx, scope))
             sync_status = ctx.sync_status = lambda: {
                 "Peers": [_peer_status(summary) for summary in site_summaries(hub_state)],
                 "Telemetry": telemetry.status(),

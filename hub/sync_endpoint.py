@@ -30,6 +30,7 @@ from konsul.protocols.access import count_refusal
 from konsul.protocols.admission import NetworkLimits, source_of
 from konsul.protocols.http.authz import token_from
 from konsul.sync.errors import KonsulError
+from konsul.sync.events import EventLog, UserEvent
 from konsul.sync.hlc import system_wall_ms
 from konsul.sync.link import LinkClosed, SyncLink
 from konsul.sync.log_limits import peer_log
@@ -175,7 +176,9 @@ async def _serve(hub: dict, first: bytes, source: str, refusals: SyncRefusals, g
     )
 
     def on_ephemeral(scope: str, kind: str, data) -> None:
-        if not intake.offer(kind, data):
+        if kind == "events":
+            take_events(hub, grant, source, scope, data)
+        elif not intake.offer(kind, data):
             _on_ephemeral(sites, scope, kind, data)
 
     link = SyncLink(
@@ -220,6 +223,7 @@ async def _serve(hub: dict, first: bytes, source: str, refusals: SyncRefusals, g
                                 "site %s connected from %s (replica %s)", site, source, link.peer.replica,
                             )
                             nursery.start_soon(_resync_forever, link)
+                            replay_events(hub, link)
                         if registered:
                             sites.seen(site, session)
                         await link.drained()
@@ -273,3 +277,44 @@ def _on_ephemeral(sites: SiteRegistry, scope: str, kind: str, data) -> None:
         sites.report_checks(scope, data)
     elif kind == "presence":
         sites.report_presence(scope, data)
+
+
+# -- user events (sync/events.py) ------------------------------------------------------
+
+
+def take_events(hub: dict, grant: SyncGrant, source: str, scope: str, data) -> None:
+    """An edge's events: kept, and handed on to every other edge holding the scope.
+
+    A site allowed to read ``global`` only may not fire fleet-wide events:
+    those are dropped, logged and counted (``event_global_read_only``).
+    """
+    events: EventLog | None = hub.get("events")
+    if events is None:
+        return
+    if scope == GLOBAL_SCOPE and not grant.global_write:
+        hub["sync_refusals"].add("event_global_read_only")
+        peer_log.log(
+            log, logging.INFO, ("sync-event", source), "events for %s from %s dropped: the site may only read %s "
+            "(konsul sites add SITE --global write)", GLOBAL_SCOPE, source, GLOBAL_SCOPE,
+        )
+        return
+    before = events.refused
+    events.merge(scope, data)  # the listener below hands new ones on
+    if events.refused != before:
+        hub["sync_refusals"].add("event_malformed")
+
+
+def forward_event(hub: dict, scope: str, event: UserEvent, local: bool) -> None:
+    """Send a new event to every connected edge that holds ``scope`` (the one it came from drops it: seen)."""
+    wire = [event.to_wire()]
+    for link in list(hub["links"]):
+        if link.peer is not None and scope in link.session.scopes:
+            link.send_ephemeral(scope, "events", wire)
+
+
+def replay_events(hub: dict, link: SyncLink) -> None:
+    """The recent events of a newly connected edge's scopes (those it missed while away)."""
+    events: EventLog | None = hub.get("events")
+    if events is not None:
+        for scope in link.session.scopes:
+            link.send_ephemeral(scope, "events", events.replay(scope))

@@ -86,6 +86,14 @@ class NetworkLimits:
         20_000, "--device-message-rate", "MQTT/CoAP messages per second one device may send (0: no limit)")
     device_message_burst: int = _limit(
         40_000, "--device-message-burst", "MQTT/CoAP messages one device may send at once, above its rate")
+    # The DNS interface (--dns-addr, protocols/dns_server.py): a query over the rate is dropped unanswered.
+    dns_rate_per_source: int = _limit(
+        20_000, "--dns-rate-per-source", "DNS queries per second one client address may make (0: no limit)")
+    dns_burst_per_source: int = _limit(
+        40_000, "--dns-burst-per-source", "DNS queries one client address may make at once, above its rate")
+    dns_connections: int = _limit(256, "--dns-max-connections", "DNS TCP connections, all clients together")
+    dns_connections_per_source: int = _limit(
+        32, "--dns-max-connections-per-source", "DNS TCP connections one client address may hold")
 
 
 class ConnectionLimit:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from agents import EdgeProcess  # noqa: E402
+
+# Agents the tests start serve no DNS unless a test gives --dns-addr: the
+# default port (127.0.0.1:8600) is one per machine, and tests run side by side.
+os.environ.setdefault("KONSUL_DNS_ADDR", "")
 
 
 @pytest.fixture

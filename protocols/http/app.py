@@ -24,6 +24,7 @@ from .kv_fast_path import KvFastPath
 from .kv_routes import kv_api
 from .metrics import ConnectionCollector, HttpMetrics, make_registry
 from .device_routes import device_api
+from .event_routes import event_api
 from .ops_routes import ops_api
 from .session_routes import session_api
 from .snapshot_routes import snapshot_api
@@ -73,6 +74,7 @@ def create_app(ctx: HttpContext, extra_blueprints: tuple | list = ()) -> QuartTr
     ctx.registry.register(ConnectionCollector(admission))
     blueprints = (kv_api, txn_api, agent_api, catalog_api, device_api, twin_api, telemetry_api, ops_api, acl_api,
                   session_api, snapshot_api)
+    blueprints += (event_api,)
     for blueprint in (*blueprints, *extra_blueprints):
         app.register_blueprint(blueprint)
 

@@ -42,6 +42,8 @@ ROUTE_ACCESS: dict[str, Callable[[HttpContext], tuple[str, str, str]]] = {
     "ops.sync_status": lambda ctx: ("operator", "", "read"),
     "hub_fleet.sites": lambda ctx: ("operator", "", "read"),
     "hub_fleet.site_credential": lambda ctx: ("operator", "", "write"),
+    # User events (issue 17): event:write on the name to fire (list filters by event:read in the route).
+    "event.fire": lambda ctx: ("event", request.view_args.get("name", ""), "write"),
 }
 
 # endpoints that call authorizer() themselves (their needs depend on the data)
@@ -72,6 +74,8 @@ CHECKED_IN_ROUTE = CHECKED_IN_ROUTE | frozenset({
     "catalog.catalog_node_services", "catalog.health_node", "catalog.health_connect",
     # /v1/snapshot: a management token only, as in Consul (snapshot_routes.py)
     "snapshot.save_snapshot", "snapshot.restore_snapshot",
+    # User events (issue 17): the list holds only events the token has event:read on.
+    "event.list_events",
 })
 
 WRITE_METHODS = frozenset({"PUT", "POST", "PATCH", "DELETE"})

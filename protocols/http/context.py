@@ -19,6 +19,7 @@ from ..admission import NetworkLimits
 
 if TYPE_CHECKING:
     from konsul.sync.acl_resolver import AclResolver
+    from konsul.sync.events import EventLog
 
     from ..audit import AuditLog
     from ..rate_limit import HttpRateLimits
@@ -103,6 +104,7 @@ class HttpContext:
     # /v1/agent/members beyond this agent itself (the hub: one member per site), Consul's shape
     members: Callable[[], list[dict[str, Any]]] = lambda: []
     sessions: Any = None  # an edge's SessionTable (sync/sessions.py); None at the hub: it grants no locks
+    events: EventLog | None = None  # user events (/v1/event); None: not served
 
     def device_presence(self, site: str, device_id: str) -> Presence:
         if site == self.site and self.role == "edge":

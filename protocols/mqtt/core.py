@@ -48,6 +48,7 @@ from . import frames
 from .frames import Connect, Publish
 from .policy import Metrics, PayloadRefused, Refusals, check_status, decode_document
 from .topics import KV, TopicRefused, check_publish, check_subscribe, device_topic, kv_topic, literal_prefix, matches, parse_topic
+from .topics import event_topic
 from .topics import may_receive as topic_may_receive
 
 log = logging.getLogger("konsul.mqtt")
@@ -65,7 +66,7 @@ class Outgoing:
     topic: str
     payload: bytes
     retain: bool
-    kind: str  # "kv", "desired" or "status": the label of the published metric
+    kind: str  # "kv", "desired", "status" or "event": the label of the published metric
     qos: int = 1
 
 
@@ -343,6 +344,10 @@ class MqttGateway:
         else:
             self.desired.pop(device_id, None)
         self._queue(Outgoing(device_topic(device_id, "desired"), payload, True, "desired"))
+
+    def publish_event(self, name: str, payload: bytes) -> None:
+        """A user event to the devices subscribed to ``konsul/v1/events/<name>`` (not retained)."""
+        self._queue(Outgoing(event_topic(name), payload, False, "event"))
 
     def _queue(self, message: Outgoing) -> None:
         self._outgoing.append(message)

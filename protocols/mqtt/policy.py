@@ -63,7 +63,7 @@ class Metrics:
         )
         self.published = Counter(
             "konsul_mqtt_messages_published",
-            "Messages the agent published, by kind (kv, desired, status)",
+            "Messages the agent published, by kind (kv, desired, status, event)",
             ["kind"],
             registry=registry,
         )

@@ -2,7 +2,8 @@
 
 Every topic a device may touch is either one of its own device topics,
 ``konsul/v1/devices/<id>/{telemetry,reported,desired,status}``, or a KV topic,
-``konsul/v1/kv/<key>``. Anything else is outside the contract and refused.
+``konsul/v1/kv/<key>``, or (to subscribe) a user event topic,
+``konsul/v1/events/<name>``. Anything else is outside the contract and refused.
 
 Access rules, applied by both the embedded broker and the external-broker
 client:
@@ -11,6 +12,10 @@ client:
   its rights allow (``KVWrite`` prefixes, or with ACLs on its policies too);
   another device's topics only with ``device:write`` on it (a policy);
   ``desired`` is written by the agent only;
+- user events (``/v1/event/fire``) reach devices on ``konsul/v1/events/<name>``,
+  written by the agent only; with ACLs on a device subscribes to an event name
+  it has ``event:read`` on (a wildcard needs ``event_prefix ""`` read), with
+  ACLs off every admitted device may;
 - a device subscribes under its own device topics (another device's with
   ``device:read`` on it) and under ``konsul/v1/kv/``;
   a KV filter must be able to match a key the device may read, and every KV
@@ -33,6 +38,7 @@ from konsul.sync.limits import check_key
 ROOT = "konsul/v1/"
 DEVICES = ROOT + "devices/"
 KV = ROOT + "kv/"
+EVENTS = ROOT + "events/"
 DEVICE_LEAVES = ("telemetry", "reported", "desired", "status")
 # What a device may publish on its own device topics; "desired" is the agent's.
 DEVICE_PUBLISHES = ("telemetry", "reported", "status")
@@ -67,6 +73,16 @@ def kv_topic(key: str) -> str | None:
     return KV + key
 
 
+def event_topic(name: str) -> str:
+    """The topic a user event is published on (its name has no ``/``, ``+`` or ``#``)."""
+    return EVENTS + name
+
+
+def may_read_event(rights: Rights | None, name: str) -> bool:
+    """``event:read`` on ``name``; with ACLs off (no policies to grant it) every device may."""
+    return rights is None or isinstance(rights, LegacyRights) or rights.allows("event", name, "read")
+
+
 def parse_topic(topic: str) -> Topic:
     """The contract topic ``topic`` names; raises :class:`TopicRefused` ("topic")."""
     if topic.startswith(KV):
@@ -76,6 +92,8 @@ def parse_topic(topic: str) -> Topic:
         except KonsulError as error:
             raise TopicRefused("topic", f"{topic!r} does not name a valid KV key: {error}") from None
         return Topic("kv", key=key)
+    if topic.startswith(EVENTS):
+        raise TopicRefused("forbidden", f"{topic!r} is written by the agent only (fire events with PUT /v1/event/fire)")
     if topic.startswith(DEVICES):
         device_id, sep, leaf = topic[len(DEVICES):].partition("/")
         if sep and leaf in DEVICE_LEAVES and _valid_id(device_id):
@@ -120,6 +138,17 @@ def check_subscribe(record: DeviceRecord, topic_filter: str, rights: Rights | No
                 "forbidden", f"{topic_filter!r} matches no KV key device {record.device_id!r} may read (KVRead {list(record.kv_read)})"
             )
         return
+    if topic_filter.startswith(EVENTS):
+        name = topic_filter[len(EVENTS):]
+        if not name or "/" in name or ("+" in name or "#" in name) and name not in ("+", "#"):
+            raise TopicRefused("topic", f"{topic_filter!r}: subscribe to konsul/v1/events/<name>, /+ or /#")
+        wanted = "" if name in ("+", "#") else name
+        if not may_read_event(rights, wanted):
+            raise TopicRefused(
+                "forbidden", f"device {record.device_id!r} lacks permission 'event:read' on "
+                + (f"event {name!r}" if wanted else 'every event (a wildcard needs event_prefix "" read)')
+            )
+        return
     if topic_filter.startswith(DEVICES):
         levels = topic_filter[len(DEVICES):].split("/")
         if levels[0] != record.device_id and (
@@ -129,7 +158,8 @@ def check_subscribe(record: DeviceRecord, topic_filter: str, rights: Rights | No
         if len(levels) == 2 and (levels[1] in DEVICE_LEAVES or levels[1] in ("+", "#")):
             return
     raise TopicRefused(
-        "topic", f"{topic_filter!r} is outside the topic contract (konsul/v1/devices/<own id>/..., konsul/v1/kv/...)"
+        "topic", f"{topic_filter!r} is outside the topic contract (konsul/v1/devices/<own id>/..., konsul/v1/kv/..., "
+        "konsul/v1/events/...)"
     )
 
 
@@ -139,6 +169,8 @@ def may_receive(record: DeviceRecord, topic: str, rights: Rights | None = None) 
         if rights is None:
             return record.may_read(topic[len(KV):])
         return rights.allows("key", topic[len(KV):], "read")
+    if topic.startswith(EVENTS):
+        return may_read_event(rights, topic[len(EVENTS):])
     if topic.startswith(DEVICES):
         device_id = topic[len(DEVICES):].partition("/")[0]
         return device_id == record.device_id or (rights is not None and rights.allows("device", device_id, "read"))

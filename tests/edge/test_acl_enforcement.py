@@ -85,6 +85,9 @@ ROUTES = {
     # snapshots: a management token only
     "snapshot.save_snapshot": [("GET", "/v1/snapshot", None)],
     "snapshot.restore_snapshot": [("PUT", "/v1/snapshot", b"not a snapshot")],
+    # User events (issue 17): event:write on the name to fire; the list shows only event:read names.
+    "event.fire": [("PUT", "/v1/event/fire/deploy", b"v1"), ("PUT", "/v1/event/fire/deploy?dc=global", None)],
+    "event.list_events": [("GET", "/v1/event/list", None), ("GET", "/v1/event/list?name=deploy", None)],
 }
 HUB_ROUTES = {
     "hub_fleet.sites": [("GET", "/v1/sites", None)],
