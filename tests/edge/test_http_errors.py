@@ -115,7 +115,8 @@ def test_bad_parameters(http, unchanged, query):
 def test_wrong_method(http, unchanged):
     assert_error(http.post("/v1/kv/errors/seed", content=b"v"), 405, "method_not_allowed")
     assert_error(http.delete("/v1/agent/services"), 405, "method_not_allowed")
-    assert_error(http.get("/v1/agent/service/register"), 405, "method_not_allowed")
+    # (GET /v1/agent/service/<id> reads a service definition, as in Consul)
+    assert_error(http.get("/v1/agent/service/deregister/web"), 405, "method_not_allowed")
 
 
 def test_unparseable_wait(http, unchanged):
