@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from konsul.sync.store import fsync_directory
+
 if TYPE_CHECKING:
     from konsul.sync.scope import Scope
 
@@ -56,14 +58,6 @@ def _write_private(path: Path, text: str) -> None:
         file.write(text)
         file.flush()
         os.fsync(file.fileno())
-
-
-def _sync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def device_material(device_id: str, secret: bytes, salt: bytes, sender_id: bytes) -> dict[str, Any]:
@@ -179,9 +173,9 @@ class OscoreContexts:
         partial.mkdir(mode=0o700)
         _write_private(partial / "secret.json", secret_json)
         _write_private(partial / "device", device_id + "\n")
-        _sync_dir(partial)
+        fsync_directory(partial)
         os.rename(partial, self.root / sender_id.hex())
-        _sync_dir(self.root)
+        fsync_directory(self.root)
 
     def settled(self, sender_id_hex: str | bytes, named: bool) -> None:
         """The record write for a created context is over; ``named`` False (it failed) removes the context."""

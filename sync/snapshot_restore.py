@@ -23,7 +23,7 @@ from .snapshot import (
     OSCORE_DIR, OSCORE_SEQUENCE_MARGIN, PENDING_NAME, PRIVATE_FILE_MODE, STATE_NAME, RestoreRefused,
     SnapshotInvalid, backup_database, check, database_summary,
 )
-from .store import DB_NAME, lock_directory
+from .store import DB_NAME, fsync_directory, lock_directory
 
 __all__ = ["apply_pending", "holds_data", "restore"]
 
@@ -105,7 +105,7 @@ def _install(state: Path, data_dir: Path) -> None:
         except FileNotFoundError:
             pass
     os.replace(staged, target)
-    _sync_dir(data_dir)
+    fsync_directory(data_dir)
 
 
 def _install_oscore(source: Path, target: Path) -> None:
@@ -130,15 +130,7 @@ def _install_oscore(source: Path, target: Path) -> None:
         descriptor = os.open(into / "sequence.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
         with os.fdopen(descriptor, "w") as file:
             json.dump(sequence, file)
-    _sync_dir(target)
-
-
-def _sync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    fsync_directory(target)
 
 
 def apply_pending(data_dir: Path) -> dict[str, Any] | None:

@@ -558,3 +558,12 @@ def lock_directory(directory: Path) -> int:
         StoreLocked: an agent (or another restore) holds it.
     """
     return _lock_directory(directory)
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the entries of directory ``path`` (files created, renamed, removed) durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

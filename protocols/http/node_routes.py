@@ -13,6 +13,7 @@ node record (address, ``serfHealth``) is never removed through here.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from quart import Response, current_app, request
 
@@ -205,28 +206,27 @@ def _services_on(scope, node: str) -> list[ServiceEntry]:
 
 @catalog_api.route("/v1/catalog/node/<node>", methods=["GET"])
 async def catalog_node(node: str) -> Response:
-    ctx = current_app.config["KONSUL"]
-    scope = ctx.scope(request.args.get("dc"))
-    wanted = request_filter(AGENT_SERVICE)
-    headers = await _block_on_catalog(ctx, scope)
-    records = node_records(scope)
-    _readable_node(ctx, scope, node, records, headers)
-    services = {e.service_id: service_json(e, scope.name) for e in _services_on(scope, node)}
-    if wanted is not None:
-        services = {k: v for k, v in services.items() if wanted(v)}
-    return json_response({"Node": node_json(ctx, scope, node, records), "Services": services}, headers=headers)
+    node_body, services, wanted, headers = await _node_and_services(node)
+    by_id = {service["ID"]: service for service in services if wanted is None or wanted(service)}
+    return json_response({"Node": node_body, "Services": by_id}, headers=headers)
 
 
 @catalog_api.route("/v1/catalog/node-services/<node>", methods=["GET"])
 async def catalog_node_services(node: str) -> Response:
+    node_body, services, wanted, headers = await _node_and_services(node)
+    return json_response({"Node": node_body, "Services": apply(wanted, services)}, headers=headers)
+
+
+async def _node_and_services(node: str) -> tuple[dict, list[dict], Any, dict]:
+    """A readable node's record, its services as JSON, the request's filter and the answer's headers."""
     ctx = current_app.config["KONSUL"]
     scope = ctx.scope(request.args.get("dc"))
     wanted = request_filter(AGENT_SERVICE)
     headers = await _block_on_catalog(ctx, scope)
     records = node_records(scope)
     _readable_node(ctx, scope, node, records, headers)
-    services = apply(wanted, [service_json(e, scope.name) for e in _services_on(scope, node)])
-    return json_response({"Node": node_json(ctx, scope, node, records), "Services": services}, headers=headers)
+    services = [service_json(e, scope.name) for e in _services_on(scope, node)]
+    return node_json(ctx, scope, node, records), services, wanted, headers
 
 
 @catalog_api.route("/v1/health/node/<node>", methods=["GET"])
