@@ -289,7 +289,7 @@ def start_edge(work: Path, durability: str, python: str = sys.executable, label:
     data = work / f"edge-{durability}{label}"
     server = Server(
         [
-            python, "-m", "konsul.edge.cli", "edge", "--acl", "off",
+            python, "-m", "konsul.cli", "edge", "--acl", "off",
             "--site", "bench", "--data-dir", str(data), "--http-addr", "127.0.0.1:0",
             "--mqtt-addr", "", "--coap-addr", "127.0.0.1:0", "--durability", durability,
             "--acl-initial-management", MANAGEMENT_TOKEN,  # ACLs on (the default); this token creates the device

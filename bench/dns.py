@@ -112,7 +112,7 @@ def run_dnsmasq(work: Path, port: int) -> subprocess.Popen:
 def run_edge(work: Path, port: int) -> tuple[subprocess.Popen, str]:
     log = open(work / "edge.log", "w")
     edge = subprocess.Popen(
-        [sys.executable, "-m", "konsul.edge.cli", "edge", "--site", "s1", "--node", "n1", "--data-dir",
+        [sys.executable, "-m", "konsul.cli", "edge", "--site", "s1", "--node", "n1", "--data-dir",
          str(work / "edge"), "--http-addr", "127.0.0.1:0", "--mqtt-addr", "", "--coap-addr", "", "--acl", "off",
          "--dns-addr", f"127.0.0.1:{port}", "--dns-rate-per-source", "0"],
         stdout=log, stderr=subprocess.STDOUT,

@@ -238,9 +238,9 @@ def main() -> None:
                         help="keep CPython's garbage collector settings (the agent tunes them)")
     args = parser.parse_args()
     if not args.default_gc:
-        # As `konsul edge` and `konsul hub` run (edge/cli.py): a young
+        # As `konsul edge` and `konsul hub` run (cli/run.py): a young
         # generation of 10,000 objects, and the start-up heap frozen.
-        from konsul.edge.cli import collect_garbage_less_often
+        from konsul.cli.run import collect_garbage_less_often
 
         collect_garbage_less_often()
 

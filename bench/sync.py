@@ -373,7 +373,7 @@ class Agent:
         self.lines: list[tuple[float, str]] = []
         self.log_path = log_path
         self.proc = subprocess.Popen(
-            [sys.executable, *(launcher or ["-m", "konsul.edge.cli"]), *args],
+            [sys.executable, *(launcher or ["-m", "konsul.cli"]), *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -422,7 +422,7 @@ RAISED_LIMIT_LAUNCHER = [
         "from konsul.sync.wire import MAX_FRAME_BYTES\n"
         "trio_websocket.open_websocket_url = functools.partial(\n"
         "    trio_websocket.open_websocket_url, max_message_size=MAX_FRAME_BYTES)\n"
-        "runpy.run_module('konsul.edge.cli', run_name='__main__', alter_sys=True)\n"
+        "runpy.run_module('konsul.cli', run_name='__main__', alter_sys=True)\n"
     ),
 ]
 DISCONNECTED = re.compile(r"unreachable or gone|sync session .* ended")

@@ -25,6 +25,7 @@ from konsul.protocols.admission import NetworkLimits
 from konsul.protocols.audit import DEFAULT_KEEP as DEFAULT_AUDIT_KEEP
 from konsul.protocols.audit import DEFAULT_MAX_BYTES as DEFAULT_AUDIT_MAX_BYTES
 from konsul.protocols.gateway import GatewayContext
+from konsul.protocols.listen_addr import split_addr
 from konsul.protocols.oscore_contexts import OscoreContexts
 from konsul.protocols.tls import ServerTls, TlsCollector, TlsFiles, reload_on_sighup
 
@@ -92,13 +93,6 @@ class EdgeInfo:
     coap_addr: str | None = None
     mqtts_addr: str | None = None
     dns_addr: str | None = None
-
-
-def split_addr(addr: str, what: str) -> tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{what} must be HOST:PORT, got {addr!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo] = trio.TASK_STATUS_IGNORED) -> None:

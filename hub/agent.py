@@ -55,11 +55,11 @@ class HubInfo:
 
 
 async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = trio.TASK_STATUS_IGNORED) -> None:
-    from konsul.edge.agent import split_addr
     from konsul.protocols.access import ensure_initial_management, open_access_control
     from konsul.protocols.http import HttpContext, create_app
     from konsul.protocols.http.metrics import make_registry
     from konsul.protocols.http.server import serve_app
+    from konsul.protocols.listen_addr import split_addr
 
     from .fleet_routes import fleet_api, site_summaries
     from .sites import SiteRegistry

@@ -37,7 +37,7 @@ class AgentProcess:
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self.proc = subprocess.Popen(
-            [*(command or [sys.executable, "-m", "konsul.edge.cli"]), *args],
+            [*(command or [sys.executable, "-m", "konsul.cli"]), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

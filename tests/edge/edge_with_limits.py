@@ -12,7 +12,8 @@ import dataclasses
 import json
 import sys
 
-from konsul.edge import agent, cli
+from konsul.cli import main as cli
+from konsul.edge import agent
 
 
 def main() -> int:
@@ -23,7 +24,7 @@ def main() -> int:
         config.limits = dataclasses.replace(config.limits, **overrides)
         await run_edge(config, **kwargs)
 
-    agent.run_edge = run_edge_with_limits  # cli.cmd_edge looks it up when it runs
+    agent.run_edge = run_edge_with_limits  # cmd_edge (cli/agent_commands.py) looks it up when it runs
     return cli.main(sys.argv[2:])
 
 

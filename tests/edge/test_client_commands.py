@@ -22,7 +22,7 @@ def konsul(edge: EdgeProcess | None, *args: str, input: bytes | None = None, env
         environ["KONSUL_HTTP_ADDR"] = edge.addr
     environ.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "konsul.edge.cli", *args],
+        [sys.executable, "-m", "konsul.cli", *args],
         input=input if input is not None else b"",
         capture_output=True,
         env=environ,
@@ -198,7 +198,7 @@ def test_http_addr_flag_accepts_urls(shared_edge, prefix):
 
 
 def test_client_commands_import_httpx_lazily():
-    code = "import sys, konsul.edge.cli; print('httpx' in sys.modules)"
+    code = "import sys, konsul.cli.main; print('httpx' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
     assert "KONSUL_HTTP_ADDR" in ok(konsul(None, "kv", "watch", "--help"))

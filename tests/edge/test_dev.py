@@ -34,7 +34,7 @@ def printed(dev: AgentProcess, pattern: str) -> str:
 def run_printed(dev: AgentProcess, command: str) -> subprocess.CompletedProcess:
     """``command`` in a shell after the printed ``export`` lines, ``konsul`` being this checkout's CLI."""
     exports = [line.strip() for line in dev.lines if line.strip().startswith("export ")]
-    konsul = f"{sys.executable} -m konsul.edge.cli"
+    konsul = f"{sys.executable} -m konsul.cli"
     script = "\n".join([*exports, f"konsul() {{ {konsul} \"$@\"; }}", command])
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30,
                           env={**os.environ, "KONSUL_HTTP_TOKEN": "", "CONSUL_HTTP_TOKEN": ""})

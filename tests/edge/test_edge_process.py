@@ -62,7 +62,7 @@ def test_data_dir_in_use_is_refused(tmp_path):
     first = EdgeProcess(tmp_path / "data")
     try:
         second = subprocess.run(
-            [sys.executable, "-m", "konsul.edge.cli", "edge", "--site", "s1",
+            [sys.executable, "-m", "konsul.cli", "edge", "--site", "s1",
              "--data-dir", str(tmp_path / "data"), "--http-addr", "127.0.0.1:0",
              "--mqtt-addr", "", "--coap-addr", ""],
             capture_output=True, text=True, timeout=60,
@@ -83,7 +83,7 @@ def test_corrupt_database_is_reported_and_left_alone(tmp_path):
     db.write_bytes(b"this is not a database" * 100)
     before = hashlib.sha256(db.read_bytes()).hexdigest()
     result = subprocess.run(
-        [sys.executable, "-m", "konsul.edge.cli", "edge", "--site", "s1", "--data-dir", str(data),
+        [sys.executable, "-m", "konsul.cli", "edge", "--site", "s1", "--data-dir", str(data),
          "--http-addr", "127.0.0.1:0", "--mqtt-addr", "", "--coap-addr", ""],
         capture_output=True, text=True, timeout=60,
     )
@@ -118,7 +118,7 @@ def test_flags_come_from_environment(tmp_path):
 
 def test_help_documents_every_flag():
     result = subprocess.run(
-        [sys.executable, "-m", "konsul.edge.cli", "edge", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "konsul.cli", "edge", "--help"], capture_output=True, text=True, check=True
     )
     for flag in ("--site", "--data-dir", "--hub-url", "--node", "--http-addr", "--mqtt-addr",
                  "--coap-addr", "--allow-anonymous", "--durability", "--acl", "--acl-initial-management", "--site-token",

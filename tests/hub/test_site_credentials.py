@@ -68,7 +68,7 @@ def sync_status(edge: EdgeProcess) -> dict:
 
 def konsul(*args: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("KONSUL_", "CONSUL_"))}
-    return subprocess.run([sys.executable, "-m", "konsul.edge.cli", *args], capture_output=True, env=environ,
+    return subprocess.run([sys.executable, "-m", "konsul.cli", *args], capture_output=True, env=environ,
                           timeout=60)
 
 

@@ -390,7 +390,7 @@ def test_the_devices_command_links_policies_by_name(edge):
     environ.update(KONSUL_HTTP_ADDR=edge.addr, KONSUL_HTTP_TOKEN=MANAGEMENT)
 
     def konsul(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "konsul.edge.cli", *args], capture_output=True, env=environ, timeout=60)
+        return subprocess.run([sys.executable, "-m", "konsul.cli", *args], capture_output=True, env=environ, timeout=60)
 
     created = konsul("devices", "create", "cli-gw", "--kv-read", "", "--policy-name", "cli-pumps", "--format", "json")
     assert created.returncode == 0, created.stderr

@@ -83,7 +83,7 @@ def curl(*args: str) -> subprocess.CompletedProcess:
 def konsul(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The `konsul` CLI, with no TLS settings from this environment but ``env``'s."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("KONSUL_", "CONSUL_"))}
-    return subprocess.run([sys.executable, "-m", "konsul.edge.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "konsul.cli", *args], capture_output=True, text=True,
                           timeout=30, env={**clean, **(env or {})})
 
 

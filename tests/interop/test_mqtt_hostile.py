@@ -35,7 +35,7 @@ def limited_edge(data_dir: Path, nofile: int, extra: list[str]) -> EdgeProcess:
         process,
         ["edge", "--site", "s1", "--node", "n1", "--data-dir", str(data_dir), "--http-addr", "127.0.0.1:0",
          "--mqtt-addr", "127.0.0.1:0", "--coap-addr", "", "--hub-url", "", "--acl", "off", *extra],
-        command=["prlimit", f"--nofile={nofile}:{nofile}", sys.executable, "-m", "konsul.edge.cli"],
+        command=["prlimit", f"--nofile={nofile}:{nofile}", sys.executable, "-m", "konsul.cli"],
     )
     process._ready(data_dir)
     process.mqtt_host, process.mqtt_port = process.mqtt_addr()

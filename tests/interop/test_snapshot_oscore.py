@@ -16,7 +16,7 @@ from test_coap_oscore import TEXT, OscoreEdge, exchange, oscore, protected_datag
 
 
 def konsul(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "konsul.edge.cli", *args], capture_output=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "konsul.cli", *args], capture_output=True, timeout=60)
 
 
 def test_an_oscore_device_talks_to_the_restored_edge(tmp_path):

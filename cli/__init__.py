@@ -1,0 +1,1 @@
+"""The ``konsul`` command: the entry point above ``konsul.edge`` and ``konsul.hub`` (cli/main.py)."""
