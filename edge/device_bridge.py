@@ -1,16 +1,16 @@
 """Where device traffic meets the edge's state: twins and telemetry.
 
-The gateways (MQTT, CoAP) only validate and hand documents over, through hooks
-in ``GatewayContext.extras``; the HTTP API reads through ``HttpContext``. This
-module fills both:
+The gateways (MQTT, CoAP) only validate and hand documents over, through the
+hooks in ``GatewayContext.hooks`` (:class:`DeviceHooks`); the HTTP API reads
+through ``HttpContext``. This module fills both:
 
 - telemetry (``ingest_telemetry``, the buffer's own ingest, for batches; ``on_telemetry`` for one) goes
   to the :class:`TelemetryBuffer`, and the call returns once it is durable;
 - reported state (``on_reported``) is merged into the twin;
 - desired state is read by ``desired_state`` (CoAP GETs), and every durable
   change of it, made here or arriving from the hub, is pushed to the device:
-  the MQTT gateway republishes the retained desired topic, the CoAP gateway
-  notifies observers. On start every device's desired state is published
+  through ``GatewayContext.push`` the MQTT gateway republishes the retained
+  desired topic, the CoAP gateway notifies observers. On start every device's desired state is published
   once, so a device that connects to a restarted edge still finds it.
 
 It also runs the sweep that deletes anonymous devices unseen for too long
@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from konsul.protocols.gateway import GatewayContext
+from konsul.protocols.gateway import DeviceHooks, GatewayContext
 from konsul.sync.errors import NotFound
 from konsul.sync.scope import Scope
 from konsul.sync.telemetry import Sample
@@ -49,7 +49,7 @@ class DeviceBridge:
 
     def install(self, gateways: GatewayContext) -> None:
         self.gateways = gateways
-        gateways.extras.update(
+        gateways.hooks = DeviceHooks(
             ingest_telemetry=self.buffer.ingest,
             on_telemetry=self.on_telemetry,
             on_reported=self.on_reported,
@@ -136,11 +136,12 @@ class DeviceBridge:
             document = twin.document("desired", device_id)  # {} once every field is removed
         else:
             return  # a new device without desired state: nothing to say yet
-        publish = self.gateways.extras.get("publish_desired")
+        push = self.gateways.push
         try:
+            publish = push.publish_desired
             if publish is not None:
                 publish(device_id, document)
-            notify = self.gateways.extras.get("notify_desired")
+            notify = push.notify_desired
             if notify is not None:
                 notify(device_id)
         except Exception:

@@ -26,8 +26,8 @@ def deliver_events(events: EventLog, ctx: HttpContext, gateways: GatewayContext)
 
     def on_event(scope: str, event: UserEvent, local: bool) -> None:
         notify_event(ctx, scope)
-        gateway = gateways.extras.get("mqtt_gateway")
-        if gateway is None:
+        publish = gateways.push.publish_event
+        if publish is None:
             return
         try:
             if not visible_here(ctx, event):
@@ -35,6 +35,6 @@ def deliver_events(events: EventLog, ctx: HttpContext, gateways: GatewayContext)
         except Exception:  # noqa: BLE001 - a filter that cannot be evaluated here: not for this node
             log.debug("event %s: its filters could not be evaluated here", event.id, exc_info=True)
             return
-        gateway.publish_event(event.name, json.dumps(event.to_api(), separators=(",", ":")).encode())
+        publish(event.name, json.dumps(event.to_api(), separators=(",", ":")).encode())
 
     events.listeners.append(on_event)

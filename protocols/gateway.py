@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,55 @@ class AuthError(KonsulError):
     status = 401
 
 
+def no_desired_state(_device_id: str) -> dict[str, Any]:
+    """The desired state of a device when no agent serves twins: none."""
+    return {}
+
+
+# A document hook is a plain function or a trio async function of (device_id, document).
+DocumentHook = Callable[[str, Any], Awaitable[None] | None]
+# Reported state: (device_id, document, replace); replace=True for a PUT, which replaces the
+# reported side instead of merging into it.
+ReportedHook = Callable[[str, Any, bool], Awaitable[None] | None]
+# Telemetry in batches: [(device_id, document)] -> one refusal (or None) per item, once durable.
+TelemetryIngest = Callable[[list[tuple[str, Any]]], Awaitable[list[KonsulError | None]]]
+
+
+@dataclass
+class DeviceHooks:
+    """What the agent does with what devices send: the gateways call these.
+
+    The edge installs them (edge/device_bridge.py); a gateway run without an
+    agent behind it (tests) leaves a hook None and the gateway then only
+    validates and counts, and serves no desired state.
+    """
+
+    ingest_telemetry: TelemetryIngest | None = None
+    on_telemetry: DocumentHook | None = None
+    on_reported: ReportedHook | None = None
+    desired_state: Callable[[str], dict[str, Any]] = no_desired_state
+
+    def on_document(self, kind: str) -> Callable[..., Awaitable[None] | None] | None:
+        """The hook for a device's ``telemetry`` or ``reported`` document, if installed."""
+        return self.on_telemetry if kind == "telemetry" else self.on_reported if kind == "reported" else None
+
+
+@dataclass
+class DevicePush:
+    """How the agent reaches devices: each running gateway installs its part and removes it when it stops.
+
+    The edge calls them when a device's desired state changes durably
+    (edge/device_bridge.py) and when a user event arrives (edge/event_delivery.py).
+    """
+
+    # MQTT: (device_id, desired state or None once the device is deleted) -> the retained desired topic.
+    publish_desired: Callable[[str, dict[str, Any] | None], None] | None = None
+    # CoAP: device_id -> its observers of /devices/<id>/desired are notified.
+    notify_desired: Callable[[str], None] | None = None
+    # MQTT: (event name, JSON payload) -> konsul/v1/events/<name>.
+    publish_event: Callable[[str, bytes], None] | None = None
+
+
 class AnonymousDevicesFull(KonsulError):
     """No room for another anonymous device (MQTT CONNACK 3, CoAP 5.03)."""
 
@@ -74,6 +123,8 @@ class GatewayContext:
         registry: the Prometheus registry to add gateway metrics to.
         max_payload: the largest message a device may send, in bytes.
         limits: per-source and total bounds (connections, observers, anonymous devices).
+        hooks: what the agent does with device documents (telemetry, reported, desired).
+        push: how the agent reaches devices, as the running gateways install it.
     """
 
     replica: Replica
@@ -82,7 +133,6 @@ class GatewayContext:
     allow_anonymous: bool = False
     registry: Any = None
     max_payload: int = DEFAULT_MAX_PAYLOAD
-    extras: dict[str, Any] = field(default_factory=dict)
     limits: NetworkLimits = field(default_factory=NetworkLimits)
     # Access control (docs/acl.md): policies a device's token links. None: made
     # in __post_init__, enforcing.
@@ -91,6 +141,8 @@ class GatewayContext:
     # Messages per device, for both MQTT and CoAP. None: each gateway makes its
     # own from ``limits`` (device_message_limit), labelled with its interface.
     device_rate: TokenBuckets | None = None
+    hooks: DeviceHooks = field(default_factory=DeviceHooks)
+    push: DevicePush = field(default_factory=DevicePush)
     anonymous: AnonymousDevices = field(init=False, repr=False)
     device_access: DeviceAccess = field(init=False, repr=False)
 

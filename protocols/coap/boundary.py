@@ -323,14 +323,15 @@ async def run_coap_gateway(
     listeners = [partial(on_change, scope.name) for scope in scopes]
     for scope, listener in zip(scopes, listeners, strict=True):
         scope.listeners.append(listener)
-    previous_notify = gateways.extras.get("notify_desired")
+    push = gateways.push
+    previous_notify = push.notify_desired
 
     def notify_desired(device_id: str) -> None:
         if previous_notify is not None:
             previous_notify(device_id)
         loop.call_soon(gateway.devices.notify_desired, device_id)
 
-    gateways.extras["notify_desired"] = notify_desired
+    push.notify_desired = notify_desired
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(writer.run)
@@ -339,11 +340,8 @@ async def run_coap_gateway(
     finally:
         for scope, listener in zip(scopes, listeners, strict=True):
             scope.listeners.remove(listener)
-        if gateways.extras.get("notify_desired") is notify_desired:
-            if previous_notify is None:
-                del gateways.extras["notify_desired"]
-            else:
-                gateways.extras["notify_desired"] = previous_notify
+        if push.notify_desired is notify_desired:
+            push.notify_desired = previous_notify
         gateway.close()
         with trio.CancelScope(shield=True):
             await trio_asyncio.aio_as_trio(context.shutdown, loop=loop)()

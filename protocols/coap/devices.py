@@ -2,7 +2,7 @@
 
 Storage of telemetry and of the twin belongs to the agent, not to this
 gateway: it validates documents (a CBOR map or a JSON object), counts them and
-hands them to hooks the agent may put in ``gateways.extras``:
+hands them to the hooks the agent installs in ``gateways.hooks`` (``DeviceHooks``):
 
 - ``on_telemetry(device_id, document)`` and ``on_reported(device_id, document
   [, replace])``, plain functions or trio async functions (a PUT of reported
@@ -10,9 +10,9 @@ hands them to hooks the agent may put in ``gateways.extras``:
 - ``desired_state(device_id) -> dict``, read for every GET and notification of
   ``/desired``;
 
-and it publishes ``gateways.extras["notify_desired"](device_id)`` (chained to
-any notifier already there, such as the MQTT gateway's), which the agent
-calls when a device's desired state changes, to notify its observers.
+and it installs ``gateways.push.notify_desired(device_id)`` (chained to any
+notifier already there), which the agent calls when a device's desired state
+changes, to notify its observers.
 """
 
 from __future__ import annotations
@@ -40,10 +40,6 @@ from .formats import (
 KINDS = ("telemetry", "reported", "desired")
 _OPERATIONS = {"telemetry": "telemetry:write", "reported": "twin:reported"}  # audited operation names
 _METHODS = {"telemetry": ("POST",), "reported": ("POST", "PUT"), "desired": ("GET",)}
-
-
-def _no_desired_state(device_id: str) -> dict[str, Any]:
-    return {}
 
 
 class DeviceResource(ExplainedResource, resource.ObservableResource, resource.PathCapable):
@@ -105,8 +101,7 @@ class DeviceResource(ExplainedResource, resource.ObservableResource, resource.Pa
     async def render_get(self, request: Message) -> Message:
         device_id, _kind, _caller = await self._target(request, "GET")
         fmt = response_format(request, DOCUMENT_FORMATS)
-        lookup = self.gateways.extras.get("desired_state", _no_desired_state)
-        document = lookup(device_id) or {}
+        document = self.gateways.hooks.desired_state(device_id) or {}
         return Message(code=Code.CONTENT, payload=document_to_payload(document, fmt), content_format=fmt)
 
     async def render_post(self, request: Message) -> Message:
@@ -153,7 +148,7 @@ class DeviceResource(ExplainedResource, resource.ObservableResource, resource.Pa
     async def _hand_over(self, kind: str, device_id: str, document: dict[str, Any], replace: bool = False) -> None:
         """Give a document to the agent's hook; a PUT of reported state replaces it (POST merges)."""
         self.counted(kind)
-        hook = self.gateways.extras.get(f"on_{kind}")
+        hook = self.gateways.hooks.on_document(kind)
         if hook is None:
             return
         args = (device_id, document, True) if replace else (device_id, document)

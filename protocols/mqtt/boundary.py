@@ -95,12 +95,10 @@ async def run_embedded(
         async with trio.open_nursery() as nursery:
             await nursery.start(gateway.run, EmbeddedOutlet(broker))
             bound = await aio_as_trio(broker.start)(listeners)
-            gateways.extras["publish_desired"] = gateway.publish_desired
-            gateways.extras["mqtt_gateway"] = gateway
+            gateway.install_push()
             task_status.started(bound)
     finally:
-        gateways.extras.pop("publish_desired", None)
-        gateways.extras.pop("mqtt_gateway", None)
+        gateway.remove_push()
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + STOP_TIMEOUT
             await aio_as_trio(broker.stop)()

@@ -6,7 +6,7 @@ only its :class:`Outlet` (how messages reach devices) differs.
 Inbound, a device's PUBLISH arrives in :meth:`MqttGateway.received`:
 
 - telemetry (JSON object or CBOR map) and reported state (JSON object) are
-  checked, counted and handed to the agent's hooks in ``GatewayContext.extras``:
+  checked, counted and handed to the agent's hooks in ``GatewayContext.hooks``:
   telemetry in batches to ``ingest_telemetry`` (one durable append each, a QoS 1
   PUBACK once it returns), reported state to ``on_reported`` one at a time;
 - a status (``online``/``offline``) updates presence;
@@ -20,7 +20,7 @@ Outbound, every durable KV change, from any source (MQTT, HTTP, CoAP, the hub),
 is announced by ``Scope.listeners``; the changed keys are republished with
 their current values on ``konsul/v1/kv/<key>``, a deleted key as an empty
 payload. Desired state is republished, retained, whenever the agent calls
-``extras["publish_desired"](device_id, state)``.
+``GatewayContext.push.publish_desired(device_id, state)`` (:meth:`install_push`).
 
 Everything here runs on trio. The embedded broker calls the synchronous
 methods from asyncio callbacks on the same thread (see ``boundary.py``); they
@@ -260,10 +260,10 @@ class MqttGateway:
                 if device_id is not None:  # one event per message (a telemetry batch too), not per sample
                     operation = "telemetry:write" if topic.kind == "telemetry" else "twin:reported"
                     self.access.audit(device_id, _host(who), "mqtt", operation, topic.device_id)
-                if topic.kind == "telemetry" and "ingest_telemetry" in self.ctx.extras:
+                if topic.kind == "telemetry" and self.ctx.hooks.ingest_telemetry is not None:
                     self._queue_telemetry(topic.device_id, document, publish, who, done)
                     return
-                hook = self.ctx.extras.get(f"on_{topic.kind}")
+                hook = self.ctx.hooks.on_document(topic.kind)
                 if hook is not None:
                     self._call_hook(hook, (topic.device_id, document), who, done)
                     return
@@ -348,6 +348,19 @@ class MqttGateway:
     def publish_event(self, name: str, payload: bytes) -> None:
         """A user event to the devices subscribed to ``konsul/v1/events/<name>`` (not retained)."""
         self._queue(Outgoing(event_topic(name), payload, False, "event"))
+
+    def install_push(self) -> None:
+        """Let the agent reach devices through this gateway (``GatewayContext.push``)."""
+        push = self.ctx.push
+        push.publish_desired, push.publish_event = self.publish_desired, self.publish_event
+
+    def remove_push(self) -> None:
+        """Undo :meth:`install_push`, unless another gateway has replaced it since."""
+        push = self.ctx.push
+        if push.publish_desired == self.publish_desired:
+            push.publish_desired = None
+        if push.publish_event == self.publish_event:
+            push.publish_event = None
 
     def _queue(self, message: Outgoing) -> None:
         self._outgoing.append(message)
@@ -464,7 +477,8 @@ class MqttGateway:
             await self.outlet.settle([])  # readers paused on a full queue may go on
 
     async def _store_telemetry(self, batch: list) -> None:
-        ingest = self.ctx.extras["ingest_telemetry"]
+        ingest = self.ctx.hooks.ingest_telemetry
+        assert ingest is not None  # batches are queued only while it is installed
         try:
             refusals = await ingest([item for item, _who, _done in batch])
             ok = True

@@ -310,11 +310,9 @@ async def run_external(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(gateway.run, link)
-            gateways.extras["publish_desired"] = gateway.publish_desired
-            gateways.extras["mqtt_gateway"] = gateway
+            gateway.install_push()
             nursery.start_soon(link.run)
             # Local-first: the agent serves everything else while the broker is away.
             task_status.started(f"{link.scheme}://{link.host}:{link.port}")  # never the password
     finally:
-        gateways.extras.pop("publish_desired", None)
-        gateways.extras.pop("mqtt_gateway", None)
+        gateway.remove_push()

@@ -2,7 +2,7 @@
 
 What needs the agent's side of the gateway: the telemetry and reported hooks
 (a trio one and a plain one), desired state served from the agent and
-notified through ``extras["notify_desired"]``, Observe fed by writes made in
+notified through ``push.notify_desired``, Observe fed by writes made in
 trio, a clean shutdown, and a clear error when the port is taken.
 """
 
@@ -21,7 +21,7 @@ from aiocoap import Context, Message
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import CON
 from konsul.protocols.coap import run_coap_gateway
-from konsul.protocols.gateway import GatewayContext
+from konsul.protocols.gateway import DeviceHooks, GatewayContext
 from konsul.protocols.coap.kv import make_etag
 from konsul.sync.devices import DeviceRecord, PresenceTable
 from konsul.sync.replica import Replica
@@ -58,12 +58,12 @@ class Harness:
         return first, next_notification
 
 
-async def gateway_harness(tmp_path, extras, body, **context) -> None:
+async def gateway_harness(tmp_path, hooks: DeviceHooks, body, **context) -> None:
     replica = Replica.open(tmp_path / "data")
     try:
         async with trio.open_nursery() as outer:
             await outer.start(replica.run)
-            gateways = GatewayContext(replica, "s1", PresenceTable(), extras=extras, **context)
+            gateways = GatewayContext(replica, "s1", PresenceTable(), hooks=hooks, **context)
             async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
                 # these tests authenticate with tk= (--coap-uri-tokens on)
                 addr = await nursery.start(partial(run_coap_gateway, uri_tokens=True), gateways, "127.0.0.1:0")
@@ -85,7 +85,7 @@ async def test_documents_reach_the_hooks(tmp_path):
         await trio.lowlevel.checkpoint()  # a trio hook: it may write to the store
         received.append(("telemetry", device_id, document))
 
-    extras = {"on_telemetry": on_telemetry, "on_reported": lambda d, doc: received.append(("reported", d, doc))}
+    hooks = DeviceHooks(on_telemetry=on_telemetry, on_reported=lambda d, doc: received.append(("reported", d, doc)))
 
     async def body(h: Harness):
         sent = await h.request(Code.POST, "/devices/pump-1/telemetry", cbor2.dumps({"rpm": 1200}))
@@ -95,23 +95,29 @@ async def test_documents_reach_the_hooks(tmp_path):
         bad = await h.request(Code.POST, "/devices/pump-1/telemetry", b"\xff\xff")
         assert bad.code == Code.BAD_REQUEST
 
-    await gateway_harness(tmp_path, extras, body, allow_anonymous=True)
+    await gateway_harness(tmp_path, hooks, body, allow_anonymous=True)
     assert received == [("telemetry", "pump-1", {"rpm": 1200}), ("reported", "pump-1", {"fw": "2.0"})]
 
 
 async def test_desired_state_is_served_and_notified(tmp_path):
     desired = {"pump-1": {"speed": 1}}
-    extras = {"desired_state": lambda device_id: desired.get(device_id, {})}
+    hooks = DeviceHooks(desired_state=lambda device_id: desired.get(device_id, {}))
 
     async def body(h: Harness):
         first, next_notification = await h.observe("/devices/pump-1/desired")
         assert cbor2.loads(first.payload) == {"speed": 1} and first.opt.content_format == 60
         desired["pump-1"] = {"speed": 2}
-        h.gateways.extras["notify_desired"]("pump-1")
+        h.gateways.push.notify_desired("pump-1")
         assert cbor2.loads((await next_notification()).payload) == {"speed": 2}
 
-    await gateway_harness(tmp_path, extras, body, allow_anonymous=True)
-    assert "notify_desired" not in extras  # removed again on shutdown
+    pushes = []
+
+    async def body_then_keep(h: Harness):
+        await body(h)
+        pushes.append(h.gateways.push)
+
+    await gateway_harness(tmp_path, hooks, body_then_keep, allow_anonymous=True)
+    assert pushes[0].notify_desired is None  # removed again on shutdown
 
 
 async def test_observe_sees_writes_made_in_trio(tmp_path):
@@ -126,7 +132,7 @@ async def test_observe_sees_writes_made_in_trio(tmp_path):
         await scope.kv_put("cfg/mode", b"off")
         assert (await next_notification()).payload == b"off"
 
-    await gateway_harness(tmp_path, {}, body, allow_anonymous=True)
+    await gateway_harness(tmp_path, DeviceHooks(), body, allow_anonymous=True)
 
 
 async def test_a_taken_port_is_a_clear_error(tmp_path):
@@ -134,7 +140,7 @@ async def test_a_taken_port_is_a_clear_error(tmp_path):
         with pytest.raises(OSError, match="cannot listen for CoAP on"):
             await run_coap_gateway(h.gateways, h.addr)
 
-    await gateway_harness(tmp_path, {}, body, allow_anonymous=True)
+    await gateway_harness(tmp_path, DeviceHooks(), body, allow_anonymous=True)
 
 
 async def _writer_device(h: Harness) -> str:
@@ -175,7 +181,7 @@ async def test_concurrent_puts_share_commits_and_are_durable_when_answered(tmp_p
         assert again.code == Code.CHANGED
         assert again.opt.etag == make_etag(h.gateways.scope.kv.get("k/0").modify_index, 60)
 
-    await gateway_harness(tmp_path, {}, body)
+    await gateway_harness(tmp_path, DeviceHooks(), body)
 
 
 async def test_a_retransmitted_request_gets_the_same_answer_and_is_applied_once(tmp_path):
@@ -204,7 +210,7 @@ async def test_a_retransmitted_request_gets_the_same_answer_and_is_applied_once(
                 assert (await sock.recv(2048))[1] == 0x44  # 2.04 Changed
             assert h.gateways.scope.kv.get("k/x").modify_index > index
 
-    await gateway_harness(tmp_path, {}, body)
+    await gateway_harness(tmp_path, DeviceHooks(), body)
 
 
 def _put(key: str, query: str, payload: bytes, mid: int) -> bytes:

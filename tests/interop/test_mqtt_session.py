@@ -1,8 +1,8 @@
 """The MQTT gateway in-process (real replica, real sockets) with real clients.
 
 These need the agent's side of the API that has no HTTP route yet: the
-``publish_desired`` function a gateway puts in ``GatewayContext.extras``,
-and the telemetry and reported hooks the twin will use.
+``publish_desired`` function a gateway installs in ``GatewayContext.push``,
+and the telemetry and reported hooks of ``GatewayContext.hooks``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ async def gateway(tmp_path):
             async with trio_asyncio.open_loop():
                 async with trio.open_nursery() as gateways:
                     addr = (await gateways.start(run_mqtt_gateway, ctx, "127.0.0.1:0"))["mqtt"]
-                    ctx.extras["port"] = int(addr.rsplit(":", 1)[1])
+                    ctx.port = int(addr.rsplit(":", 1)[1])  # for the tests' clients
                     yield ctx
                     gateways.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
@@ -46,7 +46,7 @@ async def device(ctx: GatewayContext, device_id: str, **fields) -> str:
 
 def sub(ctx: GatewayContext, *args: str) -> AgentProcess:
     """A running mosquitto_sub (stopped after the test by ``stop_spawned``)."""
-    return mosquitto_sub(ctx.extras["port"], *args)
+    return mosquitto_sub(ctx.port, *args)
 
 
 async def wait_for(process: AgentProcess, pattern: str) -> None:
@@ -61,7 +61,7 @@ async def eventually(check, what: str) -> None:
 
 async def test_persistent_session_gets_the_desired_updates_queued_while_away(gateway):
     token = await device(gateway, "pers-1")
-    publish_desired = gateway.extras["publish_desired"]
+    publish_desired = gateway.push.publish_desired
     topic = "konsul/v1/devices/pers-1/desired"
     # -c: clean session off, so the broker keeps the subscription and queues QoS 1 messages.
     args = ["-c", "-q", "1", "-i", "pers-1", "-u", "pers-1", "-P", token, "-t", topic]
@@ -83,12 +83,12 @@ async def test_persistent_session_gets_the_desired_updates_queued_while_away(gat
 
 async def test_desired_is_retained_for_late_subscribers_and_cleared_by_none(gateway):
     token = await device(gateway, "late-1")
-    gateway.extras["publish_desired"]("late-1", {"mode": "eco"})
+    gateway.push.publish_desired("late-1", {"mode": "eco"})
     topic = "konsul/v1/devices/late-1/desired"
     watcher = sub(gateway, "-i", "late-1", "-u", "late-1", "-P", token, "-t", topic)
     try:
         await wait_for(watcher, rf'{topic} {{"mode":"eco"}}')  # retained, though published before
-        gateway.extras["publish_desired"]("late-1", None)
+        gateway.push.publish_desired("late-1", None)
         await wait_for(watcher, rf"{topic} ?(\(null\))?$")  # the clearing reaches watchers as empty
     finally:
         watcher.stop()
@@ -109,9 +109,9 @@ async def test_telemetry_and_reported_reach_the_hooks(gateway):
         await trio.sleep(0)  # hooks may be async
         samples.append((device_id, sample))
 
-    gateway.extras["on_telemetry"] = on_telemetry
-    gateway.extras["on_reported"] = lambda device_id, state: reported.append((device_id, state))
-    base = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(gateway.extras["port"]), "-i", "hook-1", "-u", "hook-1", "-P", token, "-q", "1"]
+    gateway.hooks.on_telemetry = on_telemetry
+    gateway.hooks.on_reported = lambda device_id, state: reported.append((device_id, state))
+    base = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(gateway.port), "-i", "hook-1", "-u", "hook-1", "-P", token, "-q", "1"]
     await trio.run_process([*base, "-t", "konsul/v1/devices/hook-1/telemetry", "-m", '{"t": 20}'])
     await trio.run_process([*base, "-t", "konsul/v1/devices/hook-1/reported", "-m", json.dumps({"fw": "1.2"})])
     await eventually(lambda: samples and reported, "both hooks")
@@ -119,7 +119,7 @@ async def test_telemetry_and_reported_reach_the_hooks(gateway):
 
 
 async def test_anonymous_devices_are_registered_when_allowed(gateway):
-    base = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(gateway.extras["port"]), "-i", "anon-1",
+    base = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(gateway.port), "-i", "anon-1",
             "-t", "konsul/v1/devices/anon-1/telemetry", "-m", "{}"]
     refused = await trio.run_process(base, check=False, capture_stderr=True)
     assert refused.returncode != 0 and gateway.scope.devices.get("anon-1") is None
@@ -132,7 +132,7 @@ async def test_anonymous_devices_are_registered_when_allowed(gateway):
 async def test_deleting_a_device_closes_its_connection(gateway):
     token = await device(gateway, "gone-1")
     sock = trio.socket.socket()
-    await sock.connect(("127.0.0.1", gateway.extras["port"]))
+    await sock.connect(("127.0.0.1", gateway.port))
     await sock.send(frames.encode_connect("gone-1", username="gone-1", password=token))
     assert await sock.recv(4) == b"\x20\x02\x00\x00"
     await eventually(lambda: gateway.presence.get("gone-1").online, "online")
