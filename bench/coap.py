@@ -285,11 +285,20 @@ def http(url: str, method: str, path: str, body: bytes) -> bytes:
     return reply.content
 
 
+def cli_module(python: str) -> str:
+    """The module that runs the `konsul` command under ``python``: checkouts before cli/ had it in edge/."""
+    found = subprocess.run(
+        [python, "-c", "import importlib.util; print(importlib.util.find_spec('konsul.cli') is not None)"],
+        capture_output=True, text=True,
+    )
+    return "konsul.cli" if found.stdout.strip() == "True" else "konsul.edge.cli"
+
+
 def start_edge(work: Path, durability: str, python: str = sys.executable, label: str = "") -> tuple[Server, int, str]:
     data = work / f"edge-{durability}{label}"
     server = Server(
         [
-            python, "-m", "konsul.cli", "edge", "--acl", "off",
+            python, "-m", cli_module(python), "edge", "--acl", "off",
             "--site", "bench", "--data-dir", str(data), "--http-addr", "127.0.0.1:0",
             "--mqtt-addr", "", "--coap-addr", "127.0.0.1:0", "--durability", durability,
             "--acl-initial-management", MANAGEMENT_TOKEN,  # ACLs on (the default); this token creates the device
