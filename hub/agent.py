@@ -85,6 +85,7 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
         telemetry = TelemetryStore(Path(config.data_dir) / "telemetry.db", config.durability)
         async with trio.open_nursery() as nursery:
             await nursery.start(replica.run)
+            await nursery.start(telemetry.run)
             if server_tls is not None:
                 await nursery.start(reload_on_sighup, server_tls)
             await replica.open_scope(GLOBAL_SCOPE)

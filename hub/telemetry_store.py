@@ -21,7 +21,9 @@ hub has not heard of yet is answered "not stored" and comes again: the
 device's record may still be on its way over the same connection.
 
 Telemetry lives in ``telemetry.db`` in the hub's data directory, apart from the
-replicated state. It is kept without limit for now; retention is an operator
+replicated state, written by the one durable SQLite writer
+(``konsul.sync.sqlite_writer``): batches from several edges that arrive
+together share a transaction. It is kept without limit for now; retention is an operator
 decision still to be made (docs/operations.md).
 """
 
@@ -31,14 +33,15 @@ import logging
 import sqlite3
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from konsul.sync.errors import InvalidArgument, StoreError
 from konsul.sync.log_limits import peer_log
-from konsul.sync.store import store_error
+from konsul.sync.sqlite_writer import SqliteWriter
 from konsul.sync.tables import immediate
 from konsul.sync.link import SyncLink
 from konsul.sync.replica import Replica
@@ -53,6 +56,8 @@ from konsul.sync.telemetry import (
 )
 
 log = logging.getLogger("konsul.hub.telemetry")
+
+T = TypeVar("T")
 
 # How far a device's own sequence numbers may run ahead of the highest the
 # hub has stored for it: a device counting one sample a second would take
@@ -79,52 +84,63 @@ CREATE INDEX IF NOT EXISTS samples_by_time ON samples (site, device, time_ms);
 
 
 class TelemetryStore:
-    """Durable, deduplicated telemetry of every site."""
+    """Durable, deduplicated telemetry of every site.
+
+    Start :meth:`run` in a nursery before :meth:`store`; :meth:`close` once it has stopped.
+    """
 
     def __init__(self, path: Path, durability: str = "full") -> None:
         self.path = path
-        self._db = open_database(path, durability, _SCHEMA)
-        self._lock = trio.Lock()
-        self.count = self._stored_count()
+        db = open_database(path, durability, _SCHEMA)
+        self.count = _stored_count(db)
+        self._writer = SqliteWriter(path, db, durability)
+        self._writer.thread_name = "konsul-telemetry"
+        # Reads (the HTTP API, the ownership checks) on a connection of their
+        # own: WAL lets them run while the writer commits.
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = trio.Lock()
         self.duplicates = 0
         self.refused = 0  # forwarded samples that failed check_sample, since start
         # Samples refused since start by reason (konsul_telemetry_refused_total).
         self.refused_by_reason: dict[str, int] = {}
         self._highest: dict[tuple[str, str], int | None] = {}  # (site, device) -> highest counter seq stored
 
-    def close(self) -> None:
-        self._db.close()
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the writer until cancelled."""
+        await self._writer.run(task_status=task_status)
 
-    def _stored_count(self) -> int:
-        """Samples stored: a durable counter, so that start-up need not count the table."""
-        found = read_counters(self._db).get("stored")
-        if found is not None:
-            return found
-        with immediate(self._db):  # a store from before the counter: count it once
-            (count,) = self._db.execute("SELECT count(*) FROM samples").fetchone()
-            self._db.execute("INSERT INTO counters (name, value) VALUES ('stored', ?)", (count,))
-        return count
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+        self._writer.close()
+
+    async def _read(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        """``read(conn)`` on the reader connection, in a worker thread."""
+        def run() -> T:
+            if self._reader is None:
+                self._reader = sqlite3.connect(
+                    f"{Path(self.path).resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                    check_same_thread=False,
+                )
+            return read(self._reader)
+
+        async with self._read_lock:
+            return await trio.to_thread.run_sync(run)
 
     async def store(self, site: str, samples: list[Sample], received_ms: int) -> int:
         """Store a batch durably; returns how many samples were new."""
-        def insert() -> int:
-            db = self._db
+        def insert(db: sqlite3.Connection) -> int:
             before = db.total_changes
-            with immediate(db):
-                db.executemany(
-                    "INSERT OR IGNORE INTO samples (site, device, seq, time_ms, received_ms, data) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    [(site, s.device, s.seq, s.time_ms, received_ms, s.data) for s in samples],
-                )
-                new = db.total_changes - before
-                add_counter(db, "stored", new)
+            db.executemany(
+                "INSERT OR IGNORE INTO samples (site, device, seq, time_ms, received_ms, data) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(site, s.device, s.seq, s.time_ms, received_ms, s.data) for s in samples],
+            )
+            new = db.total_changes - before
+            add_counter(db, "stored", new)
             return new
 
-        async with self._lock:
-            try:
-                new = await trio.to_thread.run_sync(insert)
-            except sqlite3.Error as error:
-                raise store_error(error, self.path) from error
+        new = await self._writer.transact(insert)
         self.count += new
         self.duplicates += len(samples) - new
         for sample in samples:
@@ -155,25 +171,24 @@ class TelemetryStore:
     async def _highest_counter(self, site: str, device: str) -> int | None:
         key = (site, device)
         if key not in self._highest:
-            def read() -> int | None:
-                (found,) = self._db.execute(
+            def read(db: sqlite3.Connection) -> int | None:
+                (found,) = db.execute(
                     "SELECT max(seq) FROM samples WHERE site = ? AND device = ? AND seq < ?",
                     (site, device, TIME_SEQ_FLOOR),
                 ).fetchone()
                 return found
 
-            async with self._lock:
-                self._highest[key] = await trio.to_thread.run_sync(read)
+            self._highest[key] = await self._read(read)
         return self._highest[key]
 
     async def samples(
         self, devices: list[tuple[str, str]], since_ms: int | None, until_ms: int | None, limit: int
     ) -> list[tuple[str, Sample]]:
         """The newest ``limit`` samples of ``devices`` ((site, device) pairs) in [since, until), oldest first."""
-        def read() -> list[tuple[str, Sample]]:
+        def read(db: sqlite3.Connection) -> list[tuple[str, Sample]]:
             found: list[tuple[str, Sample]] = []
             for site, device in devices:
-                rows = self._db.execute(
+                rows = db.execute(
                     "SELECT device, seq, time_ms, data FROM samples WHERE site = ? AND device = ? "
                     "AND time_ms >= ? AND time_ms < ? ORDER BY time_ms DESC, seq DESC LIMIT ?",
                     (site, device, since_ms or 0, until_ms or 2**62, limit),
@@ -182,8 +197,7 @@ class TelemetryStore:
             found.sort(key=lambda pair: (pair[1].time_ms, pair[0], pair[1].device, pair[1].seq))
             return found[-limit:] if limit else []
 
-        async with self._lock:
-            return await trio.to_thread.run_sync(read)
+        return await self._read(read)
 
     async def ingest(self, site: str, items: list[tuple[str, Any]]) -> None:
         raise InvalidArgument(
@@ -195,6 +209,17 @@ class TelemetryStore:
             "Stored": self.count, "Duplicates": self.duplicates, "Refused": self.refused,
             "RefusedByReason": dict(self.refused_by_reason),
         }
+
+
+def _stored_count(db: sqlite3.Connection) -> int:
+    """Samples stored: a durable counter, so that start-up need not count the table."""
+    found = read_counters(db).get("stored")
+    if found is not None:
+        return found
+    with immediate(db):  # a store from before the counter: count it once, at start-up
+        (count,) = db.execute("SELECT count(*) FROM samples").fetchone()
+        db.execute("INSERT INTO counters (name, value) VALUES ('stored', ?)", (count,))
+    return count
 
 
 class TelemetryIntake:

@@ -21,14 +21,15 @@ import math
 import sqlite3
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import cbor2
 
-from .errors import InvalidArgument, KonsulError, StoreCorrupt
+from .errors import InvalidArgument, KonsulError, StoreCorrupt, StoreError
 from .limits import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_DEPTH, check_document, decode_cbor_document
-from .store import DURABILITY_MODES, private_database
+from .sqlite_writer import check_readable, connect_writer
 
 MAX_SEQ = 2**63 - 1
 MAX_DEVICE_ID_BYTES = 256
@@ -203,33 +204,27 @@ def json_safe(value: Any) -> Any:
     return str(value)
 
 
+# What to do with a telemetry file that cannot be read, in the message that stops start-up.
+_ADVICE = "move it away to start with an empty telemetry store"
+
+
 def open_database(path: Path, durability: str, schema: str) -> sqlite3.Connection:
-    """Open (or create) a telemetry database for one writer thread at a time.
+    """Open (or create) a telemetry database for its one writer (``sqlite_writer.SqliteWriter``).
 
     A file that is not a healthy SQLite database stops start-up with
     :class:`StoreCorrupt` and is left untouched.
     """
-    existed = path.exists()
     try:
-        private_database(path)
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        if existed:
-            result = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if result != "ok":
-                conn.close()
-                raise StoreCorrupt(
-                    f"{path} failed its integrity check ({result}). It was left untouched: "
-                    "move it away to start with an empty telemetry store."
-                )
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={DURABILITY_MODES[durability]}")
-        conn.executescript(schema + _COUNTERS)
-    except sqlite3.DatabaseError as error:
+        return connect_writer(
+            path, durability, lambda conn: conn.executescript(schema + _COUNTERS),
+            check=partial(check_readable, what="telemetry database", advice=_ADVICE),
+        )
+    except StoreCorrupt:
+        raise
+    except StoreError as error:
         raise StoreCorrupt(
-            f"{path} is not a readable telemetry database ({error}). It was left untouched: "
-            "move it away to start with an empty telemetry store."
+            f"{path} is not a readable telemetry database ({error}). It was left untouched: {_ADVICE}."
         ) from error
-    return conn
 
 
 # Durable counters (add_counter, read_counters), in every telemetry database.
