@@ -84,6 +84,8 @@ class Replica:
         self._stores: dict[str, Store] = {}
         self._nursery: trio.Nursery | None = None
         self._compaction_waiting = trio.Event()
+        self._groups_waiting = trio.Event()
+        self._scopes_to_seal: list[Scope] = []
         self._expiry_changed = trio.Event()
         self._waiting_until: int | None = None
         store.on_failure = self._reload_after_failure
@@ -189,6 +191,7 @@ class Replica:
                 await self._open_stored_scopes()
             nursery.start_soon(self._expire_forever)
             nursery.start_soon(self._compact_when_quiet_forever)
+            nursery.start_soon(self._seal_submitted_forever)
             task_status.started()
 
     def close(self) -> None:
@@ -200,7 +203,24 @@ class Replica:
         scope = self.scopes[name] = Scope(name, store, self.clock, self.history_depth, **self.scope_options)
         scope.listeners.append(self._on_change)
         scope.on_compaction_waiting = self._wake_compactor
+        scope.on_group_waiting = self._wake_sealer
         return scope
+
+    def _wake_sealer(self, scope: Scope) -> None:
+        self._scopes_to_seal.append(scope)
+        self._groups_waiting.set()
+
+    async def _seal_submitted_forever(self) -> None:
+        """Seal the put groups that writes submitted without a task opened (``Scope.kv_submit``)."""
+        while True:
+            await self._groups_waiting.wait()
+            self._groups_waiting = trio.Event()
+            # One scheduling pass first, as a kv_put leader waits: the writes
+            # that are ready (a burst of device messages) join the group.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            scopes, self._scopes_to_seal = self._scopes_to_seal, []
+            for scope in scopes:
+                scope.seal_submitted()
 
     def _wake_compactor(self) -> None:
         # Not the event's bound set(): the compactor replaces the event each time.

@@ -27,6 +27,13 @@ cost more than the hand-offs.
 A leader that finds the store idle but its disk slow seals at once instead,
 without yielding: its group goes straight to the writer thread.
 
+This is the one batching path for KV writes. The device gateways (MQTT
+messages, CoAP PUTs) have no task per write to lead a group with: they submit
+writes synchronously (``kv_submit``), which join the open group, or open one
+that no task leads; the replica's sealer seals such a group after the same one
+scheduling pass, and the store's round reports it through a callback per
+write once durable (``WriteRound.when_done``), in the order submitted.
+
 Compaction
 ----------
 A Yjs document keeps a trace of everything ever deleted. When a collection's
@@ -38,6 +45,7 @@ stay proportional to the live content.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -80,6 +88,8 @@ Listener = Callable[[str, set[str]], None]
 # (collection, update, origin): every durable update; origin is the link that
 # delivered it, or None for a change made here.
 UpdateListener = Callable[[str, bytes, object], None]
+# Called (in trio) once a submitted write is durable, with None, or with why it is not.
+WriteDone = Callable[[BaseException | None], None]
 
 
 @dataclass(slots=True)
@@ -90,11 +100,16 @@ class _DocState:
 
 
 class _PutGroup:
-    """Puts that share one CRDT transaction and one batch (see the module doc)."""
+    """Puts that share one CRDT transaction and one batch (see the module doc).
 
-    __slots__ = ("batch", "keys", "puts", "round", "own_stamp", "done", "error")
+    ``led``: a ``kv_put`` task leads it (seals it and reports its commit);
+    otherwise it holds only puts submitted without a task (``kv_submit``), and
+    the replica's sealer seals it and the store's round reports it.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("batch", "keys", "puts", "round", "own_stamp", "done", "error", "led", "callbacks")
+
+    def __init__(self, led: bool = True) -> None:
         self.batch = WriteBatch()
         self.keys: set[str] = set()
         self.puts = 0
@@ -102,6 +117,15 @@ class _PutGroup:
         self.own_stamp: Stamp | None = None
         self.done = trio.Event()
         self.error: BaseException | None = None
+        self.led = led
+        self.callbacks: list[WriteDone] = []  # of the submitted puts, in the order submitted
+
+
+def _report(done: WriteDone, error: BaseException | None) -> None:
+    try:
+        done(error)
+    except Exception:  # noqa: BLE001 - one caller's bug must not keep the others waiting
+        logging.getLogger("konsul.sync").exception("a KV write's completion callback failed")
 
 
 class Scope:
@@ -143,6 +167,9 @@ class Scope:
         # Called when a compaction waits for a pause; the replica then runs
         # compact_when_quiet in the background.
         self.on_compaction_waiting: Callable[[], None] = lambda: None
+        # Called when kv_submit opens a put group no task leads; the replica's
+        # sealer then calls seal_submitted after one scheduling pass.
+        self.on_group_waiting: Callable[[Scope], None] | None = None
         self.load()
 
     # -- loading ---------------------------------------------------------------
@@ -153,6 +180,8 @@ class Scope:
         if group is not None:
             # Its puts were in memory only, and memory is rebuilt from disk.
             group.error = StoreError("an earlier write failed, so this one was not stored")
+            if not group.led:
+                self._group_finished(group)
         store, name = self.store, self.name
         index, kv_last, conflicts = scope_counters(store.query, name)
         self.index.value = index
@@ -257,12 +286,104 @@ class Scope:
                     await store.wait(group.round)
                 except BaseException as error:
                     group.error = error
+        self._group_finished(group)
         if group.error is not None:
-            group.done.set()
             raise group.error
-        self._committed(group.batch, "kv", group.keys, None, group.own_stamp)
-        group.done.set()
         await self._compact_if_needed("kv")
+
+    def _group_finished(self, group: _PutGroup) -> None:
+        """Tell the listeners and every put of a sealed group how its batch ended."""
+        if group.error is None:
+            self._committed(group.batch, "kv", group.keys, None, group.own_stamp)
+        group.done.set()
+        for callback in group.callbacks:
+            _report(callback, group.error)
+
+    # -- KV writes submitted without a task (device gateways) -----------------------------
+
+    def kv_submit(self, write: tuple, done: WriteDone) -> None:
+        """Queue one KV write for a caller that has no task to wait in: a device gateway.
+
+        ``write`` is ``("set", key, value, flags)`` or ``("delete", key)``. It is
+        checked (a :class:`KonsulError` such as ``InvalidKey``: nothing changed)
+        and applied to memory now; ``done(None)`` is called in trio once it is durable, or
+        ``done(error)`` if it is not. A put joins the open put group, the one
+        batching path of the scope, with the ``kv_put`` calls and other
+        submissions that arrive with it (see the module doc); a delete seals
+        the group first, as every other change does. So writes are made
+        durable, and reported, in the order they were submitted.
+
+        Needs the replica's sealer (``on_group_waiting``), which seals a group
+        no ``kv_put`` leads.
+        """
+        if write[0] == "set":
+            _op, key, value, flags = write
+            check_key(key)
+            check_value(value)
+            check_flags(flags)
+            group = self._open_group
+            opened = group is None
+            if opened:
+                if self.on_group_waiting is None:
+                    raise RuntimeError("kv_submit needs a running replica to seal its puts")
+                group = self._open_group = _PutGroup(led=False)
+            try:
+                self.kv.put(key, value, group.batch, flags=flags, stage=True)  # staged, as kv_put's
+            except BaseException:
+                if opened:  # nothing was staged in it
+                    self._open_group = None
+                raise
+            group.keys.add(key)
+            group.puts += 1
+            group.callbacks.append(done)
+            if opened:
+                self.on_group_waiting(self)
+        elif write[0] == "delete":
+            check_key(write[1])
+            batch = self._begin()
+            try:
+                self.kv.delete(write[1], batch)
+            finally:
+                self._batch = None
+            # Queued even when there was nothing to delete (the batch then holds
+            # the scope's counters only): its report keeps its place in the order.
+            own_stamp = self._close(batch)
+            keys = {write[1]}
+            self.store.enqueue(batch).when_done(
+                lambda error: self._submitted_change_done(batch, keys, own_stamp, done, error)
+            )
+        else:
+            raise InvalidArgument(f"unknown KV write {write[0]!r}")
+
+    def seal_submitted(self) -> None:
+        """Seal the open put group if no ``kv_put`` leads it (the replica's sealer calls this)."""
+        group = self._open_group
+        if group is None or group.led:
+            return
+        lone = group.puts == 1 and self._last_group_puts == 1
+        self._seal(write_now=lone and self.store.can_write_now)
+
+    def _submitted_group_done(self, group: _PutGroup, error: BaseException | None) -> None:
+        if error is not None and group.error is None:
+            group.error = error
+        self._group_finished(group)
+        if group.error is None:
+            self._compact_soon("kv")
+
+    def _submitted_change_done(
+        self, batch: WriteBatch, keys: set[str], own_stamp: Stamp | None, done: WriteDone, error: BaseException | None
+    ) -> None:
+        if error is None:
+            self._committed(batch, "kv", keys, None, own_stamp)
+        _report(done, error)
+        if error is None:
+            self._compact_soon("kv")
+
+    def _compact_soon(self, collection: str) -> None:
+        """Hand a due compaction to the replica's compactor (no task here to run it in)."""
+        if self.auto_compact and collection not in self._compactions_waiting and self.needs_compaction(collection):
+            self._compactions_waiting.add(collection)
+            self.on_compaction_waiting()
 
     def _seal(self, write_now: bool = False) -> None:
         """Flush the open group's staged puts into its batch and queue it.
@@ -284,6 +405,11 @@ class Scope:
             group.error = error
         finally:
             self._batch = None
+        if not group.led:  # no task waits for it: the round reports it
+            if group.round is None:
+                self._submitted_group_done(group, None)
+            else:
+                group.round.when_done(lambda error: self._submitted_group_done(group, error))
 
     async def kv_delete(self, key: str, *, recurse: bool = False, cas: int | None = None) -> bool:
         batch = self._begin()

@@ -33,6 +33,7 @@ locked by its state store, ``store.Store.open``.)
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -74,16 +75,42 @@ PRIVATE_FILE_MODE = 0o600
 Item = TypeVar("Item")
 T = TypeVar("T")
 
+log = logging.getLogger("konsul.store")
+
 
 class WriteRound:
-    """Items that commit in one transaction; their writers share one event."""
+    """Items that commit in one transaction; their writers share one event.
 
-    __slots__ = ("items", "done", "error")
+    A writer without a task of its own to wait in (a device gateway's
+    acknowledgement) adds a callback with :meth:`when_done` instead.
+    """
+
+    __slots__ = ("items", "done", "error", "callbacks")
 
     def __init__(self) -> None:
         self.items: list[Any] = []
         self.done = trio.Event()
         self.error: BaseException | None = None
+        self.callbacks: list[Callable[[BaseException | None], None]] | None = None
+
+    def when_done(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Call ``callback(error)`` (in trio) once the round is durable (None) or has failed."""
+        if self.done.is_set():
+            callback(self.error)
+        elif self.callbacks is None:
+            self.callbacks = [callback]
+        else:
+            self.callbacks.append(callback)
+
+    def finish(self) -> None:
+        """Release the round's writers: its event, then its callbacks, in the order added."""
+        self.done.set()
+        callbacks, self.callbacks = self.callbacks, None
+        for callback in callbacks or ():
+            try:
+                callback(self.error)
+            except Exception:  # noqa: BLE001 - one writer's bug must not keep the others waiting
+                log.exception("a write's completion callback failed")
 
 
 class _Transaction:
@@ -199,7 +226,7 @@ class SqliteWriter(Generic[Item]):
             with self._lock:
                 queued, self._next = self._next, WriteRound()
             queued.error = StoreError("the store shut down before this write was durable")
-            queued.done.set()
+            queued.finish()
 
     # -- writing -----------------------------------------------------------------------
 
@@ -328,7 +355,7 @@ class SqliteWriter(Generic[Item]):
             return  # its writers learn of it in _recover
         else:
             self._wakeup.set()
-        round_.done.set()
+        round_.finish()
 
     def _recover(self, failed: WriteRound) -> None:
         """Fail a round and everything queued behind it, reload, resume writing."""
@@ -344,8 +371,8 @@ class SqliteWriter(Generic[Item]):
         finally:
             # Writers hear of the failure once memory is back in step with the
             # disk, and the thread resumes only then.
-            failed.done.set()
-            queued.done.set()
+            failed.finish()
+            queued.finish()
             with self._lock:
                 self._paused = False
                 self._work.notify()

@@ -8,9 +8,10 @@ the only module of the gateway that crosses it:
 - asyncio -> trio: resources await ``run_trio(fn, *args)`` (``trio_as_aio``)
   for whatever writes state (conditional KV writes, deletes, device
   registration, trio hooks). Unconditional KV puts, the common write, do not
-  cross per request: the resource calls ``KvWriter.submit`` synchronously
-  (both loops share one thread) and awaits an asyncio future that the
-  writer's trio task resolves once the put's batch is durable (writer.py).
+  cross per request: the resource submits them to the scope synchronously
+  (``Scope.kv_submit``; both loops share one thread), where they join the
+  scope's put group, and awaits an asyncio future that the scope's completion
+  callback resolves once the put is durable (:func:`put_soon`).
   Reads (GET, Observe notifications) are plain in-memory lookups and never
   cross, which keeps the hot path as fast as a bare aiocoap server.
 - state changes: the scope announces durable changes to listeners from trio;
@@ -39,12 +40,35 @@ from ..gateway import GatewayContext
 from .backlog import coalesce_notifications
 from .dedup import compact_duplicates
 from .site import CoapGateway, responder_pipe
-from .writer import KvWriter
 
 if TYPE_CHECKING:
     from ..oscore_contexts import OscoreContexts
 
 log = logging.getLogger("konsul.coap")
+
+
+def put_soon(new_future: Callable[[], Any], scope: Any, key: str, value: bytes) -> Any:
+    """Submit an unconditional put to ``scope`` from the asyncio side; a future that resolves once it is durable.
+
+    ``Scope.kv_submit`` is a plain synchronous call (both loops share one
+    thread): no crossing into trio per request. The scope calls back in trio
+    once the put's group is durable, or with the store's error if it is not.
+    """
+    future = new_future()
+
+    def done(error: BaseException | None) -> None:
+        if future.done():  # the request was given up on
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+    try:
+        scope.kv_submit(("set", key, value, 0), done)
+    except Exception as error:  # noqa: BLE001 - refused (InvalidArgument) or no store: the request's answer
+        future.set_exception(error)
+    return future
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
@@ -287,8 +311,7 @@ async def run_coap_gateway(
     def run_trio(fn, *args, **kwargs):
         return trio_asyncio.trio_as_aio(partial(fn, **kwargs) if kwargs else fn, loop=loop)(*args)
 
-    writer = KvWriter(loop.create_future)
-    gateway = CoapGateway(gateways, run_trio, writer, uri_tokens=uri_tokens, oscore=oscore)
+    gateway = CoapGateway(gateways, run_trio, partial(put_soon, loop.create_future), uri_tokens=uri_tokens, oscore=oscore)
     # aiocoap sets SO_REUSEPORT by default, which would let a second agent bind
     # the same port silently and split the traffic; we want "address in use".
     os.environ.setdefault("AIOCOAP_REUSE_PORT", "0")
@@ -333,10 +356,9 @@ async def run_coap_gateway(
 
     push.notify_desired = notify_desired
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(writer.run)
-            shown = f"[{host}]" if ":" in host else host
-            task_status.started(f"{shown}:{_bound_port(context)}")
+        shown = f"[{host}]" if ":" in host else host
+        task_status.started(f"{shown}:{_bound_port(context)}")
+        await trio.sleep_forever()  # the gateway runs on the asyncio side until cancelled
     finally:
         for scope, listener in zip(scopes, listeners, strict=True):
             scope.listeners.remove(listener)

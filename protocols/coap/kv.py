@@ -39,11 +39,12 @@ from .formats import (
 
 
 class PutSoon(Protocol):
-    """The batched writer as a resource sees it (:class:`.writer.KvWriter`)."""
+    """An unconditional put handed to the scope without crossing into trio (boundary.py).
 
-    def submit(self, scope: Scope, key: str, value: bytes) -> Awaitable[None]: ...
+    Returns an awaitable that resolves once the put is durable (``Scope.kv_submit``).
+    """
 
-    def pending(self, scope: Scope, key: str) -> bool: ...
+    def __call__(self, scope: Scope, key: str, value: bytes) -> Awaitable[None]: ...
 
 
 def make_etag(modify_index: int, fmt: int) -> bytes:
@@ -74,7 +75,7 @@ class KvResource(ExplainedResource, resource.ObservableResource, resource.PathCa
         self.observers = observers  # the bounds on registrations, shared with /devices
         self.access = access
         self.run_trio = run_trio
-        # Unconditional puts go to the batched writer (writer.py).
+        # Unconditional puts join the scope's put group without crossing into trio.
         self.put_soon = put_soon
         self._watching: dict[tuple[str, str], set] = {}
 
@@ -142,10 +143,10 @@ class KvResource(ExplainedResource, resource.ObservableResource, resource.PathCa
         value = value_from_payload(request.payload, fmt)
         check_value(value)
         cas = self._cas(request, scope, key)
-        put_soon = self.put_soon
         if cas is None:
-            existed = scope.kv.get(key) is not None or put_soon.pending(scope, key)
-            await put_soon.submit(scope, key, value)  # resolves once durable
+            # A put submitted before and not yet durable is in memory already.
+            existed = scope.kv.get(key) is not None
+            await self.put_soon(scope, key, value)  # resolves once durable
         else:
             existed = scope.kv.get(key) is not None
             if not await self.run_trio(scope.kv_put, key, value, cas=cas):

@@ -10,11 +10,12 @@ Inbound, a device's PUBLISH arrives in :meth:`MqttGateway.received`:
   telemetry in batches to ``ingest_telemetry`` (one durable append each, a QoS 1
   PUBACK once it returns), reported state to ``on_reported`` one at a time;
 - a status (``online``/``offline``) updates presence;
-- a KV topic is a write: writes queue and are applied in batches, one durable
-  transaction per batch (``Scope.kv_apply``), which is what lets one device
-  publishing at full speed share each fsync with everyone else. A QoS 1 write
-  is acknowledged (PUBACK) only once it is durable, the same promise the HTTP
-  API makes.
+- a KV topic is a write, submitted to the scope (``Scope.kv_submit``): it
+  joins the scope's open put group, the one batching path for KV writes, with
+  whatever else arrives with it (other devices' messages, HTTP puts), so one
+  device publishing at full speed shares each fsync with everyone else. A QoS 1
+  write is acknowledged (PUBACK) only once it is durable, the same promise the
+  HTTP API makes, and in the order the writes came.
 
 Outbound, every durable KV change, from any source (MQTT, HTTP, CoAP, the hub),
 is announced by ``Scope.listeners``; the changed keys are republished with
@@ -35,6 +36,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import trio
@@ -53,8 +55,8 @@ from .topics import may_receive as topic_may_receive
 
 log = logging.getLogger("konsul.mqtt")
 
-MAX_BATCH = 1000  # KV writes per transaction
-COMMITS_IN_FLIGHT = 2  # batches applied and waiting for the store at once (see docs/benchmarks.md, MQTT)
+MAX_BATCH = 1000  # telemetry samples per durable append
+COMMITS_IN_FLIGHT = 2  # telemetry batches waiting for the store at once (see docs/benchmarks.md, MQTT)
 HIGH_WATER = 5000  # queued writes and hook calls past which readers pause
 MAX_BACKLOG = 50_000  # past this, QoS 0 input is refused ("overload")
 
@@ -90,7 +92,12 @@ class MqttGateway:
         self.links: dict[str, int] = {}  # open connections per device
         self.desired: dict[str, bytes] = {}  # the last desired state published per device
         self.seen_via_broker: set[str] = set()  # online by their status, through an external broker
-        self._kv_writes: deque[tuple[tuple, Done | None]] = deque()
+        # KV writes submitted to the scope and not yet settled, and the results
+        # (acknowledge or not) waiting to be handed to the outlet, in order.
+        self._kv_unsettled = 0
+        self._kv_results: list[tuple[Done, bool]] = []
+        self._kv_failed: tuple[int, BaseException | None] = (0, None)  # since the last settle: count, last error
+        self._kv_wake = trio.Event()
         self._hook_calls: deque[tuple[Callable[..., Any], tuple, str, Done | None]] = deque()
         self._telemetry: deque[tuple[tuple[str, Any], str, Done | None]] = deque()
         self._telemetry_lot = trio.lowlevel.ParkingLot()  # idle telemetry workers
@@ -99,7 +106,6 @@ class MqttGateway:
         self._kicks: list[tuple[str, str | None, str]] = []  # (device, token hash still valid, why)
         self.access = ctx.device_access
         self.rate = ctx.device_access.rate("mqtt")
-        self._kv_lot = trio.lowlevel.ParkingLot()  # idle KV workers
         self._commits = trio.Semaphore(COMMITS_IN_FLIGHT)
         self._hook_wake = trio.Event()
         self._out_wake = trio.Event()
@@ -207,7 +213,7 @@ class MqttGateway:
     # -- inbound ---------------------------------------------------------------------
 
     def congested(self) -> bool:
-        return len(self._kv_writes) + len(self._hook_calls) + len(self._telemetry) > HIGH_WATER
+        return self._kv_unsettled + len(self._hook_calls) + len(self._telemetry) > HIGH_WATER
 
     def received(self, device_id: str | None, publish: Publish, who: str, done: Done | None) -> None:
         """One PUBLISH from a device (``device_id`` None: via an external broker).
@@ -297,15 +303,37 @@ class MqttGateway:
             if done is not None:
                 done(True)
             return False
-        if publish.qos == 0 and len(self._kv_writes) >= MAX_BACKLOG:
-            self.refusals.refuse("overload", who, f"PUBLISH {publish.topic!r}: {len(self._kv_writes)} writes queued")
+        if publish.qos == 0 and self._kv_unsettled >= MAX_BACKLOG:
+            self.refusals.refuse("overload", who, f"PUBLISH {publish.topic!r}: {self._kv_unsettled} writes queued")
             return False
         # An empty payload deletes, retained or not: "publish nothing here".
         write = ("set", key, publish.payload, 0) if publish.payload else ("delete", key)
+        try:
+            self.scope.kv_submit(write, partial(self._kv_written, done))
+        except StoreError as error:  # the store is not running: a QoS 1 sender resends
+            log.error("a KV write from %s failed, not acknowledged: %s", who, error)
+            if done is not None:
+                done(False)
+            return False
+        except KonsulError as error:  # refused (a key the store does not take): nothing changed
+            self.refusals.refuse("invalid", who, f"PUBLISH {publish.topic!r}: {error}")
+            self._republish(key)
+            if done is not None:
+                done(True)
+            return False
+        self._kv_unsettled += 1
         self.metrics.received.labels("kv_write" if publish.payload else "kv_delete").inc()
-        self._kv_writes.append((write, done))
-        self._kv_lot.unpark()
         return True
+
+    def _kv_written(self, done: Done | None, error: BaseException | None) -> None:
+        """A submitted KV write is durable (``error`` None), or is not: settle it with the next ones."""
+        self._kv_unsettled -= 1
+        if error is not None:
+            self._kv_failed = (self._kv_failed[0] + 1, error)
+        if done is not None:
+            # Not acknowledged on failure: a QoS 1 sender keeps the message and resends it.
+            self._kv_results.append((done, error is None))
+        self._kv_wake.set()
 
     def _call_hook(self, hook: Callable[..., Any], args: tuple, who: str, done: Done | None) -> None:
         if len(self._hook_calls) >= MAX_BACKLOG:
@@ -404,7 +432,7 @@ class MqttGateway:
         self.scope.listeners.append(self._on_change)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._batch_writer, self._kv_writes, self._kv_lot, self._apply)
+                nursery.start_soon(self._settle_kv_writes)
                 nursery.start_soon(self._hook_runner)
                 nursery.start_soon(self._batch_writer, self._telemetry, self._telemetry_lot, self._store_telemetry)
                 nursery.start_soon(self._pump)
@@ -413,16 +441,14 @@ class MqttGateway:
             self.scope.listeners.remove(self._on_change)
 
     async def _batch_writer(self, queue: deque, lot: trio.lowlevel.ParkingLot, apply: Callable[[list], Any]) -> None:
-        # Batches are pipelined: up to COMMITS_IN_FLIGHT workers each take
-        # whatever is queued, apply it and wait for the store, so the next
-        # batch is applied while the last commits, and commits that queue
-        # together share one transaction. A worker takes its batch and applies
-        # it in memory and queues it for the store without a checkpoint in
-        # between (Scope.kv_apply awaits only after that), so batches reach
-        # both in the order they came. Standing workers rather than a task per
-        # batch: at QoS 1 a batch is ~10 messages, and starting a task, a
-        # nursery and their cancel scopes per batch was a tenth of the CPU.
-        # KV writes and telemetry samples each have their own queue and workers.
+        # Telemetry samples (KV writes go to Scope.kv_submit instead). Batches
+        # are pipelined: up to COMMITS_IN_FLIGHT workers each take whatever is
+        # queued, hand it to the telemetry buffer and wait for it to be
+        # durable, so the next batch is taken while the last commits, and
+        # appends that queue together share one transaction (the buffer's
+        # SqliteWriter). Standing workers rather than a task per batch: at
+        # QoS 1 a batch is ~10 messages, and starting a task, a nursery and
+        # their cancel scopes per batch was a tenth of the CPU.
         async with trio.open_nursery() as nursery:
             for _ in range(COMMITS_IN_FLIGHT):
                 nursery.start_soon(self._batch_worker, queue, lot, apply)
@@ -440,17 +466,18 @@ class MqttGateway:
                     lot.unpark()  # more than one batch waits: another worker may start
                 await apply(batch)
 
-    async def _apply(self, batch: list[tuple[tuple, Done | None]]) -> None:
-        try:
-            await self.scope.kv_apply([write for write, _ in batch])
-            ok = True
-        except KonsulError as error:
-            # Not acknowledged: a QoS 1 sender keeps the message and resends it.
-            log.error("%d KV writes failed, not acknowledged: %s", len(batch), error)
-            ok = False
-        results = [(done, ok) for _, done in batch if done is not None]
-        if results or not self.congested():
-            await self.outlet.settle(results)
+    async def _settle_kv_writes(self) -> None:
+        # Results reach the outlet in the order the scope reports them, which
+        # is the order the writes were submitted in.
+        while True:
+            await self._kv_wake.wait()
+            self._kv_wake = trio.Event()
+            results, self._kv_results = self._kv_results, []
+            (failed, error), self._kv_failed = self._kv_failed, (0, None)
+            if failed:
+                log.error("%d KV writes failed, not acknowledged: %s", failed, error)
+            if results or not self.congested():
+                await self.outlet.settle(results)
 
     async def _hook_runner(self) -> None:
         # A QoS 1 message is acknowledged once its hook returned (reported
