@@ -112,7 +112,7 @@ class TelemetryBuffer:
 
     def _recount(self, _error: Exception) -> None:
         """After a failed round (rolled back): what the table holds, from the table."""
-        (self._writer_bytes,) = self._writer._conn.execute("SELECT coalesce(sum(size), 0) FROM samples").fetchone()
+        [(self._writer_bytes,)] = self._writer.query("SELECT coalesce(sum(size), 0) FROM samples")
 
     async def _read(self, read: Callable[[sqlite3.Connection], T]) -> T:
         """``read(conn)`` on the reader connection, in a worker thread."""

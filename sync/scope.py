@@ -360,8 +360,11 @@ class Scope:
         group = self._open_group
         if group is None or group.led:
             return
-        lone = group.puts == 1 and self._last_group_puts == 1
-        self._seal(write_now=lone and self.store.can_write_now)
+        # Always through the writer thread, never write_now: a device that
+        # keeps several QoS 1 messages in flight sends the next ones while this
+        # group commits, and they must be read meanwhile to form the next group
+        # (write_now would block the event loop for the commit).
+        self._seal()
 
     def _submitted_group_done(self, group: _PutGroup, error: BaseException | None) -> None:
         if error is not None and group.error is None:

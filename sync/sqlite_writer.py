@@ -190,6 +190,10 @@ class SqliteWriter(Generic[Item]):
         self._closed = True
         self._conn.close()
 
+    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        """Read on the writer's connection: at start-up, or in ``on_failure`` (the thread waits then)."""
+        return self._conn.execute(sql, params).fetchall()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the writer thread; cancel this to stop (queued items then fail)."""
         self._stopping = self._paused = False

@@ -126,9 +126,6 @@ class Store(SqliteWriter[WriteBatch]):
 
     # -- reading (start-up and maintenance, from the owner's thread) ----------
 
-    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        return self._conn.execute(sql, params).fetchall()
-
     def meta(self, name: str, default: Any = None) -> Any:
         row = self._conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return default if row is None else row[0]
