@@ -137,6 +137,29 @@ def test_filters_decide_which_edges_take_an_event(fleet):
     assert len(httpx.get(f"{hub.url}/v1/event/list?name=filtered").json()) == 5  # the hub keeps them all
 
 
+def test_event_list_narrows_by_the_node_service_and_tag_filters_events_were_fired_with(fleet):
+    hub, edges = fleet
+    for query in ("node=^db-", "service=^web$&tag=^v2$", "service=^web$&tag=^v1$", ""):
+        assert httpx.put(f"{hub.url}/v1/event/fire/narrowed?{query}", timeout=10).status_code == 200
+    agent = consul.Consul(host="127.0.0.1", port=hub.port)
+
+    def listed(**params) -> list[str]:
+        _, events = agent.event.list(name="narrowed", **params)
+        return sorted(e["NodeFilter"] + e["ServiceFilter"] + e["TagFilter"] for e in events)
+
+    assert len(listed()) == 4
+    assert listed(node="db") == ["^db-"]
+    assert listed(service="web") == ["^web$^v1$", "^web$^v2$"]
+    assert listed(service="web", tag="v2") == ["^web$^v2$"]
+    assert listed(node="db", service="web") == []
+    # curl, and a bad expression answers 400 (a blocking list included).
+    done = subprocess.run(["curl", "-sS", f"{hub.url}/v1/event/list?name=narrowed&tag=v1"], capture_output=True,
+                          timeout=10, check=True)
+    assert [e["TagFilter"] for e in json.loads(done.stdout)] == ["^v1$"]
+    bad = httpx.get(f"{hub.url}/v1/event/list", params={"node": "(unclosed", "index": "5", "wait": "30s"}, timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"] == "invalid_argument"
+
+
 def test_with_acls_on_a_device_hears_only_events_it_may_read_and_a_fire_needs_event_write(tmp_path):
     from agents import MANAGEMENT_TOKEN
 
