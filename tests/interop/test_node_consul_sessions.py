@@ -11,7 +11,6 @@ from agents import EdgeProcess
 NODE_CLIENTS = Path(__file__).resolve().parent / "node"
 
 
-
 def test_node_consul_sessions_and_a_lock(tmp_path):
     """node-consul's session calls and kv.set acquire/release against a real edge (tests/interop/node/sessions.js)."""
     assert (NODE_CLIENTS / "node_modules" / "consul").is_dir(), "run scripts/setup (npm install in tests/interop/node)"
