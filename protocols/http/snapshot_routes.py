@@ -51,6 +51,14 @@ class SnapshotTooLarge(KonsulError):
     headers = {"Connection": "close"}
 
 
+class SnapshotUploadCut(KonsulError):
+    """The upload reached this route already cut short (nothing was staged)."""
+
+    status = 503
+    code = "upload_cut"
+    headers = {"Connection": "close"}
+
+
 def _data_dir(ctx: HttpContext) -> Path:
     authorizer = authz.authorizer()
     if not authorizer.management:
@@ -120,8 +128,14 @@ def _request_chunks() -> AsyncIterator[bytes]:
     body whole before its handler runs (app.py, ``read_body_first``), not this one.
     """
     body = request.body
+    # quart's receiving task, started with the request, has not run yet: this
+    # route runs to here without a checkpoint, so no chunk was judged (or dropped)
+    # against the app-wide bound. Should one ever have been, the body is cut short:
+    # refuse it rather than check a truncated archive.
+    if isinstance(body._must_raise, RequestEntityTooLarge) and body._complete.is_set():
+        raise SnapshotUploadCut("the upload was cut short by the server's body bound; send it again")
     body._max_content_length = None
-    if isinstance(body._must_raise, RequestEntityTooLarge):
+    if isinstance(body._must_raise, RequestEntityTooLarge):  # judged by Content-Length alone
         body._must_raise = None
     g.snapshot_body_read = False
 
