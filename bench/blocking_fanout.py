@@ -79,7 +79,7 @@ def start_konsul(data_dir: Path, logs: Path, watchers: int) -> Server:
     port = free_port()
     limit = str(watchers + 64)
     argv = [str(KONSUL), "edge", "--site", "s1", "--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{port}",
-            "--mqtt-addr", "", "--coap-addr", "", "--acl", "off",
+            "--mqtt-addr", "", "--coap-addr", "", "--dns-addr", "", "--acl", "off",
             "--http-max-connections", limit, "--http-max-connections-per-source", limit]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = str(logs.parent / "pycache")

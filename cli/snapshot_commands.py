@@ -26,17 +26,19 @@ from .client_commands import Client, CommandError, api_error, is_missing, kv_pat
 
 IMPORT_BATCH = 64  # operations per /v1/txn (Consul's limit)
 CHUNK = 64 * 1024
+# An online restore is answered once the agent has checked the whole archive.
+RESTORE_TIMEOUT_S = 600.0
 
 
 def add_snapshot_commands(commands: argparse._SubParsersAction, sub) -> None:
     snapshots = commands.add_parser(
         "snapshot",
-        help="save, inspect and restore snapshots of an edge's state",
-        description="Snapshots of an edge's state store and OSCORE contexts (docs/operations.md).",
+        help="save, inspect and restore snapshots of an edge's or a hub's state",
+        description="Snapshots of an edge's state store and OSCORE contexts, or of a hub's stores (docs/operations.md).",
     )
     snapshot_commands = snapshots.add_subparsers(dest="snapshot_command", metavar="SUBCOMMAND", required=True)
     save = sub(snapshot_commands, "save", cmd_snapshot_save,
-               "save a snapshot of a running edge to FILE (needs a management token)",
+               "save a snapshot of a running edge or hub to FILE (needs a management token)",
                epilog="example:\n  konsul snapshot save backup.snap --token $KONSUL_HTTP_TOKEN")
     save.add_argument("file", metavar="FILE")
     inspect = sub(snapshot_commands, "inspect", cmd_snapshot_inspect,
@@ -107,10 +109,12 @@ def cmd_snapshot_inspect(args: argparse.Namespace) -> int:
         print_json(meta)
         return 0
     counts = meta["Counts"]
-    rows = [["Site", meta["Site"]], ["Replica", meta["Replica"]], ["Index", str(meta["Index"])],
+    rows = [["Role", meta.get("Role", "edge")], ["Site", meta["Site"]], ["Replica", meta["Replica"]], ["Index", str(meta["Index"])],
             ["Created", meta["CreatedAt"]], ["Size", f"{meta['ArchiveBytes']} bytes"],
             ["Keys", str(counts["Keys"])], ["Services", str(counts["Services"])],
             ["Devices", str(counts["Devices"])], ["OSCORE contexts", str(counts["OscoreContexts"])]]
+    if "SiteCredentials" in counts:
+        rows.append(["Site credentials", str(counts["SiteCredentials"])])
     out(table(rows, ["FIELD", "VALUE"]))
     scopes = [[name, str(s["Index"]), str(s["Keys"]), str(s["Services"]), str(s["Devices"])]
               for name, s in meta["Scopes"].items()]
@@ -133,6 +137,9 @@ def cmd_snapshot_restore(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot read {args.file}: {error.strerror}") from None
     if args.format == "json":
         print_json(meta)
+    elif meta.get("Role") == "hub":
+        note(f"restored a hub's {len(meta.get('ScopeIndexes', {}))} scopes into {args.data_dir} as replica "
+             f"{meta['RestoredReplica']}; start the hub with --data-dir {args.data_dir}")
     else:
         note(f"restored site {meta['Site']} (index {meta['Index']}) into {args.data_dir} as replica "
              f"{meta['RestoredReplica']}; start the edge with --site {meta['Site']} --data-dir {args.data_dir}")
@@ -141,7 +148,7 @@ def cmd_snapshot_restore(args: argparse.Namespace) -> int:
 
 def _restore_online(args: argparse.Namespace) -> int:
     try:
-        body = Path(args.file).read_bytes()
+        body = open(args.file, "rb")  # noqa: SIM115 - closed below; sent as it is read, never whole in memory
     except OSError as error:
         raise CommandError(f"cannot read {args.file}: {error.strerror}") from None
     params = {}
@@ -149,10 +156,12 @@ def _restore_online(args: argparse.Namespace) -> int:
         params["force"] = "true"
     if args.same_replica:
         params["same-replica"] = "true"
-    with Client(args) as client:
-        found = client.call("PUT", "/v1/snapshot", params=params, content=body).json()
+    with body, Client(args) as client:
+        found = client.call("PUT", "/v1/snapshot", params=params, content=body, read_timeout=RESTORE_TIMEOUT_S).json()
     if args.format == "json":
         print_json(found)
+    elif found.get("Role") == "hub":
+        note("hub snapshot checked and staged: restart the hub to load it")
     else:
         note(f"snapshot of site {found['Site']} checked and staged: restart the agent to load it")
     return 0

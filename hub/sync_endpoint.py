@@ -56,13 +56,18 @@ FAREWELL_TIMEOUT_S = 2.0
 
 
 class SyncRefusals:
-    """Sessions the hub ended over what a peer sent, by reason (``konsul_sync_refused_total``)."""
+    """Sessions the hub ended over what a peer sent, by reason (``konsul_sync_refused_total``);
+    user events it dropped from a session it kept, by reason (``konsul_sync_events_dropped_total``)."""
 
     def __init__(self) -> None:
         self.by_code: dict[str, int] = {}
+        self.events_dropped: dict[str, int] = {}
 
     def add(self, code: str) -> None:
         self.by_code[code] = self.by_code.get(code, 0) + 1
+
+    def drop_event(self, reason: str, count: int = 1) -> None:
+        self.events_dropped[reason] = self.events_dropped.get(reason, 0) + count
 
 
 @dataclass(frozen=True)
@@ -286,13 +291,18 @@ def take_events(hub: dict, grant: SyncGrant, source: str, scope: str, data) -> N
     """An edge's events: kept, and handed on to every other edge holding the scope.
 
     A site allowed to read ``global`` only may not fire fleet-wide events:
-    those are dropped, logged and counted (``event_global_read_only``).
+    those are dropped, logged and counted (``konsul_sync_events_dropped_total{reason="global_read_only"}``);
+    the session goes on.
     """
     events: EventLog | None = hub.get("events")
     if events is None:
         return
     if scope == GLOBAL_SCOPE and not grant.global_write:
-        hub["sync_refusals"].add("event_global_read_only")
+        # Counted per event (an edge replays its recent ones, none at first, on every connection).
+        dropped = len(data) if isinstance(data, list) else 1
+        if not dropped:
+            return
+        hub["sync_refusals"].drop_event("global_read_only", dropped)
         peer_log.log(
             log, logging.INFO, ("sync-event", source), "events for %s from %s dropped: the site may only read %s "
             "(konsul sites add SITE --global write)", GLOBAL_SCOPE, source, GLOBAL_SCOPE,

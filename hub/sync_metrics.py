@@ -8,7 +8,8 @@ from prometheus_client.core import CounterMetricFamily
 
 
 class HubRefusalCollector:
-    """``konsul_sync_refused_total{reason}``, ``konsul_clock_skewed_stamps_total``,
+    """``konsul_sync_refused_total{reason}``, ``konsul_sync_events_dropped_total{reason}``,
+    ``konsul_clock_skewed_stamps_total``,
     ``konsul_telemetry_refused_total``: read from the hub's state at scrape time."""
 
     def __init__(self, hub_state: dict[str, Any]) -> None:
@@ -23,6 +24,15 @@ class HubRefusalCollector:
         for reason, count in sorted(getattr(refusals, "by_code", {}).items()):
             refused.add_metric([reason], count)
         yield refused
+        dropped = CounterMetricFamily(
+            "konsul_sync_events_dropped",
+            "User events the hub dropped from a sync session it kept, by reason (global_read_only: a fleet-wide "
+            "event from a site that may only read global)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(getattr(refusals, "events_dropped", {}).items()):
+            dropped.add_metric([reason], count)
+        yield dropped
         yield CounterMetricFamily(
             "konsul_clock_skewed_stamps",
             "Stamps from elsewhere further ahead than the allowed clock skew (the clock did not follow them)",

@@ -94,6 +94,11 @@ class NetworkLimits:
     dns_connections: int = _limit(256, "--dns-max-connections", "DNS TCP connections, all clients together")
     dns_connections_per_source: int = _limit(
         32, "--dns-max-connections-per-source", "DNS TCP connections one client address may hold")
+    # PUT /v1/snapshot streams its upload to the data directory (protocols/http/snapshot_routes.py),
+    # bounded by this instead of the API's 1 MiB body bound.
+    snapshot_max_bytes: int = _limit(
+        2**30, "--snapshot-max-bytes", "bytes a snapshot uploaded for restore (PUT /v1/snapshot) may hold",
+        ("edge", "hub"))
 
 
 class ConnectionLimit:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import trio
 
+from konsul.sync.catalog import CheckDefinition, NodeRecord
 from konsul.sync.checks import CRITICAL, CheckTable
 from konsul.sync.log_limits import peer_log
 from konsul.sync.replica import Replica
@@ -46,37 +47,60 @@ OUTCOMES = ("service", "node", "addr", "apex", "nodata", "nxdomain", "refused", 
 def catalog_view(replica: Replica, site: str, node: str, node_address: Callable[[], str], checks: CheckTable) -> DnsView:
     """The site's catalog as DNS reads it (through ``Scope.catalog``'s public methods).
 
-    An instance is healthy when none of its checks is critical: this agent's
-    own checks from its check table, another node's as unknown (critical)
-    unless it has none, as ``/v1/health/service`` reports them here.
+    An instance is healthy when none of its checks, nor its node's, is
+    critical, as ``/v1/health/service`` reports them here
+    (protocols/http/catalog_routes.py): this agent's own from its check
+    table; a node registered through ``/v1/catalog/register`` with the status
+    registered with each check (nobody runs them, as Consul's catalog checks);
+    another agent's checks as unknown, so critical. An instance without an
+    address of its own answers with its node's, as Consul's DNS does.
     """
 
     def instances(name: str) -> list[Instance]:
         wanted = name.lower()
+        catalog = replica.scope(site).catalog
+        own_checks_expired = False
         found = []
-        for entry in replica.scope(site).catalog.services():
+        for entry in catalog.services():
             if entry.name.lower() != wanted:
                 continue
             if entry.node == node:
-                checks.expire_ttls()
-                healthy = all(c.status != CRITICAL for c in checks.for_service(entry.service_id))
+                if not own_checks_expired:
+                    checks.expire_ttls()
+                    own_checks_expired = True
+                statuses = [c.status for c in checks.for_service(entry.service_id)]
+                statuses += [c.status for c in checks.checks.values() if not c.service_id]  # maintenance, ...
                 address = entry.address or node_address()
             else:
-                healthy = not entry.checks
-                address = entry.address
+                record = catalog.node(entry.node)
+                statuses = [_registered_status(record, d) for d in entry.checks]
+                statuses += [_registered_status(record, d) for d in (record.checks if record is not None else ())]
+                address = entry.address or (record.address if record is not None else "")
+            healthy = all(status != CRITICAL for status in statuses)
             found.append(Instance(entry.node, address, entry.port, entry.tags, healthy))
         return found
 
     def address_of(name: str) -> str | None:
         if name == node.lower():
             return node_address()
-        return None  # other nodes' addresses are not kept in the catalog here
+        catalog = replica.scope(site).catalog
+        record = catalog.node(name)
+        if record is None:  # DNS names are case-insensitive, catalog node names are not
+            record = next((r for r in catalog.nodes() if r.node.lower() == name), None)
+        return record.address or None if record is not None else None
 
     def generation() -> tuple[int, int, int]:
         scope = replica.scope(site)
         return (scope.catalog.last_index, checks.version, id(scope))
 
     return DnsView(site.lower(), instances, address_of, generation)
+
+
+def _registered_status(record: NodeRecord | None, definition: CheckDefinition) -> str:
+    """A check of another node: its registered status on a node registered through the catalog, else unknown."""
+    if record is not None and not record.agent:
+        return definition.status or CRITICAL
+    return CRITICAL  # an agent's check whose status is not reported to this one
 
 
 class DnsMetrics:

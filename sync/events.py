@@ -149,6 +149,31 @@ def _compile(pattern: str, what: str):
         raise InvalidArgument(f"the {what} filter is not a valid regular expression: {error}") from None
 
 
+def list_filter(node: str, service: str, tag: str) -> Callable[[UserEvent], bool]:
+    """``/v1/event/list``'s ``?node=``, ``?service=``, ``?tag=``: which listed events to keep.
+
+    Each is a regular expression (RE2) searched in the event's own filter of
+    that kind, the one it was fired with (``NodeFilter``, ``ServiceFilter``,
+    ``TagFilter``), as py-consul and Consul's API reference describe them; an
+    event fired without that filter is kept only when the parameter is absent.
+    (Consul's agent documents them and applies none but ``name``.)
+    """
+    checks = []
+    for what, pattern, field_of in (
+        ("node", node, lambda e: e.node_filter),
+        ("service", service, lambda e: e.service_filter),
+        ("tag", tag, lambda e: e.tag_filter),
+    ):
+        if not pattern:
+            continue
+        if len(pattern) > MAX_FILTER_CHARS:
+            raise InvalidArgument(f"the {what} parameter is at most {MAX_FILTER_CHARS} characters")
+        compiled = _compile(pattern, what)
+        checks.append(lambda event, compiled=compiled, field_of=field_of: bool(
+            field_of(event) and compiled.search(field_of(event))))
+    return lambda event: all(check(event) for check in checks)
+
+
 def uuid_index(event_id: str) -> int:
     """Consul's event-list index: the two halves of the newest event's UUID XORed."""
     digits = event_id.replace("-", "")

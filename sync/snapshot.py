@@ -64,6 +64,10 @@ STATE_NAME = "state/" + DB_NAME
 OSCORE_DIR = "oscore"
 OSCORE_FILES = ("secret.json", "sequence.json", "device")
 _OSCORE_MEMBER = re.compile(r"oscore/([0-9a-f]{2,16})/(secret\.json|sequence\.json|device)")
+# A hub's archive (snapshot_hub.py) holds one store per scope, under the name it has in the data directory.
+SCOPES_DIR = "scopes"
+SCOPE_MEMBER = re.compile(r"scopes/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/" + re.escape(DB_NAME))
+ROLES = ("edge", "hub")
 # Pages per backup step (4 KiB each): a step is a few milliseconds.
 BACKUP_STEP_PAGES = 256
 # How far a restored OSCORE context's sender sequence number moves ahead.
@@ -198,7 +202,7 @@ def save(data_dir: Path, site: str, work_dir: Path) -> tuple[Path, dict[str, Any
     backup_database(data_dir / DB_NAME, state)
     replica, index = _identity(state, site)
     names = [STATE_NAME, *_copy_oscore(data_dir, work_dir)]
-    files = {name: {"Size": (work_dir / name).stat().st_size, "SHA256": _sha256(work_dir / name)} for name in names}
+    files = file_entries(work_dir, names)
     meta = {
         "Format": FORMAT,
         "Version": VERSION,
@@ -209,6 +213,17 @@ def save(data_dir: Path, site: str, work_dir: Path) -> tuple[Path, dict[str, Any
         "OscoreContexts": len({n.split("/")[1] for n in names if n.startswith(OSCORE_DIR + "/")}),
         "Files": files,
     }
+    return write_archive(work_dir, meta, names), meta
+
+
+def file_entries(work_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """``meta.json``'s ``Files``: the size and SHA-256 of each named file under ``work_dir``."""
+    return {name: {"Size": (work_dir / name).stat().st_size, "SHA256": _sha256(work_dir / name)} for name in names}
+
+
+def write_archive(work_dir: Path, meta: dict[str, Any], names: list[str]) -> Path:
+    """Pack ``meta``, the checksums and the named files of ``work_dir`` into ``work_dir/snapshot.tar.gz``."""
+    files = meta["Files"]
     archive = work_dir / "snapshot.tar.gz"
     descriptor = os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
     with os.fdopen(descriptor, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz", compresslevel=COMPRESS_LEVEL) as tar:
@@ -217,7 +232,7 @@ def save(data_dir: Path, site: str, work_dir: Path) -> tuple[Path, dict[str, Any
         _add_bytes(tar, SUMS_NAME, sums.encode())
         for name in names:
             tar.add(work_dir / name, arcname=name, recursive=False, filter=_plain)
-    return archive, meta
+    return archive
 
 
 def _plain(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -265,7 +280,7 @@ def check(archive: BinaryIO, into: Path) -> dict[str, Any]:
                         raise SnapshotInvalid(f"{name} is too large ({member.size} bytes)")
                     small[name] = tar.extractfile(member).read()
                     continue
-                if name != STATE_NAME and not _OSCORE_MEMBER.fullmatch(name):
+                if name != STATE_NAME and not _OSCORE_MEMBER.fullmatch(name) and not SCOPE_MEMBER.fullmatch(name):
                     raise SnapshotInvalid(f"the archive holds {name!r}, which is no part of a Konsul snapshot")
                 if name in digests:
                     raise SnapshotInvalid(f"the archive holds {name!r} twice")
@@ -285,8 +300,22 @@ def check(archive: BinaryIO, into: Path) -> dict[str, Any]:
             raise SnapshotInvalid(f"{name} does not match its checksum: the archive is damaged")
     if STATE_NAME not in digests:
         raise SnapshotInvalid(f"the archive holds no state store ({STATE_NAME})")
-    _check_database(into / STATE_NAME)
+    role = archive_role(meta)
+    foreign = [n for n in digests if n.startswith(OSCORE_DIR + "/" if role == "hub" else SCOPES_DIR + "/")]
+    if foreign:
+        raise SnapshotInvalid(f"the archive is a {role}'s snapshot but holds {foreign[0]!r}, which is no part of one")
+    for name in sorted(digests):
+        if name == STATE_NAME or SCOPE_MEMBER.fullmatch(name):
+            _check_database(into / name)
     return meta
+
+
+def archive_role(meta: dict[str, Any]) -> str:
+    """Whose data directory a snapshot is of: ``edge`` (one site's store) or ``hub`` (a store per scope)."""
+    role = meta.get("Role", "edge")  # snapshots written before hubs had them are an edge's
+    if role not in ROLES:
+        raise SnapshotInvalid(f"the snapshot names an unknown role {role!r} (an edge's or a hub's, {ROLES})")
+    return role
 
 
 def _unpack(source: BinaryIO | None, target: Path) -> str:
@@ -349,17 +378,24 @@ def inspect(path: Path) -> dict[str, Any]:
     """Check the snapshot file at ``path`` whole; its meta, with the archive's size."""
     with tempfile.TemporaryDirectory(prefix="konsul-inspect-") as work, open(path, "rb") as archive:
         meta = check(archive, Path(work))
-        scopes = database_summary(Path(work) / STATE_NAME)["Scopes"]
+        extra: dict[str, Any] = {}
+        if archive_role(meta) == "hub":
+            from .snapshot_hub import hub_summary
+
+            scopes, extra = hub_summary(Path(work))
+        else:
+            scopes = database_summary(Path(work) / STATE_NAME)["Scopes"]
     counts = {
         "Keys": sum(s["Keys"] for s in scopes.values()),
         "Services": sum(s["Services"] for s in scopes.values()),
         "Devices": sum(s["Devices"] for s in scopes.values()),
         "OscoreContexts": meta.get("OscoreContexts", 0),
     }
+    counts.update(extra)
     return {**meta, "Counts": counts, "Scopes": scopes, "ArchiveBytes": path.stat().st_size}
 
 
 __all__ = [
-    "FORMAT", "PENDING_NAME", "RestoreRefused", "SnapshotInvalid", "backup_database", "check",
-    "database_summary", "inspect", "save",
+    "FORMAT", "PENDING_NAME", "RestoreRefused", "SnapshotInvalid", "archive_role", "backup_database", "check",
+    "database_summary", "file_entries", "inspect", "save", "write_archive",
 ]

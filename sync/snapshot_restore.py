@@ -21,19 +21,22 @@ from typing import Any
 from .errors import KonsulError, StoreError
 from .snapshot import (
     OSCORE_DIR, OSCORE_SEQUENCE_MARGIN, PENDING_NAME, PRIVATE_FILE_MODE, STATE_NAME, RestoreRefused,
-    SnapshotInvalid, backup_database, check, database_summary,
+    SnapshotInvalid, archive_role, backup_database, check, database_summary,
 )
+from .snapshot_hub import hub_holds_data, install_hub, is_hub_dir
 from .store import DB_NAME, fsync_directory, lock_directory
 
 __all__ = ["apply_pending", "holds_data", "restore"]
 
 
 def holds_data(data_dir: Path) -> bool:
-    """Whether ``data_dir`` has a state store with any key, service or device in it."""
+    """Whether ``data_dir`` has a state store with any key, service or device in it (a hub's: any scope's)."""
     if not (data_dir / DB_NAME).exists():
         return False
     work = Path(tempfile.mkdtemp(prefix=".restore-check-", dir=data_dir))
     try:
+        if is_hub_dir(data_dir):
+            return hub_holds_data(data_dir, work)
         copy = work / DB_NAME
         try:
             backup_database(data_dir / DB_NAME, copy)
@@ -59,6 +62,13 @@ def restore(archive_path: Path, data_dir: Path, *, force: bool = False, same_rep
     try:
         with open(archive_path, "rb") as archive:
             meta = check(archive, work)
+        role = archive_role(meta)
+        if role == "edge" and is_hub_dir(data_dir):
+            raise SnapshotInvalid(f"the snapshot is an edge's and {data_dir} is a hub's data directory: restore "
+                                  "an edge's snapshot into an edge's (or an empty) data directory")
+        if role == "hub" and (data_dir / OSCORE_DIR).exists():
+            raise SnapshotInvalid(f"the snapshot is a hub's and {data_dir} is an edge's data directory: restore "
+                                  "a hub's snapshot into a hub's (or an empty) data directory")
         os.close(lock_fd)  # holds_data opens the store, which takes the lock itself
         lock_fd = -1
         if not force and holds_data(data_dir):
@@ -71,8 +81,11 @@ def restore(archive_path: Path, data_dir: Path, *, force: bool = False, same_rep
         replica = meta.get("Replica")
         if not same_replica:
             replica = _new_replica_id(state)
-        _install(state, data_dir)
-        _install_oscore(work / OSCORE_DIR, data_dir / OSCORE_DIR)
+        if role == "hub":
+            install_hub(work, data_dir, _install)
+        else:
+            _install(state, data_dir)
+            _install_oscore(work / OSCORE_DIR, data_dir / OSCORE_DIR)
         return {**meta, "RestoredReplica": replica}
     finally:
         shutil.rmtree(work, ignore_errors=True)

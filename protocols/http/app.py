@@ -123,7 +123,8 @@ def create_app(ctx: HttpContext, extra_blueprints: tuple | list = ()) -> QuartTr
         # stalls a keep-alive connection for its whole timeout when a response
         # goes out before the request body was consumed (seen with an error
         # answered before a PUT's body was read). Handlers then get it cached.
-        if request.method in ("PUT", "POST", "PATCH", "DELETE"):
+        # A snapshot upload streams to disk with a bound of its own (snapshot_routes.py).
+        if request.method in ("PUT", "POST", "PATCH", "DELETE") and request.endpoint != "snapshot.restore_snapshot":
             await request.get_data(cache=True)
 
     @app.before_request

@@ -12,7 +12,9 @@ arrived; ``?dc=`` narrows it to one scope. At the hub it lists ``global``'s
 unless ``?dc=<site>`` names a site. An edge lists the events its node would process, as a Consul agent does:
 those whose node filter matches its node name and whose service (and tag)
 filter matches one of the services registered on its node. The hub lists
-every event it holds for the scope.
+every event it holds for the scope. ``?node=``, ``?service=`` and ``?tag=``
+narrow a list to the events fired with a matching filter of that kind
+(sync/events.py, ``list_filter``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 from quart import Blueprint, Response, current_app, request
 
 from konsul.sync.errors import InvalidArgument
-from konsul.sync.events import UserEvent, matches_agent, uuid_index
+from konsul.sync.events import UserEvent, list_filter, matches_agent, uuid_index
 
 from .authz import authorizer, filtered
 from .blocking import block_until_changed, index_header
@@ -76,11 +78,13 @@ async def list_events() -> Response:
     # event); at the hub, global's.
     scope = _scope_name(ctx) if request.args.get("dc") or ctx.role != "edge" else None
     name = request.args.get("name", "")
+    # A bad expression answers 400 before the query blocks.
+    wanted = list_filter(request.args.get("node", ""), request.args.get("service", ""), request.args.get("tag", ""))
     allowed = authorizer()
 
     def matching() -> tuple[list[UserEvent], int]:
         found = [] if ctx.events is None else ctx.events.events(scope)
-        found = [e for e in found if (not name or e.name == name) and visible_here(ctx, e)]
+        found = [e for e in found if (not name or e.name == name) and wanted(e) and visible_here(ctx, e)]
         offered = len(found)
         return [e for e in found if allowed.allows("event", e.name, "read")], offered
 

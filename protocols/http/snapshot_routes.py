@@ -1,8 +1,11 @@
-"""Consul's ``/v1/snapshot``: save (``GET``) and restore (``PUT``) an edge's state.
+"""Consul's ``/v1/snapshot``: save (``GET``) and restore (``PUT``) an edge's or a hub's state.
 
 ``GET`` streams a snapshot of the data directory (sync/snapshot.py has the
-format and why it is consistent under writes); ``X-Consul-Index`` is the
-site's index at the snapshot. ``PUT`` checks an uploaded snapshot whole and
+format and why it is consistent under writes; sync/snapshot_hub.py a hub's,
+with every scope's store); ``X-Consul-Index`` is the site's (at the hub,
+``global``'s) index at the snapshot. ``PUT`` streams the upload to a file in
+the data directory, bounded by ``--snapshot-max-bytes`` rather than the API's
+1 MiB body bound (a snapshot is as large as the store), checks it whole and
 stages it; the agent loads it at its next start, before it opens its store,
 since replacing the store under a running agent would leave its memory, its
 sync sessions and its devices' OSCORE contexts describing the old state. An
@@ -21,11 +24,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 import trio
-from quart import Blueprint, Response, current_app, request
+from quart import Blueprint, Response, current_app, g, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from konsul.sync import snapshot
 from konsul.sync.acl_rules import PermissionDenied
-from konsul.sync.errors import InvalidArgument
+from konsul.sync.errors import KonsulError
 
 from . import authz
 from .context import HttpContext
@@ -34,27 +38,49 @@ from .responses import json_response
 snapshot_api = Blueprint("snapshot", __name__)
 
 CHUNK = 64 * 1024
+# An upload is written to its file in pieces of about this size.
+WRITE_CHUNK = 1024 * 1024
 
 
-def _edge_data_dir(ctx: HttpContext) -> Path:
+class SnapshotTooLarge(KonsulError):
+    """An upload larger than ``--snapshot-max-bytes`` (nothing was staged)."""
+
+    status = 413
+    code = "too_large"
+    # The rest of the body is not read: this connection cannot carry another request.
+    headers = {"Connection": "close"}
+
+
+class SnapshotUploadCut(KonsulError):
+    """The upload reached this route already cut short (nothing was staged)."""
+
+    status = 503
+    code = "upload_cut"
+    headers = {"Connection": "close"}
+
+
+def _data_dir(ctx: HttpContext) -> Path:
     authorizer = authz.authorizer()
     if not authorizer.management:
         raise PermissionDenied("snapshots need a management token (the global-management policy), as in Consul")
-    if ctx.role != "edge":
-        raise InvalidArgument(
-            "the hub keeps each site in a store of its own: back up its data directory with the hub "
-            "stopped; /v1/snapshot is an edge's"
-        )
     return ctx.replica.store.path.parent
+
+
+def _save(ctx: HttpContext, data_dir: Path, work: Path) -> tuple[Path, dict]:
+    if ctx.role == "hub":
+        from konsul.sync.snapshot_hub import save_hub
+
+        return save_hub(data_dir, work)
+    return snapshot.save(data_dir, ctx.site, work)
 
 
 @snapshot_api.route("/v1/snapshot", methods=["GET"])
 async def save_snapshot() -> Response:
     ctx: HttpContext = current_app.config["KONSUL"]
-    data_dir = _edge_data_dir(ctx)
+    data_dir = _data_dir(ctx)
     work = Path(tempfile.mkdtemp(prefix=".snapshot-", dir=data_dir))
     try:
-        archive, meta = await trio.to_thread.run_sync(snapshot.save, data_dir, ctx.site, work)
+        archive, meta = await trio.to_thread.run_sync(_save, ctx, data_dir, work)
         file = open(archive, "rb")  # noqa: SIM115 - closed by the stream below
     finally:
         # The open file keeps the archive readable; the directory goes now,
@@ -80,16 +106,81 @@ async def _stream(file: BinaryIO) -> AsyncIterator[bytes]:
 @snapshot_api.route("/v1/snapshot", methods=["PUT"])
 async def restore_snapshot() -> Response:
     ctx: HttpContext = current_app.config["KONSUL"]
-    data_dir = _edge_data_dir(ctx)
+    _data_dir(ctx)  # the token is judged before a byte of the body is read
     force = request.args.get("force", "false").lower() not in ("false", "0", "no")
     same_replica = request.args.get("same-replica", "false").lower() not in ("false", "0", "no")
-    body = await request.get_data(cache=True)
+    meta = await stage_restore(ctx, _request_chunks(), request.content_length, force=force, same_replica=same_replica)
+    return json_response({
+        "Staged": True,
+        "Role": snapshot.archive_role(meta),
+        "Site": meta.get("Site"),
+        "Index": meta.get("Index"),
+        "Replica": meta.get("Replica"),
+        "detail": "the snapshot is checked and staged: restart the agent to load it",
+    })
+
+
+def _request_chunks() -> AsyncIterator[bytes]:
+    """The request body, chunk by chunk, without the app-wide body bound.
+
+    quart judged the body against MAX_CONTENT_LENGTH when the request arrived;
+    this route bounds it itself (``stage_restore``). The app reads every other
+    body whole before its handler runs (app.py, ``read_body_first``), not this one.
+    """
+    body = request.body
+    # quart's receiving task, started with the request, has not run yet: this
+    # route runs to here without a checkpoint, so no chunk was judged (or dropped)
+    # against the app-wide bound. Should one ever have been, the body is cut short:
+    # refuse it rather than check a truncated archive.
+    if isinstance(body._must_raise, RequestEntityTooLarge) and body._complete.is_set():
+        raise SnapshotUploadCut("the upload was cut short by the server's body bound; send it again")
+    body._max_content_length = None
+    if isinstance(body._must_raise, RequestEntityTooLarge):  # judged by Content-Length alone
+        body._must_raise = None
+    g.snapshot_body_read = False
+
+    async def chunks() -> AsyncIterator[bytes]:
+        async for chunk in body:
+            yield chunk
+        g.snapshot_body_read = True
+
+    return chunks()
+
+
+@snapshot_api.after_request
+async def close_unread_upload(response: Response) -> Response:
+    # A PUT answered before its body was read whole (refused, or too large) leaves
+    # the rest of the body on the connection: it cannot carry another request.
+    if request.method == "PUT" and not g.get("snapshot_body_read", False):
+        response.headers["Connection"] = "close"
+    return response
+
+
+async def stage_restore(
+    ctx: HttpContext, chunks: AsyncIterator[bytes], declared: int | None, *, force: bool, same_replica: bool,
+) -> dict:
+    """Receive an uploaded snapshot from ``chunks``, check it whole and stage it; its meta.
+
+    Raises:
+        SnapshotTooLarge: ``declared`` (the Content-Length) or the body passes
+            ``--snapshot-max-bytes``; nothing was staged.
+        SnapshotInvalid: not an intact snapshot of this kind of agent.
+        RestoreRefused: the agent holds data and ``force`` is not set.
+    """
+    data_dir = ctx.replica.store.path.parent
+    limit = ctx.limits.snapshot_max_bytes
+    if declared is not None and declared > limit:
+        raise SnapshotTooLarge(_too_large(declared, limit))
     work = Path(tempfile.mkdtemp(prefix=".restore-", dir=data_dir))
     try:
         upload = work / "upload.tar.gz"
-        upload.write_bytes(body)
+        await receive_upload(chunks, upload, limit)
         with open(upload, "rb") as archive:
             meta = await trio.to_thread.run_sync(snapshot.check, archive, work / "unpacked")
+        role = snapshot.archive_role(meta)
+        if role != ctx.role:
+            raise snapshot.SnapshotInvalid(f"the snapshot is a {role}'s and this agent is a {ctx.role}: "
+                                           f"restore it into a {role}")
         if not force and _holds_data(ctx):
             raise snapshot.RestoreRefused(
                 "this agent already holds keys, services or devices; restore with ?force=true to replace "
@@ -100,17 +191,53 @@ async def restore_snapshot() -> Response:
         os.replace(upload, data_dir / snapshot.PENDING_NAME)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return json_response({
-        "Staged": True,
-        "Site": meta.get("Site"),
-        "Index": meta.get("Index"),
-        "Replica": meta.get("Replica"),
-        "detail": "the snapshot is checked and staged: restart the agent to load it",
-    })
+    return meta
+
+
+async def receive_upload(chunks: AsyncIterator[bytes], target: Path, limit: int) -> int:
+    """Write the body ``chunks`` to the new file ``target`` (0600), at most ``limit`` bytes; its size.
+
+    The body never sits whole in memory: pieces go to the file as they come.
+    They are written on the event loop's thread, on purpose: a write to the
+    page cache takes about a millisecond per MiB, and while it runs nothing
+    reads more of the body, so the socket's own flow control holds the client
+    back when the disk is slower than the network (quart buffers whatever it
+    is handed; a thread would let it buffer the whole body meanwhile).
+
+    Raises:
+        SnapshotTooLarge: more than ``limit`` bytes came; ``target`` is removed.
+    """
+    size = 0
+    pending = bytearray()
+    descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, snapshot.PRIVATE_FILE_MODE)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise SnapshotTooLarge(_too_large(size, limit))
+                pending += chunk
+                if len(pending) >= WRITE_CHUNK:
+                    file.write(pending)
+                    pending.clear()
+            file.write(pending)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    return size
+
+
+def _too_large(size: int, limit: int) -> str:
+    return (f"the snapshot is larger than this agent accepts ({size} > {limit} bytes): restart it with a larger "
+            "--snapshot-max-bytes, or restore offline with konsul snapshot restore FILE --data-dir DIR")
 
 
 def _holds_data(ctx: HttpContext) -> bool:
     for scope in ctx.replica.scopes.values():
         if len(scope.kv) or scope.catalog.services() or scope.devices.records():
             return True
+    if ctx.role == "hub":
+        from konsul.sync.snapshot_hub import SITE_CREDENTIAL_ROWS
+
+        return bool(ctx.replica.store.query("SELECT 1 FROM meta WHERE name LIKE ? LIMIT 1", SITE_CREDENTIAL_ROWS))
     return False

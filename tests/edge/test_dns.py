@@ -91,6 +91,35 @@ def test_node_lookup(dns_edge):
     assert status(dig(port, "nobody.node.consul")) == "NXDOMAIN"
 
 
+def test_nodes_and_services_registered_through_the_catalog(dns_edge):
+    port = dns_edge.dns_port
+    registrations = [
+        {"Node": "ext-1", "Address": "10.2.0.1", "Service": {"Service": "api", "Port": 7000},
+         "Check": {"Name": "api alive", "ServiceID": "api", "Status": "passing"}},
+        {"Node": "ext-2", "Address": "10.2.0.2", "Service": {"Service": "api", "Port": 7000},
+         "Check": {"Name": "api alive", "ServiceID": "api", "Status": "critical"}},
+        {"Node": "ext-3", "Address": "10.2.0.3", "Service": {"Service": "api", "Port": 7000, "Address": "10.2.0.33"},
+         "Checks": [{"Name": "api alive", "ServiceID": "api", "Status": "passing"},
+                    {"Name": "node down", "CheckID": "node-down", "Status": "critical"}]},  # node-level
+        {"Node": "ext-4", "Address": "10.2.0.4", "Service": {"Service": "api", "Port": 7001, "Tags": ["v2"]},
+         "Check": {"Name": "api slow", "ServiceID": "api", "Status": "warning"}},
+        {"Node": "Ext-Mixed", "Address": "10.2.0.9"},
+    ]
+    with httpx.Client(base_url=dns_edge.url, timeout=10) as http:
+        for body in registrations:
+            assert http.put("/v1/catalog/register", json=body).json() is True
+        passing = http.get("/v1/health/service/api", params={"passing": "true"}).json()
+    # Passing and warning instances are answered, as by /v1/health/service; critical ones, or on a critical node, not.
+    assert short(port, "api.service.consul", "A") == ["10.2.0.1", "10.2.0.4"]
+    assert sorted(e["Node"]["Node"] for e in passing) == ["ext-1"]
+    assert short(port, "v2.api.service.consul", "SRV") == ["1 1 7001 0a020004.addr.s1.consul."]
+    # Every catalog node answers, not only the edge's own.
+    assert short(port, "ext-2.node.consul", "A") == ["10.2.0.2"]
+    assert short(port, "ext-3.node.s1.konsul", "A") == ["10.2.0.3"]
+    assert short(port, "ext-mixed.node.consul", "A") == ["10.2.0.9"]  # DNS names are case-insensitive
+    assert short(port, "n1.node.consul", "A") == ["127.0.0.1"]
+
+
 def test_tcp_and_truncation_over_udp(dns_edge):
     port = dns_edge.dns_port
     assert short(port, "+tcp", "web.service.consul", "A") == ["10.0.0.5", "10.0.0.6"]

@@ -137,6 +137,29 @@ def test_filters_decide_which_edges_take_an_event(fleet):
     assert len(httpx.get(f"{hub.url}/v1/event/list?name=filtered").json()) == 5  # the hub keeps them all
 
 
+def test_event_list_narrows_by_the_node_service_and_tag_filters_events_were_fired_with(fleet):
+    hub, edges = fleet
+    for query in ("node=^db-", "service=^web$&tag=^v2$", "service=^web$&tag=^v1$", ""):
+        assert httpx.put(f"{hub.url}/v1/event/fire/narrowed?{query}", timeout=10).status_code == 200
+    agent = consul.Consul(host="127.0.0.1", port=hub.port)
+
+    def listed(**params) -> list[str]:
+        _, events = agent.event.list(name="narrowed", **params)
+        return sorted(e["NodeFilter"] + e["ServiceFilter"] + e["TagFilter"] for e in events)
+
+    assert len(listed()) == 4
+    assert listed(node="db") == ["^db-"]
+    assert listed(service="web") == ["^web$^v1$", "^web$^v2$"]
+    assert listed(service="web", tag="v2") == ["^web$^v2$"]
+    assert listed(node="db", service="web") == []
+    # curl, and a bad expression answers 400 (a blocking list included).
+    done = subprocess.run(["curl", "-sS", f"{hub.url}/v1/event/list?name=narrowed&tag=v1"], capture_output=True,
+                          timeout=10, check=True)
+    assert [e["TagFilter"] for e in json.loads(done.stdout)] == ["^v1$"]
+    bad = httpx.get(f"{hub.url}/v1/event/list", params={"node": "(unclosed", "index": "5", "wait": "30s"}, timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"] == "invalid_argument"
+
+
 def test_with_acls_on_a_device_hears_only_events_it_may_read_and_a_fire_needs_event_write(tmp_path):
     from agents import MANAGEMENT_TOKEN
 
@@ -191,3 +214,33 @@ def test_node_consul_fires_lists_and_blocks_on_events(tmp_path):
         assert seen["woken"] == [[seen["first"], "v1"], [seen["second"], "v2"]]
     finally:
         edge.stop()
+
+
+def test_a_global_event_from_a_site_that_may_only_read_global_is_dropped_and_counted(tmp_path):
+    from agents import MANAGEMENT_TOKEN, join_token
+
+    admin = {"X-Consul-Token": MANAGEMENT_TOKEN}
+    hub = HubProcess(tmp_path / "hub", acl=True)
+    edge = EdgeProcess(tmp_path / "edge", site="plant-1", hub_url=hub.url, acl=True,
+                       extra=["--site-token", join_token(hub, "plant-1", "read")])
+    try:
+        eventually(lambda: httpx.get(f"{edge.url}/v1/sync/status", headers=admin, timeout=5).json()["Peers"][0]
+                   ["Connected"], what="the edge synced")
+        fired = httpx.put(f"{edge.url}/v1/event/fire/rollout?dc=global", headers=admin, timeout=10)
+        assert fired.status_code == 200, fired.text
+        site = httpx.put(f"{edge.url}/v1/event/fire/site-ok", headers=admin, timeout=10).json()
+
+        def metrics() -> str:
+            return httpx.get(f"{hub.url}/metrics", headers=admin, timeout=10).text
+
+        eventually(lambda: 'konsul_sync_events_dropped_total{reason="global_read_only"} 1.0' in metrics(),
+                   what="the dropped event counted")
+        assert "konsul_sync_refused_total{" not in metrics()  # the session was not ended
+        # The session goes on: the site's own event still reaches the hub.
+        eventually(lambda: site["ID"] in [e["ID"] for e in httpx.get(
+            f"{hub.url}/v1/event/list", params={"dc": "plant-1"}, headers=admin, timeout=10).json()],
+            what="the site's event at the hub")
+        assert httpx.get(f"{hub.url}/v1/event/list", params={"name": "rollout"}, headers=admin).json() == []
+    finally:
+        edge.stop()
+        hub.stop()
