@@ -19,7 +19,7 @@ def konsul(*args: str, addr: str | None = None) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("KONSUL_")}
     if addr is not None:
         environ.update(KONSUL_HTTP_ADDR=addr, KONSUL_HTTP_TOKEN=MANAGEMENT_TOKEN)
-    return subprocess.run([sys.executable, "-m", "konsul.edge.cli", *args], capture_output=True, env=environ,
+    return subprocess.run([sys.executable, "-m", "konsul.cli", *args], capture_output=True, env=environ,
                           timeout=60)
 
 
