@@ -20,14 +20,17 @@ never its secret.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from quart import Response, current_app, g, request
+from .request import request
 
 from konsul.sync.acl_resolver import Principal
 from konsul.sync.acl_rules import Authorizer
 
-from ..admission import source_of
 from .context import HttpContext
+
+if TYPE_CHECKING:
+    from .responses import Response
 
 # Needs no token at all: liveness probes, and what Consul answers to anyone.
 OPEN = frozenset({
@@ -99,18 +102,18 @@ def token_from(header: Callable[[str], str | None], query_token: str | None) -> 
 
 
 def request_token() -> str | None:
-    """The secret of the quart request being handled."""
+    """The secret of the request being handled."""
     return token_from(request.headers.get, request.args.get("token"))
 
 
 def principal() -> Principal:
     """The principal of the request being handled (resolved once per request)."""
-    found = g.get("konsul_principal")
+    found = request.principal
     if found is None:
-        ctx: HttpContext = current_app.config["KONSUL"]
+        ctx: HttpContext = request.ctx
         # At the hub a site-local token is found in the site the request names.
         site = request.args.get("dc") if ctx.role == "hub" else None
-        found = g.konsul_principal = resolve(ctx, request_token(), _source(), site)
+        found = request.principal = resolve(ctx, request_token(), request.source, site)
     return found
 
 
@@ -125,10 +128,6 @@ def filtered(kept: int, offered: int, headers: dict[str, str] | None = None) -> 
     if kept < offered:
         headers[FILTERED_HEADER] = "true"
     return headers
-
-
-def _source() -> str:
-    return source_of(request.scope.get("client"))
 
 
 def resolve(ctx: HttpContext, secret: str | None, source: str, site: str | None = None) -> Principal:
@@ -154,12 +153,12 @@ def resolve(ctx: HttpContext, secret: str | None, source: str, site: str | None 
 
 def admit(endpoint: str | None) -> None:
     """Before a handler: token, rate limits and the route's own permission."""
-    ctx: HttpContext = current_app.config["KONSUL"]
+    ctx: HttpContext = request.ctx
     if endpoint is None:  # no route matched: the 404/405 answer needs no rights
         return
     if endpoint in OPEN:
         if ctx.rate_limits is not None:
-            refused = ctx.rate_limits.check_source(_source())
+            refused = ctx.rate_limits.check_source(request.source)
             if refused is not None:
                 raise refused
         return
@@ -173,7 +172,7 @@ def admit(endpoint: str | None) -> None:
 
 def audit_response(response: Response, interface: str = "http") -> None:
     """After a handler: log a successful write or any refusal."""
-    ctx: HttpContext = current_app.config["KONSUL"]
+    ctx: HttpContext = request.ctx
     if ctx.audit is None:
         return
     status = response.status_code
@@ -185,14 +184,14 @@ def audit_response(response: Response, interface: str = "http") -> None:
         result = "allowed"
     else:
         return
-    who = g.get("konsul_principal")
+    who = request.principal
     ctx.audit.record(
         accessor=who.accessor_id if who is not None and who.token is not None else None,
-        source=_source(),
+        source=request.source,
         interface=interface,
         operation=f"{_AUDIT_KINDS.get(request.blueprint or '', request.blueprint or 'http')}:"
         f"{_VERBS.get(request.method, 'write')}",
         resource=request.path,
         result=result,
-        reason=g.get("konsul_refusal", ""),
+        reason=request.refusal,
     )

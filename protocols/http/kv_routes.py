@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import base64
 
-from quart import Blueprint, Response, current_app, request
-
 from konsul.sync.errors import InvalidArgument
 from konsul.sync.kv import HistoryRecord, KvEntry
 from konsul.sync.sessions import KeyLock
@@ -17,10 +15,12 @@ from konsul.sync.sessions import KeyLock
 from .authz import authorizer, filtered
 from .blocking import block_until_changed, index_header
 from .params import duration_arg, flag, int_arg
-from .responses import json_response
+from .request import request
+from .responses import Response, json_response
+from .router import Routes
 from .session_routes import lock_lookup, lock_table_for
 
-kv_api = Blueprint("kv", __name__)
+kv_api = Routes("kv")
 
 
 def entry_json(entry: KvEntry, lock: KeyLock | None = None) -> dict:
@@ -52,9 +52,9 @@ def history_json(record: HistoryRecord) -> dict:
     }
 
 
-@kv_api.route("/v1/kv/<anypath:key>", methods=["GET", "PUT", "DELETE"])
+@kv_api.route("/v1/kv/<path:key>", methods=["GET", "PUT", "DELETE"])
 async def kv(key: str) -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     scope = ctx.scope(request.args.get("dc"))
     allowed = authorizer()
     if request.method == "PUT":

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
-from quart import request
-
 from konsul.sync.errors import InvalidArgument
+
+from .request import request
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 MAX_INT_DIGITS = 20  # 2**64 has 20

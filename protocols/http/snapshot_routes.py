@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import trio
-from quart import Blueprint, Response, current_app, request
 
 from konsul.sync import snapshot
 from konsul.sync.acl_rules import PermissionDenied
@@ -29,9 +28,11 @@ from konsul.sync.errors import InvalidArgument
 
 from . import authz
 from .context import HttpContext
-from .responses import json_response
+from .request import request
+from .responses import Response, json_response
+from .router import Routes
 
-snapshot_api = Blueprint("snapshot", __name__)
+snapshot_api = Routes("snapshot")
 
 CHUNK = 64 * 1024
 
@@ -50,7 +51,7 @@ def _edge_data_dir(ctx: HttpContext) -> Path:
 
 @snapshot_api.route("/v1/snapshot", methods=["GET"])
 async def save_snapshot() -> Response:
-    ctx: HttpContext = current_app.config["KONSUL"]
+    ctx: HttpContext = request.ctx
     data_dir = _edge_data_dir(ctx)
     work = Path(tempfile.mkdtemp(prefix=".snapshot-", dir=data_dir))
     try:
@@ -79,7 +80,7 @@ async def _stream(file: BinaryIO) -> AsyncIterator[bytes]:
 
 @snapshot_api.route("/v1/snapshot", methods=["PUT"])
 async def restore_snapshot() -> Response:
-    ctx: HttpContext = current_app.config["KONSUL"]
+    ctx: HttpContext = request.ctx
     data_dir = _edge_data_dir(ctx)
     force = request.args.get("force", "false").lower() not in ("false", "0", "no")
     same_replica = request.args.get("same-replica", "false").lower() not in ("false", "0", "no")
