@@ -157,6 +157,10 @@ class HttpApp:
             # Not "not_found": a client must not read a wrong URL as a missing key
             # (a missing KV key is Consul's empty 404, kv_routes).
             return error_response(404, "unknown_endpoint", f"no such endpoint: {request.path}")
+        if allowed == {"WEBSOCKET"}:
+            return error_response(
+                400, "bad_request", f"{request.path} is a WebSocket endpoint: open it with a WebSocket handshake"
+            )
         if request.method == "OPTIONS":
             return Response(b"", 200, {"Allow": allow_header(allowed)})
         response = error_response(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}")
