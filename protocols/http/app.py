@@ -50,6 +50,8 @@ from .websocket import serve_websocket
 
 log = logging.getLogger(__name__)
 
+COUNTED_METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"})
+
 ROUTES: tuple[Routes, ...] = (
     kv_api, txn_api, agent_api, catalog_api, device_api, twin_api, telemetry_api, ops_api, acl_api,
     session_api, snapshot_api, event_api,
@@ -128,6 +130,8 @@ class HttpApp:
         return response
 
     def _count(self, method: str, status: int) -> None:
+        if method not in COUNTED_METHODS:
+            method = "other"  # a client may send any token as a method: not a label each
         counter = self._counters.get((method, status))
         if counter is None:
             counter = self._counters[(method, status)] = self.metrics.requests.labels(method, str(status))

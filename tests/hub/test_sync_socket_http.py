@@ -88,3 +88,7 @@ def test_routing_answers_around_the_socket(hub):
         # A plain GET of the socket's path is told to open a WebSocket.
         plain = http.get("/v1/sync")
         assert plain.status_code == 400 and "WebSocket handshake" in plain.json()["detail"]
+        # Any token is a method to HTTP: made-up ones count together, not as a label each.
+        assert http.request("BREW", "/v1/sites").status_code == 405
+        metrics = http.get("/metrics").text
+        assert 'konsul_http_requests_total{method="other",status="405"}' in metrics and "BREW" not in metrics
