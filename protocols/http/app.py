@@ -124,7 +124,7 @@ class HttpApp:
         try:
             response = await self._dispatch(request, match or self.table.match(request.method, request.path))
             self._count(request.method, response.status_code)
-            authz.audit_response(response)
+            authz.audit_response(request, response)
         finally:
             unbind(token)
         return response
@@ -140,11 +140,11 @@ class HttpApp:
     async def _dispatch(self, request: Request, match: Match) -> Response:
         route = match.route
         if route is not None:
-            request.endpoint, request.blueprint, request.view_args = route.endpoint, route.blueprint, match.args
+            request.endpoint, request.group, request.view_args = route.endpoint, route.group, match.args
         try:
             await request.get_data()
             # After the body was read, so a refusal leaves the connection usable.
-            authz.admit(request.endpoint)
+            authz.admit(request)
             _refuse_undecodable_target(request)
             if route is None:
                 return self._unrouted(request, match.allowed)

@@ -12,8 +12,8 @@ What is taken here, and only when all of it holds (else ``None``: the bytes
 go to hypercorn untouched, which hands them to the same app):
 
 - ``GET``, ``PUT`` or ``DELETE`` of ``/v1/kv/<key>``, HTTP/1.1, a ``Host`` header;
-- a key and a query of printable ASCII without ``%`` or ``+`` (so no
-  unescaping question arises);
+- a key and a query of printable ASCII without ``%`` (and no ``+`` in the
+  query), so no unescaping question arises;
 - query parameters among :data:`FAST_PARAMETERS` only: no blocking query
   (``?index=``: the core notices a client that leaves while it waits), no
   lock (``?acquire=``, ``?release=``), no ``?token=``;
@@ -41,7 +41,8 @@ MAX_BODY = MAX_BODY_BYTES  # larger goes the general way, to its 413
 MAX_HEAD = 16384
 _REASONLESS = {200: b"HTTP/1.1 200 \r\n", 400: b"HTTP/1.1 400 \r\n", 404: b"HTTP/1.1 404 \r\n"}
 _METHODS = {b"GET": "GET", b"PUT": "PUT", b"DELETE": "DELETE"}
-_TARGET_BYTES = frozenset(range(0x21, 0x7F)) - {ord("%"), ord("+")}
+_KEY_BYTES = frozenset(range(0x21, 0x7F)) - {ord("%")}
+_QUERY_BYTES = _KEY_BYTES - {ord("+")}  # "+" is a space in a query
 # Plain reads, lists and writes; the rest (blocking, locks, ?token=, history) goes the general way.
 FAST_PARAMETERS = frozenset({"dc", "raw", "keys", "recurse", "separator", "flags", "cas"})
 
@@ -119,7 +120,7 @@ class KvFastPath:
         method, target = parts[0], parts[1]
         path, _, query = target.partition(b"?")
         key = path[len(PREFIX):]
-        if not key or not _TARGET_BYTES.issuperset(key) or not _TARGET_BYTES.issuperset(query):
+        if not key or not _KEY_BYTES.issuperset(key) or not _QUERY_BYTES.issuperset(query):
             return None
         length = None
         host = False

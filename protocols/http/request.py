@@ -130,7 +130,7 @@ class Request:
 
     __slots__ = (
         "app", "method", "path", "query", "headers", "source", "scope", "_receive", "_body", "_refused", "_args",
-        "endpoint", "blueprint", "view_args", "principal", "refusal",
+        "endpoint", "group", "view_args", "principal", "refusal",
     )
 
     def __init__(
@@ -150,7 +150,7 @@ class Request:
         self._refused: BodyRefused | None = None
         self._args: QueryArgs | None = None
         self.endpoint: str | None = None  # "<routes>.<handler>", authz.py's key
-        self.blueprint: str | None = None
+        self.group: str | None = None  # the route group ("kv", "acl", ...)
         self.view_args: dict[str, str] = {}
         self.principal: Principal | None = None  # resolved once, by authz.principal()
         self.refusal = ""  # why a 401/403/429 was answered, for the audit log

@@ -45,8 +45,12 @@ class Response:
         return pairs
 
 
+# One encoder: json.dumps with separators= builds a new one on every call.
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(body, separators=(",", ":")).encode(), status, headers, "application/json")
+    return Response(_ENCODE(body).encode(), status, headers, "application/json")
 
 
 def error_response(status: int, code: str, detail: str) -> Response:

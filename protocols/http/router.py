@@ -30,7 +30,7 @@ _PARAM = re.compile(r"<(?:(\w+)(?:\(([^)]*)\))?:)?(\w+)>")
 @dataclass(frozen=True)
 class Route:
     endpoint: str
-    blueprint: str
+    group: str  # the Routes it belongs to: "kv", "acl", ...; the audit log names its resource by it
     pattern: str
     methods: frozenset[str]  # {"WEBSOCKET"} for a WebSocket route
     handler: Handler

@@ -125,7 +125,7 @@ async def serve_websocket(app: HttpApp, scope: dict[str, Any], receive, send) ->
                 "handshake",
             ) if match.allowed else error_response(404, "unknown_endpoint", f"no such endpoint: {request.path}"))
             return
-        request.endpoint, request.blueprint, request.view_args = route.endpoint, route.blueprint, match.args
+        request.endpoint, request.group, request.view_args = route.endpoint, route.group, match.args
         with trio.CancelScope() as handling:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_pump, receive, inbox_in, handling)
