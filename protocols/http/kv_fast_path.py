@@ -173,14 +173,14 @@ class KvFastPath:
             for item in text_query.split("&"):
                 if item.partition("=")[0] not in FAST_PARAMETERS:
                     return None
-        headers = Headers(((b"x-consul-token", token.encode()),) if token else ())
+        headers = Headers.of({"x-consul-token": token} if token else {})
         path = "/v1/kv/" + key.decode()
         request = Request(self.app, _METHODS[method], path, text_query, headers, source, body=body)
-        response = await self.app.respond(request, Match(self._route, {"key": path[len("/v1/kv/"):]}))
+        response = await self.app.respond(request, Match(self._route, {"key": path[7:]}))
         if response.streamed:  # not a KV answer; never seen
             return None
-        start = _REASONLESS.get(response.status_code) or b"HTTP/1.1 %d \r\n" % response.status_code
-        head = b"".join(b"%s: %s\r\n" % pair for pair in response.header_pairs())
+        status = response.status_code
         return b"".join((
-            start, head, b"date: ", self._date(), b"\r\nserver: hypercorn-h11\r\n\r\n", response.body,
+            _REASONLESS.get(status) or b"HTTP/1.1 %d \r\n" % status, response.head(),
+            b"date: ", self._date(), b"\r\nserver: hypercorn-h11\r\n\r\n", response.body,
         ))

@@ -103,6 +103,13 @@ class Headers:
             values[key] = f"{values[key]}, {text}" if key in values else text
         self._values = values
 
+    @classmethod
+    def of(cls, values: dict[str, str]) -> Headers:
+        """Headers from lower-case names to values (the KV fast path's, parsed already)."""
+        headers = cls()
+        headers._values = values
+        return headers
+
     def get(self, name: str, default: str | None = None) -> str | None:
         return self._values.get(name.lower(), default)
 

@@ -44,6 +44,15 @@ class Response:
             pairs.append((lower.encode("latin-1"), str(value).encode("latin-1")))
         return pairs
 
+    def head(self) -> bytes:
+        """``header_pairs`` as HTTP/1.1 header lines, for a whole body (the KV fast path writes them itself)."""
+        parts = [b"content-type: ", self.content_type.encode("latin-1"), b"\r\ncontent-length: %d\r\n" % len(self.body)]
+        for name, value in self.headers.items():
+            lower = name.lower()
+            if lower != "content-length":
+                parts += (lower.encode("latin-1"), b": ", str(value).encode("latin-1"), b"\r\n")
+        return b"".join(parts)
+
 
 # One encoder: json.dumps with separators= builds a new one on every call.
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode

@@ -85,7 +85,7 @@ class Routes:
         return register
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # made per request: not frozen, whose __init__ costs several times more
 class Match:
     """What a request's method and path found: a route, or why none (404, or 405 and what is allowed)."""
 
