@@ -16,6 +16,11 @@ req/s and server CPU per request. The variants, from leanest to konsul's stack:
 - ``lean``: the bare ASGI app on hypercorn's protocol core driven by konsul's
   adapter (``konsul.protocols.http.server``);
 - ``lean-quart``: the one-route quart-trio app on that adapter.
+
+konsul no longer depends on quart-trio (its app is its own,
+``konsul.protocols.http.app``): the two quart variants run only where it is
+installed (``.venv/bin/pip install quart-trio``); ``http_kv.py --floors``
+skips them otherwise.
 """
 
 from __future__ import annotations

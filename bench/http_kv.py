@@ -47,6 +47,7 @@ import argparse
 import collections
 import datetime
 import functools
+import importlib.util
 import http.client
 import json
 import os
@@ -474,6 +475,8 @@ def floors(root: Path, logs: Path, args: argparse.Namespace) -> list[dict]:
     connections = max(args.connections)
     results = []
     for variant in FLOOR_VARIANTS:
+        if "quart" in variant and importlib.util.find_spec("quart_trio") is None:
+            continue  # quart-trio is no longer konsul's; `pip install quart-trio` to compare with it
         port = free_port()
         server = Server(f"floor {variant}", [sys.executable, str(BENCH_DIR / "http_floor.py"), variant, str(port)],
                         logs / f"floor-{variant}.log", port, "/ready")

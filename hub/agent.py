@@ -67,7 +67,7 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
     from .telemetry_store import TelemetryStore
 
     from .site_credentials import SiteCredentials
-    from .sync_endpoint import SyncRefusals
+    from .state import HubState
     from .sync_metrics import HubRefusalCollector
 
     host, port = split_addr(config.http_addr, "--http-addr")
@@ -108,16 +108,13 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
             site_credentials = SiteCredentials(replica.store)
             for site, secret in config.initial_site_tokens.items():
                 await site_credentials.ensure(site, secret, "write", "made at start")
-            hub_state = {
-                "replica": replica, "sites": sites, "links": set(), "telemetry": telemetry, "limits": config.limits,
-                "sync_refusals": SyncRefusals(), "site_credentials": site_credentials,
-            }
+            hub_state = HubState(replica, sites, telemetry, config.limits, site_credentials)
             # User events (/v1/event): kept per scope, handed on to the edges (sync/events.py).
             from konsul.sync.events import EventLog
 
             from .sync_endpoint import forward_event
 
-            events = hub_state["events"] = EventLog("hub")
+            events = hub_state.events = EventLog("hub")
             events.listeners.append(lambda scope, event, local: forward_event(hub_state, scope, event, local))
             ctx = HttpContext(
                 replica=replica,
@@ -144,8 +141,7 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
                 "Telemetry": telemetry.status(),
                 "Quarantined": replica.quarantined(),
             }
-            app = create_app(ctx, extra_blueprints=[sync_api, fleet_api])
-            app.config["KONSUL_HUB"] = hub_state
+            app = create_app(ctx, extra_routes=[sync_api, fleet_api], hub=hub_state)
             ctx.registry.register(HubRefusalCollector(hub_state))
             if server_tls is not None:
                 ctx.registry.register(TlsCollector(server_tls))

@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import time
 
-from quart import Blueprint, Response, current_app, request
-
 from konsul.protocols.http.agent_routes import json_body_any
-from konsul.protocols.http.responses import json_response
+from konsul.protocols.http.request import request
+from konsul.protocols.http.responses import Response, json_response
+from konsul.protocols.http.router import Routes
 from konsul.sync.errors import InvalidArgument, NotFound
 
 from .site_credentials import SiteCredentials, check_site_name
+from .state import HubState, current_hub
 
-fleet_api = Blueprint("hub_fleet", __name__)
+fleet_api = Routes("hub_fleet")
 
 
-def site_summaries(hub: dict) -> list[dict]:
-    replica, sites = hub["replica"], hub["sites"]
-    credentials: SiteCredentials | None = hub.get("site_credentials")
+def site_summaries(hub: HubState) -> list[dict]:
+    replica, sites = hub.replica, hub.sites
+    credentials: SiteCredentials | None = hub.site_credentials
     now = time.time()
     known = {c.site for c in credentials.all()} if credentials is not None else set()
     names = (set(replica.scopes) | set(sites.sites) | known) - {"global"}
@@ -55,13 +56,13 @@ def site_summaries(hub: dict) -> list[dict]:
 
 @fleet_api.route("/v1/sites", methods=["GET"])
 async def sites() -> Response:
-    return json_response(site_summaries(current_app.config["KONSUL_HUB"]))
+    return json_response(site_summaries(current_hub()))
 
 
 @fleet_api.route("/v1/sites/<site>", methods=["PUT", "DELETE"])
 async def site_credential(site: str) -> Response:
     check_site_name(site)
-    credentials: SiteCredentials = current_app.config["KONSUL_HUB"]["site_credentials"]
+    credentials: SiteCredentials = current_hub().site_credentials
     if request.method == "DELETE":
         found = await credentials.revoke(site)
         if found is None:

@@ -24,11 +24,13 @@ import logging
 from dataclasses import dataclass
 
 import trio
-from quart import Blueprint, current_app, websocket
 
 from konsul.protocols.access import count_refusal
 from konsul.protocols.admission import NetworkLimits, source_of
 from konsul.protocols.http.authz import token_from
+from konsul.protocols.http.request import request
+from konsul.protocols.http.router import Routes
+from konsul.protocols.http.websocket import websocket
 from konsul.sync.errors import KonsulError
 from konsul.sync.events import EventLog, UserEvent
 from konsul.sync.hlc import system_wall_ms
@@ -40,11 +42,12 @@ from konsul.sync.session import SyncSession
 
 from .site_credentials import SiteCredentialRequired, SiteCredentials
 from .sites import SiteRegistry
+from .state import HubState, SyncRefusals, current_hub
 from .telemetry_store import TelemetryIntake
 
 log = logging.getLogger("konsul.hub")
 
-sync_api = Blueprint("hub_sync", __name__)
+sync_api = Routes("hub_sync")
 
 # Anti-entropy: state vectors are exchanged again this often, so a frame lost
 # inside a connection is repaired without waiting for a reconnect.
@@ -53,21 +56,6 @@ RESYNC_INTERVAL_S = 30.0
 HELLO_TIMEOUT_S = 10.0
 # How long the error frame that ends a refused session may take to go out.
 FAREWELL_TIMEOUT_S = 2.0
-
-
-class SyncRefusals:
-    """Sessions the hub ended over what a peer sent, by reason (``konsul_sync_refused_total``);
-    user events it dropped from a session it kept, by reason (``konsul_sync_events_dropped_total``)."""
-
-    def __init__(self) -> None:
-        self.by_code: dict[str, int] = {}
-        self.events_dropped: dict[str, int] = {}
-
-    def add(self, code: str) -> None:
-        self.by_code[code] = self.by_code.get(code, 0) + 1
-
-    def drop_event(self, reason: str, count: int = 1) -> None:
-        self.events_dropped[reason] = self.events_dropped.get(reason, 0) + count
 
 
 @dataclass(frozen=True)
@@ -89,11 +77,11 @@ def admit_sync(source: str) -> SyncGrant:
     With ACLs off (a closed test bench) anyone may sync any one site, as
     anyone may do anything else there.
     """
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     if not ctx.acl.enabled:
         return OPEN_GRANT
-    hub = current_app.config["KONSUL_HUB"]
-    credentials: SiteCredentials = hub["site_credentials"]
+    hub = current_hub()
+    credentials: SiteCredentials = hub.site_credentials
     try:
         if ctx.rate_limits is not None:  # the address first, as at every door
             refused = ctx.rate_limits.check_source(source)
@@ -115,7 +103,7 @@ def admit_sync(source: str) -> SyncGrant:
                 "unknown, revoked or missing"
             )
     except KonsulError as error:
-        hub.setdefault("sync_refusals", SyncRefusals()).add("unauthorized")
+        hub.sync_refusals.add("unauthorized")
         count_refusal(ctx.registry, "sync", error.code)
         if ctx.audit is not None:
             ctx.audit.record(
@@ -140,10 +128,10 @@ def certificate_site(scope: dict) -> str | None:
 
 @sync_api.websocket("/v1/sync")
 async def sync_socket() -> None:
-    hub = current_app.config["KONSUL_HUB"]
+    hub = current_hub()
     source = source_of(websocket.remote_addr)
     grant = admit_sync(source)
-    refusals: SyncRefusals = hub.setdefault("sync_refusals", SyncRefusals())
+    refusals = hub.sync_refusals
     key = ("sync-frame", source)
     first = None
     with trio.move_on_after(HELLO_TIMEOUT_S):
@@ -167,10 +155,10 @@ async def sync_socket() -> None:
         )
 
 
-async def _serve(hub: dict, first: bytes, source: str, refusals: SyncRefusals, grant: SyncGrant) -> None:
-    replica: Replica = hub["replica"]
-    sites: SiteRegistry = hub["sites"]
-    limits: NetworkLimits = hub["limits"]
+async def _serve(hub: HubState, first: bytes, source: str, refusals: SyncRefusals, grant: SyncGrant) -> None:
+    replica: Replica = hub.replica
+    sites: SiteRegistry = hub.sites
+    limits: NetworkLimits = hub.limits
 
     async def transmit(frame: bytes) -> None:
         await websocket.send(frame)
@@ -194,8 +182,8 @@ async def _serve(hub: dict, first: bytes, source: str, refusals: SyncRefusals, g
         read_only=frozenset({(GLOBAL_SCOPE, "acl")}) if grant.global_write
         else frozenset((GLOBAL_SCOPE, collection) for collection in COLLECTIONS),
     )
-    intake = TelemetryIntake(hub["telemetry"], link, source, replica, int(limits.max_clock_skew_s * 1000))
-    hub["links"].add(link)
+    intake = TelemetryIntake(hub.telemetry, link, source, replica, int(limits.max_clock_skew_s * 1000))
+    hub.links.add(link)
     site = None
     registered = False
     closed: LinkClosed | None = None
@@ -208,7 +196,7 @@ async def _serve(hub: dict, first: bytes, source: str, refusals: SyncRefusals, g
             revoked = True
             ended.cancel()
 
-    credentials: SiteCredentials = hub["site_credentials"]
+    credentials: SiteCredentials = hub.site_credentials
     credentials.listeners.append(on_credential_changed)
     try:
         with ended:
@@ -259,7 +247,7 @@ async def _serve(hub: dict, first: bytes, source: str, refusals: SyncRefusals, g
     finally:
         credentials.listeners.remove(on_credential_changed)
         link.stop()
-        hub["links"].discard(link)
+        hub.links.discard(link)
         if registered:
             sites.disconnected(site)
             peer_log.log(log, logging.INFO, ("sync-session", source), "site %s (%s) disconnected", site, source)
@@ -287,14 +275,14 @@ def _on_ephemeral(sites: SiteRegistry, scope: str, kind: str, data) -> None:
 # -- user events (sync/events.py) ------------------------------------------------------
 
 
-def take_events(hub: dict, grant: SyncGrant, source: str, scope: str, data) -> None:
+def take_events(hub: HubState, grant: SyncGrant, source: str, scope: str, data) -> None:
     """An edge's events: kept, and handed on to every other edge holding the scope.
 
     A site allowed to read ``global`` only may not fire fleet-wide events:
     those are dropped, logged and counted (``konsul_sync_events_dropped_total{reason="global_read_only"}``);
     the session goes on.
     """
-    events: EventLog | None = hub.get("events")
+    events: EventLog | None = hub.events
     if events is None:
         return
     if scope == GLOBAL_SCOPE and not grant.global_write:
@@ -302,7 +290,7 @@ def take_events(hub: dict, grant: SyncGrant, source: str, scope: str, data) -> N
         dropped = len(data) if isinstance(data, list) else 1
         if not dropped:
             return
-        hub["sync_refusals"].drop_event("global_read_only", dropped)
+        hub.sync_refusals.drop_event("global_read_only", dropped)
         peer_log.log(
             log, logging.INFO, ("sync-event", source), "events for %s from %s dropped: the site may only read %s "
             "(konsul sites add SITE --global write)", GLOBAL_SCOPE, source, GLOBAL_SCOPE,
@@ -311,20 +299,20 @@ def take_events(hub: dict, grant: SyncGrant, source: str, scope: str, data) -> N
     before = events.refused
     events.merge(scope, data)  # the listener below hands new ones on
     if events.refused != before:
-        hub["sync_refusals"].add("event_malformed")
+        hub.sync_refusals.add("event_malformed")
 
 
-def forward_event(hub: dict, scope: str, event: UserEvent, local: bool) -> None:
+def forward_event(hub: HubState, scope: str, event: UserEvent, local: bool) -> None:
     """Send a new event to every connected edge that holds ``scope`` (the one it came from drops it: seen)."""
     wire = [event.to_wire()]
-    for link in list(hub["links"]):
+    for link in list(hub.links):
         if link.peer is not None and scope in link.session.scopes:
             link.send_ephemeral(scope, "events", wire)
 
 
-def replay_events(hub: dict, link: SyncLink) -> None:
+def replay_events(hub: HubState, link: SyncLink) -> None:
     """The recent events of a newly connected edge's scopes (those it missed while away)."""
-    events: EventLog | None = hub.get("events")
+    events: EventLog | None = hub.events
     if events is not None:
         for scope in link.session.scopes:
             link.send_ephemeral(scope, "events", events.replay(scope))

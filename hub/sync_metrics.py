@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily
+
+if TYPE_CHECKING:
+    from .state import HubState
 
 
 class HubRefusalCollector:
@@ -12,16 +15,15 @@ class HubRefusalCollector:
     ``konsul_clock_skewed_stamps_total``,
     ``konsul_telemetry_refused_total``: read from the hub's state at scrape time."""
 
-    def __init__(self, hub_state: dict[str, Any]) -> None:
-        self.hub_state = hub_state
+    def __init__(self, hub: HubState) -> None:
+        self.hub = hub
 
     def collect(self):
         refused = CounterMetricFamily(
             "konsul_sync_refused", "Sync sessions the hub ended over what the peer sent, by reason",
             labels=["reason"],
         )
-        refusals = self.hub_state.get("sync_refusals")
-        for reason, count in sorted(getattr(refusals, "by_code", {}).items()):
+        for reason, count in sorted(self.hub.sync_refusals.by_code.items()):
             refused.add_metric([reason], count)
         yield refused
         dropped = CounterMetricFamily(
@@ -30,15 +32,15 @@ class HubRefusalCollector:
             "event from a site that may only read global)",
             labels=["reason"],
         )
-        for reason, count in sorted(getattr(refusals, "events_dropped", {}).items()):
+        for reason, count in sorted(self.hub.sync_refusals.events_dropped.items()):
             dropped.add_metric([reason], count)
         yield dropped
         yield CounterMetricFamily(
             "konsul_clock_skewed_stamps",
             "Stamps from elsewhere further ahead than the allowed clock skew (the clock did not follow them)",
-            value=self.hub_state["replica"].clock.skewed,
+            value=self.hub.replica.clock.skewed,
         )
-        telemetry = self.hub_state.get("telemetry")
+        telemetry = self.hub.telemetry
         refused_samples = CounterMetricFamily(
             "konsul_telemetry_refused",
             "Forwarded telemetry samples refused: unreadable, of a device the site does not have, or numbered "

@@ -1,4 +1,4 @@
-"""The HTTP protocol adapter: a Consul-compatible API on quart-trio."""
+"""The HTTP protocol adapter: a Consul-compatible API, an ASGI app of our own on hypercorn's protocol core."""
 
 from .app import create_app
 from .context import HttpContext

@@ -18,8 +18,6 @@ from __future__ import annotations
 import time
 import uuid
 
-from quart import Blueprint, Response, current_app, request
-
 from konsul.sync import acl
 from konsul.sync.acl import (
     ANONYMOUS_ACCESSOR,
@@ -36,9 +34,11 @@ from konsul.sync.scope import Scope
 
 from .authz import principal, request_token
 from .context import HttpContext
-from .responses import json_response
+from .request import request
+from .responses import Response, json_response
+from .router import Routes
 
-acl_api = Blueprint("acl", __name__)
+acl_api = Routes("acl")
 
 HIDDEN_SECRET = "<hidden>"
 # Token features of Consul that Konsul does not have: refused, so nobody
@@ -105,7 +105,7 @@ def policy_json(policy: AclPolicy, home: AclRegistry | None, rules: bool = True)
 
 
 def _ctx_and_resolver() -> tuple[HttpContext, AclResolver]:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     resolver = ctx.acl
     if not resolver.enabled:
         raise AclDisabled("ACL support is disabled on this agent (started with --acl=off)")

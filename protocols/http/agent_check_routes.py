@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from quart import Response, current_app, request
-
 from konsul.sync.catalog import CheckDefinition
 from konsul.sync.checks import CRITICAL, NODE_HEALTH_ID, STATES, agent_node_record
 from konsul.sync.errors import InvalidArgument, NotFound
@@ -23,6 +21,8 @@ from konsul.sync.errors import InvalidArgument, NotFound
 from .agent_routes import _field, _fields, agent_api, json_body, parse_check, require_check_write
 from .agent_self import own_address
 from .authz import authorizer
+from .request import request
+from .responses import Response
 
 NODE_MAINTENANCE_ID = "_node_maintenance"
 SERVICE_MAINTENANCE_PREFIX = "_service_maintenance:"
@@ -93,7 +93,7 @@ async def _remove_check(ctx, scope, check_id: str) -> None:
 
 @agent_api.route("/v1/agent/check/register", methods=["PUT"])
 async def register_check() -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     scope = _scope(ctx)
     definition, service_id, status = parse_agent_check(await json_body())
     entry = None
@@ -124,7 +124,7 @@ async def register_check() -> Response:
 
 @agent_api.route("/v1/agent/check/deregister/<check_id>", methods=["PUT"])
 async def deregister_check(check_id: str) -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     scope = _scope(ctx)
     require_check_write(ctx, check_id)
     if check_id == NODE_HEALTH_ID:
@@ -135,7 +135,7 @@ async def deregister_check(check_id: str) -> Response:
 
 @agent_api.route("/v1/agent/check/update/<check_id>", methods=["PUT"])
 async def update_check(check_id: str) -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     fields = _fields(await json_body())
     status = _field(fields, "Status", str, "")
     if status not in STATES:
@@ -168,7 +168,7 @@ def _maintenance_check(check_id: str, name: str, what: str) -> CheckDefinition:
 
 @agent_api.route("/v1/agent/service/maintenance/<service_id>", methods=["PUT"])
 async def service_maintenance(service_id: str) -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     scope = _scope(ctx)
     enable = _enable_flag()
     entry = scope.catalog.get(ctx.node, service_id)
@@ -187,7 +187,7 @@ async def service_maintenance(service_id: str) -> Response:
 
 @agent_api.route("/v1/agent/maintenance", methods=["PUT"])
 async def node_maintenance() -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     scope = _scope(ctx)
     enable = _enable_flag()
     authorizer().require("node", ctx.node, "write")

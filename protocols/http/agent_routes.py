@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from quart import Blueprint, Response, current_app, request
-
 from konsul.sync.catalog import CheckDefinition, ServiceEntry
 from konsul.sync.checks import CRITICAL, NODE_HEALTH_ID, PASSING, STATES, WARNING, CheckStatus
 from konsul.sync.errors import InvalidArgument, NotFound
@@ -12,9 +10,11 @@ from konsul.sync.limits import parse_json_document
 from .authz import authorizer, filtered
 from .filter_fields import AGENT_SERVICE, CHECK, MEMBER, apply, request_filter
 from .params import flag, parse_duration
-from .responses import json_response
+from .request import request
+from .responses import Response, json_response
+from .router import Routes
 
-agent_api = Blueprint("agent", __name__)
+agent_api = Routes("agent")
 
 _KNOWN_CHECK_KINDS = ("TTL", "HTTP", "TCP")
 _UNSUPPORTED_CHECK_KINDS = (
@@ -188,7 +188,7 @@ def check_json(check: CheckStatus, node: str) -> dict:
 
 @agent_api.route("/v1/agent/service/register", methods=["PUT"])
 async def register() -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     entry, initial = parse_service(await json_body(), ctx.node)
     authorizer().require("service", entry.name, "write")
     scope = ctx.replica.scope(ctx.site)
@@ -202,7 +202,7 @@ async def register() -> Response:
 
 @agent_api.route("/v1/agent/service/deregister/<service_id>", methods=["PUT"])
 async def deregister(service_id: str) -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     scope = ctx.replica.scope(ctx.site)
     entry = scope.catalog.get(ctx.node, service_id)
     if entry is None:
@@ -219,7 +219,7 @@ async def deregister(service_id: str) -> Response:
 
 @agent_api.route("/v1/agent/services", methods=["GET"])
 async def services() -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     catalog = ctx.replica.scope(ctx.site).catalog
     allowed = authorizer()
     wanted = request_filter(AGENT_SERVICE)
@@ -234,7 +234,7 @@ async def services() -> Response:
 @agent_api.route("/v1/agent/service/<service_id>", methods=["GET"])
 async def service_definition(service_id: str) -> Response:
     """One service of this agent (Consul's ``/v1/agent/service/<id>``); 404 unless readable."""
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     entry = ctx.replica.scope(ctx.site).catalog.get(ctx.node, service_id)
     if entry is None or not authorizer().allows("service", entry.name, "read"):
         raise NotFound(f"no service {service_id!r} is registered with this agent")
@@ -243,7 +243,7 @@ async def service_definition(service_id: str) -> Response:
 
 @agent_api.route("/v1/agent/checks", methods=["GET"])
 async def checks() -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     wanted = request_filter(CHECK)
     ctx.checks.expire_ttls()
     # serfHealth is the catalog's view of this agent, not a check registered with it (as in Consul).
@@ -265,7 +265,7 @@ def may_read_check(check: CheckStatus, node: str) -> bool:
 
 @agent_api.route("/v1/agent/check/<verb>/<check_id>", methods=["PUT"])
 async def report_check(verb: str, check_id: str) -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     status = {"pass": PASSING, "warn": WARNING, "fail": CRITICAL}.get(verb)
     if status is None:
         raise NotFound(f"no check verb {verb!r}; use pass, warn or fail")
@@ -287,13 +287,13 @@ def require_check_write(ctx, check_id: str) -> None:
 
 @agent_api.route("/v1/agent/self", methods=["GET"])
 async def self_info() -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     return json_response(agent_self(ctx))
 
 
 @agent_api.route("/v1/agent/members", methods=["GET"])
 async def members() -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     wanted = request_filter(MEMBER)
     every = agent_members(ctx, wan=flag("wan"))
     visible = [m for m in every if authorizer().allows("node", m["Name"], "read")]

@@ -1,8 +1,7 @@
 """Who may call which HTTP route: the token, the rate limits, the audit log.
 
-Theory of operation. Every request (except the KV fast path, which does the
-same in its own bytes, kv_fast_path.py) passes :func:`admit` before its
-handler: the token is resolved to a principal (an unknown or revoked secret
+Theory of operation. Every request (the KV fast path's too: it goes through
+``HttpApp.respond`` like any other) passes :func:`admit` before its handler: the token is resolved to a principal (an unknown or revoked secret
 is a 403 here), the client address and then the token are charged a request
 (429 past the burst), and the route's permission is checked from
 :data:`ROUTE_ACCESS` when it depends on the path alone. Routes whose answer
@@ -20,14 +19,17 @@ never its secret.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from quart import Response, current_app, g, request
+from .request import Request, current_request, request
 
 from konsul.sync.acl_resolver import Principal
 from konsul.sync.acl_rules import Authorizer
 
-from ..admission import source_of
 from .context import HttpContext
+
+if TYPE_CHECKING:
+    from .responses import Response
 
 # Needs no token at all: liveness probes, and what Consul answers to anyone.
 OPEN = frozenset({
@@ -80,7 +82,7 @@ CHECKED_IN_ROUTE = CHECKED_IN_ROUTE | frozenset({
 
 WRITE_METHODS = frozenset({"PUT", "POST", "PATCH", "DELETE"})
 _VERBS = {"GET": "read", "HEAD": "read", "DELETE": "delete"}  # other methods write
-# blueprint -> what the audit log calls its resource
+# route group -> what the audit log calls its resource
 _AUDIT_KINDS = {"txn": "kv", "devices": "device", "twin": "device", "telemetry": "device", "hub_fleet": "operator",
                 "ops": "operator"}
 FILTERED_HEADER = "X-Consul-Results-Filtered-By-ACLs"
@@ -98,19 +100,21 @@ def token_from(header: Callable[[str], str | None], query_token: str | None) -> 
     return query_token or None
 
 
-def request_token() -> str | None:
-    """The secret of the quart request being handled."""
-    return token_from(request.headers.get, request.args.get("token"))
+def request_token(current: Request | None = None) -> str | None:
+    """The secret of the request being handled."""
+    current = current or current_request()
+    return token_from(current.headers.get, current.args.get("token"))
 
 
 def principal() -> Principal:
     """The principal of the request being handled (resolved once per request)."""
-    found = g.get("konsul_principal")
+    current = current_request()
+    found = current.principal
     if found is None:
-        ctx: HttpContext = current_app.config["KONSUL"]
+        ctx: HttpContext = current.ctx
         # At the hub a site-local token is found in the site the request names.
-        site = request.args.get("dc") if ctx.role == "hub" else None
-        found = g.konsul_principal = resolve(ctx, request_token(), _source(), site)
+        site = current.args.get("dc") if ctx.role == "hub" else None
+        found = current.principal = resolve(ctx, request_token(current), current.source, site)
     return found
 
 
@@ -125,10 +129,6 @@ def filtered(kept: int, offered: int, headers: dict[str, str] | None = None) -> 
     if kept < offered:
         headers[FILTERED_HEADER] = "true"
     return headers
-
-
-def _source() -> str:
-    return source_of(request.scope.get("client"))
 
 
 def resolve(ctx: HttpContext, secret: str | None, source: str, site: str | None = None) -> Principal:
@@ -152,14 +152,15 @@ def resolve(ctx: HttpContext, secret: str | None, source: str, site: str | None 
     return who
 
 
-def admit(endpoint: str | None) -> None:
+def admit(current: Request) -> None:
     """Before a handler: token, rate limits and the route's own permission."""
-    ctx: HttpContext = current_app.config["KONSUL"]
+    endpoint = current.endpoint
+    ctx: HttpContext = current.ctx
     if endpoint is None:  # no route matched: the 404/405 answer needs no rights
         return
     if endpoint in OPEN:
         if ctx.rate_limits is not None:
-            refused = ctx.rate_limits.check_source(_source())
+            refused = ctx.rate_limits.check_source(current.source)
             if refused is not None:
                 raise refused
         return
@@ -171,9 +172,9 @@ def admit(endpoint: str | None) -> None:
         who.authorizer.require("operator", "", "write")  # fail closed for a route nobody classified
 
 
-def audit_response(response: Response, interface: str = "http") -> None:
+def audit_response(current: Request, response: Response, interface: str = "http") -> None:
     """After a handler: log a successful write or any refusal."""
-    ctx: HttpContext = current_app.config["KONSUL"]
+    ctx: HttpContext = current.ctx
     if ctx.audit is None:
         return
     status = response.status_code
@@ -181,18 +182,18 @@ def audit_response(response: Response, interface: str = "http") -> None:
         result = "denied"
     elif status == 429:
         result = "rate_limited"
-    elif request.method in WRITE_METHODS and status < 400:
+    elif current.method in WRITE_METHODS and status < 400:
         result = "allowed"
     else:
         return
-    who = g.get("konsul_principal")
+    who = current.principal
     ctx.audit.record(
         accessor=who.accessor_id if who is not None and who.token is not None else None,
-        source=_source(),
+        source=current.source,
         interface=interface,
-        operation=f"{_AUDIT_KINDS.get(request.blueprint or '', request.blueprint or 'http')}:"
-        f"{_VERBS.get(request.method, 'write')}",
-        resource=request.path,
+        operation=f"{_AUDIT_KINDS.get(current.group or '', current.group or 'http')}:"
+        f"{_VERBS.get(current.method, 'write')}",
+        resource=current.path,
         result=result,
-        reason=g.get("konsul_refusal", ""),
+        reason=current.refusal,
     )

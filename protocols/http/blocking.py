@@ -15,6 +15,7 @@ from collections.abc import Callable
 import trio
 
 from .params import duration_arg, int_arg
+from .request import current_request
 
 DEFAULT_WAIT_S = 300.0
 MAX_WAIT_S = 600.0
@@ -22,6 +23,9 @@ MAX_WAIT_S = 600.0
 
 async def block_until_changed(current_index: Callable[[], int], event: Callable[[], trio.Event]) -> None:
     """Wait as the request's ``index``/``wait`` ask; returns at once without ``index``."""
+    args = current_request().args
+    if "index" not in args and "wait" not in args:
+        return  # most requests: not a blocking query
     wanted = int_arg("index")
     wait = duration_arg("wait")  # parsed even without index, so a bad value is an error
     if not wanted:

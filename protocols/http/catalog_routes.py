@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from quart import Blueprint, Response, current_app, request
-
 from konsul.sync.catalog import NodeRecord, ServiceEntry
 from konsul.sync.checks import CRITICAL, PASSING, STATES, CheckStatus
 from konsul.sync.errors import InvalidArgument
@@ -11,12 +9,14 @@ from konsul.sync.errors import InvalidArgument
 from .agent_routes import check_json, service_addresses_json, service_json
 from .agent_self import own_address
 from .authz import authorizer, filtered
-from .filter_fields import CATALOG_SERVICE, CHECK, HEALTH_SERVICE, NODE, apply, request_filter
 from .blocking import block_until_changed, index_header
+from .filter_fields import CATALOG_SERVICE, CHECK, HEALTH_SERVICE, NODE, apply, request_filter
 from .params import flag
-from .responses import json_response
+from .request import request
+from .responses import Response, json_response
+from .router import Routes
 
-catalog_api = Blueprint("catalog", __name__)
+catalog_api = Routes("catalog")
 
 
 def _scope(ctx):
@@ -174,7 +174,7 @@ def _instances(ctx, scope, name: str | None, records) -> list[ServiceEntry]:
 
 @catalog_api.route("/v1/catalog/services", methods=["GET"])
 async def catalog_services() -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     scope = _scope(ctx)
     wanted = request_filter(CATALOG_SERVICE)
     headers = await _block_on_catalog(ctx, scope)
@@ -190,7 +190,7 @@ async def catalog_services() -> Response:
 
 @catalog_api.route("/v1/catalog/service/<name>", methods=["GET"])
 async def catalog_service(name: str) -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     scope = _scope(ctx)
     wanted = request_filter(CATALOG_SERVICE)
     headers = await _block_on_catalog(ctx, scope)
@@ -203,7 +203,7 @@ async def catalog_service(name: str) -> Response:
 
 @catalog_api.route("/v1/catalog/nodes", methods=["GET"])
 async def catalog_nodes() -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     scope = _scope(ctx)
     wanted = request_filter(NODE)
     headers = await _block_on_catalog(ctx, scope)
@@ -219,7 +219,7 @@ async def catalog_nodes() -> Response:
 
 @catalog_api.route("/v1/catalog/datacenters", methods=["GET"])
 async def catalog_datacenters() -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     names = set(ctx.replica.scopes) | {ctx.site}
     names.discard("global")
     return json_response(sorted(names))
@@ -236,7 +236,7 @@ def health_entry(ctx, scope, entry: ServiceEntry, records) -> tuple[dict, list[C
 
 @catalog_api.route("/v1/health/service/<name>", methods=["GET"])
 async def health_service(name: str) -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     scope = _scope(ctx)
     wanted = request_filter(HEALTH_SERVICE)
     passing_only = flag("passing")
@@ -263,7 +263,7 @@ async def health_connect(name: str) -> Response:
     Answered (not a 404) so that clients which ask keep working; the filter is
     still checked, as Consul would.
     """
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     scope = _scope(ctx)
     request_filter(HEALTH_SERVICE)
     headers = await _block_on_catalog(ctx, scope)
@@ -283,7 +283,7 @@ def _readable_checks(ctx, scope, records, entries: list[ServiceEntry], with_node
 
 @catalog_api.route("/v1/health/checks/<name>", methods=["GET"])
 async def health_checks(name: str) -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     scope = _scope(ctx)
     wanted = request_filter(CHECK)
     headers = await _block_on_catalog(ctx, scope)
@@ -297,7 +297,7 @@ async def health_checks(name: str) -> Response:
 
 @catalog_api.route("/v1/health/state/<state>", methods=["GET"])
 async def health_state(state: str) -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     if state != "any" and state not in STATES:
         raise InvalidArgument(f"state is one of any, {', '.join(STATES)}")
     scope = _scope(ctx)
@@ -312,13 +312,13 @@ async def health_state(state: str) -> Response:
 
 @catalog_api.route("/v1/status/leader", methods=["GET"])
 async def status_leader() -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     return json_response(ctx.advertise)
 
 
 @catalog_api.route("/v1/status/peers", methods=["GET"])
 async def status_peers() -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     return json_response([ctx.advertise])
 
 

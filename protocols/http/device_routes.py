@@ -21,8 +21,6 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from quart import Blueprint, Response, current_app, request
-
 from konsul.sync.acl import MANAGEMENT_POLICY_ID, MANAGEMENT_POLICY_NAME, check_uuid
 from konsul.sync.acl_rules import Authorizer, PermissionDenied, check_pattern
 from konsul.sync.devices import DEFAULT_KV_READ, DeviceRecord, Presence, check_device_id
@@ -30,12 +28,14 @@ from konsul.sync.errors import InvalidArgument, NotFound
 from konsul.sync.replica import GLOBAL_SCOPE
 from konsul.sync.scope import Scope
 
-from .authz import authorizer as request_authorizer
 from .agent_routes import _fields, json_body
+from .authz import authorizer as request_authorizer
 from .params import flag
-from .responses import json_response
+from .request import request
+from .responses import Response, json_response
+from .router import Routes
 
-device_api = Blueprint("devices", __name__)
+device_api = Routes("devices")
 
 
 def listed_scopes(ctx, dc: str | None, sites_only: bool = False) -> list[Scope]:
@@ -54,7 +54,7 @@ def records_matching(scope: Scope, kind: str | None, tags: list[str]) -> list[De
 def registered_device_scope(device_id: str, access: str = "read") -> Scope:
     """The request's scope (``?dc``), once the token may ``access`` ``device_id`` and it is registered there."""
     request_authorizer().require("device", check_device_id(device_id), access)
-    scope = current_app.config["KONSUL"].scope(request.args.get("dc"))
+    scope = request.ctx.scope(request.args.get("dc"))
     require_registered(scope, device_id)
     return scope
 
@@ -225,7 +225,7 @@ def oscore_store(ctx, scope: Scope):
 @device_api.route("/v1/devices", methods=["GET"])
 async def list_devices() -> Response:
     """One site's devices; at the hub, ``?dc=global`` lists every site's (the fleet)."""
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     tags = request.args.getlist("tag")
     kind = request.args.get("type")
     online = request.args.get("online")
@@ -241,7 +241,7 @@ async def list_devices() -> Response:
 
 @device_api.route("/v1/devices/<device_id>", methods=["GET", "PUT", "DELETE"])
 async def device(device_id: str) -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     check_device_id(device_id)
     authorizer = request_authorizer()
     authorizer.require("device", device_id, "read" if request.method == "GET" else "write")

@@ -19,17 +19,17 @@ narrow a list to the events fired with a matching filter of that kind
 
 from __future__ import annotations
 
-from quart import Blueprint, Response, current_app, request
-
 from konsul.sync.errors import InvalidArgument
 from konsul.sync.events import UserEvent, list_filter, matches_agent, uuid_index
 
 from .authz import authorizer, filtered
 from .blocking import block_until_changed, index_header
 from .context import HttpContext
-from .responses import json_response
+from .request import request
+from .responses import Response, json_response
+from .router import Routes
 
-event_api = Blueprint("event", __name__)
+event_api = Routes("event")
 ALL_SCOPES = "*"  # the feed key blocking lists without ?dc wait on
 
 
@@ -59,7 +59,7 @@ def visible_here(ctx: HttpContext, event: UserEvent) -> bool:
 
 @event_api.route("/v1/event/fire/<name>", methods=["PUT"])
 async def fire(name: str) -> Response:
-    ctx: HttpContext = current_app.config["KONSUL"]
+    ctx: HttpContext = request.ctx
     if ctx.events is None:
         raise InvalidArgument("events are not served by this agent")
     scope = _scope_name(ctx)
@@ -73,7 +73,7 @@ async def fire(name: str) -> Response:
 
 @event_api.route("/v1/event/list", methods=["GET"])
 async def list_events() -> Response:
-    ctx: HttpContext = current_app.config["KONSUL"]
+    ctx: HttpContext = request.ctx
     # No ?dc at an edge: everything it has seen (ALL_SCOPES wakes on any scope's
     # event); at the hub, global's.
     scope = _scope_name(ctx) if request.args.get("dc") or ctx.role != "edge" else None

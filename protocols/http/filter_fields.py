@@ -6,9 +6,8 @@ below is the shape of one element of that answer.
 
 from __future__ import annotations
 
-from quart import request
-
 from .filter_expr import BOOL, INT, STR, STR_LIST, STR_MAP, Filter, ListOf, MapOf, Schema, parse
+from .request import request
 
 NODE: Schema = {
     "ID": STR, "Node": STR, "Address": STR, "Datacenter": STR, "TaggedAddresses": STR_MAP, "Meta": STR_MAP,

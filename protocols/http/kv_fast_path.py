@@ -1,59 +1,50 @@
-"""The plain Consul KV read and write, answered before hypercorn's protocol core.
+"""The plain Consul KV read, write and delete, answered before hypercorn's protocol core.
 
-Why. A durable ``PUT /v1/kv/<key>`` costs konsul ~200 µs of CPU; the HTTP stack
-around it (h11 inside hypercorn's protocol core, an app task, quart's contexts
-and werkzeug's routing) cost ~2,500 µs, and h11 alone, before any ASGI, ~300 µs
-on the benchmark machine (docs/benchmarks.md, "HTTP KV"). So the two requests
-that carry the load, a plain KV write and a plain KV read, are recognised in
-the bytes and answered here; everything else, and anything unusual about these
-two, goes on to hypercorn and the quart app as before.
+Why. A durable ``PUT /v1/kv/<key>`` costs konsul ~200 µs of CPU, and h11
+alone, before any ASGI, ~300 µs on the benchmark machine (docs/benchmarks.md,
+"HTTP KV"). So the requests that carry the load are recognised in the bytes
+and handed to the app without the protocol core and the ASGI round trip:
+the answer is the app's own (``HttpApp.respond`` with the one KV handler,
+``kv_routes.kv``: the same parameters, checks, write, error form, metrics
+and audit), only put on the wire here.
 
-What is answered here, and only when all of it holds (else ``None``: the bytes
-go to hypercorn untouched, which then answers or refuses them as it always did):
+What is taken here, and only when all of it holds (else ``None``: the bytes
+go to hypercorn untouched, which hands them to the same app):
 
-- ``GET`` or ``PUT`` of ``/v1/kv/<key>``, HTTP/1.1, a ``Host`` header;
-- a key of printable ASCII without ``%`` (so no unescaping question arises);
-- a query that is empty, or only ``dc=<name>`` and, for GET, ``raw`` (so a
-  lock's ``?acquire=``/``?release=`` always goes the general way; a plain
-  PUT on a locked key is allowed and keeps the lock, as in Consul);
+- ``GET``, ``PUT`` or ``DELETE`` of ``/v1/kv/<key>``, HTTP/1.1, a ``Host`` header;
+- a key and a query of printable ASCII without ``%`` (and no ``+`` in the
+  query), so no unescaping question arises;
+- query parameters among :data:`FAST_PARAMETERS` only: no blocking query
+  (``?index=``: the core notices a client that leaves while it waits), no
+  lock (``?acquire=``, ``?release=``), no ``?token=``;
 - a token, if any, in ``X-Consul-Token`` or ``Authorization: Bearer`` (not
-  ``?token=``), checked here exactly as ``authz.py`` checks it for the app:
-  principal, rate limits, ``key:read``/``key:write``, and the audit log;
-- a ``Content-Length`` body (none for GET; at most ``MAX_BODY`` for PUT), no
-  ``Transfer-Encoding``, ``Expect`` or ``Upgrade`` header, and ``Connection``
-  only as ``keep-alive``.
-
-The answers are the quart routes' answers byte for byte in status, headers and
-body (``kv_routes``), the error form included, and count in
-``konsul_http_requests`` as before.
+  ``?token=``), plain ASCII;
+- a ``Content-Length`` body (none for GET and DELETE; at most ``MAX_BODY``
+  for PUT), no ``Transfer-Encoding``, ``Expect`` or ``Upgrade`` header, and
+  ``Connection`` only as ``keep-alive``.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from email.utils import formatdate
 from time import time
+from typing import TYPE_CHECKING
 
-from konsul.protocols.access import count_refusal
-from konsul.sync.errors import KonsulError
-from konsul.sync.limits import MAX_VALUE_BYTES
+from .request import MAX_BODY_BYTES, Headers, Request
+from .router import Match
 
-from .authz import resolve
-from .context import HttpContext
-from .kv_routes import entry_json
-from .metrics import HttpMetrics
-from .session_routes import lock_lookup
-
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from .app import HttpApp
 
 PREFIX = b"/v1/kv/"
-MAX_BODY = 2 * MAX_VALUE_BYTES  # the quart app's MAX_CONTENT_LENGTH; larger gets its 413
+MAX_BODY = MAX_BODY_BYTES  # larger goes the general way, to its 413
 MAX_HEAD = 16384
 _REASONLESS = {200: b"HTTP/1.1 200 \r\n", 400: b"HTTP/1.1 400 \r\n", 404: b"HTTP/1.1 404 \r\n"}
-_ACCESS = {b"GET": "read", b"PUT": "write"}
+_METHODS = {b"GET": "GET", b"PUT": "PUT", b"DELETE": "DELETE"}
 _KEY_BYTES = frozenset(range(0x21, 0x7F)) - {ord("%")}
-_DC_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+_QUERY_BYTES = _KEY_BYTES - {ord("+")}  # "+" is a space in a query
+# Plain reads, lists and writes; the rest (blocking, locks, ?token=, history) goes the general way.
+FAST_PARAMETERS = frozenset({"dc", "raw", "keys", "recurse", "separator", "flags", "cas"})
 
 
 def _secret(token: bytes | None, bearer: bytes | None) -> str | None | bool:
@@ -100,13 +91,14 @@ class _Date:
 
 
 class KvFastPath:
-    """Parses and answers plain KV requests from the head of a connection's buffer."""
+    """Parses plain KV requests from the head of a connection's buffer and answers them through the app."""
 
-    def __init__(self, ctx: HttpContext, metrics: HttpMetrics) -> None:
-        self.ctx = ctx
-        self.metrics = metrics
+    def __init__(self, app: HttpApp) -> None:
+        self.app = app
         self._date = _Date()
-        self._counters: dict[tuple[str, int], object] = {}
+        route = app.table.match("GET", "/v1/kv/key").route
+        assert route is not None and route.endpoint == "kv.kv", "the KV route is the one this answers for"
+        self._route = route
 
     def parse(self, buffer: bytes) -> tuple[bytes, bytes, bytes, bytes, int, str | None] | None:
         """``(method, key, query, body, consumed, token)`` of a request this answers, or ``None``.
@@ -114,7 +106,7 @@ class KvFastPath:
         Raises:
             Incomplete: the request might qualify, but not all of it has arrived.
         """
-        if not buffer.startswith((b"PUT /v1/kv/", b"GET /v1/kv/")):
+        if not buffer.startswith((b"PUT /v1/kv/", b"GET /v1/kv/", b"DELETE /v1/kv/")):
             return None
         end = buffer.find(b"\r\n\r\n")
         if end < 0:
@@ -128,7 +120,7 @@ class KvFastPath:
         method, target = parts[0], parts[1]
         path, _, query = target.partition(b"?")
         key = path[len(PREFIX):]
-        if not key or not _KEY_BYTES.issuperset(key):
+        if not key or not _KEY_BYTES.issuperset(key) or not _QUERY_BYTES.issuperset(query):
             return None
         length = None
         host = False
@@ -162,7 +154,7 @@ class KvFastPath:
             elif name in (b"transfer-encoding", b"expect", b"upgrade"):
                 return None
         length = length or 0
-        if not host or length > MAX_BODY or (method == b"GET" and length):
+        if not host or length > MAX_BODY or (method != b"PUT" and length):
             return None
         secret = _secret(token, bearer)
         if secret is False:
@@ -175,72 +167,20 @@ class KvFastPath:
     async def respond(
         self, method: bytes, key: bytes, query: bytes, body: bytes, token: str | None = None, source: str = ""
     ) -> bytes | None:
-        """The response to a parsed request, or ``None`` when its query is not a plain one."""
-        dc, raw, seen_dc = None, False, False
-        if query:
-            for item in query.split(b"&"):
-                name, eq, value = item.partition(b"=")
-                if name == b"dc" and not seen_dc and _DC_BYTES.issuperset(value):
-                    dc, seen_dc = value.decode() or None, True
-                elif name == b"raw" and method == b"GET" and not value:
-                    raw = True
-                else:
+        """The app's response to a parsed request, as bytes; ``None`` when its query is not a plain one."""
+        text_query = query.decode()
+        if text_query:
+            for item in text_query.split("&"):
+                if item.partition("=")[0] not in FAST_PARAMETERS:
                     return None
-        ctx = self.ctx
-        who = None
-        try:
-            who = resolve(ctx, token, source)
-            if not who.authorizer.management:
-                who.authorizer.require("key", key.decode(), _ACCESS[method])
-            scope = ctx.scope(dc)
-            if method == b"PUT":
-                ok = await scope.kv_put(key.decode(), body)
-                if ctx.audit is not None:
-                    self._audit(who, source, method, key, "allowed")
-                return self._response(method, 200, b"application/json", b"true" if ok else b"false")
-            index = b"x-consul-index: %d\r\n" % max(1, scope.kv.last_index)
-            entry = scope.kv.get(key.decode())
-            if entry is None:
-                return self._response(method, 404, b"application/json", b"", index)
-            if raw:
-                return self._response(method, 200, b"application/octet-stream", entry.value, index)
-            locks = lock_lookup(ctx, scope)  # a locked key shows its Session, as the app's answer does
-            payload = json.dumps([entry_json(entry, locks and locks(entry.key))], separators=(",", ":")).encode()
-            return self._response(method, 200, b"application/json", payload, index)
-        except KonsulError as error:
-            payload = json.dumps({"error": error.code, "detail": str(error)}, separators=(",", ":")).encode()
-            extra = b""
-            if error.status in (401, 403, 429):
-                if error.status != 429:
-                    count_refusal(ctx.registry, "http", error.code)
-                if ctx.audit is not None:
-                    self._audit(who, source, method, key, "rate_limited" if error.status == 429 else "denied",
-                                f"{error.code}: {error}")
-                headers = getattr(error, "headers", None) or {}
-                extra = b"".join(b"%s: %s\r\n" % (n.lower().encode(), v.encode()) for n, v in headers.items())
-            return self._response(method, error.status, b"application/json", payload, extra)
-        except Exception as error:  # the quart app's last-resort handler, same answer
-            log.exception("unhandled error on %s /v1/kv/%s", method.decode(), key.decode())
-            payload = json.dumps(
-                {"error": "internal", "detail": f"unexpected server error: {error}"}, separators=(",", ":")
-            ).encode()
-            return self._response(method, 500, b"application/json", payload)
-
-    def _audit(self, who, source: str, method: bytes, key: bytes, result: str, reason: str = "") -> None:
-        self.ctx.audit.record(
-            accessor=who.accessor_id if who is not None and who.token is not None else None,
-            source=source, interface="http", operation="kv:" + _ACCESS[method], resource="/v1/kv/" + key.decode(),
-            result=result, reason=reason,
-        )
-
-    def _response(self, method: bytes, status: int, content_type: bytes, body: bytes, extra: bytes = b"") -> bytes:
-        counter = self._counters.get((method, status))
-        if counter is None:
-            counter = self._counters[(method, status)] = self.metrics.requests.labels(method.decode(), str(status))
-        counter.inc()
-        start = _REASONLESS.get(status) or b"HTTP/1.1 %d \r\n" % status
+        headers = Headers.of({"x-consul-token": token} if token else {})
+        path = "/v1/kv/" + key.decode()
+        request = Request(self.app, _METHODS[method], path, text_query, headers, source, body=body)
+        response = await self.app.respond(request, Match(self._route, {"key": path[7:]}))
+        if response.streamed:  # not a KV answer; never seen
+            return None
+        status = response.status_code
         return b"".join((
-            start, extra,
-            b"content-type: ", content_type, b"\r\ncontent-length: %d\r\ndate: " % len(body),
-            self._date(), b"\r\nserver: hypercorn-h11\r\n\r\n", body,
+            _REASONLESS.get(status) or b"HTTP/1.1 %d \r\n" % status, response.head(),
+            b"date: ", self._date(), b"\r\nserver: hypercorn-h11\r\n\r\n", response.body,
         ))

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import base64
 
-from quart import Blueprint, Response, current_app, request
-
 from konsul.sync.errors import InvalidArgument
 from konsul.sync.kv import HistoryRecord, KvEntry
 from konsul.sync.sessions import KeyLock
@@ -17,10 +15,12 @@ from konsul.sync.sessions import KeyLock
 from .authz import authorizer, filtered
 from .blocking import block_until_changed, index_header
 from .params import duration_arg, flag, int_arg
-from .responses import json_response
+from .request import QueryArgs, current_request
+from .responses import Response, json_response
+from .router import Routes
 from .session_routes import lock_lookup, lock_table_for
 
-kv_api = Blueprint("kv", __name__)
+kv_api = Routes("kv")
 
 
 def entry_json(entry: KvEntry, lock: KeyLock | None = None) -> dict:
@@ -52,45 +52,50 @@ def history_json(record: HistoryRecord) -> dict:
     }
 
 
-@kv_api.route("/v1/kv/<anypath:key>", methods=["GET", "PUT", "DELETE"])
+@kv_api.route("/v1/kv/<path:key>", methods=["GET", "PUT", "DELETE"])
 async def kv(key: str) -> Response:
-    ctx = current_app.config["KONSUL"]
-    scope = ctx.scope(request.args.get("dc"))
+    """Consul's KV read, write and delete: the one handler, for routed requests and the fast path alike."""
+    current = current_request()  # once: this is the hottest handler (kv_fast_path.py)
+    ctx = current.ctx
+    scope = ctx.scope(current.args.get("dc"))
     allowed = authorizer()
-    if request.method == "PUT":
+    method = current.method
+    if method == "PUT":
         allowed.require("key", key, "write")
         return await _put(scope, key)
-    if request.method == "DELETE":
-        if flag("recurse"):
+    recurse = flag("recurse")
+    if method == "DELETE":
+        if recurse:
             allowed.require_subtree("key", key, "write")  # Consul's KeyWritePrefix
         else:
             allowed.require("key", key, "write")
-        return await _delete(scope, key)
-    if not (flag("keys") or flag("recurse")):
+        return await _delete(scope, key, recurse)
+    keys = flag("keys")
+    if not (keys or recurse):
         allowed.require("key", key, "read")
-    return await _get(ctx, scope, key)
+    return await _get(ctx, scope, key, current.args, keys, recurse)
 
 
-async def _get(ctx, scope, key: str) -> Response:
+async def _get(ctx, scope, key: str, args: QueryArgs, keys: bool, recurse: bool) -> Response:
     feed = ctx.feed
     await block_until_changed(
         lambda: scope.kv.last_index, lambda: feed.event(scope.name, "kv")
     )
     headers = index_header(scope.kv.last_index)
-    if flag("history"):
+    if "history" in args and flag("history"):
         return json_response([history_json(r) for r in scope.kv.history(key)], headers=headers)
     allowed = authorizer()
     locks = lock_lookup(ctx, scope)
     # Lists show what the token may read, as Consul filters them (a key the
     # token may not read is left out; nothing readable is a 404).
-    if flag("keys"):
-        keys = scope.kv.keys(key, request.args.get("separator") or None)
-        visible = allowed.filter("key", keys, "read")
-        headers = filtered(len(visible), len(keys), headers)
+    if keys:
+        listed = scope.kv.keys(key, args.get("separator") or None)
+        visible = allowed.filter("key", listed, "read")
+        headers = filtered(len(visible), len(listed), headers)
         if not visible:
             return _not_found(headers)
         return json_response(visible, headers=headers)
-    if flag("recurse"):
+    if recurse:
         entries = scope.kv.list(key)
         readable = set(allowed.filter("key", [e.key for e in entries], "read"))
         visible = [e for e in entries if e.key in readable]
@@ -101,7 +106,7 @@ async def _get(ctx, scope, key: str) -> Response:
     entry = scope.kv.get(key)
     if entry is None:
         return _not_found(headers)
-    if flag("raw"):
+    if "raw" in args and flag("raw"):
         return Response(entry.value, content_type="application/octet-stream", headers=headers)
     return json_response([entry_json(entry, locks and locks(key))], headers=headers)
 
@@ -117,9 +122,10 @@ async def _put(scope, key: str) -> Response:
     ttl = duration_arg("ttl")
     if ttl is not None and ttl <= 0:
         raise InvalidArgument("ttl must be positive, e.g. ttl=30s")
-    value = await request.get_data(cache=True)
+    value = await current_request().get_data()
     ttl_ms = None if ttl is None else max(1, int(ttl * 1000))
-    acquire, release = request.args.get("acquire"), request.args.get("release")
+    args = current_request().args
+    acquire, release = args.get("acquire"), args.get("release")
     if acquire is not None or release is not None:
         # A lock changes only at the edge that arbitrates the key's site (session_routes).
         if acquire is not None and release is not None:
@@ -138,6 +144,6 @@ async def _put(scope, key: str) -> Response:
     return json_response(ok)
 
 
-async def _delete(scope, key: str) -> Response:
-    ok = await scope.kv_delete(key, recurse=flag("recurse"), cas=int_arg("cas"))
+async def _delete(scope, key: str, recurse: bool) -> Response:
+    ok = await scope.kv_delete(key, recurse=recurse, cas=int_arg("cas"))
     return json_response(ok)

@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from quart import Response, current_app, request
-
 from konsul.sync.catalog import CheckDefinition, NodeRecord, ServiceEntry
 from konsul.sync.checks import CRITICAL, NODE_HEALTH_ID, STATES, agent_node_record
 from konsul.sync.errors import InvalidArgument, NotFound
@@ -24,6 +22,8 @@ from konsul.sync.errors import InvalidArgument, NotFound
 from .agent_routes import _field, _fields, json_body, parse_service, service_json
 from .agent_self import own_address
 from .authz import authorizer
+from .request import request
+from .responses import Response
 from .catalog_routes import (
     _block_on_catalog, _local, catalog_api, check_json, node_checks, node_json, node_meta_wanted, node_records,
     service_checks,
@@ -70,7 +70,7 @@ def _merge(checks: tuple[CheckDefinition, ...], new: list[CheckDefinition]) -> t
 
 @catalog_api.route("/v1/catalog/register", methods=["PUT"])
 async def catalog_register() -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     fields = _fields(await json_body())
     scope = _scope_of(ctx, fields)
     node = _field(fields, "Node", str, "")
@@ -139,7 +139,7 @@ async def catalog_register() -> Response:
 
 @catalog_api.route("/v1/catalog/deregister", methods=["PUT"])
 async def catalog_deregister() -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     fields = _fields(await json_body())
     scope = _scope_of(ctx, fields)
     node = _field(fields, "Node", str, "")
@@ -219,7 +219,7 @@ async def catalog_node_services(node: str) -> Response:
 
 async def _node_and_services(node: str) -> tuple[dict, list[dict], Any, dict]:
     """A readable node's record, its services as JSON, the request's filter and the answer's headers."""
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     scope = ctx.scope(request.args.get("dc"))
     wanted = request_filter(AGENT_SERVICE)
     headers = await _block_on_catalog(ctx, scope)
@@ -231,7 +231,7 @@ async def _node_and_services(node: str) -> tuple[dict, list[dict], Any, dict]:
 
 @catalog_api.route("/v1/health/node/<node>", methods=["GET"])
 async def health_node(node: str) -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     scope = ctx.scope(request.args.get("dc"))
     wanted = request_filter(CHECK)
     headers = await _block_on_catalog(ctx, scope)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from quart import Blueprint, Response, current_app
+from .request import request
+from .responses import Response, json_response
+from .router import Routes
 
-from .responses import json_response
-
-ops_api = Blueprint("ops", __name__)
+ops_api = Routes("ops")
 
 
 @ops_api.route("/metrics", methods=["GET"])
 async def metrics() -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     return Response(generate_latest(ctx.registry), content_type=CONTENT_TYPE_LATEST)
 
 
@@ -24,7 +24,7 @@ async def live() -> Response:
 
 @ops_api.route("/health/ready", methods=["GET"])
 async def ready() -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     if ctx.ready():
         return json_response({"status": "ready"})
     return json_response({"status": "starting"}, status=503)
@@ -32,5 +32,5 @@ async def ready() -> Response:
 
 @ops_api.route("/v1/sync/status", methods=["GET"])
 async def sync_status() -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     return json_response(ctx.sync_status())

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
-from quart import request
-
 from konsul.sync.errors import InvalidArgument
+
+from .request import current_request
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 MAX_INT_DIGITS = 20  # 2**64 has 20
@@ -43,13 +43,14 @@ def _parse_duration(text: str, name: str) -> float:
 
 def flag(name: str) -> bool:
     """A Consul boolean flag: present (``?recurse`` or ``?recurse=true``) unless set false."""
-    if name not in request.args:
+    raw = current_request().args.get(name)
+    if raw is None:
         return False
-    return request.args[name].lower() not in ("false", "0", "no")
+    return raw.lower() not in ("false", "0", "no")
 
 
 def int_arg(name: str, default: int | None = None, minimum: int = 0) -> int | None:
-    raw = request.args.get(name)
+    raw = current_request().args.get(name)
     if raw is None or raw == "":
         return default
     # Digits only: int() would also take " 7", "+7", "7_0" and "٧", and spend
@@ -65,5 +66,5 @@ def int_arg(name: str, default: int | None = None, minimum: int = 0) -> int | No
 
 
 def duration_arg(name: str) -> float | None:
-    raw = request.args.get(name)
+    raw = current_request().args.get(name)
     return None if raw is None else parse_duration(raw, name)

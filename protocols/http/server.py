@@ -39,7 +39,7 @@ fast path, the core) sees the decrypted bytes, and the scope says ``https`` /
 extension (``tls_extension``).
 
 In front of the core sits an optional fast path (``kv_fast_path.KvFastPath``,
-found in the app's config as ``KONSUL_FAST_PATH``): while the core has no
+the app's ``fast_path``): while the core has no
 request in flight and nothing buffered, the connection first offers the bytes
 it read to the fast path, which answers a plain KV read or write itself and
 declines anything else; declined bytes go to the core untouched.
@@ -162,9 +162,8 @@ async def serve_app(
     # A sync diff or snapshot travels as one WebSocket message; hypercorn's
     # default (16 MiB) would cut a large reconciliation short.
     config.websocket_max_message_size = MAX_FRAME_BYTES
-    app_config = getattr(app, "config", {})
-    fast_path = app_config.get("KONSUL_FAST_PATH")
-    admission = app_config.get("KONSUL_ADMISSION")
+    fast_path = getattr(app, "fast_path", None)
+    admission = getattr(app, "admission", None)
     await serve(app, config, fast_path=fast_path, admission=admission, tls=tls, task_status=task_status)
 
 

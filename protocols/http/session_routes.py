@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from quart import Blueprint, Response, current_app, request
-
 from konsul.sync.errors import InvalidArgument, KonsulError
 from konsul.sync.scope import Scope
 from konsul.sync.sessions import KeyLock, SessionSpec, SessionTable, sessions_json
@@ -22,9 +20,11 @@ from .agent_routes import json_body_any
 from .authz import authorizer, filtered
 from .blocking import block_until_changed, index_header
 from .params import parse_duration
-from .responses import json_response
+from .request import request
+from .responses import Response, json_response
+from .router import Routes
 
-session_api = Blueprint("session", __name__)
+session_api = Routes("session")
 
 
 class LocksAreLocal(KonsulError):
@@ -40,7 +40,7 @@ def session_table(dc: str | None = None, access: str = "read") -> SessionTable:
     A refusal is for those who may ask: a token without ``session:<access>``
     on this agent's node gets the ACL's 403 first, as on any other route.
     """
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     table: SessionTable | None = getattr(ctx, "sessions", None)
     if table is None or (dc and dc != ctx.site):
         authorizer().require("session", ctx.node, access)
@@ -61,7 +61,7 @@ def session_table(dc: str | None = None, access: str = "read") -> SessionTable:
 
 def lock_table_for(scope: Scope) -> SessionTable:
     """The table that may lock keys of ``scope`` (a KV ``?acquire=``/``?release=``, txn lock verbs)."""
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     return session_table(None if scope.name == ctx.site else scope.name, "write")
 
 
@@ -166,7 +166,7 @@ async def renew_session(session_id: str) -> Response:
 
 
 async def _blocking(table: SessionTable) -> dict[str, str]:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     await block_until_changed(lambda: table.last_index, lambda: ctx.feed.event(table.scope.name, "sessions"))
     return index_header(table.last_index)
 

@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import trio
-from quart import Blueprint, Response, current_app, g, request
-from werkzeug.exceptions import RequestEntityTooLarge
 
 from konsul.sync import snapshot
 from konsul.sync.acl_rules import PermissionDenied
@@ -33,9 +31,11 @@ from konsul.sync.errors import KonsulError
 
 from . import authz
 from .context import HttpContext
-from .responses import json_response
+from .request import Request, current_request, request
+from .responses import Response, json_response
+from .router import Routes
 
-snapshot_api = Blueprint("snapshot", __name__)
+snapshot_api = Routes("snapshot")
 
 CHUNK = 64 * 1024
 # An upload is written to its file in pieces of about this size.
@@ -76,7 +76,7 @@ def _save(ctx: HttpContext, data_dir: Path, work: Path) -> tuple[Path, dict]:
 
 @snapshot_api.route("/v1/snapshot", methods=["GET"])
 async def save_snapshot() -> Response:
-    ctx: HttpContext = current_app.config["KONSUL"]
+    ctx: HttpContext = request.ctx
     data_dir = _data_dir(ctx)
     work = Path(tempfile.mkdtemp(prefix=".snapshot-", dir=data_dir))
     try:
@@ -105,11 +105,20 @@ async def _stream(file: BinaryIO) -> AsyncIterator[bytes]:
 
 @snapshot_api.route("/v1/snapshot", methods=["PUT"])
 async def restore_snapshot() -> Response:
-    ctx: HttpContext = current_app.config["KONSUL"]
+    ctx: HttpContext = request.ctx
     _data_dir(ctx)  # the token is judged before a byte of the body is read
     force = request.args.get("force", "false").lower() not in ("false", "0", "no")
     same_replica = request.args.get("same-replica", "false").lower() not in ("false", "0", "no")
-    meta = await stage_restore(ctx, _request_chunks(), request.content_length, force=force, same_replica=same_replica)
+    upload = BodyChunks(current_request())
+    try:
+        meta = await stage_restore(ctx, upload.chunks(), upload.declared_length(), force=force,
+                                   same_replica=same_replica)
+    except KonsulError as error:
+        if not upload.read_whole:
+            # Answered before the body was read whole (refused, or too large): the rest of
+            # the body is still on the connection, which cannot carry another request.
+            error.headers = {**(getattr(error, "headers", None) or {}), "Connection": "close"}
+        raise
     return json_response({
         "Staged": True,
         "Role": snapshot.archive_role(meta),
@@ -120,40 +129,32 @@ async def restore_snapshot() -> Response:
     })
 
 
-def _request_chunks() -> AsyncIterator[bytes]:
-    """The request body, chunk by chunk, without the app-wide body bound.
+class BodyChunks:
+    """A request body chunk by chunk, without the app-wide body bound.
 
-    quart judged the body against MAX_CONTENT_LENGTH when the request arrived;
-    this route bounds it itself (``stage_restore``). The app reads every other
-    body whole before its handler runs (app.py, ``read_body_first``), not this one.
+    The app reads every other body whole before its handler runs (app.py,
+    ``STREAMED_BODIES``); this route bounds the upload itself (``stage_restore``).
     """
-    body = request.body
-    # quart's receiving task, started with the request, has not run yet: this
-    # route runs to here without a checkpoint, so no chunk was judged (or dropped)
-    # against the app-wide bound. Should one ever have been, the body is cut short:
-    # refuse it rather than check a truncated archive.
-    if isinstance(body._must_raise, RequestEntityTooLarge) and body._complete.is_set():
-        raise SnapshotUploadCut("the upload was cut short by the server's body bound; send it again")
-    body._max_content_length = None
-    if isinstance(body._must_raise, RequestEntityTooLarge):  # judged by Content-Length alone
-        body._must_raise = None
-    g.snapshot_body_read = False
 
-    async def chunks() -> AsyncIterator[bytes]:
-        async for chunk in body:
-            yield chunk
-        g.snapshot_body_read = True
+    def __init__(self, req: Request) -> None:
+        self.request = req
+        self.read_whole = False
 
-    return chunks()
+    def declared_length(self) -> int | None:
+        declared = self.request.headers.get("content-length")
+        return int(declared) if declared is not None and declared.strip().isdigit() else None
 
-
-@snapshot_api.after_request
-async def close_unread_upload(response: Response) -> Response:
-    # A PUT answered before its body was read whole (refused, or too large) leaves
-    # the rest of the body on the connection: it cannot carry another request.
-    if request.method == "PUT" and not g.get("snapshot_body_read", False):
-        response.headers["Connection"] = "close"
-    return response
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            message = await self.request._next_body_message()  # noqa: SLF001
+            if message["type"] == "http.disconnect":
+                raise SnapshotUploadCut("the client closed the connection before the upload ended")
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                self.read_whole = True
+                return
 
 
 async def stage_restore(

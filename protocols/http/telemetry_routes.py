@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import datetime
 
-from quart import Blueprint, Response, current_app, request
-
 from konsul.sync.devices import check_device_id
 from konsul.sync.errors import InvalidArgument, NotFound
 from konsul.sync.telemetry import sample_fields, sample_json
 
-from .authz import authorizer as request_authorizer
 from .agent_routes import json_body_any
+from .authz import authorizer as request_authorizer
 from .device_routes import listed_scopes, readable, records_matching, require_registered
 from .params import int_arg
-from .responses import json_response
+from .request import request
+from .responses import Response, json_response
+from .router import Routes
 
-telemetry_api = Blueprint("telemetry", __name__)
+telemetry_api = Routes("telemetry")
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 10_000
@@ -65,7 +65,7 @@ def _window() -> tuple[int | None, int | None, int]:
 
 
 def _source():
-    source = current_app.config["KONSUL"].telemetry
+    source = request.ctx.telemetry
     if source is None:
         raise NotFound("this agent keeps no telemetry")
     return source
@@ -75,7 +75,7 @@ def _source():
 async def device_telemetry(device_id: str) -> Response:
     check_device_id(device_id)
     request_authorizer().require("device", device_id, "write" if request.method == "POST" else "read")
-    scope = current_app.config["KONSUL"].scope(request.args.get("dc"))
+    scope = request.ctx.scope(request.args.get("dc"))
     source = _source()
     if request.method == "POST":
         require_registered(scope, device_id)
@@ -95,7 +95,7 @@ async def device_telemetry(device_id: str) -> Response:
 @telemetry_api.route("/v1/telemetry", methods=["GET"])
 async def fleet_telemetry() -> Response:
     """Samples of every device of a type or with tags, in one site or (at the hub) all."""
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     kind = request.args.get("type")
     tags = request.args.getlist("tag")
     if kind is None and not tags:

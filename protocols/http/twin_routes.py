@@ -12,15 +12,15 @@ Reading a twin needs ``device:read`` on the device, writing either side
 
 from __future__ import annotations
 
-from quart import Blueprint, Response, request
-
 from konsul.sync.twin import SIDES
 
 from .agent_routes import json_body
 from .device_routes import registered_device_scope
-from .responses import json_response
+from .request import request
+from .responses import Response, json_response
+from .router import Routes
 
-twin_api = Blueprint("twin", __name__)
+twin_api = Routes("twin")
 
 
 @twin_api.route("/v1/devices/<device_id>/<any(desired, reported):side>", methods=["GET", "PUT", "PATCH", "POST"])

@@ -19,18 +19,18 @@ import base64
 import binascii
 from dataclasses import dataclass
 
-from quart import Blueprint, Response, current_app, request
-
 from konsul.sync.errors import InvalidArgument
 from konsul.sync.limits import check_flags, check_key, check_prefix, check_value
 
 from .agent_routes import json_body_any
 from .authz import authorizer
 from .kv_routes import entry_json
-from .responses import json_response
+from .request import request
+from .responses import Response, json_response
+from .router import Routes
 from .session_routes import lock_lookup, lock_table_for
 
-txn_api = Blueprint("txn", __name__)
+txn_api = Routes("txn")
 
 MAX_OPERATIONS = 64
 _READS = {"get", "get-tree", "check-index", "check-not-exists"}
@@ -168,7 +168,7 @@ def require_operations(operations: list[KvOp]) -> None:
 
 @txn_api.route("/v1/txn", methods=["PUT"])
 async def transaction() -> Response:
-    ctx = current_app.config["KONSUL"]
+    ctx = request.ctx
     scope = ctx.scope(request.args.get("dc"))
     operations = parse_operations(await json_body_any())
     require_operations(operations)

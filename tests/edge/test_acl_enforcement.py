@@ -7,7 +7,6 @@ import json
 
 import httpx
 import pytest
-from quart_trio import QuartTrio
 
 from agents import MANAGEMENT_TOKEN, EdgeProcess, HubProcess, eventually, join_token
 
@@ -15,6 +14,7 @@ from konsul.hub.fleet_routes import fleet_api
 from konsul.hub.sync_endpoint import sync_api
 from konsul.protocols.http import app as http_app
 from konsul.protocols.http.authz import CHECKED_IN_ROUTE, OPEN, ROUTE_ACCESS
+from konsul.protocols.http.router import RouteTable
 
 ADMIN = {"X-Consul-Token": MANAGEMENT_TOKEN}
 
@@ -97,15 +97,7 @@ HUB_ROUTES = {
 
 def all_endpoints() -> set[str]:
     """Every endpoint the edge's and the hub's apps route to (built the way create_app builds them)."""
-    app = QuartTrio(__name__)
-    app.url_map.converters["anypath"] = http_app.AnyPath
-    for name in dir(http_app):
-        blueprint = getattr(http_app, name)
-        if name.endswith("_api"):
-            app.register_blueprint(blueprint)
-    app.register_blueprint(sync_api)
-    app.register_blueprint(fleet_api)
-    return {rule.endpoint for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
+    return RouteTable((*http_app.ROUTES, sync_api, fleet_api)).endpoints()
 
 
 def test_the_route_table_covers_every_route():

@@ -1,8 +1,10 @@
-"""The KV fast path answers exactly as the quart route, and declines what it does not know.
+"""The KV fast path answers exactly as the routed request, and declines what it does not know.
 
-Requests are written on raw sockets so that the bytes on the wire are the test's
-own: a query parameter the fast path does not take (``zz``, which the quart
-route ignores) sends the same request through hypercorn and quart instead.
+Both go to the one KV handler (kv_routes.kv); the fast path only skips the
+protocol core. Requests are written on raw sockets so that the bytes on the
+wire are the test's own: a query parameter the fast path does not take
+(``zz``, which the KV route ignores) sends the same request through hypercorn's
+core and the ASGI app instead.
 """
 
 from __future__ import annotations
@@ -86,6 +88,13 @@ def with_zz(target: str) -> str:
         ("PUT", "/v1/kv//leading-slash", b"v"),
         ("PUT", "/v1/kv/fast/a?dc=elsewhere", b"v"),
         ("PUT", "/v1/kv/" + "k" * 513, b"v"),
+        ("GET", "/v1/kv/fast/?keys", b""),
+        ("GET", "/v1/kv/fast/?recurse", b""),
+        ("GET", "/v1/kv/fast/?keys&separator=/", b""),
+        ("PUT", "/v1/kv/fast/a?flags=7&cas=0", b"v"),
+        ("PUT", "/v1/kv/fast/a?flags=x", b"v"),
+        ("DELETE", "/v1/kv/fast/a", b""),
+        ("DELETE", "/v1/kv/fast/missing", b""),
     ],
 )
 def test_same_answer_as_the_route(client, method, target, body):
@@ -144,7 +153,7 @@ def test_keep_alive_header_as_python_requests_sends_it(client):
 def test_pipelined_requests_mixed_with_the_routes(client):
     client.send(
         request("PUT", "/v1/kv/fast/p1", b"one")
-        + request("GET", "/v1/kv/fast/p1?raw&zz")  # through quart
+        + request("GET", "/v1/kv/fast/p1?raw&zz")  # through the core
         + request("PUT", "/v1/kv/fast/p2", b"two")
         + request("GET", "/v1/agent/self")
         + request("GET", "/v1/kv/fast/p2?raw")
@@ -182,6 +191,8 @@ def test_parse_plain_put_and_get():
     assert parse(data) == (b"PUT", b"a/b", b"dc=x", b"hi", len(data), None)
     data = request("GET", "/v1/kv/a")
     assert parse(data + b"more") == (b"GET", b"a", b"", b"", len(data), None)
+    data = request("DELETE", "/v1/kv/a?recurse")
+    assert parse(data) == (b"DELETE", b"a", b"recurse", b"", len(data), None)
 
 
 def test_parse_finds_the_token_as_the_app_does():
@@ -200,8 +211,9 @@ def test_parse_finds_the_token_as_the_app_does():
 @pytest.mark.parametrize(
     "data",
     [
-        request("DELETE", "/v1/kv/a"),
+        request("POST", "/v1/kv/a"),
         request("GET", "/v1/kv/"),
+        request("GET", "/v1/kv/a?dc=a+b"),
         request("GET", "/v1/kv/a%2Fb"),
         request("GET", "/v1/kvx"),
         request("GET", "/v1/catalog/services"),

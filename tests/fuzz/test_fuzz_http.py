@@ -30,7 +30,7 @@ def test_parse_takes_any_bytes(data):
     http_fast_path(data)
 
 
-# Keys the fast path takes: printable ASCII without '%' (the rest goes to quart),
+# Keys the fast path takes: printable ASCII without '%' (the rest goes through the core),
 # and without '?', which starts the query.
 _KEY_CHARS = st.sampled_from([chr(c) for c in range(0x21, 0x7F) if chr(c) not in "%?"])
 _QUERIES = st.sampled_from(["", "?dc=s1", "?dc=global", "?dc=elsewhere", "?dc=", "?raw", "?dc=s1&raw"])
