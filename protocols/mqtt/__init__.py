@@ -10,8 +10,8 @@ edge agent starts:
   a client, with the same topic contract; ``mqtts://`` over TLS, the broker's
   certificate checked against ``broker_ca`` (a CA file) or the system's CAs.
 
-Module map: ``topics`` (the contract and access rules), ``frames`` (MQTT
-framing, sans-IO), ``policy`` (refusals, metrics, payload rules), ``core``
+Module map: ``topics`` (the contract and access rules), ``codec`` (the MQTT
+3.1.1 and 5.0 codec, sans-IO, shared with the simulator), ``policy (refusals, metrics, payload rules), ``core``
 (the agent's side, trio), ``connection`` and ``broker`` (the embedded broker,
 asyncio), ``boundary`` (the one trio-asyncio crossing), ``external`` (the
 external-broker client, trio). See docs/mqtt.md.
@@ -21,11 +21,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import trio
-
-from konsul.protocols.gateway import GatewayContext
-
+# Nothing of the agent at import time: ``konsul.protocols.mqtt.codec`` is
+# imported by the device simulator, which must not pull in trio's gateway.
 if TYPE_CHECKING:
+    import trio
+
+    from konsul.protocols.gateway import GatewayContext
     from konsul.protocols.tls import ServerTls
 
 __all__ = ["run_mqtt_gateway"]
@@ -33,13 +34,17 @@ __all__ = ["run_mqtt_gateway"]
 
 async def run_mqtt_gateway(
     gateways: GatewayContext, addr: str, *, tls_addr: str = "", server_tls: ServerTls | None = None,
-    broker_ca: str = "", task_status: trio.TaskStatus[dict[str, str]] = trio.TASK_STATUS_IGNORED,
+    broker_ca: str = "", task_status: trio.TaskStatus[dict[str, str]] | None = None,
 ) -> None:
     """Serve devices over MQTT until cancelled.
 
     Reports where: ``{"mqtt": host:port or the broker URL, "mqtts": host:port}``,
     each key only when served.
     """
+    import trio
+
+    if task_status is None:
+        task_status = trio.TASK_STATUS_IGNORED
     if "://" in addr:  # a URL: --mqtt-broker
         from .external import run_external
 

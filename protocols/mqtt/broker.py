@@ -47,9 +47,9 @@ from konsul.protocols.tls import HANDSHAKE_TIMEOUT_S
 from konsul.sync.devices import hash_token
 from konsul.sync.log_limits import peer_log
 
-from . import frames
+from . import codec
+from .codec import ACCEPTED
 from .connection import DeviceConnection
-from .frames import ACCEPTED
 from .topics import KV
 
 log = logging.getLogger("konsul.mqtt")
@@ -176,9 +176,9 @@ class KonsulBroker(Broker):
                     packet_id = session.next_packet_id
                     session.inflight_out[packet_id] = OutgoingApplicationMessage(packet_id, topic, 1, payload, retain)
                     connection.ours.add(packet_id)
-                    data += frames.encode_publish(topic, payload, 1, retain, packet_id)
+                    data += codec.encode_publish(topic, payload, 1, retain, packet_id)
                 else:
-                    data += frames.encode_publish(topic, payload, 0, retain)
+                    data += codec.encode_publish(topic, payload, 0, retain)
             connection.send(bytes(data))
         elif not session.clean_session and session.transitions.state != "connected":
             # Away with a persistent session: QoS 1 messages wait for it [MQTT-3.1.2-5].

@@ -3,7 +3,7 @@
 amqtt reads its connections through a ``ReaderAdapter``; :class:`DeviceConnection`
 is that adapter, standing between the socket and amqtt:
 
-- every frame is checked (``frames.check_client_frame``) before amqtt sees
+- every frame is checked (``codec.check_client_frame``) before amqtt sees
   it; a malformed or oversized frame is refused, counted and the connection
   closed, as MQTT 3.1.1 requires. Other clients never notice;
 - the CONNECT is read here first so the agent can admit or refuse the device
@@ -29,8 +29,9 @@ from typing import Any
 
 from amqtt.adapters import ReaderAdapter
 
-from . import frames
-from .frames import Connect, FrameSplitter, ProtocolViolation
+from . import codec
+from .acks import OrderedAcks
+from .codec import Connect, FrameSplitter, ProtocolViolation
 
 log = logging.getLogger("konsul.mqtt")
 
@@ -61,13 +62,13 @@ class DeviceConnection(ReaderAdapter):
         self.device_id = ""
         self.connect: Connect | None = None
         self.max_payload = agent.max_payload
-        self._splitter = FrameSplitter(self.max_payload + frames.MAX_TOPIC_BYTES + 8)
+        self._splitter = FrameSplitter(self.max_payload + codec.MAX_TOPIC_BYTES + 8)
         self._ready = bytearray()  # checked bytes amqtt has not read yet
         self._pos = 0
         self._loop = asyncio.get_running_loop()
         self._deadline: float | None = None
         self._idle_limit: float | None = None
-        self._acks = frames.OrderedAcks()
+        self._acks = OrderedAcks()
         self._qos2: set[int] = set()  # QoS 2 packet ids handled, awaiting PUBREL
         # QoS 1 messages the agent sent here itself (broker.py); their PUBACKs end here.
         self.ours: set[int] = set()
@@ -97,7 +98,7 @@ class DeviceConnection(ReaderAdapter):
             self._deadline = None
 
     def refuse_connect(self, code: int) -> None:
-        self.writer.write(frames.encode_connack(False, code))
+        self.writer.write(codec.encode_connack(False, code))
         self.close()
 
     def close(self) -> None:
@@ -193,38 +194,40 @@ class DeviceConnection(ReaderAdapter):
                     self._ready += splitter.consumed_since(start)
         except ProtocolViolation as violation:
             self.agent.refusals.refuse(violation.reason, self.who, str(violation))
-            if isinstance(violation, frames.UnsupportedProtocol):
-                self.writer.write(frames.encode_refusal_for(violation.level))
+            if isinstance(violation, codec.UnsupportedProtocol):
+                self.writer.write(codec.encode_refusal_for(violation.level))
             self.close()
             return True
         return splitter.position != first
 
-    def _take(self, frame: frames.Frame) -> bool:
+    def _take(self, frame: codec.Frame) -> bool:
         """Check one frame; True to pass it on to amqtt."""
         if self.connect is None:
-            frames.check_client_frame(frame, first=True, max_payload=self.max_payload)
-            self.connect = frames.decode_connect(frame)
+            check_client_frame(frame, first=True, max_payload=self.max_payload)
+            self.connect = codec.decode_connect(frame)
+            if self.connect.protocol_level != codec.MQTT_311:  # amqtt reads 3.1.1 only
+                raise codec.UnsupportedProtocol(self.connect.protocol_level, "MQTT 5 is not served by this broker yet")
             return True
-        publish = frames.check_client_frame(frame, first=False, max_payload=self.max_payload)
+        publish = check_client_frame(frame, first=False, max_payload=self.max_payload)
         if publish is not None:
             self._publish(publish)
             return False
-        if frame.type == frames.PUBACK and self.ours:
-            packet_id = frames.decode_packet_id(frame)
+        if frame.type == codec.PUBACK and self.ours:
+            packet_id = codec.decode_packet_id(frame)
             if packet_id in self.ours:
                 self.ours.discard(packet_id)
                 self.inflight.pop(packet_id, None)
                 return False
             return True
-        if frame.type == frames.PUBREL:
+        if frame.type == codec.PUBREL:
             # Inbound QoS 2 ends here too; answer unknown ids as well [MQTT-4.3.3-1].
-            packet_id = frames.decode_packet_id(frame)
+            packet_id = codec.decode_packet_id(frame)
             self._qos2.discard(packet_id)
-            self.send(frames.encode_pubcomp(packet_id))
+            self.send(codec.encode_pubcomp(packet_id))
             return False
         return True
 
-    def _publish(self, publish: frames.Publish) -> None:
+    def _publish(self, publish: codec.Publish) -> None:
         # A '$' topic is the broker's: refused, but acknowledged like any
         # refused message (docs/mqtt.md), so the client does not resend it.
         dropped = publish.topic.startswith("$")
@@ -264,3 +267,25 @@ class DeviceConnection(ReaderAdapter):
     def _write_acks(self) -> None:
         due, self._acks_due = bytes(self._acks_due), bytearray()
         self.send(due)
+
+
+def check_client_frame(frame: codec.Frame, first: bool, max_payload: int) -> codec.Publish | None:
+    """Raise :class:`ProtocolViolation` unless a 3.1.1 client may send ``frame`` here.
+
+    Returns the decoded PUBLISH for a PUBLISH frame (it had to be decoded to
+    check it), else None.
+    """
+    if first != (frame.type == codec.CONNECT):
+        raise ProtocolViolation("malformed", "CONNECT must be the first packet, and only the first")
+    if first:
+        return None
+    if frame.type not in codec.FROM_CLIENT or frame.type == codec.AUTH:
+        raise ProtocolViolation("malformed", f"packet type {frame.type} is not one a client sends")
+    packet = codec.decode(frame)
+    if isinstance(packet, codec.Publish):
+        if len(packet.payload) > max_payload:
+            raise ProtocolViolation(
+                "too_large", f"a {len(packet.payload)}-byte payload on {packet.topic!r} is over the {max_payload}-byte limit"
+            )
+        return packet
+    return None

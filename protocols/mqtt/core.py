@@ -44,8 +44,8 @@ from konsul.sync.devices import DeviceRecord, check_device_id
 from konsul.sync.errors import KonsulError, StoreError
 from konsul.sync.limits import check_value
 
-from . import frames
-from .frames import Connect, Publish
+from . import codec
+from .codec import Connect, Publish
 from .policy import Metrics, PayloadRefused, Refusals, check_status, decode_document
 from .topics import KV, TopicRefused, check_publish, check_subscribe, device_topic, kv_topic, literal_prefix, matches, parse_topic
 from .topics import event_topic
@@ -116,25 +116,25 @@ class MqttGateway:
             check_device_id(device_id)
         except KonsulError as error:
             self.refusals.refuse("auth", who, f"client id must be a device id: {error}", source=source)
-            return frames.IDENTIFIER_REJECTED
+            return codec.IDENTIFIER_REJECTED
         if connect.username not in (None, device_id):
             self.refusals.refuse("auth", who, f"user name {connect.username!r} is not the client id", source=source)
             self.access.audit(device_id, source, "mqtt", "device:connect", device_id, "denied",
                               "unauthorized: the user name is not the client id")
-            return frames.BAD_CREDENTIALS
+            return codec.BAD_CREDENTIALS
         try:
             token = connect.password.decode() if connect.password else None
             record = await self.ctx.authenticate(device_id, token)
         except (AuthError, UnicodeDecodeError) as error:
             self.refusals.refuse("auth", who, str(error), source=source)
             self.access.audit(device_id, source, "mqtt", "device:connect", device_id, "denied", f"unauthorized: {error}")
-            return frames.BAD_CREDENTIALS
+            return codec.BAD_CREDENTIALS
         except AnonymousDevicesFull as error:
             self.refusals.refuse("anonymous", who, str(error), source=source)
-            return frames.SERVER_UNAVAILABLE
+            return codec.SERVER_UNAVAILABLE
         except KonsulError as error:  # registering an anonymous device failed: not the device's fault
             log.error("could not admit %s: %s", who, error)
-            return frames.SERVER_UNAVAILABLE
+            return codec.SERVER_UNAVAILABLE
         if connect.will_topic is not None and (
             connect.will_topic != device_topic(device_id, "status") or connect.will_payload != b"offline"
         ):
@@ -142,9 +142,9 @@ class MqttGateway:
                 "will", who, f"a Last Will is 'offline' on {device_topic(device_id, 'status')}, not {connect.will_topic!r}",
                 source=source,
             )
-            return frames.NOT_AUTHORIZED
+            return codec.NOT_AUTHORIZED
         self.records[device_id] = record
-        return frames.ACCEPTED
+        return codec.ACCEPTED
 
     def connected(self, device_id: str, peer: str) -> None:
         self.links[device_id] = self.links.get(device_id, 0) + 1

@@ -20,7 +20,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from agents import AgentProcess, eventually
 from gateway_edges import edge_http, mqtt_edge  # noqa: F401 - the module's fixtures edge and http
-from konsul.protocols.mqtt import frames
+from konsul.protocols.mqtt import codec
 
 
 # -- helpers (also used by the other test_mqtt_* modules) ---------------------------------
@@ -121,7 +121,7 @@ class Device:
 def raw_connect(port: int, device_id: str, token: str, keepalive: int = 30) -> socket.socket:
     """A bare socket past CONNACK, for sending what no client library would."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(frames.encode_connect(device_id, keepalive=keepalive, username=device_id, password=token))
+    sock.sendall(codec.encode_connect(device_id, keepalive=keepalive, username=device_id, password=token))
     assert sock.recv(4) == b"\x20\x02\x00\x00"
     return sock
 
@@ -269,14 +269,14 @@ def test_malformed_and_oversized_packets_close_only_their_connection(edge, http)
         b"\xf0\x00",  # reserved packet type 15
         b"\x32\x05\x00\x03a+b",  # PUBLISH to a wildcard topic
         b"\x82\xff\xff\xff\xff\x01",  # remaining length of five bytes
-        frames.encode_connect("bad-1"),  # a second CONNECT
+        codec.encode_connect("bad-1"),  # a second CONNECT
     ):
         sock = raw_connect(edge.mqtt_port, "bad-1", token)
         sock.sendall(junk)
         assert closed_by_peer(sock)
         sock.close()
     for oversized in (
-        frames.encode_publish("konsul/v1/devices/bad-1/telemetry", b"x" * (300 * 1024)),
+        codec.encode_publish("konsul/v1/devices/bad-1/telemetry", b"x" * (300 * 1024)),
         b"\x30\x80\x80\x80\x7f",  # declares 256 MB: refused from the header, nothing buffered
     ):
         sock = raw_connect(edge.mqtt_port, "bad-1", token)
