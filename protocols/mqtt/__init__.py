@@ -1,4 +1,4 @@
-"""The MQTT device gateway: an embedded amqtt broker, or a client of an external broker.
+"""The MQTT device gateway: our own embedded broker (MQTT 3.1.1 and 5.0), or a client of an external broker.
 
 ``run_mqtt_gateway(gateways, addr, tls_addr=..., server_tls=...)`` is what the
 edge agent starts:
@@ -11,9 +11,10 @@ edge agent starts:
   certificate checked against ``broker_ca`` (a CA file) or the system's CAs.
 
 Module map: ``topics`` (the contract and access rules), ``codec`` (the MQTT
-3.1.1 and 5.0 codec, sans-IO, shared with the simulator), ``policy (refusals, metrics, payload rules), ``core``
-(the agent's side, trio), ``connection`` and ``broker`` (the embedded broker,
-asyncio), ``boundary`` (the one trio-asyncio crossing), ``external`` (the
+3.1.1 and 5.0 codec, sans-IO, shared with the simulator), ``policy``
+(refusals, metrics, payload rules), ``core`` (the agent's side, trio),
+``server`` (the embedded broker: a sans-IO core and its trio adapter),
+``acks`` (acknowledgements in arrival order), ``external`` (the
 external-broker client, trio). See docs/mqtt.md.
 """
 
@@ -50,8 +51,8 @@ async def run_mqtt_gateway(
 
         await run_external(gateways, addr, ca=broker_ca, task_status=_Renamed(task_status, "mqtt"))
         return
-    from .boundary import run_embedded
-    from .broker import Listener
+    from .server.embedded import run_embedded
+    from .server.listener import Listener
 
     listeners: list[Listener] = []
     names: list[str] = []

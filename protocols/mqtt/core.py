@@ -22,9 +22,9 @@ their current values on ``konsul/v1/kv/<key>``, a deleted key as an empty
 payload. Desired state is republished, retained, whenever the agent calls
 ``extras["publish_desired"](device_id, state)``.
 
-Everything here runs on trio. The embedded broker calls the synchronous
-methods from asyncio callbacks on the same thread (see ``boundary.py``); they
-only touch memory and set trio events, never block or await.
+Everything here runs on trio. The embedded broker (``server/``) calls the
+synchronous methods from its connection tasks; they only touch memory and
+set trio events, never block or await.
 """
 
 from __future__ import annotations

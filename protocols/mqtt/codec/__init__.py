@@ -38,7 +38,7 @@ from .properties import NO_PROPERTIES, PROPERTY_TABLE, Properties, pack_properti
 from .spec import AUTH, CONNACK, CONNECT, DISCONNECT, FROM_CLIENT, FROM_SERVER, MAX_FILTERS, MAX_PACKET_ID
 from .spec import MAX_TOPIC_BYTES, MQTT_5, MQTT_311, PACKET_NAMES, PINGREQ, PINGRESP, PUBACK, PUBCOMP, PUBLISH
 from .spec import PUBREC, PUBREL, SUBACK, SUBSCRIBE, UNSUBACK, UNSUBSCRIBE, ConnectReturn, ProtocolViolation
-from .spec import ReasonCode, UnsupportedProtocol
+from .spec import V5_TO_V311_CONNACK, V311_TO_V5_CONNACK, ReasonCode, UnsupportedProtocol
 from .wire import Cursor, Frame, FrameSplitter, pack_frame
 
 # The 3.1.1 CONNACK return codes by their old names.
