@@ -46,7 +46,7 @@ from konsul.sync.limits import check_value
 
 from . import codec
 from .codec import Connect, Publish
-from .policy import Metrics, PayloadRefused, Refusals, check_status, decode_document
+from .policy import REFUSAL_CODES, Metrics, PayloadRefused, Refusals, check_status, decode_document
 from .topics import KV, TopicRefused, check_publish, check_subscribe, device_topic, kv_topic, literal_prefix, matches, parse_topic
 from .topics import event_topic
 from .topics import may_receive as topic_may_receive
@@ -58,7 +58,9 @@ COMMITS_IN_FLIGHT = 2  # batches applied and waiting for the store at once (see 
 HIGH_WATER = 5000  # queued writes and hook calls past which readers pause
 MAX_BACKLOG = 50_000  # past this, QoS 0 input is refused ("overload")
 
-Done = Callable[[bool], None]  # called once a message is handled; False: do not acknowledge
+# Called once a message is handled: done(ok) or, for a refused one, done(True, reason), a v5
+# reason code for the acknowledgement (policy.REFUSAL_CODES). False: do not acknowledge.
+Done = Callable[..., None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +236,7 @@ class MqttGateway:
                 if wait is not None:
                     self._rate_limited(device_id, publish, who, wait)
                     if done is not None:
-                        done(True)
+                        done(True, REFUSAL_CODES["rate_limited"])
                     return
                 record = self.records.get(device_id)
                 if record is None:
@@ -274,8 +276,14 @@ class MqttGateway:
             if refused.reason == "forbidden" and device_id is not None:
                 self.access.audit(device_id, _host(who), "mqtt", "publish", publish.topic, "denied",
                                   f"permission_denied: {refused}")
+            if done is not None:
+                done(True, REFUSAL_CODES[refused.reason])  # dropped; a v5 client reads why
+            return
         except PayloadRefused as refused:
             self.refusals.refuse("payload", who, f"PUBLISH {publish.topic!r}: {refused}")
+            if done is not None:
+                done(True, REFUSAL_CODES["payload"])
+            return
         if done is not None:
             done(True)
 
@@ -295,7 +303,7 @@ class MqttGateway:
             self.refusals.refuse("invalid", who, f"PUBLISH {publish.topic!r}: {error}")
             self._republish(key)  # put the broker's retained copy back to what the store holds
             if done is not None:
-                done(True)
+                done(True, REFUSAL_CODES["invalid"])
             return False
         if publish.qos == 0 and len(self._kv_writes) >= MAX_BACKLOG:
             self.refusals.refuse("overload", who, f"PUBLISH {publish.topic!r}: {len(self._kv_writes)} writes queued")
@@ -311,7 +319,7 @@ class MqttGateway:
         if len(self._hook_calls) >= MAX_BACKLOG:
             self.refusals.refuse("overload", who, f"{len(self._hook_calls)} messages wait for the agent")
             if done is not None:
-                done(True)  # dropped, as a refused message is
+                done(True, REFUSAL_CODES["overload"])  # dropped, as a refused message is
             return
         self._hook_calls.append((hook, args, who, done))
         self._hook_wake.set()

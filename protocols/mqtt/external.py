@@ -111,7 +111,7 @@ class BrokerLink:
 
     async def settle(self, results: list[tuple[Done, bool]]) -> None:
         for done, ok in results:
-            done(ok)
+            done(ok)  # an external broker's client: no reason codes to give
 
     async def kick(self, device_id: str, keep_token_hash: str | None = None, why: str = "device deleted") -> None:
         log.warning("device %s: %s; the external broker's ACL must shut its old credentials out", device_id, why)
@@ -220,7 +220,7 @@ class BrokerLink:
 
     def _delivered(self, publish: Publish) -> None:
         entry = self._acks.expect(publish.packet_id, publish.qos) if publish.qos else None
-        done = (lambda ok: self._settle(entry, ok)) if entry is not None else None
+        done = (lambda ok, _reason=0: self._settle(entry, ok)) if entry is not None else None
         if publish.retain:
             # A replay of the broker's retained copy: state, never news.
             if publish.topic.startswith(KV):
