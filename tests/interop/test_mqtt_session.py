@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import signal
 
+import httpx
 import pytest
 import trio
-import trio_asyncio
 from agents import AgentProcess
+from agents import eventually as wait_until
+from gateway_edges import start_mqtt_edge
 from konsul.protocols.gateway import GatewayContext
 from konsul.protocols.mqtt import codec, run_mqtt_gateway
 from konsul.sync.devices import DeviceRecord, PresenceTable
 from konsul.sync.replica import Replica
-from test_mqtt_embedded import mosquitto_sub, stop_spawned  # noqa: F401 (fixture)
+from test_mqtt_embedded import Device, mosquitto_sub, register, stop_spawned  # noqa: F401 (fixture)
 
 
 @pytest.fixture
@@ -28,12 +30,11 @@ async def gateway(tmp_path):
         async with trio.open_nursery() as nursery:
             await nursery.start(replica.run)
             ctx = GatewayContext(replica=replica, site="s1", presence=PresenceTable())
-            async with trio_asyncio.open_loop():
-                async with trio.open_nursery() as gateways:
-                    addr = (await gateways.start(run_mqtt_gateway, ctx, "127.0.0.1:0"))["mqtt"]
-                    ctx.extras["port"] = int(addr.rsplit(":", 1)[1])
-                    yield ctx
-                    gateways.cancel_scope.cancel()
+            async with trio.open_nursery() as gateways:  # no asyncio loop: the broker is on trio
+                addr = (await gateways.start(run_mqtt_gateway, ctx, "127.0.0.1:0"))["mqtt"]
+                ctx.extras["port"] = int(addr.rsplit(":", 1)[1])
+                yield ctx
+                gateways.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
     finally:
         replica.close()
@@ -161,3 +162,28 @@ def test_frames_round_trip():
     with pytest.raises(codec.ProtocolViolation) as refused:
         splitter.next_frame()
     assert refused.value.reason == "too_large"
+
+
+def test_messages_queued_for_an_away_session_survive_a_restart(tmp_path):
+    """A persistent session away while the edge restarts gets, once back, what was queued for it before."""
+    data = tmp_path / "edge"
+    edge = start_mqtt_edge(data)
+    try:
+        with httpx.Client(base_url=edge.url, timeout=10) as http:
+            token = register(http, "keep-1")
+            device = Device(edge.mqtt_port, "keep-1", token, clean=False)
+            assert device.connected() == 0
+            assert device.subscribe("konsul/v1/kv/keep/#") == [1]
+            device.close()
+            wait_until(lambda: http.get("/v1/devices/keep-1").json()["Online"] is False, what="keep-1 away")
+            assert http.put("/v1/kv/keep/a", content=b"before the restart").json() is True
+    finally:
+        assert edge.stop() == 0
+    edge = start_mqtt_edge(data)
+    try:
+        device = Device(edge.mqtt_port, "keep-1", token, clean=False)
+        assert device.connected() == 0
+        assert device.message("konsul/v1/kv/keep/a").payload == b"before the restart"
+        device.close()
+    finally:
+        edge.stop()

@@ -221,13 +221,10 @@ class EmbeddedBroker:
                 self.refusals.refuse(violation.reason, link.who, str(violation))
                 return None
             finally:
-                self._flush_one(link)
+                self.state.dirty.add(connection)
                 self._flush()
-            if self.gateway.congested():
+            if self._drained.is_set() and self.gateway.congested():
                 self._drained = trio.Event()  # every connection pauses until the agent catches up
-            if connection.pending_output > MAX_UNSENT:
-                self.refusals.refuse("overload", link.who, f"not reading: over {MAX_UNSENT} bytes unsent")
-                return None
 
     def _received(self, link: _Link, event: MessageReceived) -> None:
         publish, ack = event.publish, event.ack
@@ -285,8 +282,15 @@ class EmbeddedBroker:
         links = self.links
         for connection in self.state.take_dirty():
             link = links.get(connection)
-            if link is not None and connection.pending_output:
-                link.wake.set()
+            if link is None or not connection.pending_output:
+                continue
+            if connection.pending_output > MAX_UNSENT:
+                # A client that does not read is cut off, not buffered for.
+                self.refusals.refuse("overload", link.who, f"not reading: over {MAX_UNSENT} bytes unsent")
+                connection.data_to_send()
+                self._kick(connection, send_will=True)
+                continue
+            link.wake.set()
 
     def _kick(self, connection: ServerConnection, send_will: bool = False) -> None:
         link = self.links.get(connection)
