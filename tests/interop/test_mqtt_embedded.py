@@ -344,3 +344,23 @@ def test_qos2_publishes_complete_their_handshake(edge, http):
         assert done.returncode == 0, done.stderr  # PUBREC, PUBREL, PUBCOMP all went through
     assert metric(http, "konsul_mqtt_messages_received_total", kind="telemetry") == before + 1
     assert http.get("/v1/kv/q2/k?raw").text == "two"  # PUBREC came once it was durable
+
+
+def test_packets_sent_with_the_connect_are_handled_after_it(edge, http):
+    """A client may pipeline: CONNECT, SUBSCRIBE and PUBLISH in one write, before any CONNACK."""
+    token = register(http, "pipe-1", KVWrite=["pipe/"])
+    sock = socket.create_connection(("127.0.0.1", edge.mqtt_port), timeout=10)
+    sock.sendall(codec.encode_connect("pipe-1", username="pipe-1", password=token)
+                 + codec.encode_subscribe(3, [("konsul/v1/kv/pipe/#", 1)])
+                 + codec.encode_publish("konsul/v1/kv/pipe/k", b"v", 1, packet_id=4))
+    splitter = codec.FrameSplitter(1 << 20)
+    seen: list = []
+    while not any(isinstance(p, codec.Publish) for p in seen):
+        data = sock.recv(4096)
+        assert data, seen
+        splitter.feed(data)
+        while (frame := splitter.next_frame()) is not None:
+            seen.append(codec.decode(frame))
+    assert seen[0] == codec.Connack(False, 0)
+    assert codec.Suback(3, [1]) in seen and codec.Ack(codec.PUBACK, 4) in seen
+    sock.close()

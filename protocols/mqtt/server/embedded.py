@@ -189,23 +189,13 @@ class EmbeddedBroker:
         return connect
 
     async def _read(self, link: _Link) -> int | None:
-        """Read and act until the client leaves; the session expiry a v5 DISCONNECT set, if any."""
+        """Read and act until the client leaves; the session expiry a v5 DISCONNECT set, if any.
+
+        Packets that came with the CONNECT (a SUBSCRIBE sent before the
+        CONNACK arrived) are already buffered: they are handled first.
+        """
         connection, stream, state = link.connection, link.stream, self.state
         while True:
-            if not self._drained.is_set():
-                await self._drained.wait()
-                connection.last_heard = trio.current_time()  # our pause is not the client's silence
-            deadline = connection.keepalive_deadline()
-            with trio.move_on_at(math.inf if deadline is None else deadline) as scope:
-                data = await stream.receive_some(READ_SIZE)
-            if scope.cancelled_caught:
-                silent = KEEPALIVE_GRACE * connection.keepalive
-                self.refusals.refuse("timeout", link.who, f"silent for {silent:g}s (1.5x keep-alive)")
-                connection.disconnect(ReasonCode.KEEP_ALIVE_TIMEOUT)
-                return None
-            if not data:
-                return None
-            connection.receive_data(data, trio.current_time())
             try:
                 while (event := connection.next_event()) is not None:
                     if isinstance(event, MessageReceived):
@@ -225,6 +215,20 @@ class EmbeddedBroker:
                 self._flush()
             if self._drained.is_set() and self.gateway.congested():
                 self._drained = trio.Event()  # every connection pauses until the agent catches up
+            if not self._drained.is_set():
+                await self._drained.wait()
+                connection.last_heard = trio.current_time()  # our pause is not the client's silence
+            deadline = connection.keepalive_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline) as scope:
+                data = await stream.receive_some(READ_SIZE)
+            if scope.cancelled_caught:
+                silent = KEEPALIVE_GRACE * connection.keepalive
+                self.refusals.refuse("timeout", link.who, f"silent for {silent:g}s (1.5x keep-alive)")
+                connection.disconnect(ReasonCode.KEEP_ALIVE_TIMEOUT)
+                return None
+            if not data:
+                return None
+            connection.receive_data(data, trio.current_time())
 
     def _received(self, link: _Link, event: MessageReceived) -> None:
         publish, ack = event.publish, event.ack
