@@ -240,6 +240,7 @@ class BrokerState:
         match = self.index.match
         may_receive = self.agent.may_receive
         sessions = self.sessions
+        to_session = self._to_session
         for message in messages:
             topic = message.topic
             if message.retain and not topic.startswith(KV_PREFIX):
@@ -247,9 +248,20 @@ class BrokerState:
                     self.retained[topic] = OutMessage(topic, message.payload, message.qos, True)
                 else:
                     self.retained.pop(topic, None)  # an empty retained message clears it [MQTT-3.3.1-10]
+            entries = match(topic)
+            if not entries:
+                continue
+            if len(entries) == 1:  # the common case: one subscriber, one filter
+                entry = entries[0]
+                session = sessions.get(entry.client_id)
+                if session is not None and may_receive(entry.client_id, topic):
+                    ids = None if entry.identifier is None else Properties(subscription_identifiers=(entry.identifier,))
+                    to_session(session, OutMessage(topic, message.payload, min(entry.qos, message.qos),
+                                                   message.retain and entry.retain_as_published, ids))
+                continue
             chosen: dict[str, Subscribed] = {}
             identifiers: dict[str, list[int]] = {}
-            for entry in match(topic):
+            for entry in entries:
                 client_id = entry.client_id
                 held = chosen.get(client_id)
                 if held is None:
@@ -267,7 +279,7 @@ class BrokerState:
                 ids = identifiers.get(client_id)
                 properties = Properties(subscription_identifiers=tuple(ids)) if ids else None
                 retain = message.retain and entry.retain_as_published
-                self._to_session(session, OutMessage(topic, message.payload, min(entry.qos, message.qos), retain, properties))
+                to_session(session, OutMessage(topic, message.payload, min(entry.qos, message.qos), retain, properties))
 
     def _to_session(self, session: Session, message: OutMessage) -> None:
         connection = session.connection

@@ -94,32 +94,35 @@ class SubscriptionIndex:
         """The subscriptions a message on ``topic`` goes to: every plain one, one member per shared group.
 
         A client with several matching filters appears once per filter; the
-        caller keeps the highest QoS [MQTT-3.3.4-2] (3.1.1) or delivers once
-        per subscription identifier set.
+        caller keeps the highest QoS [MQTT-3.3.4-2] and every subscription
+        identifier. Walked with a stack, not recursion: this runs once per
+        message the agent publishes.
         """
         found: list[Subscribed] = []
         levels = topic.split("/")
+        count = len(levels)
         dollar = topic.startswith("$")
-        self._walk(self._root, levels, 0, found, dollar)
+        stack = [(self._root, 0)]
+        pop, push = stack.pop, stack.append
+        while stack:
+            node, depth = pop()
+            children = node.children
+            if children:
+                if depth or not dollar:  # no wildcard at the first level matches a '$' topic [MQTT-4.7.2-1]
+                    rest = children.get("#")
+                    if rest is not None:  # '#' matches the parent level too ("a/#" matches "a")
+                        _collect(rest, found)
+                    if depth < count:
+                        plus = children.get("+")
+                        if plus is not None:
+                            push((plus, depth + 1))
+                if depth < count:
+                    child = children.get(levels[depth])
+                    if child is not None:
+                        push((child, depth + 1))
+            if depth == count:
+                _collect(node, found)
         return found
-
-    def _walk(self, node: _Node, levels: list[str], depth: int, found: list[Subscribed], dollar: bool) -> None:
-        children = node.children
-        wildcards_allowed = not (dollar and depth == 0)  # [MQTT-4.7.2-1]
-        if wildcards_allowed:
-            hash_node = children.get("#")
-            if hash_node is not None:  # '#' matches the parent level too ("a/#" matches "a")
-                _collect(hash_node, found)
-        if depth == len(levels):
-            _collect(node, found)
-            return
-        child = children.get(levels[depth])
-        if child is not None:
-            self._walk(child, levels, depth + 1, found, dollar)
-        if wildcards_allowed:
-            plus = children.get("+")
-            if plus is not None:
-                self._walk(plus, levels, depth + 1, found, dollar)
 
 
 def _collect(node: _Node, found: list[Subscribed]) -> None:
