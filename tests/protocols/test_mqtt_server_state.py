@@ -55,10 +55,10 @@ def packets(connection: ServerConnection) -> list:
 
 
 class Broker:
-    def __init__(self, store=None) -> None:
+    def __init__(self, store=None, now: float = 0.0) -> None:
         self.agent = Agent()
         self.kicked: list[ServerConnection] = []
-        self.state = BrokerState(self.agent, 10_000, self.kicked.append, store)
+        self.state = BrokerState(self.agent, 10_000, self.kicked.append, store, now)
 
     def connect(self, client_id: str, version: int = 4, now: float = 0.0, **connect) -> ServerConnection:
         connection = ServerConnection(max_payload=1000)
@@ -211,4 +211,18 @@ def test_away_sessions_and_their_queues_survive_a_restart(tmp_path):
     assert [p.topic for p in packets(again)] == ["t/3"]
     # Back and connected: its rows are gone, so a second restart does not resend.
     restarted.state.store.write(restarted.state.store.take())
-    assert SessionStore(tmp_path).load() == []
+    assert SessionStore(tmp_path).load(100.0) == []
+
+
+def test_a_restored_session_expires_on_the_clock_of_the_broker_that_restored_it(tmp_path):
+    store = SessionStore(tmp_path)
+    broker = Broker(store)
+    device = broker.connect("d", 5, properties=Properties(session_expiry_interval=300))
+    broker.state.close_connection(device, 1.0, send_will=False)
+    store.write(store.take())
+    store.close()
+    # trio's clock starts anywhere: the restored session's times must be on it.
+    restarted = Broker(SessionStore(tmp_path), now=1_000_000.0)
+    assert restarted.state.tick(1_000_010.0) == [] and "d" in restarted.state.sessions
+    restarted.state.tick(1_000_301.0)
+    assert "d" not in restarted.state.sessions

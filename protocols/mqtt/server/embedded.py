@@ -67,7 +67,7 @@ class EmbeddedBroker:
         self.gateway = gateway
         self.refusals = gateway.refusals
         self.max_payload = ctx.max_payload
-        self.state = BrokerState(gateway, max_packet_for(self.max_payload), self._kick, store)
+        self.state = BrokerState(gateway, max_packet_for(self.max_payload), self._kick, store, trio.current_time())
         self.store = store
         self.links: dict[ServerConnection, _Link] = {}
         self.acceptor = Acceptor(gateway.refusals, ctx.limits, self._serve)

@@ -43,9 +43,9 @@ class SessionStore:
         self._conn.executescript(_SCHEMA)
         self._ops: list[tuple] = []
 
-    def load(self) -> list[Session]:
-        """The sessions stored, each away since now (a restart counts as their last contact); expired ones dropped."""
-        now_wall, now = time.time(), time.monotonic()
+    def load(self, now: float) -> list[Session]:
+        """The sessions stored, expired ones dropped; ``now`` is the broker's clock (their ``away_since`` is on it)."""
+        now_wall = time.time()
         sessions = []
         for client_id, version, expiry, away_since, filters in self._conn.execute("SELECT * FROM sessions"):
             if expiry != NEVER and away_since + expiry <= now_wall:

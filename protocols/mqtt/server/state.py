@@ -54,9 +54,11 @@ class BrokerState:
         kick: called with a connection the broker ended (a take-over): the
             adapter writes what it has queued and closes it.
         store: where persistent sessions are kept across restarts (persistence.py), or None.
+        now: the time on the clock the broker passes in later (restored sessions' times are on it).
     """
 
-    def __init__(self, agent: Agent, max_packet: int, kick: Callable[[ServerConnection], None], store: Any = None) -> None:
+    def __init__(self, agent: Agent, max_packet: int, kick: Callable[[ServerConnection], None], store: Any = None,
+                 now: float = 0.0) -> None:
         self.agent = agent
         self.max_packet = max_packet
         self.kick = kick
@@ -66,8 +68,9 @@ class BrokerState:
         self.retained: dict[str, OutMessage] = {}  # non-KV topics: desired, status
         self.wills: dict[str, tuple[float, Will, str]] = {}  # client id -> (when, will, who)
         self.dirty: set[ServerConnection] = set()  # connections with output to write
+        self.away: set[str] = set()  # client ids of persistent sessions without a connection
         if store is not None:
-            for session in store.load():
+            for session in store.load(now):
                 self._restore(session)
 
     # -- connecting -------------------------------------------------------------------------
@@ -99,6 +102,7 @@ class BrokerState:
         session.expiry = expiry
         session.version = connect.protocol_level
         self.sessions[client_id] = session
+        self.away.discard(client_id)
         properties = None
         if connect.protocol_level == MQTT_5:
             properties = Properties(
@@ -128,9 +132,11 @@ class BrokerState:
             session.expiry = min(session_expiry, MAX_SESSION_EXPIRY)
         if not session.persistent:
             self._drop(session)
-        elif self.store is not None:
-            self.store.save(session)
-            session.persisted = True
+        else:
+            self.away.add(session.client_id)
+            if self.store is not None:
+                self.store.save(session)
+                session.persisted = True
         will = connect.will
         if not send_will or will is None:
             return None
@@ -148,8 +154,11 @@ class BrokerState:
             if when <= now:
                 del self.wills[client_id]
                 due.append((will, who))
-        for session in [s for s in self.sessions.values() if s.expired(now)]:
-            self._drop(session)
+        sessions = self.sessions
+        for client_id in [c for c in self.away if c not in sessions or sessions[c].expired(now)]:
+            self.away.discard(client_id)
+            if client_id in sessions:
+                self._drop(sessions[client_id])
         return due
 
     def _drop(self, session: Session) -> None:
@@ -316,6 +325,7 @@ class BrokerState:
 
     def _restore(self, session: Session) -> None:
         self.sessions[session.client_id] = session
+        self.away.add(session.client_id)
         for raw, (qos, options, identifier) in session.filters.items():
             try:
                 parsed = parse_filter(raw)
