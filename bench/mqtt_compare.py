@@ -455,6 +455,11 @@ def main() -> int:
     for tool in ("mosquitto", "mosquitto_sub", "git"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is missing (scripts/setup installs mosquitto and mosquitto-clients)")
+    if f"edge-{PREVIOUS_EDGE}" in args.brokers.split(","):
+        try:
+            import amqtt  # noqa: F401 - the previous edge's broker
+        except ImportError:
+            sys.exit(f"edge-{PREVIOUS_EDGE} needs amqtt: .venv/bin/pip install -e '.[bench]'")
     nofile = raise_open_files_limit()
     if args.idle and nofile < args.idle * 4 // 3 + 1000:
         sys.exit(f"the open-files limit is {nofile}: too low for {args.idle} idle clients (raise the hard limit)")
