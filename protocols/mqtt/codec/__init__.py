@@ -1,6 +1,6 @@
 """The MQTT 3.1.1 and 5.0 codec, sans-IO: bytes to packets and back, for a broker or a client.
 
-One codec for the broker (``protocols/mqtt/broker``), the external-broker
+One codec for the broker (``protocols/mqtt/server``), the external-broker
 client (``protocols/mqtt/external.py``) and the device simulator
 (``firmware_examples/simulator``). It imports only the standard library and
 itself, so the simulator can use it without pulling in the agent.

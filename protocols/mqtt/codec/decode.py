@@ -4,7 +4,7 @@
 and refuses trailing bytes; anything wrong raises :class:`ProtocolViolation`.
 A CONNECT names its own version (``decode_connect``); every later packet of
 the connection is read with it. Which packets may come when is the
-connection's business (``broker/``), not the codec's.
+connection's business (``server/connection.py``), not the codec's.
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
-"""The embedded broker on trio: one task per connection reading, one writing, the shared state in between.
+"""The embedded broker on trio: one task per connection, the shared state in between.
 
 This is the thin adapter around the sans-IO parts (``connection.py``,
-``state.py``): it reads a client's bytes, feeds its :class:`ServerConnection`,
-takes the events to the agent (``core.MqttGateway``) or the broker state, and
-wakes the connection's writer, which sends whatever accumulated in one write
-(acknowledgements of a whole read, or a batch of deliveries, coalesce).
+``state.py``): a connection's task reads the client's bytes, feeds its
+:class:`ServerConnection`, takes the events to the agent (``core.MqttGateway``)
+or the broker state, then sends whatever accumulated in one write (the
+acknowledgements of a whole read coalesce). Output that other tasks produce
+for a connection (deliveries, acknowledgements of durable writes) is sent by
+a writer task started when there is some and ending when it is sent, so an
+idle connection holds one task, not two; at most one task sends on a
+connection at a time (``_Link.writing``).
 
 Back-pressure: while the agent's queue of writes is over its high-water mark
 (``MqttGateway.congested``), every connection stops reading until it drains,
@@ -40,17 +44,17 @@ TICK = 1.0  # seconds between looks at Will delays, session expiry and the sessi
 
 
 class _Link:
-    """One live connection: its state machine, its stream, and how to wake its writer or end it."""
+    """One live connection: its state machine, its stream, who is writing to it, how to end it."""
 
-    __slots__ = ("connection", "stream", "peer", "wake", "reader_scope", "ending", "send_will", "device_id")
+    __slots__ = ("connection", "stream", "peer", "reader_scope", "writing", "written", "send_will", "device_id")
 
     def __init__(self, connection: ServerConnection, stream: trio.abc.Stream, peer: str) -> None:
         self.connection = connection
         self.stream = stream
         self.peer = peer
-        self.wake = trio.Event()
         self.reader_scope = trio.CancelScope()
-        self.ending = False
+        self.writing = False  # a task is sending this connection's output; it sends what is added meanwhile too
+        self.written: trio.Event | None = None  # set when that task is done, for a connection closing
         self.send_will = True  # ended without a normal DISCONNECT
         self.device_id = ""
 
@@ -73,6 +77,7 @@ class EmbeddedBroker:
         self.acceptor = Acceptor(gateway.refusals, ctx.limits, self._serve)
         self._drained = trio.Event()  # set while the agent keeps up
         self._drained.set()
+        self._nursery: trio.Nursery | None = None  # where writer tasks run
 
     async def run(self, listeners: list[Listener], *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve ``listeners`` until cancelled; reports the ``host:port`` each is bound to."""
@@ -85,6 +90,7 @@ class EmbeddedBroker:
                 host, port = opened[0].socket.getsockname()[:2]
                 bound.append(f"{host}:{port}")
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 for sock, tls in sockets:
                     nursery.start_soon(self.acceptor.accept_loop, sock, tls, nursery)
                 nursery.start_soon(self._tick)
@@ -136,13 +142,13 @@ class EmbeddedBroker:
         self.gateway.connected(connect.client_id, peer)
         session_expiry: int | None = None
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, link)
-                with link.reader_scope:
-                    session_expiry = await self._read(link)
-                link.ending = True
-                link.wake.set()
-                nursery.cancel_scope.deadline = trio.current_time() + FLUSH_TIMEOUT
+            with link.reader_scope:
+                session_expiry = await self._read(link)
+            with trio.move_on_after(FLUSH_TIMEOUT):  # last words: a DISCONNECT, acknowledgements
+                if link.writing:
+                    link.written = trio.Event()
+                    await link.written.wait()
+                await self._last_words(link)
         finally:
             del self.links[connection]
             with trio.CancelScope(shield=True):
@@ -210,9 +216,15 @@ class EmbeddedBroker:
             except ProtocolViolation as violation:
                 self.refusals.refuse(violation.reason, link.who, str(violation))
                 return None
-            finally:
-                self.state.dirty.add(connection)
-                self._flush()
+            if not link.writing and connection.pending_output:
+                # This read's answers, in one write, by this task: a client that does
+                # not read them stops being read from (TCP pushes back both ways).
+                link.writing = True
+                try:
+                    await self._send_all_pending(link)
+                finally:
+                    self._written(link)
+            self._flush()
             if self._drained.is_set() and self.gateway.congested():
                 self._drained = trio.Event()  # every connection pauses until the agent catches up
             if not self._drained.is_set():
@@ -250,24 +262,40 @@ class EmbeddedBroker:
                 self._kick(connection)
                 return
             connection.acknowledge(ack, reason)
-            self._flush_one(link)
+            self._write_soon(link)
 
         self.gateway.received(link.device_id, publish, link.who, done)
 
+    def _write_soon(self, link: _Link) -> None:
+        """Have ``link``'s output sent: by the task sending for it now, else by a writer started for it."""
+        if link.writing or not link.connection.pending_output or self._nursery is None:
+            return
+        link.writing = True
+        self._nursery.start_soon(self._writer, link)
+
     async def _writer(self, link: _Link) -> None:
+        try:
+            await self._send_all_pending(link)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            link.reader_scope.cancel()  # the client is gone: its reader ends the connection
+        except Exception:
+            # Contained to this connection, as its reader's errors are (listener.py).
+            log.exception("writing to %s failed", link.who)
+            link.reader_scope.cancel()
+        finally:
+            self._written(link)
+
+    @staticmethod
+    async def _send_all_pending(link: _Link) -> None:
         connection, stream = link.connection, link.stream
-        while True:
-            await link.wake.wait()
-            link.wake = trio.Event()
-            data = connection.data_to_send()
-            if data:
-                try:
-                    await stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    link.reader_scope.cancel()
-                    return
-            if link.ending and not connection.pending_output:
-                return
+        while data := connection.data_to_send():
+            await stream.send_all(data)
+
+    @staticmethod
+    def _written(link: _Link) -> None:
+        link.writing = False
+        if link.written is not None:
+            link.written.set()
 
     async def _last_words(self, link: _Link) -> None:
         data = link.connection.data_to_send()
@@ -277,10 +305,6 @@ class EmbeddedBroker:
                     await link.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
-
-    def _flush_one(self, link: _Link) -> None:
-        if link.connection.pending_output:
-            link.wake.set()
 
     def _flush(self) -> None:
         links = self.links
@@ -294,16 +318,15 @@ class EmbeddedBroker:
                 connection.data_to_send()
                 self._kick(connection, send_will=True)
                 continue
-            link.wake.set()
+            self._write_soon(link)
 
     def _kick(self, connection: ServerConnection, send_will: bool = False) -> None:
         link = self.links.get(connection)
         if link is None:
             return
         link.send_will = send_will
-        connection.state = State.CLOSED  # nothing more is queued for it; what is, the writer still sends
+        connection.state = State.CLOSED  # nothing more is queued for it; what is goes as its last words
         link.reader_scope.cancel()
-        link.wake.set()
 
     # -- time ---------------------------------------------------------------------------------
 

@@ -15,17 +15,14 @@ no such topic); what the broker routes is the agent's messages, and a Will.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from ..codec import MQTT_5, FilterError, Properties, ProtocolViolation, Publish, ReasonCode, Subscribe, Unsubscribe
+from ..codec import MQTT_5, FilterError, Properties, Publish, ReasonCode, Subscribe, Unsubscribe
 from ..codec import Will, matches, parse_filter
 from .connection import RECEIVE_MAXIMUM, TOPIC_ALIAS_MAXIMUM, ServerConnection, State
 from .sessions import MAX_SESSION_EXPIRY, OutMessage, Session
 from .subscriptions import Subscribed, SubscriptionIndex
-
-log = logging.getLogger("konsul.mqtt")
 
 MAX_SUBSCRIPTIONS = 1000  # topic filters one session may hold
 MAX_QUEUED = 1000  # QoS 1 messages kept for a session away (mosquitto's max_queued_messages)
@@ -340,4 +337,4 @@ def will_as_publish(will: Will) -> Publish:
     return Publish(will.topic, will.payload, will.qos, will.retain)
 
 
-__all__ = ["Agent", "BrokerState", "MAX_INFLIGHT", "MAX_QUEUED", "MAX_SUBSCRIPTIONS", "ProtocolViolation", "will_as_publish"]
+__all__ = ["Agent", "BrokerState", "MAX_INFLIGHT", "MAX_QUEUED", "MAX_SUBSCRIPTIONS", "will_as_publish"]
