@@ -452,6 +452,8 @@ def main() -> int:
     parser.add_argument("--brokers", default=f"mosquitto,edge,edge-{PREVIOUS_EDGE}", help="which brokers, comma-separated")
     parser.add_argument("--publisher-processes", type=int, default=4, help="processes the publishers are spread over")
     args = parser.parse_args()
+    # Stopped with SIGTERM (timeout, kill), still remove the brokers and the git worktree.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for tool in ("mosquitto", "mosquitto_sub", "git"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is missing (scripts/setup installs mosquitto and mosquitto-clients)")
