@@ -496,8 +496,11 @@ class MqttGateway:
                 await self.outlet.kick(device_id, keep, why)
             if messages:
                 await self.outlet.send(messages)
-                for message in messages:
-                    self.metrics.published.labels(message.kind).inc()
+                kinds: dict[str, int] = {}
+                for message in messages:  # one label lookup per kind and batch, not per message
+                    kinds[message.kind] = kinds.get(message.kind, 0) + 1
+                for kind, count in kinds.items():
+                    self.metrics.published.labels(kind).inc(count)
 
     def _take_outgoing(self) -> list[Outgoing]:
         messages, self._outgoing = self._outgoing, []

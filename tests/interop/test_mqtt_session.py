@@ -130,11 +130,11 @@ async def test_anonymous_devices_are_registered_when_allowed(gateway):
     assert record is not None and record.type == "anonymous" and record.kv_write == ()
 
 
-async def test_deleting_a_device_closes_its_connection(gateway):
+async def test_deleting_a_device_closes_its_connection_and_ends_its_session(gateway):
     token = await device(gateway, "gone-1")
     sock = trio.socket.socket()
     await sock.connect(("127.0.0.1", gateway.extras["port"]))
-    await sock.send(codec.encode_connect("gone-1", username="gone-1", password=token))
+    await sock.send(codec.encode_connect("gone-1", username="gone-1", password=token, clean_session=False))
     assert await sock.recv(4) == b"\x20\x02\x00\x00"
     await eventually(lambda: gateway.presence.get("gone-1").online, "online")
     await gateway.scope.delete_device("gone-1")
@@ -143,6 +143,13 @@ async def test_deleting_a_device_closes_its_connection(gateway):
             pass
     sock.close()
     await eventually(lambda: not gateway.presence.get("gone-1").online, "offline")
+    # Registered again under the same id, it starts without the old session.
+    token = await device(gateway, "gone-1")
+    sock = trio.socket.socket()
+    await sock.connect(("127.0.0.1", gateway.extras["port"]))
+    await sock.send(codec.encode_connect("gone-1", username="gone-1", password=token, clean_session=False))
+    assert await sock.recv(4) == b"\x20\x02\x00\x00"  # session present: 0
+    sock.close()
 
 
 def test_frames_round_trip():

@@ -226,3 +226,24 @@ def test_a_restored_session_expires_on_the_clock_of_the_broker_that_restored_it(
     assert restarted.state.tick(1_000_010.0) == [] and "d" in restarted.state.sessions
     restarted.state.tick(1_000_301.0)
     assert "d" not in restarted.state.sessions
+
+
+def test_a_deleted_device_loses_its_session_connected_or_away(tmp_path):
+    store = SessionStore(tmp_path)
+    broker = Broker(store)
+    away = broker.connect("gone", clean_session=False)
+    packets(away)
+    broker.subscribe(away, codec.Subscription("t/#", 1))
+    broker.state.close_connection(away, 1.0, send_will=False)
+    live = broker.connect("live", clean_session=False)
+    packets(live)
+    broker.subscribe(live, codec.Subscription("t/#", 1))
+    broker.state.forget_session("gone")
+    broker.state.forget_session("live")
+    assert broker.state.close_connection(live, 2.0, send_will=True) is None
+    broker.state.publish([Message("t/x", b"v")])
+    assert broker.state.sessions == {} and broker.state.index.count == 0
+    store.write(store.take())
+    assert SessionStore(tmp_path).load(3.0) == []
+    again = broker.connect("gone", clean_session=False)
+    assert not packets(again)[0].session_present

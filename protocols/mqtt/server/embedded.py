@@ -117,8 +117,14 @@ class EmbeddedBroker:
             self._drained.set()
 
     async def kick(self, device_id: str, keep_token_hash: str | None = None, why: str = "device deleted") -> None:
-        """Close ``device_id``'s live connection, unless it was made with the token whose hash is ``keep_token_hash``."""
+        """Close ``device_id``'s live connection, unless it was made with the token whose hash is ``keep_token_hash``.
+
+        Without ``keep_token_hash`` (the device was deleted) its session goes
+        too, connected or away: a device registered again under the id starts clean.
+        """
         connection = self.state.connection_of(device_id)
+        if keep_token_hash is None:
+            self.state.forget_session(device_id)
         if connection is None or connection.connect is None:
             return
         password = connection.connect.password

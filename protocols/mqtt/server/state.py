@@ -124,6 +124,8 @@ class BrokerState:
         if session is None or connect is None or session.connection is not connection:
             return None  # never accepted, or taken over: the new connection has the session
         session.connection = None
+        if self.sessions.get(session.client_id) is not session:
+            return None  # forgotten while connected (its device was deleted)
         session.away_since = now
         if session_expiry is not None:
             session.expiry = min(session_expiry, MAX_SESSION_EXPIRY)
@@ -157,6 +159,14 @@ class BrokerState:
             if client_id in sessions:
                 self._drop(sessions[client_id])
         return due
+
+    def forget_session(self, client_id: str) -> None:
+        """End ``client_id``'s session now (its device is gone): subscriptions, queue, a pending Will."""
+        self.wills.pop(client_id, None)
+        self.away.discard(client_id)
+        session = self.sessions.get(client_id)
+        if session is not None:
+            self._drop(session)
 
     def _drop(self, session: Session) -> None:
         for raw in list(session.filters):
