@@ -539,9 +539,10 @@ def report(results: dict, names: list[str], cells: list[tuple[int, int]], args: 
         for peer in ("mosquitto", previous):
             if edge and peer in names:
                 other = results[peer][(publishers, qos)]
-                rate = edge["rate"] / other["rate"] if other["rate"] else float("nan")
-                cpu = edge["cpu_us"] / other["cpu_us"] if other["cpu_us"] else float("nan")
-                row += f"{rate:.2f}x rate, {cpu:.1f}x CPU".rjust(22)
+                rate = f"{edge['rate'] / other['rate']:.2f}x" if other["rate"] else "-"
+                # "-": less CPU than one clock tick measured (a short run)
+                cpu = f"{edge['cpu_us'] / other['cpu_us']:.1f}x" if other["cpu_us"] else "-"
+                row += f"{rate} rate, {cpu} CPU".rjust(22)
         lines.append(row)
     if args.idle:
         lines += ["", f"resident memory, MiB: idle / with {args.idle} idle clients / KiB per client"]
