@@ -417,7 +417,7 @@ def connect_rate(broker: Broker, count: int) -> dict:
     Raw sockets (paho's set-up costs more than the broker's): the edge's
     clients are its registered devices in turn, mosquitto's anonymous.
     """
-    from konsul.protocols.mqtt import frames
+    from konsul.protocols.mqtt import codec
 
     context = None
     if broker.ca is not None:
@@ -433,8 +433,8 @@ def connect_rate(broker: Broker, count: int) -> dict:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock = raw if context is None else context.wrap_socket(raw, server_hostname="127.0.0.1")
         try:
-            sock.sendall(frames.encode_connect(device_id, keepalive=60, username=device_id if token else None,
-                                               password=token))
+            sock.sendall(codec.encode_connect(device_id, keepalive=60, username=device_id if token else None,
+                                              password=token))
             if sock.recv(4) != b"\x20\x02\x00\x00":
                 raise RuntimeError(f"{broker.name}: {device_id} not connected")
             sock.sendall(b"\xe0\x00")  # DISCONNECT

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from agents import EdgeProcess  # noqa: E402
 
-from konsul.protocols.mqtt import frames  # noqa: E402
+from konsul.protocols.mqtt import codec  # noqa: E402
 
 SETTLE_S = 2.0  # for the edge to finish handling what was just sent, before reading RSS
 
@@ -44,7 +44,7 @@ def connect(host: str, port: int, device_id: str, token: str, context: ssl.SSLCo
     sock = socket.create_connection((host, port), timeout=30)
     if context is not None:
         sock = context.wrap_socket(sock, server_hostname=host)
-    sock.sendall(frames.encode_connect(device_id, username=device_id, password=token, keepalive=600))
+    sock.sendall(codec.encode_connect(device_id, username=device_id, password=token, keepalive=600))
     if sock.recv(4) != b"\x20\x02\x00\x00":
         raise RuntimeError(f"{device_id} was not admitted")
     return sock
@@ -84,7 +84,7 @@ def main() -> None:
             time.sleep(SETTLE_S)
             held = rss_kib(pid)
             for i, sock in enumerate(socks):
-                sock.sendall(frames.encode_subscribe(1, [(f"konsul/v1/devices/m{i}/#", 1), ("konsul/v1/kv/cfg/#", 1)]))
+                sock.sendall(codec.encode_subscribe(1, [(f"konsul/v1/devices/m{i}/#", 1), ("konsul/v1/kv/cfg/#", 1)]))
             for sock in socks:
                 sock.recv(100)
             time.sleep(SETTLE_S)

@@ -8,6 +8,7 @@ was acknowledged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -268,7 +269,7 @@ async def run_device_gateways(
     gateways: GatewayContext, config: EdgeConfig, server_tls: ServerTls | None = None,
     oscore: OscoreContexts | None = None, *, task_status: trio.TaskStatus[dict[str, str]],
 ) -> None:
-    """MQTT and CoAP, both asyncio libraries, behind one trio-asyncio loop (DESIGN.md, 2)."""
+    """MQTT (our own broker, trio) and CoAP (aiocoap, behind one trio-asyncio loop only when served; DESIGN.md, 2)."""
     mqtt = config.mqtt_broker or config.mqtt_addr  # a URL attaches to an external broker
     # MQTT over TLS is a listener of the embedded broker; with an external one, devices connect there.
     mqtts = "" if config.mqtt_broker or server_tls is None else config.mqtts_addr
@@ -278,9 +279,13 @@ async def run_device_gateways(
     if not wanted:
         task_status.started({})
         await trio.sleep_forever()
-    import trio_asyncio
+    if "coap" in wanted:
+        import trio_asyncio
 
-    async with trio_asyncio.open_loop():
+        asyncio_loop = trio_asyncio.open_loop()
+    else:
+        asyncio_loop = contextlib.nullcontext()
+    async with asyncio_loop:
         async with trio.open_nursery() as nursery:
             bound: dict[str, str] = {}
             if "mqtt" in wanted:

@@ -6,11 +6,11 @@ loop's exception handler. On a plain asyncio loop the default handler logs it
 and the loop goes on. trio-asyncio's default handler (``TrioEventLoop.
 default_exception_handler``) also re-raises it in the loop's trio nursery --
 which cancels the loop and, through the agent's nurseries, ends the process.
-So one datagram aiocoap could not decode (a Uri-Path that is not UTF-8) or one
-MQTT connection amqtt tripped over stopped the whole agent.
+So one datagram aiocoap could not decode (a Uri-Path that is not UTF-8)
+stopped the whole agent.
 
-:func:`contain_callback_errors` installs a handler on the one loop both device
-gateways share (DESIGN.md, decision 2) that does what asyncio's own does --
+:func:`contain_callback_errors` installs a handler on the one asyncio loop the
+CoAP gateway runs on (DESIGN.md, decision 2; MQTT is on trio) that does what asyncio's own does --
 the callback's work is lost, the loop goes on -- and counts each error in
 ``konsul_asyncio_callback_errors_total{library}``, with a log line
 rate-limited per library and exception type (a peer that trips the same bug
@@ -33,7 +33,7 @@ log = logging.getLogger("konsul.aio")
 
 _MARK = "_konsul_contained"
 # Label values: the libraries that run on the loop, else "other" (bounded cardinality).
-LIBRARIES = ("aiocoap", "amqtt", "konsul")
+LIBRARIES = ("aiocoap", "konsul")
 
 
 def library_of(exception: BaseException | None, context: dict[str, Any]) -> str:
@@ -57,7 +57,7 @@ class CallbackErrors:
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self.counter = Counter(
             "konsul_asyncio_callback_errors",
-            "Exceptions raised in asyncio callbacks (aiocoap, amqtt) and contained there, by library",
+            "Exceptions raised in asyncio callbacks (aiocoap) and contained there, by library",
             ["library"],
             registry=registry if registry is not None else CollectorRegistry(),
         )

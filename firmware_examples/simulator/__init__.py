@@ -3,14 +3,14 @@
 Device-side code (DESIGN.md layers: ``firmware_examples/``), installed as
 ``konsul.simulator`` so that the ``konsul`` command and the benchmarks can
 use it. It imports nothing from the agent's layers (``edge``, ``hub``,
-``protocols``, ``sync``): it speaks to an agent only over the wire, as a
-device does.
+``protocols``, ``sync``) but the MQTT codec, ``konsul.protocols.mqtt.codec``,
+which is sans-IO and imports nothing of the agent (one codec per protocol,
+DESIGN.md "Style"): it speaks to an agent only over the wire, as a device does.
 
 Modules:
 
 - ``device``: what a simulated device is and decides (samples, sequence
   numbers, desired state, backoff), and the fleet's counters;
-- ``mqtt_codec``: the device side of MQTT 3.1.1, sans-IO;
 - ``mqtt_device``: a device over MQTT, on trio;
 - ``coap_device``: a device over CoAP, on asyncio (aiocoap);
 - ``fleet``: configuration, provisioning of tokens, :func:`run_fleet`;

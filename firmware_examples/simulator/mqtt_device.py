@@ -23,13 +23,24 @@ from typing import Any
 
 import trio
 
-from . import mqtt_codec as codec
+from konsul.protocols.mqtt import codec  # the one MQTT codec; it imports nothing of the agent
+
 from .device import Counts, SimDevice
 
 KEEPALIVE = 60  # seconds
 CONNECT_TIMEOUT = 10.0
 MAX_UNACKED = 32
-LOST_CONNECTION = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, codec.MqttError)
+# The agent never sends a device more than this (a desired state is small);
+# anything larger means the stream is not MQTT or is corrupt.
+MAX_INBOUND_BODY = 1 << 20
+
+
+class MqttError(Exception):
+    """The agent refused the device, or stopped making sense."""
+
+
+LOST_CONNECTION = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, MqttError,
+                   codec.ProtocolViolation)
 
 
 def _first_leaf(group: BaseException) -> BaseException:
@@ -49,7 +60,7 @@ class MqttSession:
         self.device = device
         self.stream = stream
         self.counters = counters
-        self.reader = codec.PacketReader()
+        self.reader = codec.FrameSplitter(MAX_INBOUND_BODY)
         self.send_lock = trio.Lock()
         self.topic = f"konsul/v1/devices/{device.device_id}/"
         self.inflight: dict[int, int | None] = {}  # packet id -> sample seq (None: not a sample)
@@ -68,9 +79,13 @@ class MqttSession:
     async def receive(self) -> list[codec.Packet]:
         data = await self.stream.receive_some(65536)
         if not data:
-            raise codec.MqttError("the agent closed the connection")
+            raise MqttError("the agent closed the connection")
         self.last_received = trio.current_time()
-        return self.reader.feed(data)
+        self.reader.feed(data)
+        packets = []
+        while (frame := self.reader.next_frame()) is not None:
+            packets.append(codec.decode(frame))
+        return packets
 
     def packet_id(self, seq: int | None) -> int:
         while True:
@@ -80,7 +95,7 @@ class MqttSession:
                 return self.next_packet_id
 
     async def publish(self, leaf: str, payload: bytes, seq: int | None = None) -> None:
-        await self.send(codec.encode_publish(self.topic + leaf, payload, qos=1, packet_id=self.packet_id(seq)))
+        await self.send(codec.encode_publish(self.topic + leaf, payload, 1, packet_id=self.packet_id(seq)))
 
     # -- phases ------------------------------------------------------------------------
 
@@ -99,18 +114,17 @@ class MqttSession:
         with trio.fail_after(CONNECT_TIMEOUT):
             while True:
                 for packet in await self.receive():
-                    if packet.type != codec.CONNACK:
-                        raise codec.MqttError(f"expected CONNACK, got packet type {packet.type}")
-                    code = codec.decode_connack(packet)
-                    if code:
-                        raise codec.MqttError(f"the agent refused the connection (CONNACK {code})")
+                    if not isinstance(packet, codec.Connack):
+                        raise MqttError(f"expected CONNACK, got {packet!r}")
+                    if packet.reason_code:
+                        raise MqttError(f"the agent refused the connection (CONNACK {packet.reason_code})")
                     return
 
     async def start(self) -> None:
         """After CONNACK: subscribe, report, resend what the agent has not acknowledged."""
         self.next_packet_id += 1
         self.inflight[self.next_packet_id] = None
-        await self.send(codec.encode_subscribe(self.next_packet_id, self.topic + "desired", 1))
+        await self.send(codec.encode_subscribe(self.next_packet_id, [(self.topic + "desired", 1)]))
         await self.publish("reported", _json(self.device.initial_report()))
         self.counters.reported_sent += 1
         for seq, payload in list(self.device.unacked.items()):
@@ -120,23 +134,23 @@ class MqttSession:
     async def read_loop(self) -> None:
         while True:
             for packet in await self.receive():
-                if packet.type == codec.PUBACK:
-                    self.acknowledged(codec.decode_packet_id(packet))
-                elif packet.type == codec.PUBLISH:
-                    await self.on_publish(codec.decode_publish(packet))
-                elif packet.type == codec.SUBACK:
-                    self.inflight.pop(codec.decode_packet_id(packet), None)
-                    if packet.body[2:] == b"\x80":
-                        raise codec.MqttError("the agent refused the subscription to desired state")
-                elif packet.type != codec.PINGRESP:
-                    raise codec.MqttError(f"unexpected packet type {packet.type} from the agent")
+                if isinstance(packet, codec.Ack) and packet.type == codec.PUBACK:
+                    self.acknowledged(packet.packet_id)
+                elif isinstance(packet, codec.Publish):
+                    await self.on_publish(packet)
+                elif isinstance(packet, codec.Suback):
+                    self.inflight.pop(packet.packet_id, None)
+                    if packet.reason_codes == [0x80]:
+                        raise MqttError("the agent refused the subscription to desired state")
+                elif packet is not codec.PING_RESPONSE:
+                    raise MqttError(f"unexpected {packet!r} from the agent")
 
     def acknowledged(self, packet_id: int) -> None:
         seq = self.inflight.pop(packet_id, None)
         if seq is not None and self.device.unacked.pop(seq, None) is not None:
             self.counters.samples_acked += 1
 
-    async def on_publish(self, message: codec.InboundPublish) -> None:
+    async def on_publish(self, message: codec.Publish) -> None:
         if message.packet_id is not None:
             await self.send(codec.encode_puback(message.packet_id))
         if message.topic != self.topic + "desired" or not message.payload:
@@ -163,7 +177,7 @@ class MqttSession:
         while True:
             ping_at = self.last_sent + KEEPALIVE * 0.75
             if self.last_received < self.last_sent - KEEPALIVE / 2:
-                raise codec.MqttError("the agent stopped answering")
+                raise MqttError("the agent stopped answering")
             wake = min(next_sample, ping_at, drop_at)
             if not math.isinf(wake):
                 with trio.move_on_at(wake):

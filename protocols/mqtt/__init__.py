@@ -1,4 +1,4 @@
-"""The MQTT device gateway: an embedded amqtt broker, or a client of an external broker.
+"""The MQTT device gateway: our own embedded broker (MQTT 3.1.1 and 5.0), or a client of an external broker.
 
 ``run_mqtt_gateway(gateways, addr, tls_addr=..., server_tls=...)`` is what the
 edge agent starts:
@@ -10,10 +10,11 @@ edge agent starts:
   a client, with the same topic contract; ``mqtts://`` over TLS, the broker's
   certificate checked against ``broker_ca`` (a CA file) or the system's CAs.
 
-Module map: ``topics`` (the contract and access rules), ``frames`` (MQTT
-framing, sans-IO), ``policy`` (refusals, metrics, payload rules), ``core``
-(the agent's side, trio), ``connection`` and ``broker`` (the embedded broker,
-asyncio), ``boundary`` (the one trio-asyncio crossing), ``external`` (the
+Module map: ``topics`` (the contract and access rules), ``codec`` (the MQTT
+3.1.1 and 5.0 codec, sans-IO, shared with the simulator), ``policy``
+(refusals, metrics, payload rules), ``core`` (the agent's side, trio),
+``server`` (the embedded broker: a sans-IO core and its trio adapter),
+``acks`` (acknowledgements in arrival order), ``external`` (the
 external-broker client, trio). See docs/mqtt.md.
 """
 
@@ -21,11 +22,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import trio
-
-from konsul.protocols.gateway import GatewayContext
-
+# Nothing of the agent at import time: ``konsul.protocols.mqtt.codec`` is
+# imported by the device simulator, which must not pull in trio's gateway.
 if TYPE_CHECKING:
+    import trio
+
+    from konsul.protocols.gateway import GatewayContext
     from konsul.protocols.tls import ServerTls
 
 __all__ = ["run_mqtt_gateway"]
@@ -33,20 +35,24 @@ __all__ = ["run_mqtt_gateway"]
 
 async def run_mqtt_gateway(
     gateways: GatewayContext, addr: str, *, tls_addr: str = "", server_tls: ServerTls | None = None,
-    broker_ca: str = "", task_status: trio.TaskStatus[dict[str, str]] = trio.TASK_STATUS_IGNORED,
+    broker_ca: str = "", task_status: trio.TaskStatus[dict[str, str]] | None = None,
 ) -> None:
     """Serve devices over MQTT until cancelled.
 
     Reports where: ``{"mqtt": host:port or the broker URL, "mqtts": host:port}``,
     each key only when served.
     """
+    import trio
+
+    if task_status is None:
+        task_status = trio.TASK_STATUS_IGNORED
     if "://" in addr:  # a URL: --mqtt-broker
         from .external import run_external
 
         await run_external(gateways, addr, ca=broker_ca, task_status=_Renamed(task_status, "mqtt"))
         return
-    from .boundary import run_embedded
-    from .broker import Listener
+    from .server.embedded import run_embedded
+    from .server.listener import Listener
 
     listeners: list[Listener] = []
     names: list[str] = []

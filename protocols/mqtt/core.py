@@ -23,9 +23,9 @@ their current values on ``konsul/v1/kv/<key>``, a deleted key as an empty
 payload. Desired state is republished, retained, whenever the agent calls
 ``GatewayContext.push.publish_desired(device_id, state)`` (:meth:`install_push`).
 
-Everything here runs on trio. The embedded broker calls the synchronous
-methods from asyncio callbacks on the same thread (see ``boundary.py``); they
-only touch memory and set trio events, never block or await.
+Everything here runs on trio. The embedded broker (``server/``) calls the
+synchronous methods from its connection tasks; they only touch memory and
+set trio events, never block or await.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ from konsul.sync.devices import DeviceRecord, check_device_id
 from konsul.sync.errors import KonsulError, StoreError
 from konsul.sync.limits import check_value
 
-from . import frames
-from .frames import Connect, Publish
-from .policy import Metrics, PayloadRefused, Refusals, check_status, decode_document
+from . import codec
+from .codec import Connect, Publish
+from .policy import REFUSAL_CODES, Metrics, PayloadRefused, Refusals, check_status, decode_document
 from .topics import KV, TopicRefused, check_publish, check_subscribe, device_topic, kv_topic, literal_prefix, matches, parse_topic
 from .topics import event_topic
 from .topics import may_receive as topic_may_receive
@@ -60,7 +60,9 @@ COMMITS_IN_FLIGHT = 2  # telemetry batches waiting for the store at once (see do
 HIGH_WATER = 5000  # queued writes and hook calls past which readers pause
 MAX_BACKLOG = 50_000  # past this, QoS 0 input is refused ("overload")
 
-Done = Callable[[bool], None]  # called once a message is handled; False: do not acknowledge
+# Called once a message is handled: done(ok) or, for a refused one, done(True, reason), a v5
+# reason code for the acknowledgement (policy.REFUSAL_CODES). False: do not acknowledge.
+Done = Callable[..., None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,25 +124,25 @@ class MqttGateway:
             check_device_id(device_id)
         except KonsulError as error:
             self.refusals.refuse("auth", who, f"client id must be a device id: {error}", source=source)
-            return frames.IDENTIFIER_REJECTED
+            return codec.IDENTIFIER_REJECTED
         if connect.username not in (None, device_id):
             self.refusals.refuse("auth", who, f"user name {connect.username!r} is not the client id", source=source)
             self.access.audit(device_id, source, "mqtt", "device:connect", device_id, "denied",
                               "unauthorized: the user name is not the client id")
-            return frames.BAD_CREDENTIALS
+            return codec.BAD_CREDENTIALS
         try:
             token = connect.password.decode() if connect.password else None
             record = await self.ctx.authenticate(device_id, token)
         except (AuthError, UnicodeDecodeError) as error:
             self.refusals.refuse("auth", who, str(error), source=source)
             self.access.audit(device_id, source, "mqtt", "device:connect", device_id, "denied", f"unauthorized: {error}")
-            return frames.BAD_CREDENTIALS
+            return codec.BAD_CREDENTIALS
         except AnonymousDevicesFull as error:
             self.refusals.refuse("anonymous", who, str(error), source=source)
-            return frames.SERVER_UNAVAILABLE
+            return codec.SERVER_UNAVAILABLE
         except KonsulError as error:  # registering an anonymous device failed: not the device's fault
             log.error("could not admit %s: %s", who, error)
-            return frames.SERVER_UNAVAILABLE
+            return codec.SERVER_UNAVAILABLE
         if connect.will_topic is not None and (
             connect.will_topic != device_topic(device_id, "status") or connect.will_payload != b"offline"
         ):
@@ -148,9 +150,9 @@ class MqttGateway:
                 "will", who, f"a Last Will is 'offline' on {device_topic(device_id, 'status')}, not {connect.will_topic!r}",
                 source=source,
             )
-            return frames.NOT_AUTHORIZED
+            return codec.NOT_AUTHORIZED
         self.records[device_id] = record
-        return frames.ACCEPTED
+        return codec.ACCEPTED
 
     def connected(self, device_id: str, peer: str) -> None:
         self.links[device_id] = self.links.get(device_id, 0) + 1
@@ -240,7 +242,7 @@ class MqttGateway:
                 if wait is not None:
                     self._rate_limited(device_id, publish, who, wait)
                     if done is not None:
-                        done(True)
+                        done(True, REFUSAL_CODES["rate_limited"])
                     return
                 record = self.records.get(device_id)
                 if record is None:
@@ -280,8 +282,14 @@ class MqttGateway:
             if refused.reason == "forbidden" and device_id is not None:
                 self.access.audit(device_id, _host(who), "mqtt", "publish", publish.topic, "denied",
                                   f"permission_denied: {refused}")
+            if done is not None:
+                done(True, REFUSAL_CODES[refused.reason])  # dropped; a v5 client reads why
+            return
         except PayloadRefused as refused:
             self.refusals.refuse("payload", who, f"PUBLISH {publish.topic!r}: {refused}")
+            if done is not None:
+                done(True, REFUSAL_CODES["payload"])
+            return
         if done is not None:
             done(True)
 
@@ -301,7 +309,7 @@ class MqttGateway:
             self.refusals.refuse("invalid", who, f"PUBLISH {publish.topic!r}: {error}")
             self._republish(key)  # put the broker's retained copy back to what the store holds
             if done is not None:
-                done(True)
+                done(True, REFUSAL_CODES["invalid"])
             return False
         if publish.qos == 0 and self._kv_unsettled >= MAX_BACKLOG:
             self.refusals.refuse("overload", who, f"PUBLISH {publish.topic!r}: {self._kv_unsettled} writes queued")
@@ -339,7 +347,7 @@ class MqttGateway:
         if len(self._hook_calls) >= MAX_BACKLOG:
             self.refusals.refuse("overload", who, f"{len(self._hook_calls)} messages wait for the agent")
             if done is not None:
-                done(True)  # dropped, as a refused message is
+                done(True, REFUSAL_CODES["overload"])  # dropped, as a refused message is
             return
         self._hook_calls.append((hook, args, who, done))
         self._hook_wake.set()
@@ -529,8 +537,11 @@ class MqttGateway:
                 await self.outlet.kick(device_id, keep, why)
             if messages:
                 await self.outlet.send(messages)
-                for message in messages:
-                    self.metrics.published.labels(message.kind).inc()
+                kinds: dict[str, int] = {}
+                for message in messages:  # one label lookup per kind and batch, not per message
+                    kinds[message.kind] = kinds.get(message.kind, 0) + 1
+                for kind, count in kinds.items():
+                    self.metrics.published.labels(kind).inc(count)
 
     def _take_outgoing(self) -> list[Outgoing]:
         messages, self._outgoing = self._outgoing, []

@@ -9,7 +9,7 @@ does not tell a subscriber who published a message, so the agent can check
 topics and payloads but not device allowances; docs/mqtt.md has a mosquitto
 ACL that mirrors the embedded rules).
 
-The client is ours, on trio, built on the sans-IO ``frames`` codec: it needs
+The client is ours, on trio, built on the sans-IO ``codec`` package: it needs
 only CONNECT, SUBSCRIBE, PUBLISH at QoS 0/1 and pings, and owning it keeps
 asyncio out of this mode and reconnection inside the agent's nursery.
 
@@ -43,9 +43,10 @@ import trio
 
 from konsul.protocols.gateway import GatewayContext
 
-from . import frames
+from . import codec
+from .acks import OrderedAcks
 from .core import Done, MqttGateway, Outgoing
-from .frames import FrameSplitter, Publish
+from .codec import FrameSplitter, Publish
 from .topics import DEVICES, KV
 
 log = logging.getLogger("konsul.mqtt")
@@ -60,7 +61,7 @@ KEEPALIVE = 30
 CONNECT_TIMEOUT = 10.0
 RETRY_MIN, RETRY_MAX = 0.5, 30.0
 # What ends a session and makes the link try again (anything else is a bug and propagates).
-LINK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, frames.ProtocolViolation)
+LINK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, codec.ProtocolViolation)
 MAX_ECHOES = 10_000  # per topic; past this the broker is not echoing and we stop waiting
 
 
@@ -94,7 +95,7 @@ class BrokerLink:
         self.client_id = client_id
         self.who = f"broker {self.host}:{self.port}"
         self._out: trio.MemorySendChannel[bytes] | None = None
-        self._acks = frames.OrderedAcks()
+        self._acks = OrderedAcks()
         self._echoes: dict[str, deque[bytes]] = {}
         self._packet_id = 0
         self._subscribed = trio.Event()
@@ -110,7 +111,7 @@ class BrokerLink:
 
     async def settle(self, results: list[tuple[Done, bool]]) -> None:
         for done, ok in results:
-            done(ok)
+            done(ok)  # an external broker's client: no reason codes to give
 
     async def kick(self, device_id: str, keep_token_hash: str | None = None, why: str = "device deleted") -> None:
         log.warning("device %s: %s; the external broker's ACL must shut its old credentials out", device_id, why)
@@ -156,24 +157,27 @@ class BrokerLink:
 
     async def _session(self, stream: trio.abc.Stream) -> None:
         out_send, out_receive = trio.open_memory_channel[bytes](math.inf)
-        self._acks = frames.OrderedAcks()
+        self._acks = OrderedAcks()
         self._echoes.clear()
         self._subscribed = trio.Event()
         splitter = FrameSplitter(max_body=256 * 1024 * 1024)
         await stream.send_all(
-            frames.encode_connect(self.client_id, keepalive=KEEPALIVE, username=self.username, password=self.password)
+            codec.encode_connect(self.client_id, keepalive=KEEPALIVE, username=self.username, password=self.password)
         )
         with trio.fail_after(CONNECT_TIMEOUT):
             frame = await _next_frame(stream, splitter)
-        _present, code = frames.decode_connack(frame)
-        if code != frames.ACCEPTED:
+        connack = codec.decode(frame) if frame.type == codec.CONNACK else None
+        if not isinstance(connack, codec.Connack):
+            raise codec.ProtocolViolation("protocol", "expected a CONNACK")
+        code = connack.reason_code
+        if code != codec.ACCEPTED:
             raise ConnectionError(f"the broker refused the connection (CONNACK {code})")
         async with trio.open_nursery() as nursery:
             self._session_scope = nursery.cancel_scope
             nursery.start_soon(self._writer, stream, out_receive)
             nursery.start_soon(self._pinger, out_send)
             self._out = out_send
-            out_send.send_nowait(frames.encode_subscribe(self._next_id(), SUBSCRIPTIONS))
+            out_send.send_nowait(codec.encode_subscribe(self._next_id(), SUBSCRIPTIONS))
             nursery.start_soon(self._reader, stream, splitter)
             with trio.fail_after(CONNECT_TIMEOUT):
                 await self._subscribed.wait()
@@ -196,27 +200,27 @@ class BrokerLink:
     async def _pinger(self, out: trio.MemorySendChannel[bytes]) -> None:
         while True:
             await trio.sleep(KEEPALIVE / 2)
-            out.send_nowait(frames.encode_pingreq())
+            out.send_nowait(codec.encode_pingreq())
 
     async def _reader(self, stream: trio.abc.Stream, splitter: FrameSplitter) -> None:
         while True:
             # The broker answers a ping within the keep-alive; silence means a dead link.
             with trio.fail_after(KEEPALIVE * 1.5):
                 frame = await _next_frame(stream, splitter)
-            if frame.type == frames.PUBLISH:
-                self._delivered(frames.decode_publish(frame))
-            elif frame.type == frames.SUBACK:
-                if any(code == 0x80 for code in frame.body[2:]):
+            if frame.type == codec.PUBLISH:
+                self._delivered(codec.decode_publish(frame))
+            elif frame.type == codec.SUBACK:
+                if any(code >= 0x80 for code in codec.decode(frame).reason_codes):
                     raise ConnectionError(f"the broker refused a subscription to {SUBSCRIPTIONS} (check its ACL)")
                 self._subscribed.set()
-            elif frame.type == frames.PUBREL:  # not expected at QoS 1, answered anyway
-                self._out.send_nowait(frames.encode_pubcomp(frames.decode_packet_id(frame)))
+            elif frame.type == codec.PUBREL:  # not expected at QoS 1, answered anyway
+                self._out.send_nowait(codec.encode_pubcomp(codec.decode_packet_id(frame)))
 
     # -- messages ----------------------------------------------------------------------
 
     def _delivered(self, publish: Publish) -> None:
         entry = self._acks.expect(publish.packet_id, publish.qos) if publish.qos else None
-        done = (lambda ok: self._settle(entry, ok)) if entry is not None else None
+        done = (lambda ok, _reason=0: self._settle(entry, ok)) if entry is not None else None
         if publish.retain:
             # A replay of the broker's retained copy: state, never news.
             if publish.topic.startswith(KV):
@@ -259,7 +263,7 @@ class BrokerLink:
                 pending.clear()
             pending.append(message.payload)
         packet_id = self._next_id() if message.qos else None
-        self._out.send_nowait(frames.encode_publish(message.topic, message.payload, message.qos, message.retain, packet_id))
+        self._out.send_nowait(codec.encode_publish(message.topic, message.payload, message.qos, message.retain, packet_id))
 
     def _settle(self, entry: list, ok: bool) -> None:
         if self._out is None:
@@ -287,7 +291,7 @@ def _why(error: BaseException) -> str:
     return str(cause) or type(cause).__name__
 
 
-async def _next_frame(stream: trio.abc.Stream, splitter: FrameSplitter) -> frames.Frame:
+async def _next_frame(stream: trio.abc.Stream, splitter: FrameSplitter) -> codec.Frame:
     while True:
         frame = splitter.next_frame()
         if frame is not None:

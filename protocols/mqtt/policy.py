@@ -26,8 +26,8 @@ log = logging.getLogger("konsul.mqtt")
 # The label values of konsul_mqtt_refused_total; all exported from the start
 # so that dashboards and alerts see zeros rather than missing series.
 REASONS = (
-    "malformed",  # a packet that breaks MQTT 3.1.1 framing or encoding
-    "protocol",  # not MQTT 3.1.1
+    "malformed",  # a packet that breaks MQTT framing or encoding
+    "protocol",  # not MQTT 3.1.1 or 5.0, or a well-formed packet where the protocol forbids it
     "too_large",  # a payload (or packet) over the limit
     "timeout",  # no CONNECT in time, or silence past 1.5x the keep-alive
     "auth",  # wrong or missing credentials, bad client id
@@ -44,6 +44,18 @@ REASONS = (
     "rate_limited",  # a device over its message rate (--device-message-rate): dropped
     "tls",  # a TLS handshake on the MQTT TLS listener that failed: plaintext, no or unknown certificate, too slow
 )
+
+# The MQTT 5 reason code a refused QoS 1/2 PUBLISH is acknowledged with (a
+# 3.1.1 client gets a plain PUBACK: it has no way to hear why).
+REFUSAL_CODES = {
+    "topic": 0x90,  # topic name invalid: outside the contract
+    "forbidden": 0x87,  # not authorized
+    "payload": 0x99,  # payload format invalid
+    "invalid": 0x99,  # a KV value the state layer refuses (size, ...)
+    "overload": 0x97,  # quota exceeded
+    "rate_limited": 0x96,  # message rate too high
+}
+
 
 class Metrics:
     """The gateway's Prometheus series, on the agent's registry."""

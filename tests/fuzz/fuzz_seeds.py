@@ -9,7 +9,7 @@ from __future__ import annotations
 import cbor2
 from pycrdt import Doc, Map
 
-from konsul.protocols.mqtt import frames
+from konsul.protocols.mqtt import codec
 from konsul.sync import session as sync_session
 from konsul.sync import wire
 from konsul.sync.catalog import ServiceEntry
@@ -32,22 +32,31 @@ def seed_http() -> list[bytes]:
 def seed_mqtt_client() -> list[bytes]:
     """A device's session with the broker, and what a broker sends the agent's external-broker client."""
     return [
-        frames.encode_connect("dev-1", username="dev-1", password="tok")
-        + frames.encode_publish("devices/dev-1/telemetry", b'{"t":21.5}', qos=1, packet_id=1)
-        + frames.encode_subscribe(2, [("devices/dev-1/desired", 1)])
-        + frames.encode_pingreq()
-        + frames.encode_disconnect(),
-        frames.encode_connack(False, 0) + frames.encode_publish("kv/a", b"v", qos=1, packet_id=9, retain=True)
-        + frames.encode_puback(3),
+        codec.encode_connect("dev-1", username="dev-1", password="tok")
+        + codec.encode_publish("devices/dev-1/telemetry", b'{"t":21.5}', qos=1, packet_id=1)
+        + codec.encode_subscribe(2, [("devices/dev-1/desired", 1)])
+        + codec.encode_pingreq()
+        + codec.encode_disconnect(),
+        codec.encode_connack(False, 0) + codec.encode_publish("kv/a", b"v", qos=1, packet_id=9, retain=True)
+        + codec.encode_puback(3),
+        # MQTT 5: properties, subscription options, reason codes.
+        codec.encode_connect("dev-5", version=5, properties=codec.Properties(session_expiry_interval=60, receive_maximum=10),
+                             will=("d/status", b"offline", 1, True), will_properties=codec.Properties(will_delay_interval=5))
+        + codec.encode_publish("kv/a", b"v", 1, False, 3, version=5, properties=codec.Properties(
+            topic_alias=1, message_expiry_interval=9, user_properties=(("k", "v"),)))
+        + codec.encode_publish("", b"w", 0, version=5, properties=codec.Properties(topic_alias=1))
+        + codec.encode_subscribe(4, [codec.Subscription("$share/g/kv/#", 1, False, True, 2)], version=5,
+                                 properties=codec.Properties(subscription_identifiers=(7,)))
+        + codec.encode_ack(codec.PUBREC, 5, 0x10, version=5) + codec.encode_disconnect(0x04, version=5),
     ]
 
 
 def seed_mqtt_agent() -> list[bytes]:
     """What the agent sends a device: CONNACK, a retained desired state, PUBACK, SUBACK."""
     return [
-        frames.encode_connack(False, 0)
-        + frames.encode_publish("devices/dev-1/desired", b'{"mode":"eco"}', qos=1, packet_id=5, retain=True)
-        + frames.encode_puback(1)
+        codec.encode_connack(False, 0)
+        + codec.encode_publish("devices/dev-1/desired", b'{"mode":"eco"}', qos=1, packet_id=5, retain=True)
+        + codec.encode_puback(1)
         + bytes([0x90, 3, 0, 2, 1]),
     ]
 

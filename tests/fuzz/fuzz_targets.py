@@ -41,9 +41,8 @@ from konsul.protocols.http.agent_routes import service_json
 from konsul.protocols.http.device_routes import device_json
 from konsul.protocols.http.kv_fast_path import Incomplete, KvFastPath
 from konsul.protocols.http.kv_routes import entry_json
-from konsul.protocols.mqtt import frames
+from konsul.protocols.mqtt import codec
 from konsul.protocols.mqtt.policy import PayloadRefused, decode_document
-from konsul.simulator import mqtt_codec
 from konsul.sync import session as sync_session
 from konsul.sync import wire
 from konsul.sync.batch import WriteBatch
@@ -99,51 +98,42 @@ MQTT_MAX_PAYLOAD = 256 * 1024  # the gateway's default
 
 
 def mqtt_agent(data: bytes) -> None:
-    """The broker's view of a client stream: frames, checks and decoders.
+    """The broker's view of a client stream: frames, the CONNECT, then every packet as 3.1.1 and as 5.0.
 
-    Any input ends in frames, "need more bytes" or :class:`frames.ProtocolViolation`.
+    Any input ends in packets, "need more bytes" or :class:`codec.ProtocolViolation`.
     """
-    splitter = frames.FrameSplitter(MQTT_MAX_PAYLOAD + frames.MAX_TOPIC_BYTES + 8)
+    splitter = codec.FrameSplitter(MQTT_MAX_PAYLOAD + codec.MAX_TOPIC_BYTES + 8)
     splitter.feed(data)
     first = True
     try:
         while (frame := splitter.next_frame()) is not None:
-            # The external-broker client decodes what a broker sends it.
-            _client_side_decode(frame)
-            frames.check_client_frame(frame, first=first, max_payload=MQTT_MAX_PAYLOAD)
             if first:
-                frames.decode_connect(frame)
-            first = False
-    except frames.ProtocolViolation:
+                codec.decode_connect(frame)
+                first = False
+                continue
+            for version in (codec.MQTT_311, codec.MQTT_5):
+                try:
+                    codec.decode(frame, version)
+                except codec.ProtocolViolation:
+                    pass
+    except codec.ProtocolViolation:
         return
     except Exception as error:
         raise _unexpected("mqtt_agent", error) from error
 
 
-def _client_side_decode(frame: frames.Frame) -> None:
-    try:
-        if frame.type == frames.PUBLISH:
-            frames.decode_publish(frame)
-        elif frame.type == frames.CONNACK:
-            frames.decode_connack(frame)
-        elif frame.type in (frames.PUBACK, frames.PUBREL, frames.SUBACK):
-            frames.decode_packet_id(frame)
-    except frames.ProtocolViolation:
-        pass
-
-
 def mqtt_device(data: bytes) -> None:
-    """The simulator's device codec reading the agent's stream: packets or :class:`mqtt_codec.MqttError`."""
-    reader = mqtt_codec.PacketReader()
+    """A client's view of a broker stream (the simulator, the external-broker client): packets or ProtocolViolation."""
+    splitter = codec.FrameSplitter(1 << 20)
+    splitter.feed(data)
     try:
-        for packet in reader.feed(data):
-            if packet.type == mqtt_codec.CONNACK:
-                mqtt_codec.decode_connack(packet)
-            elif packet.type == mqtt_codec.PUBLISH:
-                mqtt_codec.decode_publish(packet)
-            elif packet.type in (mqtt_codec.PUBACK, mqtt_codec.SUBACK):
-                mqtt_codec.decode_packet_id(packet)
-    except mqtt_codec.MqttError:
+        while (frame := splitter.next_frame()) is not None:
+            for version in (codec.MQTT_311, codec.MQTT_5):
+                try:
+                    codec.decode(frame, version)
+                except codec.ProtocolViolation:
+                    pass
+    except codec.ProtocolViolation:
         return
     except Exception as error:
         raise _unexpected("mqtt_device", error) from error
@@ -390,8 +380,8 @@ TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         Target("http_fast_path", http_fast_path, seed_http, "KvFastPath.parse: a request, None or Incomplete"),
-        Target("mqtt_agent", mqtt_agent, seed_mqtt_client, "frames.FrameSplitter, check_client_frame and decoders: ProtocolViolation only"),
-        Target("mqtt_device", mqtt_device, seed_mqtt_agent, "simulator mqtt_codec.PacketReader and decoders: MqttError only"),
+        Target("mqtt_agent", mqtt_agent, seed_mqtt_client, "codec.FrameSplitter, decode_connect and decode (3.1.1 and 5.0): ProtocolViolation only"),
+        Target("mqtt_device", mqtt_device, seed_mqtt_agent, "codec as a client reads a broker's stream: ProtocolViolation only"),
         Target("sync_wire", sync_wire, seed_sync_frames, "wire.decode and decode_state_vector: WireError only"),
         Target("sync_session", sync_session_bytes, seed_sync_frames, "SyncSession.receive in three states: RemoteProtocolError only"),
         Target("yjs_update", yjs_update, seed_updates, "apply_remote of KV, catalog, devices: clean refusal, or readable and reloadable"),

@@ -20,7 +20,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from agents import AgentProcess, eventually
 from gateway_edges import edge_http, mqtt_edge  # noqa: F401 - the module's fixtures edge and http
-from konsul.protocols.mqtt import frames
+from konsul.protocols.mqtt import codec
 
 
 # -- helpers (also used by the other test_mqtt_* modules) ---------------------------------
@@ -121,7 +121,7 @@ class Device:
 def raw_connect(port: int, device_id: str, token: str, keepalive: int = 30) -> socket.socket:
     """A bare socket past CONNACK, for sending what no client library would."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(frames.encode_connect(device_id, keepalive=keepalive, username=device_id, password=token))
+    sock.sendall(codec.encode_connect(device_id, keepalive=keepalive, username=device_id, password=token))
     assert sock.recv(4) == b"\x20\x02\x00\x00"
     return sock
 
@@ -269,14 +269,14 @@ def test_malformed_and_oversized_packets_close_only_their_connection(edge, http)
         b"\xf0\x00",  # reserved packet type 15
         b"\x32\x05\x00\x03a+b",  # PUBLISH to a wildcard topic
         b"\x82\xff\xff\xff\xff\x01",  # remaining length of five bytes
-        frames.encode_connect("bad-1"),  # a second CONNECT
+        codec.encode_connect("bad-1"),  # a second CONNECT
     ):
         sock = raw_connect(edge.mqtt_port, "bad-1", token)
         sock.sendall(junk)
         assert closed_by_peer(sock)
         sock.close()
     for oversized in (
-        frames.encode_publish("konsul/v1/devices/bad-1/telemetry", b"x" * (300 * 1024)),
+        codec.encode_publish("konsul/v1/devices/bad-1/telemetry", b"x" * (300 * 1024)),
         b"\x30\x80\x80\x80\x7f",  # declares 256 MB: refused from the header, nothing buffered
     ):
         sock = raw_connect(edge.mqtt_port, "bad-1", token)
@@ -344,3 +344,23 @@ def test_qos2_publishes_complete_their_handshake(edge, http):
         assert done.returncode == 0, done.stderr  # PUBREC, PUBREL, PUBCOMP all went through
     assert metric(http, "konsul_mqtt_messages_received_total", kind="telemetry") == before + 1
     assert http.get("/v1/kv/q2/k?raw").text == "two"  # PUBREC came once it was durable
+
+
+def test_packets_sent_with_the_connect_are_handled_after_it(edge, http):
+    """A client may pipeline: CONNECT, SUBSCRIBE and PUBLISH in one write, before any CONNACK."""
+    token = register(http, "pipe-1", KVWrite=["pipe/"])
+    sock = socket.create_connection(("127.0.0.1", edge.mqtt_port), timeout=10)
+    sock.sendall(codec.encode_connect("pipe-1", username="pipe-1", password=token)
+                 + codec.encode_subscribe(3, [("konsul/v1/kv/pipe/#", 1)])
+                 + codec.encode_publish("konsul/v1/kv/pipe/k", b"v", 1, packet_id=4))
+    splitter = codec.FrameSplitter(1 << 20)
+    seen: list = []
+    while not any(isinstance(p, codec.Publish) for p in seen):
+        data = sock.recv(4096)
+        assert data, seen
+        splitter.feed(data)
+        while (frame := splitter.next_frame()) is not None:
+            seen.append(codec.decode(frame))
+    assert seen[0] == codec.Connack(False, 0)
+    assert codec.Suback(3, [1]) in seen and codec.Ack(codec.PUBACK, 4) in seen
+    sock.close()

@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import signal
 
+import httpx
 import pytest
 import trio
-import trio_asyncio
 from agents import AgentProcess
+from agents import eventually as wait_until
+from gateway_edges import start_mqtt_edge
 from konsul.protocols.gateway import GatewayContext
-from konsul.protocols.mqtt import frames, run_mqtt_gateway
+from konsul.protocols.mqtt import codec, run_mqtt_gateway
 from konsul.sync.devices import DeviceRecord, PresenceTable
 from konsul.sync.replica import Replica
-from test_mqtt_embedded import mosquitto_sub, stop_spawned  # noqa: F401 (fixture)
+from test_mqtt_embedded import Device, mosquitto_sub, register, stop_spawned  # noqa: F401 (fixture)
 
 
 @pytest.fixture
@@ -28,12 +30,11 @@ async def gateway(tmp_path):
         async with trio.open_nursery() as nursery:
             await nursery.start(replica.run)
             ctx = GatewayContext(replica=replica, site="s1", presence=PresenceTable())
-            async with trio_asyncio.open_loop():
-                async with trio.open_nursery() as gateways:
-                    addr = (await gateways.start(run_mqtt_gateway, ctx, "127.0.0.1:0"))["mqtt"]
-                    ctx.port = int(addr.rsplit(":", 1)[1])  # for the tests' clients
-                    yield ctx
-                    gateways.cancel_scope.cancel()
+            async with trio.open_nursery() as gateways:  # no asyncio loop: the broker is on trio
+                addr = (await gateways.start(run_mqtt_gateway, ctx, "127.0.0.1:0"))["mqtt"]
+                ctx.port = int(addr.rsplit(":", 1)[1])
+                yield ctx
+                gateways.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
     finally:
         replica.close()
@@ -129,11 +130,11 @@ async def test_anonymous_devices_are_registered_when_allowed(gateway):
     assert record is not None and record.type == "anonymous" and record.kv_write == ()
 
 
-async def test_deleting_a_device_closes_its_connection(gateway):
+async def test_deleting_a_device_closes_its_connection_and_ends_its_session(gateway):
     token = await device(gateway, "gone-1")
     sock = trio.socket.socket()
     await sock.connect(("127.0.0.1", gateway.port))
-    await sock.send(frames.encode_connect("gone-1", username="gone-1", password=token))
+    await sock.send(codec.encode_connect("gone-1", username="gone-1", password=token, clean_session=False))
     assert await sock.recv(4) == b"\x20\x02\x00\x00"
     await eventually(lambda: gateway.presence.get("gone-1").online, "online")
     await gateway.scope.delete_device("gone-1")
@@ -142,21 +143,54 @@ async def test_deleting_a_device_closes_its_connection(gateway):
             pass
     sock.close()
     await eventually(lambda: not gateway.presence.get("gone-1").online, "offline")
+    # Registered again under the same id, it starts without the old session.
+    token = await device(gateway, "gone-1")
+    sock = trio.socket.socket()
+    await sock.connect(("127.0.0.1", gateway.port))
+    await sock.send(codec.encode_connect("gone-1", username="gone-1", password=token, clean_session=False))
+    assert await sock.recv(4) == b"\x20\x02\x00\x00"  # session present: 0
+    sock.close()
 
 
 def test_frames_round_trip():
     """The sans-IO codec alone: what the agent sends, it reads back."""
-    splitter = frames.FrameSplitter(max_body=1000)
-    wire = frames.encode_connect("d1", keepalive=7, clean_session=False, username="d1", password="t") + frames.encode_publish(
+    splitter = codec.FrameSplitter(max_body=1000)
+    wire = codec.encode_connect("d1", keepalive=7, clean_session=False, username="d1", password="t") + codec.encode_publish(
         "a/b", b"x" * 200, qos=1, retain=True, packet_id=9
     )
     for i in range(0, len(wire), 3):  # arriving in small pieces
         splitter.feed(wire[i : i + 3])
-    connect = frames.decode_connect(splitter.next_frame())
+    connect = codec.decode_connect(splitter.next_frame())
     assert (connect.client_id, connect.keepalive, connect.clean_session, connect.password) == ("d1", 7, False, b"t")
-    publish = frames.check_client_frame(splitter.next_frame(), first=False, max_payload=200)
+    publish = codec.decode(splitter.next_frame())
     assert (publish.topic, publish.qos, publish.retain, publish.packet_id, len(publish.payload)) == ("a/b", 1, True, 9, 200)
     assert splitter.next_frame() is None and splitter.buffered == 0
-    with pytest.raises(frames.ProtocolViolation) as refused:
-        frames.check_client_frame(frames.Frame(frames.PUBLISH, 2, b"\x00\x03a/b\x00\x01" + b"y" * 201, 0), False, 200)
+    splitter.feed(codec.encode_publish("a/b", b"y" * 1001, qos=1, packet_id=1))
+    with pytest.raises(codec.ProtocolViolation) as refused:
+        splitter.next_frame()
     assert refused.value.reason == "too_large"
+
+
+def test_messages_queued_for_an_away_session_survive_a_restart(tmp_path):
+    """A persistent session away while the edge restarts gets, once back, what was queued for it before."""
+    data = tmp_path / "edge"
+    edge = start_mqtt_edge(data)
+    try:
+        with httpx.Client(base_url=edge.url, timeout=10) as http:
+            token = register(http, "keep-1")
+            device = Device(edge.mqtt_port, "keep-1", token, clean=False)
+            assert device.connected() == 0
+            assert device.subscribe("konsul/v1/kv/keep/#") == [1]
+            device.close()
+            wait_until(lambda: http.get("/v1/devices/keep-1").json()["Online"] is False, what="keep-1 away")
+            assert http.put("/v1/kv/keep/a", content=b"before the restart").json() is True
+    finally:
+        assert edge.stop() == 0
+    edge = start_mqtt_edge(data)
+    try:
+        device = Device(edge.mqtt_port, "keep-1", token, clean=False)
+        assert device.connected() == 0
+        assert device.message("konsul/v1/kv/keep/a").payload == b"before the restart"
+        device.close()
+    finally:
+        edge.stop()

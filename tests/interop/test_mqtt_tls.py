@@ -24,7 +24,7 @@ import trustme
 from agents import AgentProcess, EdgeProcess, eventually, free_port
 from test_mqtt_embedded import _spawned, Device, metric, mosquitto_pub, mosquitto_sub, register, stop_spawned  # noqa: F401
 from test_mqtt_external import MOSQUITTO
-from konsul.protocols.mqtt import frames
+from konsul.protocols.mqtt import codec
 
 
 class Certificates:
@@ -86,7 +86,7 @@ def handshake_fails(port: int, context: ssl.SSLContext) -> bool:
         try:
             with context.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
                 # TLS 1.3: a refused client certificate shows up at the first read.
-                tls.sendall(frames.encode_connect("probe", keepalive=30))
+                tls.sendall(codec.encode_connect("probe", keepalive=30))
                 return tls.recv(4) == b""
         except (ssl.SSLError, ConnectionError):
             return True
@@ -167,7 +167,7 @@ def test_plaintext_wrong_ca_and_half_open_handshakes_end_only_their_connection(e
     failures = tls_failures(http)
     # Plain MQTT on the TLS port: no CONNACK, the connection is closed.
     with socket.create_connection(("127.0.0.1", edge.mqtts_port), timeout=10) as plain:
-        plain.sendall(frames.encode_connect("tls-calm", keepalive=30, username="tls-calm", password=token))
+        plain.sendall(codec.encode_connect("tls-calm", keepalive=30, username="tls-calm", password=token))
         assert closed_without_connack(plain)
     done = mosquitto_pub(edge.mqtts_port, "-i", "tls-calm", "-u", "tls-calm", "-P", token, "-t", "konsul/v1/kv/calm/x", "-m", "1")
     assert done.returncode != 0

@@ -13,7 +13,7 @@ import trio
 
 from konsul.protocols.admission import NetworkLimits
 from konsul.protocols.gateway import ANONYMOUS_TYPE, AnonymousDevices, AnonymousDevicesFull, GatewayContext
-from konsul.protocols.mqtt import frames
+from konsul.protocols.mqtt import codec
 from konsul.protocols.mqtt.core import MqttGateway
 from konsul.sync.devices import DeviceRecord, PresenceTable
 from konsul.sync.replica import Replica
@@ -65,8 +65,8 @@ async def test_new_anonymous_devices_past_the_cap_are_refused(ctx):
 async def test_the_mqtt_gateway_answers_the_cap_with_server_unavailable(ctx):
     gateway = MqttGateway(ctx)
     for n in range(3):
-        assert await gateway.admit(_connect(f"m{n}"), "10.0.0.9:1000") == frames.ACCEPTED
-    assert await gateway.admit(_connect("m3"), "10.0.0.9:1001") == frames.SERVER_UNAVAILABLE
+        assert await gateway.admit(_connect(f"m{n}"), "10.0.0.9:1000") == codec.ACCEPTED
+    assert await gateway.admit(_connect("m3"), "10.0.0.9:1001") == codec.SERVER_UNAVAILABLE
     assert gateway.metrics.refused.labels("anonymous")._value.get() == 1
 
 
@@ -96,8 +96,8 @@ async def test_anonymous_devices_unseen_past_the_expiry_are_deleted(ctx):
     assert (await ctx.authenticate("newcomer", None)).type == ANONYMOUS_TYPE
 
 
-def _connect(client_id: str) -> frames.Connect:
-    return frames.Connect(4, True, 30, client_id, None, None, 0, False, None, None)
+def _connect(client_id: str) -> codec.Connect:
+    return codec.Connect(4, True, 30, client_id)
 
 
 async def test_one_new_device_connecting_twice_at_once_is_registered_once(ctx):
