@@ -340,6 +340,7 @@ class Scope:
                 self.on_group_waiting(self)
         elif write[0] == "delete":
             check_key(write[1])
+            existed = self.kv.get(write[1]) is not None
             batch = self._begin()
             try:
                 self.kv.delete(write[1], batch)
@@ -347,8 +348,9 @@ class Scope:
                 self._batch = None
             # Queued even when there was nothing to delete (the batch then holds
             # the scope's counters only): its report keeps its place in the order.
+            # Listeners hear only of a key that was there, as with kv_apply.
             own_stamp = self._close(batch)
-            keys = {write[1]}
+            keys = {write[1]} if existed else set()
             self.store.enqueue(batch).when_done(
                 lambda error: self._submitted_change_done(batch, keys, own_stamp, done, error)
             )
@@ -377,7 +379,10 @@ class Scope:
         self, batch: WriteBatch, keys: set[str], own_stamp: Stamp | None, done: WriteDone, error: BaseException | None
     ) -> None:
         if error is None:
-            self._committed(batch, "kv", keys, None, own_stamp)
+            if keys:
+                self._committed(batch, "kv", keys, None, own_stamp)
+            else:  # nothing was there to delete: nobody to tell
+                self._durable_own_stamp = own_stamp
         _report(done, error)
         if error is None:
             self._compact_soon("kv")
