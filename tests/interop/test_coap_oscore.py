@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from aiocoap import CON, Context, Message
+from aiocoap import ACK, CON, Context, Message
 from aiocoap.numbers.codes import Code
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -115,7 +115,11 @@ def exchange(edge: OscoreEdge, datagram: bytes, mid: int) -> Message:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(10)
         sock.sendto(datagram[:2] + mid.to_bytes(2, "big") + datagram[4:], (host, int(port)))
-        return Message.decode(sock.recv(4096))
+        answer = Message.decode(sock.recv(4096))
+        # A busy server acknowledges first and answers later (a separate response, RFC 7252 5.2.2).
+        while answer.code == Code.EMPTY and answer.mtype == ACK:
+            answer = Message.decode(sock.recv(4096))
+        return answer
 
 
 # -- provisioning ------------------------------------------------------------------------------

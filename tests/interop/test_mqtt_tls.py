@@ -228,8 +228,10 @@ def test_verify_client_on_refuses_a_client_without_a_certificate(tls_only, certs
         context.load_cert_chain(str(other.cert), str(other.key))
         assert handshake_fails(tls_only.mqtts_port, context)
         eventually(lambda: tls_failures(http) >= failures + 2, what="two refused handshakes counted")
-        assert "no client certificate, and --tls-verify-client on requires one" in tls_only.output
-        assert "the client certificate is not signed by --tls-ca" in tls_only.output
+        # Counted first, then logged: wait for the lines rather than read the output once.
+        for line in ("no client certificate, and --tls-verify-client on requires one",
+                     "the client certificate is not signed by --tls-ca"):
+            eventually(lambda line=line: line in tls_only.output, what=f"the log line {line!r}")
         # With a certificate from the CA: connected, and the token still decides who it is.
         cert, key = certs.issue(tmp_path, "cert-1", "cert-1")
         device = Device(tls_only.mqtts_port, "cert-1", token,
