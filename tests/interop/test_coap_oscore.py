@@ -349,14 +349,25 @@ def test_rotation_ends_the_old_context_and_its_observations_at_once(edge, tmp_pa
     async def observe_then_rotate(client):
         watching = client.request(Message(code=Code.GET, uri=f"{edge.coap}/devices/osc-rot/desired", observe=0))
         await watching.response
+
+        async def last_notification():
+            ended = None
+            try:
+                async for notification in watching.observation:
+                    ended = notification
+            except Exception as error:  # noqa: BLE001 - aiocoap ends an observation with an error response
+                ended = getattr(error, "response", error)
+            return ended
+
+        # aiocoap hands a final notification only to an iterator already waiting
+        # for it: it delivers the notification and the end of the observation in
+        # one step, and an iterator that is not waiting yet keeps only the end.
+        # The 4.01 can reach us before the HTTP answer to the rotation does, so
+        # the iterator waits first (one pass of the loop runs the task up to its wait).
+        ending = asyncio.create_task(last_notification())
+        await asyncio.sleep(0)
         new = await asyncio.to_thread(edge.provision, "osc-rot")
-        ended = None
-        try:
-            async for notification in watching.observation:
-                ended = notification
-        except Exception as error:  # noqa: BLE001 - aiocoap ends an observation with an error response
-            ended = getattr(error, "response", error)
-        return new, ended
+        return new, await ending
 
     new, ended = oscore(edge, old_dir, observe_then_rotate)
     assert getattr(ended, "code", None) == Code.UNAUTHORIZED, ended
