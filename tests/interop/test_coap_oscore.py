@@ -110,12 +110,22 @@ def protected_datagram(context_dir: Path, code: Code, path: tuple[str, ...], pay
 
 
 def exchange(edge: OscoreEdge, datagram: bytes, mid: int) -> Message:
-    """Send ``datagram`` with message ID ``mid`` (a new one is a new message, not a retransmission)."""
+    """Send ``datagram`` with message ID ``mid`` (a new one is a new message, not a retransmission).
+
+    Returns the response: piggybacked on the ACK or, when the edge needs more
+    than aiocoap's EMPTY_ACK_DELAY (0.1 s: a write's commit on a loaded
+    machine), the separate response after an empty ACK (RFC 7252 5.2.2),
+    acknowledged if confirmable so the edge does not send it again.
+    """
     host, port = edge.coap.removeprefix("coap://").rsplit(":", 1)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(10)
         sock.sendto(datagram[:2] + mid.to_bytes(2, "big") + datagram[4:], (host, int(port)))
-        return Message.decode(sock.recv(4096))
+        while (answer := Message.decode(sock.recv(4096))).code == Code.EMPTY:
+            pass  # the empty ACK: the response follows in a message of its own
+        if answer.mtype == CON:
+            sock.sendto(bytes([0x60, 0]) + answer.mid.to_bytes(2, "big"), (host, int(port)))  # an empty ACK
+        return answer
 
 
 # -- provisioning ------------------------------------------------------------------------------
