@@ -1,0 +1,40 @@
+"""The console's browser tests: Debian's headless chromium driven by Playwright for Python.
+
+Playwright never downloads a browser here: it launches the system's chromium
+(``scripts/setup`` installs it) by its path. Pages are screenshotted into
+docs/ui/ for docs/ui.md.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed: run scripts/setup (Debian's chromium package)")
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh tab (its own sessionStorage), phone-to-laptop width, JS errors failing the test."""
+    context = browser.new_context(viewport={"width": 1100, "height": 800})
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda error: errors.append(str(error)))
+    tab.set_default_timeout(20_000)
+    yield tab
+    context.close()
+    assert not errors, f"JavaScript errors in the console: {errors}"
