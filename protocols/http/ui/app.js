@@ -80,7 +80,8 @@ function fleetPage(signal) {
       : note("No site has joined yet."));
   };
   let lastSites = [];
-  live("/v1/sites", ({ data }) => { lastSites = data || []; render(lastSites); }, signal, (e) => body.replaceChildren(hidden(e, "the fleet's sites")));
+  live("/v1/sites", ({ data }) => { lastSites = data || []; render(lastSites); }, signal, (e) => body.replaceChildren(hidden(e, "the fleet's sites"),
+    h("p", {}, "Sites: ", agent.sites.map((s) => [link(`#/site/${encodeURIComponent(s)}`, s), " "]))));
   live("/v1/devices?dc=global", ({ data }) => {
     devices = {};
     for (const d of data || []) {
@@ -355,11 +356,18 @@ function devicePage(signal, site, id) {
 
 async function whoAmI() {
   if (agent) return agent;
-  const self = await api("/v1/agent/self");
-  const config = (self.data && self.data.Config) || {};
-  let hub = false;
-  try { hub = (await api("/v1/sites")).status === 200; } catch (error) { hub = error.status === 403 || error.status === 401; }
-  agent = { hub, site: config.Datacenter };
+  // Any valid token may read itself; an unknown one is sent back to the login page. With ACLs
+  // off the token API says so and every page is open.
+  try {
+    await api("/v1/acl/token/self");
+    if (!token.get()) throw new ApiError(401, "no_token", "log in with a token");
+  } catch (error) { if (error.code !== "acl_disabled") throw error; }
+  // /v1/sites is a hub route: an edge has no such endpoint (404), a hub answers or refuses.
+  let hub;
+  try { hub = (await api("/v1/sites")).status !== 404; } catch (error) { hub = error.status === 403; }
+  // The datacenters list needs no token: at an edge, its own site.
+  const names = (await api("/v1/catalog/datacenters")).data || [];
+  agent = { hub, site: names[0], sites: names };
   return agent;
 }
 
