@@ -216,19 +216,19 @@ function keyEditor(root, signal, site, key, isNew, back) {
   live(`/v1/kv/${encodeURI(key)}${qs({ history: true, ...dcq(site) })}`, ({ data }) => {
     const records = Array.isArray(data) ? data : [];
     const live0 = records[0];
-    if (base && live0 && live0.Op === "put" && !live0.Conflict && message.dataset.kind !== "stale") {
+    if (base && live0 && !live0.Conflict && message.dataset.kind !== "stale") {
       // The key changed under the open editor: say so, keep the user's text and its CAS index.
       api(`/v1/kv/${encodeURI(key)}${qs(dcq(site))}`).then(({ data: d }) => {
         if (d && d[0] && base && d[0].ModifyIndex !== base.ModifyIndex) message.replaceChildren(note("This key changed since you opened it: saving will be refused; reload first.", "warn"));
       }).catch(() => {});
     }
     const conflicts = records.filter((r) => r.Conflict);
-    history.replaceChildren(h("h2", {}, "History"),
+    history.replaceChildren(...[h("h2", {}, "History"),
       conflicts.length ? note(`${conflicts.length} conflicting write(s): concurrent writers disagreed; the later stamp won.`, "warn") : null,
       h("ol.timeline", { "aria-label": "History timeline" }, records.map((r) => h("li", { "data-conflict": r.Conflict ? "true" : "false" },
         h("span", {}, `${r.Time} · ${r.Op} · ${r.Replica} · flags ${r.Flags} · ${r.Size} B `),
         r.Conflict ? h("span.badge.warn", {}, "conflict loser") : null,
-        r.Value != null ? h("pre.value", {}, b64decode(r.Value)) : null))));
+        r.Value != null ? h("pre.value", {}, b64decode(r.Value)) : null)))].filter(Boolean));
   }, signal, (e) => history.replaceChildren(hidden(e, "this key's history")));
 }
 
@@ -315,13 +315,13 @@ function devicePage(signal, site, id) {
     const newField = h("input", { name: "new-field", placeholder: "field", "aria-label": "New desired field name", size: 10 });
     const newValue = h("input", { name: "new-value", placeholder: "JSON value", "aria-label": "New desired field value (JSON)", size: 14 });
     const conflicts = t.Conflicts || [];
-    twin.replaceChildren(h("h2", {}, "Twin"),
+    twin.replaceChildren(...[h("h2", {}, "Twin"),
       table(["Field", "Desired", "Reported", "Delta"], rows, "Twin fields"),
       h("form.row", { "aria-label": "Add a desired field", onsubmit: (e) => { e.preventDefault(); if (newField.value.trim()) patch({ [newField.value.trim()]: newValue.value }, newValue); } },
         newField, newValue, h("button", { type: "submit" }, "Add field")),
       twinMessage,
       conflicts.length ? [h("h2", {}, "Twin conflicts"), table(["Side", "Field", "Value", "Stamp"], conflicts.map((c) => h("tr", {},
-        h("td", {}, c.Side), h("td", {}, c.Field), h("td", {}, c.Deleted ? "(deleted)" : JSON.stringify(c.Value)), h("td", {}, c.Stamp))), "Twin conflicts")] : null);
+        h("td", {}, c.Side), h("td", {}, c.Field), h("td", {}, c.Deleted ? "(deleted)" : JSON.stringify(c.Value)), h("td", {}, c.Stamp))), "Twin conflicts")] : null].flat().filter(Boolean));
   };
   const twinMessage = h("div");
   async function patch(fields, input) {
@@ -356,18 +356,16 @@ function devicePage(signal, site, id) {
 
 async function whoAmI() {
   if (agent) return agent;
-  // Any valid token may read itself; an unknown one is sent back to the login page. With ACLs
-  // off the token API says so and every page is open.
-  try {
-    await api("/v1/acl/token/self");
-    if (!token.get()) throw new ApiError(401, "no_token", "log in with a token");
-  } catch (error) { if (error.code !== "acl_disabled") throw error; }
-  // /v1/sites is a hub route: an edge has no such endpoint (404), a hub answers or refuses.
-  let hub;
-  try { hub = (await api("/v1/sites")).status !== 404; } catch (error) { hub = error.status === 403; }
-  // The datacenters list needs no token: at an edge, its own site.
-  const names = (await api("/v1/catalog/datacenters")).data || [];
-  agent = { hub, site: names[0], sites: names };
+  // Three questions at once (each a round trip): is the token valid (any valid token may read
+  // itself; with ACLs off the token API says so), is this a hub (/v1/sites: an edge has no such
+  // endpoint, 404; a hub answers or refuses), and which sites (no token needed: at an edge, its own).
+  const [self, sites, names] = await Promise.allSettled([
+    api("/v1/acl/token/self"), api("/v1/sites"), api("/v1/catalog/datacenters")]);
+  if (self.status === "rejected" && self.reason.code !== "acl_disabled") throw self.reason;
+  if (self.status === "fulfilled" && !token.get()) throw new ApiError(401, "no_token", "log in with a token");
+  const hub = sites.status === "fulfilled" ? sites.value.status !== 404 : sites.reason.status === 403;
+  if (names.status === "rejected") throw names.reason;
+  agent = { hub, site: (names.value.data || [])[0], sites: names.value.data || [] };
   return agent;
 }
 
@@ -402,6 +400,8 @@ async function route() {
   else if (page === "device") content = devicePage(signal, a, b);
   else content = [note("No such page.", "warn")];
   main.replaceChildren(...content.flat().filter(Boolean));
+  // The first page drawn with its frame (bench/ui.py reads it as time to first render).
+  if (!performance.getEntriesByName("konsul:first-render").length) performance.mark("konsul:first-render");
   document.title = `${main.querySelector("h1")?.textContent || "Konsul"} · Konsul console`;
 }
 
