@@ -104,13 +104,14 @@ def test_log_in_and_see_the_site_connected_with_its_lag(fleet, page):
 
 def test_edit_a_key_at_the_hub_see_it_at_the_edge_and_a_stale_edit_refused(fleet, page):
     hub, edge = fleet
-    httpx.put(f"{hub.url}/v1/kv/app/config", params={"dc": "s1", "flags": "7"}, content=b'{"speed": 1}',
+    httpx.put(f"{hub.url}/v1/kv/app/config", params={"dc": "s1", "flags": "7", "ttl": "1h"}, content=b'{"speed": 1}',
               headers=HEADERS).raise_for_status()
     log_in(page, hub.url)
     page.goto(f"{hub.url}/ui/#/kv/s1?prefix=app/&key=app/config")
     value = page.get_by_label("Value")
     expect(value).to_have_value(re.compile("speed"))
     assert page.get_by_label("Flags").input_value() == "7"
+    page.get_by_text("Expires").wait_for()  # written with a TTL
     # Not JSON: refused before it is sent.
     value.fill('{"speed": ')
     assert page.get_by_role("button", name="Save").is_disabled()

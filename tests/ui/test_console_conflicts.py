@@ -53,7 +53,9 @@ def test_a_conflict_between_partitioned_writers_is_shown_with_both_values(tmp_pa
         page.goto(f"{e1.url}/ui/")
         page.get_by_role("heading", name="Site s1").wait_for()
         page.get_by_role("table", name="Sync peers").get_by_text("connected", exact=True).wait_for()
-        page.set_viewport_size({"width": 390, "height": 800})  # a phone
+        page.set_viewport_size({"width": 390, "height": 800})  # a phone, in dark mode
+        page.emulate_media(color_scheme="dark")
+        assert page.evaluate("matchMedia('(prefers-color-scheme: dark)').matches")
         screenshot(page, "edge-site-phone")
     finally:
         for agent in (e1, e2, hub):

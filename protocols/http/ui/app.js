@@ -79,7 +79,7 @@ function fleetPage(signal) {
     body.replaceChildren(sites.length ? table(["Site", "Link", "Last seen", "Lag", "Pending to edge", "Conflicts", "Bytes sent / received", "Devices online / total"], rows, "Sites")
       : note("No site has joined yet."));
   };
-  let lastSites = [];
+  let lastSites = null; // null until /v1/sites answers (or when it refuses the token)
   live("/v1/sites", ({ data }) => { lastSites = data || []; render(lastSites); }, signal, (e) => body.replaceChildren(hidden(e, "the fleet's sites"),
     h("p", {}, "Sites: ", agent.sites.map((s) => [link(`#/site/${encodeURIComponent(s)}`, s), " "]))));
   live("/v1/devices?dc=global", ({ data }) => {
@@ -88,7 +88,7 @@ function fleetPage(signal) {
       const c = devices[d.Site] || (devices[d.Site] = { online: 0, total: 0 });
       c.total += 1; if (d.Online) c.online += 1;
     }
-    render(lastSites);
+    if (lastSites) render(lastSites);
   }, signal, () => {});
   const telemetry = h("div");
   live("/v1/sync/status", ({ data }) => {
@@ -148,6 +148,7 @@ function kvPage(signal, site, params) {
 
 function keyEditor(root, signal, site, key, isNew, back) {
   let base = null; // the entry the edit started from: its ModifyIndex is the CAS index
+  let saving = false; // our own save is under way: its change is not "someone else's"
   const keyInput = h("input", { name: "key", value: key, "aria-label": "Key name", size: 40, readonly: isNew ? null : true });
   const value = h("textarea", { name: "value", "aria-label": "Value", spellcheck: "false" });
   const asJson = h("input", { type: "checkbox", name: "json", "aria-label": "Validate as JSON" });
@@ -179,6 +180,7 @@ function keyEditor(root, signal, site, key, isNew, back) {
     event.preventDefault();
     const name = keyInput.value.trim();
     const cas = base ? base.ModifyIndex : 0; // 0: create only, never overwrite a key made meanwhile
+    saving = true;
     try {
       const { data } = await api(`/v1/kv/${encodeURI(name)}${qs({ cas, flags: flags.value || 0, ttl: ttl.value.trim() || undefined, ...dcq(site) })}`,
         { method: "PUT", body: value.value });
@@ -193,6 +195,7 @@ function keyEditor(root, signal, site, key, isNew, back) {
         message.dataset.kind = "stale";
       }
     } catch (error) { message.replaceChildren(note(`Not saved: ${error.message}`, "bad")); }
+    finally { saving = false; }
   } },
   h("div.row", {}, keyInput), value,
   h("div.row", {}, h("label", {}, asJson, "JSON"), h("label", {}, "Flags", flags), h("label", {}, "TTL", ttl), save, isNew ? null : del,
@@ -206,7 +209,8 @@ function keyEditor(root, signal, site, key, isNew, back) {
       value.value = b64decode(base.Value);
       flags.value = base.Flags;
       try { JSON.parse(value.value); asJson.checked = value.value.trim() !== ""; } catch { asJson.checked = false; }
-      info.textContent = `Modify index ${base.ModifyIndex}, create index ${base.CreateIndex}, lock index ${base.LockIndex}` + (base.Session ? `, held by session ${base.Session}` : "") + ` (scope index ${index}).`;
+      info.textContent = `Modify index ${base.ModifyIndex}, create index ${base.CreateIndex}, lock index ${base.LockIndex}` + (base.Session ? `, held by session ${base.Session}` : "") + ` (scope index ${index}).` +
+        (base.Expires ? ` Expires ${new Date(base.Expires).toLocaleString()} (TTL).` : "");
       validate();
     } catch (error) { root.replaceChildren(hidden(error, `the key ${key}`)); }
   }
@@ -216,10 +220,10 @@ function keyEditor(root, signal, site, key, isNew, back) {
   live(`/v1/kv/${encodeURI(key)}${qs({ history: true, ...dcq(site) })}`, ({ data }) => {
     const records = Array.isArray(data) ? data : [];
     const live0 = records[0];
-    if (base && live0 && !live0.Conflict && message.dataset.kind !== "stale") {
+    if (base && live0 && !live0.Conflict && !saving && message.dataset.kind !== "stale") {
       // The key changed under the open editor: say so, keep the user's text and its CAS index.
       api(`/v1/kv/${encodeURI(key)}${qs(dcq(site))}`).then(({ data: d }) => {
-        if (d && d[0] && base && d[0].ModifyIndex !== base.ModifyIndex) message.replaceChildren(note("This key changed since you opened it: saving will be refused; reload first.", "warn"));
+        if (d && d[0] && base && !saving && d[0].ModifyIndex !== base.ModifyIndex) message.replaceChildren(note("This key changed since you opened it: saving will be refused; reload first.", "warn"));
       }).catch(() => {});
     }
     const conflicts = records.filter((r) => r.Conflict);
