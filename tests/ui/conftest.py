@@ -29,11 +29,13 @@ def browser() -> Iterator:
 
 @pytest.fixture
 def page(browser):
-    """A fresh tab (its own sessionStorage), phone-to-laptop width, JS errors failing the test."""
+    """A fresh tab (its own sessionStorage), laptop width; JS errors and CSP violations fail the test."""
     context = browser.new_context(viewport={"width": 1100, "height": 800})
     tab = context.new_page()
     errors: list[str] = []
     tab.on("pageerror", lambda error: errors.append(str(error)))
+    # Anything the Content-Security-Policy blocked (an inline style or script) fails the test too.
+    tab.on("console", lambda message: "Content Security Policy" in message.text and errors.append(message.text))
     tab.set_default_timeout(20_000)
     yield tab
     context.close()

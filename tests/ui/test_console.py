@@ -106,6 +106,7 @@ def test_edit_a_key_at_the_hub_see_it_at_the_edge_and_a_stale_edit_refused(fleet
     hub, edge = fleet
     httpx.put(f"{hub.url}/v1/kv/app/config", params={"dc": "s1", "flags": "7", "ttl": "1h"}, content=b'{"speed": 1}',
               headers=HEADERS).raise_for_status()
+    eventually(lambda: raw_value(edge.url, "app/config") == b'{"speed": 1}', what="the key at the edge")
     log_in(page, hub.url)
     page.goto(f"{hub.url}/ui/#/kv/s1?prefix=app/&key=app/config")
     value = page.get_by_label("Value")
