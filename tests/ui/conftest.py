@@ -7,6 +7,7 @@ docs/ui/ for docs/ui.md.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +22,21 @@ def browser() -> Iterator:
     sync_api = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.fail("chromium is not installed: run scripts/setup (Debian's chromium package)")
-    with sync_api.sync_playwright() as playwright:
+    # Playwright's sync API runs its own asyncio loop. Earlier tests in the same process may
+    # have installed trio-asyncio's loop policy (the MQTT and CoAP gateways run behind it),
+    # whose loops cannot be driven that way: make Playwright's loop with asyncio's own policy.
+    policy = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
+    try:
+        playwright = sync_api.sync_playwright().start()
+    finally:
+        asyncio.set_event_loop_policy(policy)
+    try:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield launched
         launched.close()
+    finally:
+        playwright.stop()
 
 
 @pytest.fixture

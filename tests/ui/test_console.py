@@ -132,6 +132,12 @@ def test_edit_a_key_at_the_hub_see_it_at_the_edge_and_a_stale_edit_refused(fleet
     assert "speed\": 9" in page.get_by_role("alert").filter(has_text="Refused").inner_text()
     assert raw_value(hub.url, "app/config", "s1") == b'{"speed": 9}'
     screenshot(page, "kv-stale")
+    # A new key, its name with characters a URL gives meaning to: created only if absent (cas=0).
+    page.get_by_role("button", name="New key").click()
+    page.get_by_label("Key name").fill("app/odd?#%key")
+    page.get_by_label("Value").fill("plain text")
+    page.get_by_role("button", name="Save").click()
+    eventually(lambda: raw_value(edge.url, "app/odd%3F%23%25key") == b"plain text", what="the new key at the edge")
 
 
 def test_services_show_their_instances_and_check_output(fleet, page):

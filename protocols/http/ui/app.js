@@ -26,6 +26,8 @@ const badge = (ok, yes, no, warn = false) => h(`span.badge.${ok ? "ok" : warn ? 
 const note = (text, kind = "") => h(`div.note${kind ? "." + kind : ""}`, { role: kind === "bad" ? "alert" : "status" }, text);
 const when = (iso) => iso ? new Date(iso).toLocaleString() : "never";
 const bytes = (n) => n < 1024 ? `${n} B` : n < 1048576 ? `${(n / 1024).toFixed(1)} KiB` : `${(n / 1048576).toFixed(1)} MiB`;
+// A key in a URL path: each segment escaped ("?", "#", "%" too), the slashes kept.
+const keyPath = (key) => key.split("/").map(encodeURIComponent).join("/");
 const dcq = (site) => agent.hub ? { dc: site } : {};
 function hidden(error, what) {
   if (error instanceof ApiError && (error.status === 403 || error.status === 401)) {
@@ -137,7 +139,7 @@ function kvPage(signal, site, params) {
   const filter = h("form.row", { onsubmit: (e) => { e.preventDefault(); location.hash = go({ prefix: e.target.prefix.value }); } },
     h("input", { name: "prefix", value: prefix, "aria-label": "Key prefix", placeholder: "prefix/" }), h("button", { type: "submit" }, "Browse"),
     h("button", { type: "button", onclick: () => { location.hash = go({ prefix, key: "" , new: "1" }); } }, "New key"));
-  live(`/v1/kv/${encodeURI(prefix)}${qs({ recurse: true, ...dcq(site) })}`, ({ status, data }) => {
+  live(`/v1/kv/${keyPath(prefix)}${qs({ recurse: true, ...dcq(site) })}`, ({ status, data }) => {
     if (status === 404 || !data) { list.replaceChildren(note("No keys under this prefix.")); return; }
     list.replaceChildren(h("ul.keys", { "aria-label": "Keys" }, data.map((e) => h("li", {},
       link(go({ prefix, key: e.Key }), e.Key, { "aria-current": e.Key === selected ? "true" : null })))));
@@ -158,7 +160,7 @@ function keyEditor(root, signal, site, key, isNew, back) {
   const del = h("button", { type: "button", onclick: async () => {
     if (!confirm(`Delete ${key}?`)) return;
     try {
-      const { data } = await api(`/v1/kv/${encodeURI(key)}${qs({ cas: base ? base.ModifyIndex : undefined, ...dcq(site) })}`, { method: "DELETE" });
+      const { data } = await api(`/v1/kv/${keyPath(key)}${qs({ cas: base ? base.ModifyIndex : undefined, ...dcq(site) })}`, { method: "DELETE" });
       if (data === false) message.replaceChildren(note("Refused: the key changed since you opened it. Reload to see it.", "bad"));
       else location.hash = back();
     } catch (error) { message.replaceChildren(note(error.message, "bad")); }
@@ -182,14 +184,14 @@ function keyEditor(root, signal, site, key, isNew, back) {
     const cas = base ? base.ModifyIndex : 0; // 0: create only, never overwrite a key made meanwhile
     saving = true;
     try {
-      const { data } = await api(`/v1/kv/${encodeURI(name)}${qs({ cas, flags: flags.value || 0, ttl: ttl.value.trim() || undefined, ...dcq(site) })}`,
+      const { data } = await api(`/v1/kv/${keyPath(name)}${qs({ cas, flags: flags.value || 0, ttl: ttl.value.trim() || undefined, ...dcq(site) })}`,
         { method: "PUT", body: value.value });
       if (data === true) {
         message.replaceChildren(note("Saved."));
         if (isNew) { location.hash = `#/kv/${site}?${new URLSearchParams({ prefix: "", key: name })}`; return; }
         await load();
       } else {
-        const now = await api(`/v1/kv/${encodeURI(name)}${qs(dcq(site))}`);
+        const now = await api(`/v1/kv/${keyPath(name)}${qs(dcq(site))}`);
         const current = now.status === 200 ? b64decode(now.data[0].Value) : "(deleted)";
         message.replaceChildren(note(`Refused: stale edit. The key changed since you opened it (index ${cas} → ${now.index}); it now holds: ${current}. Your text is kept; reload to start from the new value.`, "bad"));
         message.dataset.kind = "stale";
@@ -203,7 +205,7 @@ function keyEditor(root, signal, site, key, isNew, back) {
   message);
   async function load() {
     try {
-      const { status, data, index } = await api(`/v1/kv/${encodeURI(key)}${qs(dcq(site))}`);
+      const { status, data, index } = await api(`/v1/kv/${keyPath(key)}${qs(dcq(site))}`);
       if (status === 404) { info.textContent = "This key does not exist (any more)."; base = null; return; }
       base = data[0];
       value.value = b64decode(base.Value);
@@ -217,12 +219,12 @@ function keyEditor(root, signal, site, key, isNew, back) {
   root.replaceChildren(h("h2", {}, isNew ? "New key" : key), info, form, history);
   if (isNew) return;
   load();
-  live(`/v1/kv/${encodeURI(key)}${qs({ history: true, ...dcq(site) })}`, ({ data }) => {
+  live(`/v1/kv/${keyPath(key)}${qs({ history: true, ...dcq(site) })}`, ({ data }) => {
     const records = Array.isArray(data) ? data : [];
     const live0 = records[0];
     if (base && live0 && !live0.Conflict && !saving && message.dataset.kind !== "stale") {
       // The key changed under the open editor: say so, keep the user's text and its CAS index.
-      api(`/v1/kv/${encodeURI(key)}${qs(dcq(site))}`).then(({ data: d }) => {
+      api(`/v1/kv/${keyPath(key)}${qs(dcq(site))}`).then(({ data: d }) => {
         if (d && d[0] && base && !saving && d[0].ModifyIndex !== base.ModifyIndex) message.replaceChildren(note("This key changed since you opened it: saving will be refused; reload first.", "warn"));
       }).catch(() => {});
     }
