@@ -52,13 +52,16 @@ export async function api(path, { method = "GET", body, signal, raw = false } = 
 export async function live(path, onData, signal, onError = () => {}) {
   let index = 0;
   let failures = 0;
+  let last = null; // a polled answer the same as the last one is not handed on (no re-render)
   while (!signal.aborted) {
     const sep = path.includes("?") ? "&" : "?";
     const url = index ? `${path}${sep}index=${index}&wait=30s` : path;
     try {
       const answer = await api(url, { signal });
       failures = 0;
-      if (!index || answer.index !== index) onData(answer);
+      const text = JSON.stringify(answer.data);
+      if ((!index || answer.index !== index) && (answer.index || text !== last)) onData(answer);
+      last = text;
       if (answer.index && answer.index >= index) index = answer.index;
       else { index = 0; await pause(2000, signal); }
     } catch (error) {

@@ -308,6 +308,9 @@ function devicePage(signal, site, id) {
     } catch (error) { rotation.replaceChildren(hidden(error, "(write) this device")); }
   } }, "Rotate token");
   const renderTwin = (t) => {
+    // Keep what the user is typing across a re-render (a report from the device arrives meanwhile).
+    const typing = new Map([...twin.querySelectorAll("input")].filter((i) => i.value !== i.defaultValue).map((i) => [i.name, i.value]));
+    const focused = document.activeElement && twin.contains(document.activeElement) ? document.activeElement.name : null;
     const desired = t.Desired || {}, reported = t.Reported || {}, delta = t.Delta || {};
     const fields = [...new Set([...Object.keys(desired), ...Object.keys(reported)])].sort();
     const rows = fields.map((f) => {
@@ -328,6 +331,8 @@ function devicePage(signal, site, id) {
       twinMessage,
       conflicts.length ? [h("h2", {}, "Twin conflicts"), table(["Side", "Field", "Value", "Stamp"], conflicts.map((c) => h("tr", {},
         h("td", {}, c.Side), h("td", {}, c.Field), h("td", {}, c.Deleted ? "(deleted)" : JSON.stringify(c.Value)), h("td", {}, c.Stamp))), "Twin conflicts")] : null].flat().filter(Boolean));
+    for (const [name, text] of typing) { const input = twin.querySelector(`input[name="${CSS.escape(name)}"]`); if (input) input.value = text; }
+    if (focused) twin.querySelector(`input[name="${CSS.escape(focused)}"]`)?.focus();
   };
   const twinMessage = h("div");
   async function patch(fields, input) {
