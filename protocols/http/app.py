@@ -46,6 +46,7 @@ from .snapshot_routes import snapshot_api
 from .telemetry_routes import telemetry_api
 from .twin_routes import twin_api
 from .txn_routes import txn_api
+from .ui_routes import ui_api
 from .websocket import serve_websocket
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ COUNTED_METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "O
 ROUTES: tuple[Routes, ...] = (
     kv_api, txn_api, agent_api, catalog_api, device_api, twin_api, telemetry_api, ops_api, acl_api,
     session_api, snapshot_api, event_api,
+    ui_api,  # the web console's static files, at /ui/
 )
 
 

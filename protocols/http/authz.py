@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 OPEN = frozenset({
     "ops.live", "ops.ready", "catalog.status_leader", "catalog.status_peers",
     "catalog.catalog_datacenters", "acl.bootstrap",
+    # The web console's static files: they hold no data (the page reads the API with its token).
+    "ui.ui_root", "ui.ui_index", "ui.ui_asset",
 })
 
 # endpoint -> the permission it needs, from the request alone

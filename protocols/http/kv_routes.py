@@ -7,6 +7,7 @@ takes the rest of the path and the store's key rules judge it.
 from __future__ import annotations
 
 import base64
+import time
 
 from konsul.sync.errors import InvalidArgument
 from konsul.sync.kv import HistoryRecord, KvEntry
@@ -35,7 +36,13 @@ def entry_json(entry: KvEntry, lock: KeyLock | None = None) -> dict:
     }
     if lock is not None and lock.session:
         body["Session"] = lock.session
+    if entry.expires_ms is not None:  # a Konsul extension: when a key written with ?ttl= expires
+        body["Expires"] = _iso_ms(entry.expires_ms)
     return body
+
+
+def _iso_ms(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
 def history_json(record: HistoryRecord) -> dict:
