@@ -8,11 +8,12 @@ decisions are made here, once.
 
 Sequence numbers must stay unique per device across a restart of the
 simulator, which keeps no files: each run starts its devices at
-``int(time.time() * 1000) << 10`` (milliseconds since the epoch, times 1024)
-and counts up by one per sample. A later run starts above anything an
-earlier run could have reached unless a device sent more than 1,024 samples
-per millisecond. The numbers stay below 2**53, so they survive JSON
-consumers that read numbers as doubles.
+``int(time.time() * 1_000_000)`` (microseconds since the epoch, the form of
+the time-based numbers the edge itself gives, which the hub accepts up to
+its clock plus the allowed skew) and counts up by one per sample. A later run
+starts above anything an earlier run could have reached unless a device sent
+more than one sample per microsecond. The numbers stay below 2**53, so they
+survive JSON consumers that read numbers as doubles.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ CONNECTING_CONCURRENCY = 32  # handshakes at once: a 1,000-device start is not a
 
 def seq_base(now: float | None = None) -> int:
     """The first sequence number of a run started at ``now`` (see module docstring)."""
-    return int((time.time() if now is None else now) * 1000) << 10
+    return int((time.time() if now is None else now) * 1_000_000)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+from konsul.hub.telemetry_store import TIME_SEQ_FLOOR
 from konsul.simulator.device import BACKOFF_MAX, FleetCounters, SimDevice, seq_base
 
 
@@ -19,6 +20,13 @@ def test_sequence_numbers_of_a_later_run_start_above_an_earlier_run():
     later = make_device(seq=seq_base(1_700_000_000.100))  # 100 ms later
     assert later.next_sample()["seq"] > first.seq
     assert seq_base(4_102_444_800) < 2**53  # still exact as a double in the year 2100
+
+
+def test_sequence_numbers_are_the_time_based_ones_the_hub_accepts():
+    # The hub stores a time-based number (at least TIME_SEQ_FLOOR) only up to its
+    # clock plus the allowed skew, in microseconds (hub/telemetry_store.py).
+    now = 1_800_000_000.0
+    assert TIME_SEQ_FLOOR <= seq_base(now) <= int(now * 1000) * 1000
 
 
 def test_samples_count_up_and_carry_a_timestamp():
