@@ -174,15 +174,11 @@ def test_edit_a_desired_field_and_see_the_device_report_it_and_its_chart(fleet, 
     reported.filter(has_text='"boost"').wait_for()
     twin = httpx.get(f"{hub.url}/v1/devices/{DEVICE}/twin", params={"dc": "s1"}, headers=HEADERS).json()
     assert twin["Desired"]["mode"] == "boost"
-    # The chart draws the samples the hub stores. They are posted through the edge's API:
-    # the hub refuses the simulator's own samples (their sequence numbers run ahead of its
-    # clock check, see docs/ui.md), so the chart is shown on samples the edge numbers.
-    httpx.post(f"{edge.url}/v1/devices/{DEVICE}/telemetry", headers=HEADERS,
-               json=[{"temp": 20 + i % 3, "humidity": 40 + i} for i in range(6)]).raise_for_status()
+    # The chart draws the samples the hub stores: the simulated device's own telemetry.
     eventually(lambda: len(httpx.get(f"{hub.url}/v1/devices/{DEVICE}/telemetry", params={"dc": "s1"},
-                                     headers=HEADERS).json()) >= 6, what="the samples stored at the hub")
-    expect(page.locator("svg.chart circle.point").nth(5)).to_be_attached(timeout=15_000)
-    assert page.locator("svg.chart polyline").count() == 2  # temp and humidity
+                                     headers=HEADERS).json()) >= 3, what="the device's samples stored at the hub")
+    expect(page.locator("svg.chart circle.point").nth(2)).to_be_attached(timeout=15_000)
+    assert page.locator("svg.chart polyline").count() >= 1  # one line per numeric field
     screenshot(page, "device")
     # A new token, shown once.
     page.once("dialog", lambda dialog: dialog.accept())
