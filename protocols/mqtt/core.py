@@ -71,7 +71,8 @@ class Outgoing:
     payload: bytes
     retain: bool
     kind: str  # "kv", "desired", "status" or "event": the label of the published metric
-    qos: int = 1
+    # The agent publishes at QoS 2: each subscriber gets it at the QoS it was granted [MQTT-3.8.4-6].
+    qos: int = 2
 
 
 class Outlet(Protocol):

@@ -25,7 +25,7 @@ from .sessions import MAX_SESSION_EXPIRY, OutMessage, Session
 from .subscriptions import Subscribed, SubscriptionIndex
 
 MAX_SUBSCRIPTIONS = 1000  # topic filters one session may hold
-MAX_QUEUED = 1000  # QoS 1 messages kept for a session away (mosquitto's max_queued_messages)
+MAX_QUEUED = 1000  # QoS 1/2 messages kept for a session away (mosquitto's max_queued_messages)
 MAX_INFLIGHT = 20_000  # messages a connected client has not acknowledged or not been sent yet, before it is cut off
 KV_PREFIX = "konsul/v1/kv/"
 
@@ -241,7 +241,7 @@ class BrokerState:
         # KV topics are served from the store, their only copy: read at the
         # moment of subscribing, so no live update can be overtaken by an older value.
         properties = Properties(subscription_identifiers=(identifier,)) if identifier else None
-        found = [OutMessage(topic, payload, min(qos, 1), True, properties)
+        found = [OutMessage(topic, payload, qos, True, properties)  # the agent publishes at QoS 2
                  for topic, payload in self.agent.retained_kv(client_id, topic_filter)]
         may_receive = self.agent.may_receive
         for topic, message in self.retained.items():
@@ -311,7 +311,7 @@ class BrokerState:
             connection.deliver(message)
             self.dirty.add(connection)
         elif session.persistent and message.qos:
-            # Away with a persistent session: QoS 1 messages wait for it [MQTT-3.1.2-5],
+            # Away with a persistent session: QoS 1/2 messages wait for it [MQTT-3.1.2-5],
             # bounded like mosquitto's max_queued_messages.
             if len(session.queue) >= MAX_QUEUED:
                 self.agent.refusals.refuse("overload", session.client_id,
