@@ -1,14 +1,19 @@
-"""QoS 2 to devices: paho-mqtt (3.1.1 and 5.0) against a real `konsul edge`."""
+"""QoS 2 to devices, the end of a connection past the receive maximum: paho-mqtt (3.1.1 and 5.0)
+and raw sockets against a real `konsul edge`.
+"""
 
 from __future__ import annotations
 
 import queue
+import socket
 import time
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from gateway_edges import edge_http, mqtt_edge  # noqa: F401 - the module's fixtures edge and http
+from konsul.protocols.mqtt import codec
+from konsul.protocols.mqtt.server.connection import RECEIVE_MAXIMUM
 from test_mqtt_embedded import register
 
 
@@ -108,4 +113,31 @@ def test_qos2_messages_wait_for_a_persistent_session_away(edge, http):
         assert (got.topic, got.payload, got.qos) == ("konsul/v1/kv/qos2c/away", b"queued", 2)
     finally:
         again.close()
+
+def test_past_the_receive_maximum_the_client_reads_disconnect_0x93(edge, http):
+    """A client sending QoS 2 messages past the receive maximum, never releasing them, keeps sending
+    for a while: it still reads the DISCONNECT 0x93 that says why, not a reset (docs/mqtt.md, MQTT 5)."""
+    token = register(http, "qos2-flow")
+    with socket.create_connection(("127.0.0.1", edge.mqtt_port), timeout=10) as sock:
+        sock.sendall(codec.encode_connect("qos2-flow", username="qos2-flow", password=token, version=codec.MQTT_5))
+        frames = codec.FrameSplitter(1 << 20)
+        assert next_frame(sock, frames).type == codec.CONNACK
+        topic = "konsul/v1/devices/qos2-flow/telemetry"
+        pad = b"x" * 200  # over the edge's read size in all: input is still unread when it gives up
+        burst = b"".join(codec.encode_publish(topic, b'{"n":%d,"pad":"%s"}' % (n, pad), 2, False, n,
+                                              version=codec.MQTT_5)
+                         for n in range(1, RECEIVE_MAXIMUM + 400))
+        sock.sendall(burst)  # past the maximum, and on (a reset would fail this send or the reads below)
+        while (frame := next_frame(sock, frames)).type != codec.DISCONNECT:
+            pass
+        assert codec.decode(frame, codec.MQTT_5).reason_code == 0x93
+        assert sock.recv(65536) == b""  # then an orderly end of its output, not a reset
+
+
+def next_frame(sock: socket.socket, frames: codec.FrameSplitter) -> codec.Frame:
+    while (frame := frames.next_frame()) is None:
+        data = sock.recv(65536)
+        assert data, "the edge closed without a DISCONNECT"
+        frames.feed(data)
+    return frame
 

@@ -121,11 +121,7 @@ FORBIDDEN: dict[str, dict[str, str]] = {
 # passes one, the XPASS fails the run, so that its entry is removed here.
 BROKER_GAPS: dict[str, dict[str, str]] = {
     "v311": {},
-    "v5": {
-        "test_flow_control2": "past the Receive Maximum the edge sends DISCONNECT 0x93 and closes at once; "
-        "the suite's client, still answering PUBRECs, gets a broken pipe before it reads the DISCONNECT "
-        "(a half-close that drains the client's last packets would let it read it)",
-    },
+    "v5": {},
 }
 
 # Each of these fails against mosquitto 2.0.11 with the suite's own topics and no ACL too.
