@@ -1,5 +1,5 @@
-"""QoS 2 to devices, the end of a connection past the receive maximum: paho-mqtt (3.1.1 and 5.0)
-and raw sockets against a real `konsul edge`.
+"""QoS 2 to devices, the end of a connection past the receive maximum, Wills on a take-over,
+shared subscriptions: paho-mqtt (3.1.1 and 5.0) and raw sockets against a real `konsul edge`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from paho.mqtt.properties import Properties
 from gateway_edges import edge_http, mqtt_edge  # noqa: F401 - the module's fixtures edge and http
 from konsul.protocols.mqtt import codec
 from konsul.protocols.mqtt.server.connection import RECEIVE_MAXIMUM
-from test_mqtt_embedded import register
+from agents import eventually
+from test_mqtt_embedded import metric, register
 
 
 class Client:
@@ -114,6 +115,7 @@ def test_qos2_messages_wait_for_a_persistent_session_away(edge, http):
     finally:
         again.close()
 
+
 def test_past_the_receive_maximum_the_client_reads_disconnect_0x93(edge, http):
     """A client sending QoS 2 messages past the receive maximum, never releasing them, keeps sending
     for a while: it still reads the DISCONNECT 0x93 that says why, not a reset (docs/mqtt.md, MQTT 5)."""
@@ -141,3 +143,46 @@ def next_frame(sock: socket.socket, frames: codec.FrameSplitter) -> codec.Frame:
         frames.feed(data)
     return frame
 
+
+def status_received(http) -> float:
+    return metric(http, "konsul_mqtt_messages_received_total", kind="status")
+
+
+def test_a_connection_taken_over_sends_its_will(edge, http):
+    token = register(http, "takeover-1")
+    status = "konsul/v1/devices/takeover-1/status"
+    first = socket.create_connection(("127.0.0.1", edge.mqtt_port), timeout=10)
+    second = socket.create_connection(("127.0.0.1", edge.mqtt_port), timeout=10)
+    try:
+        first.sendall(codec.encode_connect("takeover-1", username="takeover-1", password=token,
+                                           will=(status, b"offline", 1, True)))
+        assert next_frame(first, codec.FrameSplitter(1 << 20)).type == codec.CONNACK
+        before = status_received(http)
+        second.sendall(codec.encode_connect("takeover-1", username="takeover-1", password=token))
+        assert next_frame(second, codec.FrameSplitter(1 << 20)).type == codec.CONNACK
+        assert first.recv(65536) == b""  # the first connection is closed (3.1.1: without a DISCONNECT)
+        # Its Will went (a status message the device did not send itself), and the new connection is online.
+        eventually(lambda: status_received(http) == before + 1, timeout=10, what="the Will of the connection taken over")
+        assert http.get("/v1/devices/takeover-1").json()["Online"] is True
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_shared_subscription_group_passes_over_a_member_away(edge, http):
+    away_token, here_token = register(http, "share-away"), register(http, "share-here")
+    shared = "$share/workers/konsul/v1/kv/shq/#"
+    away = Client(edge.mqtt_port, "share-away", away_token, clean=False, session_expiry=300)
+    assert away.event("connect")[0] == 0
+    assert away.subscribe(shared, 1) == [1]
+    away.close()  # its session stays, subscribed, while it is away
+    eventually(lambda: http.get("/v1/devices/share-away").json()["Online"] is False, timeout=10, what="share-away away")
+    here = Client(edge.mqtt_port, "share-here", here_token)
+    try:
+        assert here.event("connect")[0] == 0
+        assert here.subscribe(shared, 1) == [1]
+        for n in range(4):
+            assert http.put(f"/v1/kv/shq/k{n}", content=b"job").json() is True
+        assert sorted(here.message().topic for _ in range(4)) == [f"konsul/v1/kv/shq/k{n}" for n in range(4)]
+    finally:
+        here.close()

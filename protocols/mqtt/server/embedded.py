@@ -150,7 +150,10 @@ class EmbeddedBroker:
             return
         link.device_id = connect.client_id
         self.links[connection] = link
-        self.state.open_session(connection, trio.current_time())
+        due = self.state.open_session(connection, trio.current_time())
+        if due is not None:  # the Will of the connection this one took over, before this one is online
+            will, device_id = due
+            self.gateway.received(device_id, will_as_publish(will), link.who, None)
         self.gateway.connected(connect.client_id, peer)
         session_expiry: int | None = None
         try:

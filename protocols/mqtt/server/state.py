@@ -72,8 +72,14 @@ class BrokerState:
 
     # -- connecting -------------------------------------------------------------------------
 
-    def open_session(self, connection: ServerConnection, now: float) -> None:
-        """Attach an admitted connection to its session (new, resumed or taken over) and accept it."""
+    def open_session(self, connection: ServerConnection, now: float) -> tuple[Will, str] | None:
+        """Attach an admitted connection to its session (new, resumed or taken over) and accept it.
+
+        Returns the Will due now, if any: a connection taken over closes without
+        a DISCONNECT, so its Will goes [MQTT-3.1.4-3] unless it has a delay (v5) and
+        the session goes on, which the new connection cancels it for [MQTT-3.1.3-9].
+        A clean start ends the session, so a Will waiting for its delay goes too.
+        """
         connect = connection.connect
         assert connect is not None
         client_id = connect.client_id
@@ -82,7 +88,10 @@ class BrokerState:
         else:
             asked = 0 if connect.clean_start else MAX_SESSION_EXPIRY
         expiry = min(asked, MAX_SESSION_EXPIRY)
-        self.wills.pop(client_id, None)  # a delayed Will is off once the client is back [MQTT-3.1.3-9]
+        due: tuple[Will, str] | None = None
+        waiting = self.wills.pop(client_id, None)  # a delayed Will is off once the client is back [MQTT-3.1.3-9]
+        if waiting is not None and connect.clean_start:
+            due = (waiting[1], waiting[2])  # ... unless the session ends first: then it goes now
         old = self.sessions.get(client_id)
         if old is not None and old.connection is not None:
             previous = old.connection
@@ -91,6 +100,11 @@ class BrokerState:
             previous.session = None
             previous.disconnect(ReasonCode.SESSION_TAKEN_OVER)  # [MQTT-3.1.4-3]
             self.kick(previous)
+            will = previous.connect.will if previous.connect is not None else None
+            if will is not None:
+                delayed = bool(will.properties.will_delay_interval) and old.persistent and not connect.clean_start
+                if not delayed:
+                    due = (will, previous.connect.client_id)
         if old is not None and (connect.clean_start or old.expired(now)):
             self._drop(old)
             old = None
@@ -113,6 +127,7 @@ class BrokerState:
             self.store.forget(client_id)  # it is live again: memory holds the truth
             session.persisted = False
         self.dirty.add(connection)
+        return due
 
     def close_connection(self, connection: ServerConnection, now: float, *, send_will: bool,
                          session_expiry: int | None = None) -> tuple[Will, str] | None:
@@ -257,6 +272,11 @@ class BrokerState:
         may_receive = self.agent.may_receive
         sessions = self.sessions
         to_session = self._to_session
+
+        def connected(client_id: str) -> bool:  # a shared group's message goes to a connected member if one is
+            session = sessions.get(client_id)
+            return session is not None and session.connection is not None
+
         for message in messages:
             topic = message.topic
             if message.retain and not topic.startswith(KV_PREFIX):
@@ -264,7 +284,7 @@ class BrokerState:
                     self.retained[topic] = OutMessage(topic, message.payload, message.qos, True)
                 else:
                     self.retained.pop(topic, None)  # an empty retained message clears it [MQTT-3.3.1-10]
-            entries = match(topic)
+            entries = match(topic, connected)
             if not entries:
                 continue
             if len(entries) == 1:  # the common case: one subscriber, one filter
