@@ -33,6 +33,9 @@ class Agent:
     def may_receive(self, device_id: str, topic: str) -> bool:
         return not topic.startswith("secret")
 
+    def receiver(self, device_id: str):
+        return lambda topic: self.may_receive(device_id, topic)
+
     def retained_kv(self, device_id: str, topic_filter: str) -> list[tuple[str, bytes]]:
         return [(t, v) for t, v in self.kv.items() if codec.matches(topic_filter, t)]
 

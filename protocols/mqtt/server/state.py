@@ -39,6 +39,8 @@ class Agent(Protocol):
 
     def may_receive(self, device_id: str, topic: str) -> bool: ...
 
+    def receiver(self, device_id: str) -> Callable[[str], bool]: ...
+
     def retained_kv(self, device_id: str, topic_filter: str) -> list[tuple[str, bytes]]: ...
 
 
@@ -269,7 +271,15 @@ class BrokerState:
     def publish(self, messages: Iterable[Any]) -> None:
         """Route the agent's messages (``core.Outgoing``: topic, payload, retain, qos) to every subscriber."""
         match = self.index.match
-        may_receive = self.agent.may_receive
+        receiver = self.agent.receiver
+        receivers: dict[str, Callable[[str], bool]] = {}  # per subscriber, for this batch: rights looked up once
+
+        def may_receive(client_id: str, topic: str) -> bool:
+            allowed = receivers.get(client_id)
+            if allowed is None:
+                allowed = receivers[client_id] = receiver(client_id)
+            return allowed(topic)
+
         sessions = self.sessions
         to_session = self._to_session
 
