@@ -30,6 +30,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -158,7 +159,11 @@ class AuditLog:
     ) -> None:
         self.sink = sink
         self._clock = clock
-        self._send, self._receive = trio.open_memory_channel(queue_size)
+        # A plain deque and a wake-up, not a memory channel: record() runs once per device
+        # message (MQTT, CoAP) and a channel's send_nowait cost a few times an append.
+        self._queue: deque[tuple] = deque()
+        self._queue_size = queue_size
+        self._wake: trio.Event | None = None  # set while run() waits for a first event
         self.recorded = 0
         self.written = 0
         self.dropped = 0
@@ -210,10 +215,14 @@ class AuditLog:
             result,
             reason,
         )
-        try:
-            self._send.send_nowait(event)
-        except trio.WouldBlock:
+        if len(self._queue) >= self._queue_size:
             self._drop(1)
+            return
+        self._queue.append(event)
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
 
     def _drop(self, count: int) -> None:
         self.dropped += count
@@ -237,20 +246,16 @@ class AuditLog:
         """Drain the queue into the sink until cancelled; what is queued then is written first."""
         task_status.started()
         batch: list[tuple] = []  # taken from the queue, not yet written: written on the way out too
+        queue = self._queue
         try:
-            async for event in self._receive:
-                batch = [event]
+            while True:
+                if not queue:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
                 await trio.sleep(FLUSH_DELAY_S)
-                more = True
-                while more:  # everything gathered meanwhile, BATCH at a time, before waiting again
-                    while len(batch) < BATCH:
-                        try:
-                            batch.append(self._receive.receive_nowait())
-                        except trio.WouldBlock:
-                            more = False
-                            break
-                    if batch:
-                        await self._flush(batch)
+                while queue:  # everything gathered meanwhile, BATCH at a time, before waiting again
+                    batch = [queue.popleft() for _ in range(min(BATCH, len(queue)))]
+                    await self._flush(batch)
                     batch = []
         finally:
             with trio.CancelScope(shield=True):
@@ -266,11 +271,8 @@ class AuditLog:
             self.written += len(batch)
 
     async def _drain_rest(self, rest: list[tuple]) -> None:
-        while True:
-            try:
-                rest.append(self._receive.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
+        rest.extend(self._queue)
+        self._queue.clear()
         if rest:
             with trio.move_on_after(5):  # shutdown must not hang on a stuck disk
                 await self._flush(rest)

@@ -36,7 +36,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Protocol
 
 import trio
@@ -59,19 +59,21 @@ MAX_BATCH = 1000  # telemetry samples per durable append
 COMMITS_IN_FLIGHT = 2  # telemetry batches waiting for the store at once (see docs/benchmarks.md, MQTT)
 HIGH_WATER = 5000  # queued writes and hook calls past which readers pause
 MAX_BACKLOG = 50_000  # past this, QoS 0 input is refused ("overload")
+RECEIVED_KINDS = ("telemetry", "reported", "status", "kv_write", "kv_delete")  # konsul_mqtt_messages_received_total
 
 # Called once a message is handled: done(ok) or, for a refused one, done(True, reason), a v5
 # reason code for the acknowledgement (policy.REFUSAL_CODES). False: do not acknowledge.
 Done = Callable[..., None]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs a setattr call per field, per message
 class Outgoing:
     topic: str
     payload: bytes
     retain: bool
     kind: str  # "kv", "desired", "status" or "event": the label of the published metric
-    qos: int = 1
+    # The agent publishes at QoS 2: each subscriber gets it at the QoS it was granted [MQTT-3.8.4-6].
+    qos: int = 2
 
 
 class Outlet(Protocol):
@@ -89,6 +91,8 @@ class MqttGateway:
         self.ctx = ctx
         self.scope = ctx.scope
         self.metrics = Metrics(ctx.registry)
+        # The labelled children, looked up once: labels() per message was a few percent of its CPU.
+        self._received_count = {kind: self.metrics.received.labels(kind) for kind in RECEIVED_KINDS}
         self.refusals = Refusals(self.metrics)
         self.records: dict[str, DeviceRecord] = {}  # devices admitted since start
         self.links: dict[str, int] = {}  # open connections per device
@@ -193,6 +197,14 @@ class MqttGateway:
         record = self.records.get(device_id)
         return record is not None and topic_may_receive(record, topic, self.access.rights(record))
 
+    def receiver(self, device_id: str) -> Callable[[str], bool]:
+        """:meth:`may_receive` for one device, its record and rights looked up once (for a batch of messages)."""
+        record = self.records.get(device_id)
+        if record is None:
+            return _nobody
+        rights = self.access.rights(record)
+        return lambda topic: topic_may_receive(record, topic, rights)
+
     def retained_kv(self, device_id: str, topic_filter: str) -> list[tuple[str, bytes]]:
         """The KV topics matching a new subscription, from the store (the broker keeps no copy)."""
         record = self.records.get(device_id)
@@ -261,10 +273,10 @@ class MqttGateway:
                 else:
                     self._offline(topic.device_id)
                     self.seen_via_broker.discard(topic.device_id)
-                self.metrics.received.labels("status").inc()
+                self._received_count["status"].inc()
             elif topic.kind in ("telemetry", "reported"):
                 document = decode_document(publish.payload, cbor=topic.kind == "telemetry")
-                self.metrics.received.labels(topic.kind).inc()
+                self._received_count[topic.kind].inc()
                 if device_id is not None:  # one event per message (a telemetry batch too), not per sample
                     operation = "telemetry:write" if topic.kind == "telemetry" else "twin:reported"
                     self.access.audit(device_id, _host(who), "mqtt", operation, topic.device_id)
@@ -330,7 +342,7 @@ class MqttGateway:
                 done(True)
             return False
         self._kv_unsettled += 1
-        self.metrics.received.labels("kv_write" if publish.payload else "kv_delete").inc()
+        self._received_count["kv_write" if publish.payload else "kv_delete"].inc()
         return True
 
     def _kv_written(self, done: Done | None, error: BaseException | None) -> None:
@@ -564,6 +576,11 @@ class MqttGateway:
         return found
 
 
+def _nobody(_topic: str) -> bool:
+    return False
+
+
+@lru_cache(maxsize=4096)  # asked once per message for its audit event, of a few thousand connections' names
 def _host(who: str) -> str:
     """The address of ``device@host:port`` (or ``host:port``), for audit events."""
     address = who.rpartition("@")[2]

@@ -262,8 +262,9 @@ class BrokerLink:
             if len(pending) >= MAX_ECHOES:
                 pending.clear()
             pending.append(message.payload)
-        packet_id = self._next_id() if message.qos else None
-        self._out.send_nowait(codec.encode_publish(message.topic, message.payload, message.qos, message.retain, packet_id))
+        qos = min(message.qos, 1)  # to an external broker at most QoS 1: this client answers PUBACKs only
+        packet_id = self._next_id() if qos else None
+        self._out.send_nowait(codec.encode_publish(message.topic, message.payload, qos, message.retain, packet_id))
 
     def _settle(self, entry: list, ok: bool) -> None:
         if self._out is None:

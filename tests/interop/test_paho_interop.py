@@ -78,10 +78,6 @@ NOT_RELAYED = (
     "stored value (docs/mqtt.md, Topics)"
 )
 
-QOS1_DELIVERY = (
-    "expects a message delivered at QoS 2: the agent's messages to devices go out at the subscription's "
-    "QoS, at most 1 (docs/mqtt.md, Acknowledgements and delivery)"
-)
 V5_SUBACK_REASON = (
     "the suite's 5.0 client library takes only 0x80 as a failed SUBACK and stops reading at anything "
     "else; the edge answers 0x87 \"not authorized\" (docs/mqtt.md, MQTT 5), which MQTT 5.0 (3.9.3) allows"
@@ -96,7 +92,6 @@ FORBIDDEN: dict[str, dict[str, str]] = {
     "v311": {
         "testBasic": KV_IS_STATE,
         "test_keepalive": WILL_ELSEWHERE,
-        "test_overlapping_subscriptions": QOS1_DELIVERY,
         "test_redelivery_on_reconnect": EMPTY_PAYLOAD_DELETES,
         "test_unsubscribe": EMPTY_PAYLOAD_DELETES,
         "test_zero_length_clientid": CLIENT_ID_IS_DEVICE,
@@ -106,7 +101,6 @@ FORBIDDEN: dict[str, dict[str, str]] = {
         "test_publication_expiry": KV_IS_STATE,
         "test_flow_control1": KV_IS_STATE,  # three writes to one key; the third may replace the second
         "test_server_topic_alias": KV_IS_STATE,  # the same value written three times
-        "test_overlapping_subscriptions": QOS1_DELIVERY,
         "test_subscribe_failure": V5_SUBACK_REASON,
         "test_server_keep_alive": KEEPALIVE_AS_GIVEN,
         "test_will_message": WILL_ELSEWHERE,
@@ -125,18 +119,9 @@ FORBIDDEN: dict[str, dict[str, str]] = {
 # Cases the broker (protocols/mqtt/, the broker work of issue 18) fails: the suite's case if
 # the contract allows it, else the check of what docs/mqtt.md says. Strict: once the broker
 # passes one, the XPASS fails the run, so that its entry is removed here.
-QOS_GRANTED_NOT_DELIVERED = (
-    "a QoS 2 subscription is granted QoS 2 in the SUBACK, yet its messages come at QoS 1; the delivered QoS "
-    "must be the lower of the published and the granted one (MQTT 3.1.1 and 5.0, 3.8.4): grant 1, or deliver at 2"
-)
 BROKER_GAPS: dict[str, dict[str, str]] = {
-    "v311": {"test_overlapping_subscriptions": QOS_GRANTED_NOT_DELIVERED},
-    "v5": {
-        "test_overlapping_subscriptions": QOS_GRANTED_NOT_DELIVERED,
-        "test_flow_control2": "past the Receive Maximum the edge sends DISCONNECT 0x93 and closes at once; "
-        "the suite's client, still answering PUBRECs, gets a broken pipe before it reads the DISCONNECT "
-        "(a half-close that drains the client's last packets would let it read it)",
-    },
+    "v311": {},
+    "v5": {},
 }
 
 # Each of these fails against mosquitto 2.0.11 with the suite's own topics and no ACL too.
@@ -455,12 +440,6 @@ def check_refused(broker: Broker, suite: str, reason: str) -> None:
                 seen.append(watcher.message().payload)
             assert seen == sorted(seen) and set(seen) <= {b"1", b"2", b"3"}, seen
             assert http.get(f"/v1/kv/{key_topic.removeprefix('konsul/v1/kv/')}", params={"raw": ""}).content == b"3"
-        elif reason is QOS1_DELIVERY:
-            # The same filter again, at QoS 2: it replaces the subscription, granted QoS 1.
-            assert watcher.subscribe(f"{root}/#", 2) == [1], "a QoS 2 subscription is not granted QoS 1"
-            writer.publish(key_topic, b"at QoS 2", qos=2)
-            got = watcher.message()
-            assert (got.payload, got.qos) == (b"at QoS 2", 1)
         elif reason is NOT_RELAYED:
             properties = None
             if suite == "v5":

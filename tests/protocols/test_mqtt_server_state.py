@@ -33,6 +33,9 @@ class Agent:
     def may_receive(self, device_id: str, topic: str) -> bool:
         return not topic.startswith("secret")
 
+    def receiver(self, device_id: str):
+        return lambda topic: self.may_receive(device_id, topic)
+
     def retained_kv(self, device_id: str, topic_filter: str) -> list[tuple[str, bytes]]:
         return [(t, v) for t, v in self.kv.items() if codec.matches(topic_filter, t)]
 
@@ -64,7 +67,7 @@ class Broker:
         connection = ServerConnection(max_payload=1000)
         connection.receive_data(codec.encode_connect(client_id, version=version, **connect), now)
         connection.next_event()
-        self.state.open_session(connection, now)
+        self.due = self.state.open_session(connection, now)  # a Will due now (a take-over's)
         return connection
 
     def subscribe(self, connection: ServerConnection, *subscriptions, properties=None) -> list[int]:
@@ -92,6 +95,16 @@ def test_shared_subscriptions_take_turns():
     got = [sorted(s.client_id for s in index.match("jobs/1")) for _ in range(3)]
     assert all("watcher" in g and len(g) == 2 for g in got)
     assert {g[0] if g[1] == "watcher" else g[1] for g in got} == {"a", "b", "c"}
+
+
+def test_a_shared_group_passes_over_members_away_while_one_is_connected():
+    index = SubscriptionIndex()
+    for client in ("away-1", "here", "away-2"):
+        index.add("jobs/#", "workers", Subscribed(client, 1))
+    connected = {"here"}.__contains__
+    assert [index.match("jobs/1", connected)[0].client_id for _ in range(4)] == ["here"] * 4
+    # Nobody connected: they take turns as before (persistent sessions away queue it).
+    assert {index.match("jobs/1", lambda _c: False)[0].client_id for _ in range(3)} == {"away-1", "here", "away-2"}
 
 
 def test_subscribe_gets_retained_messages_as_retain_handling_says():
@@ -179,6 +192,22 @@ def test_session_expiry_is_capped_and_told_and_a_delayed_will_waits():
     broker.state.close_connection(device, 60.0, send_will=True)
     broker.connect("d", 5, now=70.0, properties=Properties(session_expiry_interval=60))
     assert broker.state.tick(100.0) == []
+
+
+def test_a_connection_taken_over_has_its_will_sent_unless_delayed_with_the_session_going_on():
+    broker = Broker()
+    will = ("konsul/v1/devices/d/status", b"offline", 1, True)
+    broker.connect("d", will=will)  # 3.1.1: a take-over closes it without a DISCONNECT
+    broker.connect("d")
+    assert broker.due is not None and (broker.due[0].topic, broker.due[0].payload, broker.due[1]) == (will[0], will[1], "d")
+    persistent = Properties(session_expiry_interval=60)
+    delayed = Properties(will_delay_interval=30)
+    broker.connect("e", 5, clean_session=False, properties=persistent, will=will, will_properties=delayed)
+    broker.connect("e", 5, clean_session=False, properties=persistent)
+    assert broker.due is None  # back before the delay ran out, the session going on [MQTT-3.1.3-9]
+    broker.connect("f", 5, clean_session=False, properties=persistent, will=will, will_properties=delayed)
+    broker.connect("f", 5)  # a clean start ends the session: the Will goes now
+    assert broker.due is not None and broker.due[1] == "f"
 
 
 def test_a_will_without_delay_is_due_at_once_and_not_after_disconnect():

@@ -7,7 +7,7 @@ A :class:`ServerConnection` is fed the bytes a client sent
 events the broker has to decide on (:meth:`~ServerConnection.next_event`):
 the CONNECT, each PUBLISH, each SUBSCRIBE and UNSUBSCRIBE, the end. What it
 can answer alone it answers alone: PINGRESP, PUBCOMP for a PUBREL, PUBREL for
-a PUBREC, freeing an in-flight message on its PUBACK. Whatever it has to say
+a PUBREC, freeing an in-flight message on its PUBACK (QoS 1) or PUBCOMP (QoS 2). Whatever it has to say
 accumulates in one buffer the adapter writes whenever it likes
 (:meth:`~ServerConnection.data_to_send`), so a read that carried a hundred
 packets is answered with one write. Nothing here does I/O or reads a clock:
@@ -189,6 +189,8 @@ class ServerConnection:
         kind = frame.type
         if kind == codec.PUBACK or kind == codec.PUBCOMP:
             self._release(packet.packet_id)  # type: ignore[union-attr]
+        elif kind == codec.PUBREC:
+            self._received_by_client(packet.packet_id, packet.reason_code)  # type: ignore[union-attr]
         elif kind == codec.PUBREL:
             # Answer unknown ids as well [MQTT-4.3.3-1]; v5 says it did not know them.
             packet_id = packet.packet_id  # type: ignore[union-attr]
@@ -196,8 +198,6 @@ class ServerConnection:
             self._qos2.discard(packet_id)
             code = 0 if known or self.version != MQTT_5 else ReasonCode.PACKET_IDENTIFIER_NOT_FOUND
             self._out += codec.encode_pubcomp(packet_id, code, version=self.version)
-        elif kind == codec.PUBREC:
-            self._out += codec.encode_pubrel(packet.packet_id, version=self.version)  # type: ignore[union-attr]
         elif kind == codec.PINGREQ:
             self._out += codec.PINGRESP_BYTES
         elif kind == codec.SUBSCRIBE:
@@ -266,8 +266,12 @@ class ServerConnection:
             self.send_window = connect.properties.receive_maximum or 65535
             self.max_packet_to_client = connect.properties.maximum_packet_size
         self._out += codec.encode_connack(session_present, 0, version=self.version, properties=properties)
-        for packet_id, message in session.inflight.items():  # [MQTT-4.4.0-1]
-            self._write_publish(message, packet_id, dup=True)
+        released = session.released
+        for packet_id, message in list(session.inflight.items()):  # [MQTT-4.4.0-1]
+            if packet_id in released:
+                self._out += codec.encode_pubrel(packet_id, version=self.version)
+            else:
+                self._write_publish(message, packet_id, dup=True)
         self.drain_queue()
 
     def refuse(self, reason: int) -> None:
@@ -354,9 +358,29 @@ class ServerConnection:
         self._out += data
 
     def _release(self, packet_id: int) -> None:
+        """The client acknowledged ``packet_id`` for good (PUBACK, PUBCOMP): its window slot is free."""
         session = self.session
-        if session is not None and session.inflight.pop(packet_id, None) is not None and session.queue:
+        if session is None:
+            return
+        session.released.discard(packet_id)
+        if session.inflight.pop(packet_id, None) is not None and session.queue:
             self.drain_queue()
+
+    def _received_by_client(self, packet_id: int, reason: int) -> None:
+        """A PUBREC: the client has our QoS 2 message; answer PUBREL and wait for its PUBCOMP.
+
+        A v5 PUBREC with a failure code ends that message's flow: no PUBREL [MQTT-4.3.3-4].
+        """
+        session = self.session
+        if reason >= 0x80:
+            self._release(packet_id)
+            return
+        if session is not None and packet_id in session.inflight:
+            session.released.add(packet_id)
+            code = 0
+        else:
+            code = 0 if self.version != MQTT_5 else ReasonCode.PACKET_IDENTIFIER_NOT_FOUND
+        self._out += codec.encode_pubrel(packet_id, code, version=self.version)
 
     def _transition(self, what: str) -> None:
         next_state = TRANSITIONS.get((self.state, what))

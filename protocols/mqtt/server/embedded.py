@@ -40,13 +40,18 @@ READ_SIZE = 65536
 CONNECT_TIMEOUT = 10.0
 MAX_UNSENT = 16 * 1024 * 1024  # bytes waiting for a client that does not read
 FLUSH_TIMEOUT = 2.0  # a closing connection's last words (CONNACK refusal, DISCONNECT) get this long
+# Closing on a client that is still sending: its input is read and dropped this long (and up
+# to this much) first, so that our last words are not lost to a reset (see _shut_and_drain).
+DRAIN_TIMEOUT = 2.0
+DRAIN_LIMIT = 4 * 1024 * 1024
 TICK = 1.0  # seconds between looks at Will delays, session expiry and the session store
 
 
 class _Link:
     """One live connection: its state machine, its stream, who is writing to it, how to end it."""
 
-    __slots__ = ("connection", "stream", "peer", "reader_scope", "writing", "written", "send_will", "device_id")
+    __slots__ = ("connection", "stream", "peer", "reader_scope", "writing", "written", "send_will", "device_id",
+                 "ended_by_us")
 
     def __init__(self, connection: ServerConnection, stream: trio.abc.Stream, peer: str) -> None:
         self.connection = connection
@@ -57,6 +62,7 @@ class _Link:
         self.written: trio.Event | None = None  # set when that task is done, for a connection closing
         self.send_will = True  # ended without a normal DISCONNECT
         self.device_id = ""
+        self.ended_by_us = False  # we close it (a violation, a take-over, silence): close gracefully
 
     @property
     def who(self) -> str:
@@ -144,7 +150,10 @@ class EmbeddedBroker:
             return
         link.device_id = connect.client_id
         self.links[connection] = link
-        self.state.open_session(connection, trio.current_time())
+        due = self.state.open_session(connection, trio.current_time())
+        if due is not None:  # the Will of the connection this one took over, before this one is online
+            will, device_id = due
+            self.gateway.received(device_id, will_as_publish(will), link.who, None)
         self.gateway.connected(connect.client_id, peer)
         session_expiry: int | None = None
         try:
@@ -165,6 +174,8 @@ class EmbeddedBroker:
                     self.gateway.received(device_id, will_as_publish(will), link.who, None)
                 self.gateway.disconnected(connect.client_id)
                 self._flush()
+        if link.ended_by_us:
+            await self._shut_and_drain(link)
 
     async def _handshake(self, link: _Link) -> codec.Connect | None:
         """The admitted CONNECT; None (refused, counted and answered) if there was none."""
@@ -181,6 +192,7 @@ class EmbeddedBroker:
                 except ProtocolViolation as violation:
                     self.refusals.refuse(violation.reason, link.who, str(violation), source=_host(link.peer))
                     await self._last_words(link)
+                    await self._shut_and_drain(link)
                     return None
         if scope.cancelled_caught:
             self.refusals.refuse("timeout", link.who, f"no CONNECT within {CONNECT_TIMEOUT:g}s", source=_host(link.peer))
@@ -192,11 +204,13 @@ class EmbeddedBroker:
                                  "is not supported; use the device token as the password", source=_host(link.peer))
             connection.refuse(ReasonCode.BAD_AUTHENTICATION_METHOD)
             await self._last_words(link)
+            await self._shut_and_drain(link)
             return None
         code = await self.gateway.admit(connect, link.peer)
         if code != codec.ACCEPTED:
             connection.refuse(codec.V311_TO_V5_CONNACK[code])
             await self._last_words(link)
+            await self._shut_and_drain(link)
             return None
         return connect
 
@@ -221,6 +235,7 @@ class EmbeddedBroker:
                         return event.session_expiry
             except ProtocolViolation as violation:
                 self.refusals.refuse(violation.reason, link.who, str(violation))
+                link.ended_by_us = True
                 return None
             if not link.writing and connection.pending_output:
                 # This read's answers, in one write, by this task: a client that does
@@ -243,6 +258,7 @@ class EmbeddedBroker:
                 silent = KEEPALIVE_GRACE * connection.keepalive
                 self.refusals.refuse("timeout", link.who, f"silent for {silent:g}s (1.5x keep-alive)")
                 connection.disconnect(ReasonCode.KEEP_ALIVE_TIMEOUT)
+                link.ended_by_us = True
                 return None
             if not data:
                 return None
@@ -312,6 +328,29 @@ class EmbeddedBroker:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
 
+    @staticmethod
+    async def _shut_and_drain(link: _Link) -> None:
+        """End our side gracefully: shut down the write side, read and drop the client's input, then close.
+
+        Closing a socket with unread input makes the kernel send a reset, and a
+        client still sending (past its receive maximum, say) then gets a broken
+        pipe before it has read the DISCONNECT that says why. Reading its input
+        until it closes, for a bounded time and amount, lets it read that first.
+        """
+        stream = link.stream
+        try:
+            if isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
+            with trio.move_on_after(DRAIN_TIMEOUT):
+                drained = 0
+                while drained < DRAIN_LIMIT:
+                    data = await stream.receive_some(READ_SIZE)
+                    if not data:
+                        break
+                    drained += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
+            pass  # gone already: nothing to drain
+
     def _flush(self) -> None:
         links = self.links
         for connection in self.state.take_dirty():
@@ -331,6 +370,7 @@ class EmbeddedBroker:
         if link is None:
             return
         link.send_will = send_will
+        link.ended_by_us = True
         connection.state = State.CLOSED  # nothing more is queued for it; what is goes as its last words
         link.reader_scope.cancel()
 

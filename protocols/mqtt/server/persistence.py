@@ -1,4 +1,4 @@
-"""Persistent sessions across restarts: their subscriptions and queued QoS 1 messages, in SQLite.
+"""Persistent sessions across restarts: their subscriptions and queued QoS 1/2 messages, in SQLite.
 
 A device with a persistent session that is away when the agent restarts
 finds, once it is back, the messages queued for it before the restart, as
@@ -63,9 +63,11 @@ class SessionStore:
         return sessions
 
     def save(self, session: Session) -> None:
-        """Store ``session`` as it is now (away): its filters, its unacknowledged and queued QoS 1 messages."""
+        """Store ``session`` as it is now (away): its filters, its unacknowledged and queued QoS 1/2 messages."""
         filters = json.dumps([[raw, *values] for raw, values in session.filters.items()])
-        messages = [m for m in (*session.inflight.values(), *session.queue) if m.qos]
+        # A QoS 2 message the client has PUBREC'd is its already: sending it again would deliver it twice.
+        unreceived = [m for packet_id, m in session.inflight.items() if packet_id not in session.released]
+        messages = [m for m in (*unreceived, *session.queue) if m.qos]
         self._ops.append(("save", session.client_id, session.version, session.expiry, time.time(), filters, messages))
 
     def append(self, client_id: str, message: OutMessage) -> None:

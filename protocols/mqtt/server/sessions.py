@@ -1,7 +1,7 @@
 """A client's session: what outlives one connection of it (section 4.1).
 
 A session holds the client's subscriptions, the QoS 1 and 2 messages sent to
-it and not yet acknowledged (resent, with DUP, when it reconnects
+it and not yet acknowledged (QoS 2: until its PUBCOMP) (resent, with DUP, when it reconnects
 [MQTT-4.4.0-1]), and the messages queued for it while it is away or while
 its receive window (MQTT 5 receive maximum) is full. A session with an
 expiry of 0 (3.1.1 clean session, v5 default) ends with its connection.
@@ -35,7 +35,7 @@ class Session:
     """One client id's session; the live connection is attached while there is one."""
 
     __slots__ = (
-        "client_id", "expiry", "filters", "inflight", "queue", "_next_id", "connection", "away_since", "version",
+        "client_id", "expiry", "filters", "inflight", "released", "queue", "_next_id", "connection", "away_since", "version",
         "persisted",
     )
 
@@ -46,6 +46,9 @@ class Session:
         # filter as subscribed (with any $share/ prefix) -> (qos, options, identifier): to resubscribe, list, persist
         self.filters: dict[str, tuple[int, int, int | None]] = {}
         self.inflight: dict[int, OutMessage] = {}  # packet id -> sent, awaiting PUBACK (QoS 1) or PUBCOMP (QoS 2)
+        # QoS 2 packet ids the client has PUBREC'd: PUBREL sent, awaiting PUBCOMP; on a
+        # reconnect these are resent as PUBREL, not as the PUBLISH again [MQTT-4.4.0-1].
+        self.released: set[int] = set()
         self.queue: deque[OutMessage] = deque()  # not sent yet: away, or the window full
         self._next_id = 0
         self.connection: object | None = None  # the ServerConnection while connected

@@ -25,7 +25,7 @@ from .sessions import MAX_SESSION_EXPIRY, OutMessage, Session
 from .subscriptions import Subscribed, SubscriptionIndex
 
 MAX_SUBSCRIPTIONS = 1000  # topic filters one session may hold
-MAX_QUEUED = 1000  # QoS 1 messages kept for a session away (mosquitto's max_queued_messages)
+MAX_QUEUED = 1000  # QoS 1/2 messages kept for a session away (mosquitto's max_queued_messages)
 MAX_INFLIGHT = 20_000  # messages a connected client has not acknowledged or not been sent yet, before it is cut off
 KV_PREFIX = "konsul/v1/kv/"
 
@@ -38,6 +38,8 @@ class Agent(Protocol):
     def may_subscribe(self, device_id: str, topic_filter: str) -> bool: ...
 
     def may_receive(self, device_id: str, topic: str) -> bool: ...
+
+    def receiver(self, device_id: str) -> Callable[[str], bool]: ...
 
     def retained_kv(self, device_id: str, topic_filter: str) -> list[tuple[str, bytes]]: ...
 
@@ -72,8 +74,14 @@ class BrokerState:
 
     # -- connecting -------------------------------------------------------------------------
 
-    def open_session(self, connection: ServerConnection, now: float) -> None:
-        """Attach an admitted connection to its session (new, resumed or taken over) and accept it."""
+    def open_session(self, connection: ServerConnection, now: float) -> tuple[Will, str] | None:
+        """Attach an admitted connection to its session (new, resumed or taken over) and accept it.
+
+        Returns the Will due now, if any: a connection taken over closes without
+        a DISCONNECT, so its Will goes [MQTT-3.1.4-3] unless it has a delay (v5) and
+        the session goes on, which the new connection cancels it for [MQTT-3.1.3-9].
+        A clean start ends the session, so a Will waiting for its delay goes too.
+        """
         connect = connection.connect
         assert connect is not None
         client_id = connect.client_id
@@ -82,7 +90,10 @@ class BrokerState:
         else:
             asked = 0 if connect.clean_start else MAX_SESSION_EXPIRY
         expiry = min(asked, MAX_SESSION_EXPIRY)
-        self.wills.pop(client_id, None)  # a delayed Will is off once the client is back [MQTT-3.1.3-9]
+        due: tuple[Will, str] | None = None
+        waiting = self.wills.pop(client_id, None)  # a delayed Will is off once the client is back [MQTT-3.1.3-9]
+        if waiting is not None and connect.clean_start:
+            due = (waiting[1], waiting[2])  # ... unless the session ends first: then it goes now
         old = self.sessions.get(client_id)
         if old is not None and old.connection is not None:
             previous = old.connection
@@ -91,6 +102,11 @@ class BrokerState:
             previous.session = None
             previous.disconnect(ReasonCode.SESSION_TAKEN_OVER)  # [MQTT-3.1.4-3]
             self.kick(previous)
+            will = previous.connect.will if previous.connect is not None else None
+            if will is not None:
+                delayed = bool(will.properties.will_delay_interval) and old.persistent and not connect.clean_start
+                if not delayed:
+                    due = (will, previous.connect.client_id)
         if old is not None and (connect.clean_start or old.expired(now)):
             self._drop(old)
             old = None
@@ -113,6 +129,7 @@ class BrokerState:
             self.store.forget(client_id)  # it is live again: memory holds the truth
             session.persisted = False
         self.dirty.add(connection)
+        return due
 
     def close_connection(self, connection: ServerConnection, now: float, *, send_will: bool,
                          session_expiry: int | None = None) -> tuple[Will, str] | None:
@@ -241,7 +258,7 @@ class BrokerState:
         # KV topics are served from the store, their only copy: read at the
         # moment of subscribing, so no live update can be overtaken by an older value.
         properties = Properties(subscription_identifiers=(identifier,)) if identifier else None
-        found = [OutMessage(topic, payload, min(qos, 1), True, properties)
+        found = [OutMessage(topic, payload, qos, True, properties)  # the agent publishes at QoS 2
                  for topic, payload in self.agent.retained_kv(client_id, topic_filter)]
         may_receive = self.agent.may_receive
         for topic, message in self.retained.items():
@@ -254,9 +271,22 @@ class BrokerState:
     def publish(self, messages: Iterable[Any]) -> None:
         """Route the agent's messages (``core.Outgoing``: topic, payload, retain, qos) to every subscriber."""
         match = self.index.match
-        may_receive = self.agent.may_receive
+        receiver = self.agent.receiver
+        receivers: dict[str, Callable[[str], bool]] = {}  # per subscriber, for this batch: rights looked up once
+
+        def may_receive(client_id: str, topic: str) -> bool:
+            allowed = receivers.get(client_id)
+            if allowed is None:
+                allowed = receivers[client_id] = receiver(client_id)
+            return allowed(topic)
+
         sessions = self.sessions
         to_session = self._to_session
+
+        def connected(client_id: str) -> bool:  # a shared group's message goes to a connected member if one is
+            session = sessions.get(client_id)
+            return session is not None and session.connection is not None
+
         for message in messages:
             topic = message.topic
             if message.retain and not topic.startswith(KV_PREFIX):
@@ -264,7 +294,7 @@ class BrokerState:
                     self.retained[topic] = OutMessage(topic, message.payload, message.qos, True)
                 else:
                     self.retained.pop(topic, None)  # an empty retained message clears it [MQTT-3.3.1-10]
-            entries = match(topic)
+            entries = match(topic, connected)
             if not entries:
                 continue
             if len(entries) == 1:  # the common case: one subscriber, one filter
@@ -311,7 +341,7 @@ class BrokerState:
             connection.deliver(message)
             self.dirty.add(connection)
         elif session.persistent and message.qos:
-            # Away with a persistent session: QoS 1 messages wait for it [MQTT-3.1.2-5],
+            # Away with a persistent session: QoS 1/2 messages wait for it [MQTT-3.1.2-5],
             # bounded like mosquitto's max_queued_messages.
             if len(session.queue) >= MAX_QUEUED:
                 self.agent.refusals.refuse("overload", session.client_id,

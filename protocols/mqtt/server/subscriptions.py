@@ -10,6 +10,7 @@ that got one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..codec import Subscription
@@ -90,13 +91,14 @@ class SubscriptionIndex:
             del path[depth - 1].children[levels[depth - 1]]
         return found
 
-    def match(self, topic: str) -> list[Subscribed]:
+    def match(self, topic: str, connected: Callable[[str], bool] | None = None) -> list[Subscribed]:
         """The subscriptions a message on ``topic`` goes to: every plain one, one member per shared group.
 
         A client with several matching filters appears once per filter; the
         caller keeps the highest QoS [MQTT-3.3.4-2] and every subscription
         identifier. Walked with a stack, not recursion: this runs once per
-        message the agent publishes.
+        message the agent publishes. ``connected`` tells which client ids are
+        connected: a shared group's turn passes over members away while one is.
         """
         found: list[Subscribed] = []
         levels = topic.split("/")
@@ -111,7 +113,7 @@ class SubscriptionIndex:
                 if depth or not dollar:  # no wildcard at the first level matches a '$' topic [MQTT-4.7.2-1]
                     rest = children.get("#")
                     if rest is not None:  # '#' matches the parent level too ("a/#" matches "a")
-                        _collect(rest, found)
+                        _collect(rest, found, connected)
                     if depth < count:
                         plus = children.get("+")
                         if plus is not None:
@@ -121,17 +123,26 @@ class SubscriptionIndex:
                     if child is not None:
                         push((child, depth + 1))
             if depth == count:
-                _collect(node, found)
+                _collect(node, found, connected)
         return found
 
 
-def _collect(node: _Node, found: list[Subscribed]) -> None:
+def _collect(node: _Node, found: list[Subscribed], connected: Callable[[str], bool] | None) -> None:
     if node.plain:
         found.extend(node.plain.values())
     for group in node.groups.values():
         members = list(group.members.values())
-        group.turn = (group.turn + 1) % len(members)
-        found.append(members[group.turn])
+        count = len(members)
+        turn = (group.turn + 1) % count
+        if connected is not None:
+            # The next member in turn that is connected; if none is, the next in turn
+            # (a persistent session away queues it).
+            for step in range(count):
+                if connected(members[(turn + step) % count].client_id):
+                    turn = (turn + step) % count
+                    break
+        group.turn = turn
+        found.append(members[turn])
 
 
 def subscribed_from(client_id: str, subscription: Subscription, identifier: int | None) -> Subscribed:
