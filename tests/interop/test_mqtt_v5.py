@@ -15,6 +15,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from gateway_edges import edge_http, mqtt_edge  # noqa: F401 - the module's fixtures edge and http
+from agents import eventually
 from test_mqtt_embedded import metric, mosquitto_pub, mosquitto_sub, register, stop_spawned  # noqa: F401 (fixture)
 
 
@@ -109,7 +110,12 @@ def test_desired_state_retained_and_user_events_reach_a_v5_subscriber(edge, http
     device = Device5(edge.mqtt_port, "five-3", register(http, "five-3"))
     try:
         assert device.event("connect")[0] == 0
+        published = metric(http, "konsul_mqtt_messages_published_total", kind="desired")
         assert http.put("/v1/devices/five-3/desired", json={"mode": "eco"}).status_code == 200
+        # The agent publishes the new desired state once it is durable, just after the PUT is
+        # answered; subscribing after that is what makes the message a retained one.
+        eventually(lambda: metric(http, "konsul_mqtt_messages_published_total", kind="desired") > published,
+                   what="the desired state published")
         desired = "konsul/v1/devices/five-3/desired"
         device.client.subscribe([(desired, 1), ("konsul/v1/events/+", 1)])
         assert device.event("subscribe") == [1, 1]
