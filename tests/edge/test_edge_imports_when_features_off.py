@@ -18,6 +18,8 @@ from test_http_without_quart import imported
 OFF_FEATURE_MODULES = (
     "asyncio", "trio_asyncio", "aiocoap", "cryptography", "dns", "re2",
     "konsul.protocols.mqtt", "konsul.protocols.coap", "konsul.protocols.dns_server",
+    # The snapshot archive code: only when a snapshot is taken or staged.
+    "tarfile", "konsul.sync.snapshot", "konsul.sync.snapshot_restore", "konsul.sync.snapshot_hub",
     # The client commands: `konsul edge` parses only its own command line.
     "konsul.cli.client_commands", "konsul.cli.acl_commands", "konsul.cli.device_commands",
     "konsul.cli.site_commands", "konsul.cli.snapshot_commands", "konsul.cli.audit_commands",
