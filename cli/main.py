@@ -5,7 +5,9 @@
 agent (client_commands.py and the *_commands.py beside it). This package sits
 above ``konsul.edge`` and ``konsul.hub``: it is the one place that imports both.
 Heavy modules are imported inside the command that needs them, so ``konsul
---help`` and the client commands start fast.
+--help`` and the client commands start fast; and `konsul edge` / `konsul hub`
+build only their own subcommand, so a long-running agent does not carry the
+client commands' modules and parsers (docs/benchmarks.md, "Edge memory").
 """
 
 from __future__ import annotations
@@ -14,21 +16,40 @@ import argparse
 import logging
 import sys
 
-from . import client_commands
 from .agent_commands import add_edge_command, add_hub_command
-from .audit_commands import add_audit_command
-from .dev import add_dev_command
 from .flags import add_flag, env_default
-from .sim import add_sim_command
+
+# The commands that run an agent: for these the parser holds only that command.
+AGENT_COMMANDS = {"edge": add_edge_command, "hub": add_hub_command}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_named(argv: list[str]) -> str | None:
+    """The COMMAND word of ``argv`` (after the global ``--log-level``), or None."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--log-level":
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole `konsul` parser; for an agent ``command`` (edge, hub), one with only that command."""
     parser = argparse.ArgumentParser(
         prog="konsul",
         description="Konsul Edge: local-first service discovery, configuration and device registry.",
     )
     parser.add_argument("--log-level", default=env_default("--log-level", "info"), help="debug, info, warning or error (env KONSUL_LOG_LEVEL)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    if command in AGENT_COMMANDS:
+        AGENT_COMMANDS[command](commands)
+        return parser
+    from . import client_commands
+    from .audit_commands import add_audit_command
+    from .dev import add_dev_command
+    from .sim import add_sim_command
 
     add_edge_command(commands)
     add_hub_command(commands)
@@ -40,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(command_named(sys.argv[1:] if argv is None else argv))
     args, extra = parser.parse_known_args(argv)
     if extra:
         # Positional lists such as `devices desired ID F=V ...` may continue after

@@ -21,6 +21,7 @@ from konsul.sync.checks import CheckTable
 from konsul.sync.devices import PresenceTable
 from konsul.sync.events import EventLog
 from konsul.sync.replica import GLOBAL_SCOPE, Replica, check_scope_name
+from konsul.sync.store import PENDING_RESTORE_NAME
 
 from konsul.protocols.admission import NetworkLimits
 from konsul.protocols.audit import DEFAULT_KEEP as DEFAULT_AUDIT_KEEP
@@ -112,11 +113,13 @@ async def run_edge(config: EdgeConfig, *, task_status: trio.TaskStatus[EdgeInfo]
     # Certificates are read before anything is opened: a wrong file stops start-up.
     server_tls = None if config.tls is None else ServerTls(config.tls)
     hub_tls = hub_client_context(config)
-    # A snapshot restored over HTTP (PUT /v1/snapshot) is loaded before the store opens.
-    from konsul.sync.snapshot_restore import apply_pending
+    # A snapshot restored over HTTP (PUT /v1/snapshot) is loaded before the store opens;
+    # the snapshot code (tarfile) is imported only when one is staged.
+    if (Path(config.data_dir) / PENDING_RESTORE_NAME).exists():
+        from konsul.sync.snapshot_restore import apply_pending
 
-    if (restored := apply_pending(Path(config.data_dir))) is not None:
-        log.warning("restored snapshot of site %s (index %s)", restored.get("Site"), restored.get("Index"))
+        if (restored := apply_pending(Path(config.data_dir))) is not None:
+            log.warning("restored snapshot of site %s (index %s)", restored.get("Site"), restored.get("Index"))
     replica = Replica.open(
         config.data_dir, config.durability, auto_compact=not config.hub_url, epoch_authority=False
     )

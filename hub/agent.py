@@ -16,6 +16,7 @@ import trio
 
 from konsul.sync.checks import CheckTable
 from konsul.sync.replica import GLOBAL_SCOPE, Replica
+from konsul.sync.store import PENDING_RESTORE_NAME
 
 from konsul.protocols.admission import NetworkLimits
 from konsul.protocols.tls import ServerTls, TlsCollector, TlsFiles, reload_on_sighup
@@ -74,11 +75,13 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
     limits = config.limits
     # Certificates are read before anything is opened: a wrong file stops start-up.
     server_tls = None if config.tls is None else ServerTls(config.tls)
-    # A snapshot restored over HTTP (PUT /v1/snapshot) is loaded before the stores open.
-    from konsul.sync.snapshot_restore import apply_pending
+    # A snapshot restored over HTTP (PUT /v1/snapshot) is loaded before the stores open;
+    # the snapshot code (tarfile) is imported only when one is staged.
+    if (Path(config.data_dir) / PENDING_RESTORE_NAME).exists():
+        from konsul.sync.snapshot_restore import apply_pending
 
-    if (restored := apply_pending(Path(config.data_dir))) is not None:
-        log.warning("restored hub snapshot (%d scopes)", len(restored.get("ScopeIndexes", {})))
+        if (restored := apply_pending(Path(config.data_dir))) is not None:
+            log.warning("restored hub snapshot (%d scopes)", len(restored.get("ScopeIndexes", {})))
     replica = Replica.open(
         config.data_dir, config.durability, per_scope_stores=True,
         max_scopes=_scopes_that_fit(limits.sync_scopes_total),

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import InvalidArgument, KonsulError
-from .store import DB_NAME, LOCK_NAME, Store
+from .store import DB_NAME, LOCK_NAME, PENDING_RESTORE_NAME, Store
 from .tables import KNOWN_VERSIONS, scope_counters
 
 FORMAT = "konsul-snapshot"
@@ -80,7 +80,7 @@ CHUNK = 64 * 1024
 # gzip level: 1 is several times faster than tarfile's default 9 (measured: bench/snapshot.py, docs/benchmarks.md).
 COMPRESS_LEVEL = 1
 PRIVATE_FILE_MODE = 0o600
-PENDING_NAME = "restore-pending.tar.gz"  # a restore accepted over HTTP, applied at the next start
+PENDING_NAME = PENDING_RESTORE_NAME  # a restore accepted over HTTP, applied at the next start
 
 
 class SnapshotInvalid(InvalidArgument):

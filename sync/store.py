@@ -47,6 +47,9 @@ __all__ = ["DB_NAME", "DURABILITY_MODES", "SCHEMA_VERSION", "Store", "lock_direc
 
 DB_NAME = "konsul.db"
 LOCK_NAME = "LOCK"
+# A snapshot restore accepted over HTTP, applied at the next start (sync/snapshot_restore.py).
+# Named here so that a start can look for it without importing the snapshot code.
+PENDING_RESTORE_NAME = "restore-pending.tar.gz"
 
 # A background checkpoint once the rounds since the last one wrote about this
 # many WAL pages (and after every compaction). A round writes about one page,

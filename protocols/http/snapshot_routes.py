@@ -25,7 +25,6 @@ from typing import BinaryIO
 
 import trio
 
-from konsul.sync import snapshot
 from konsul.sync.acl_rules import PermissionDenied
 from konsul.sync.errors import KonsulError
 
@@ -67,6 +66,8 @@ def _data_dir(ctx: HttpContext) -> Path:
 
 
 def _save(ctx: HttpContext, data_dir: Path, work: Path) -> tuple[Path, dict]:
+    from konsul.sync import snapshot  # the archive code (tarfile): imported when a snapshot is taken or staged
+
     if ctx.role == "hub":
         from konsul.sync.snapshot_hub import save_hub
 
@@ -105,6 +106,8 @@ async def _stream(file: BinaryIO) -> AsyncIterator[bytes]:
 
 @snapshot_api.route("/v1/snapshot", methods=["PUT"])
 async def restore_snapshot() -> Response:
+    from konsul.sync import snapshot  # the archive code (tarfile): imported when a snapshot is taken or staged
+
     ctx: HttpContext = request.ctx
     _data_dir(ctx)  # the token is judged before a byte of the body is read
     force = request.args.get("force", "false").lower() not in ("false", "0", "no")
@@ -168,6 +171,8 @@ async def stage_restore(
         SnapshotInvalid: not an intact snapshot of this kind of agent.
         RestoreRefused: the agent holds data and ``force`` is not set.
     """
+    from konsul.sync import snapshot  # the archive code (tarfile): imported when a snapshot is taken or staged
+
     data_dir = ctx.replica.store.path.parent
     limit = ctx.limits.snapshot_max_bytes
     if declared is not None and declared > limit:
@@ -208,6 +213,8 @@ async def receive_upload(chunks: AsyncIterator[bytes], target: Path, limit: int)
     Raises:
         SnapshotTooLarge: more than ``limit`` bytes came; ``target`` is removed.
     """
+    from konsul.sync import snapshot  # the archive code (tarfile): imported when a snapshot is taken or staged
+
     size = 0
     pending = bytearray()
     descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, snapshot.PRIVATE_FILE_MODE)
