@@ -43,6 +43,10 @@ BACKOFF_START_S = 0.2
 BACKOFF_MAX_S = 15.0
 RESYNC_INTERVAL_S = 30.0
 HANDSHAKE_TIMEOUT_S = 10.0
+# How often the telemetry buffer's counters are looked at; sent to the hub
+# (ephemeral "telemetry-status") only when they changed.
+TELEMETRY_STATUS_INTERVAL_S = 1.0
+TELEMETRY_STATUS_KIND = "telemetry-status"
 
 
 def _first_of(error: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
@@ -350,6 +354,7 @@ class HubConnector:
                 nursery.start_soon(self._resync_forever, link)
                 if self.forwarder is not None:
                     nursery.start_soon(self.forwarder.run, link)
+                    nursery.start_soon(self._telemetry_status_forever, link)
                 while True:
                     await link.drained()
                     frame = await ws.get_message()
@@ -425,6 +430,23 @@ class HubConnector:
     def _push_event(self, scope: str, event: UserEvent, local: bool) -> None:
         if local and self._link is not None and self._link.peer is not None:
             self._link.send_ephemeral(scope, "events", [event.to_wire()])
+
+    async def _telemetry_status_forever(self, link: SyncLink) -> None:
+        """The buffer's counters as ephemeral status for the hub's fleet view.
+
+        They churn with every sample, so they never enter the CRDT (DESIGN.md,
+        decision 5). A hub that does not know the kind ignores it.
+        """
+        assert self.forwarder is not None
+        buffer = self.forwarder.buffer
+        sent = None
+        while True:
+            status = {"buffered": buffer.count, "buffered_bytes": buffer.bytes,
+                      "dropped": buffer.dropped, "forwarded": buffer.forwarded}
+            if status != sent:
+                link.send_ephemeral(self.site, TELEMETRY_STATUS_KIND, status)
+                sent = status
+            await trio.sleep(TELEMETRY_STATUS_INTERVAL_S)
 
     def _push_checks(self) -> None:
         if self._link is None or self._link.peer is None:

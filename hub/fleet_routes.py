@@ -48,6 +48,13 @@ def site_summaries(hub: HubState) -> list[dict]:
                 "Conflicts": 0 if scope is None else scope.conflicts(),
                 "BytesSent": state.bytes_sent,
                 "BytesReceived": state.bytes_received,
+                # The edge's telemetry buffer as it last reported it (null until it has).
+                "Telemetry": None if state.telemetry is None else {
+                    "Buffered": state.telemetry.get("buffered", 0),
+                    "BufferedBytes": state.telemetry.get("buffered_bytes", 0),
+                    "Dropped": state.telemetry.get("dropped", 0),
+                    "Forwarded": state.telemetry.get("forwarded", 0),
+                },
                 "Credential": None if name not in known else credentials.get(name).to_json(),
             }
         )

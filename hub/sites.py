@@ -14,6 +14,8 @@ from typing import Any
 
 from konsul.sync.devices import Presence
 
+TELEMETRY_STATUS_FIELDS = ("buffered", "buffered_bytes", "dropped", "forwarded")
+
 
 @dataclass
 class SiteState:
@@ -28,6 +30,8 @@ class SiteState:
     pending_to_edge: int = 0
     session_received: int = 0  # counters of the current session, already added
     session_sent: int = 0
+    # The edge's telemetry buffer counters (ephemeral "telemetry-status"); None until it reports.
+    telemetry: dict[str, int] | None = None
 
 
 class SiteRegistry:
@@ -70,6 +74,17 @@ class SiteRegistry:
     def report_presence(self, site: str, devices: Any) -> None:
         if isinstance(devices, dict):
             self.get(site).presence = {str(k): v for k, v in devices.items() if isinstance(v, dict)}
+
+    def report_telemetry(self, site: str, status: Any) -> None:
+        """An edge's telemetry buffer counters; anything but counts is ignored."""
+        if not isinstance(status, dict):
+            return
+        counts = {
+            name: status[name] for name in TELEMETRY_STATUS_FIELDS
+            if type(status.get(name)) is int and status[name] >= 0
+        }
+        if counts:
+            self.get(site).telemetry = counts
 
     def device_presence(self, site: str, device_id: str) -> Presence | None:
         """A device's presence as its edge last reported it; offline once the edge is gone."""

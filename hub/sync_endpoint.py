@@ -270,6 +270,8 @@ def _on_ephemeral(sites: SiteRegistry, scope: str, kind: str, data) -> None:
         sites.report_checks(scope, data)
     elif kind == "presence":
         sites.report_presence(scope, data)
+    elif kind == "telemetry-status":
+        sites.report_telemetry(scope, data)
 
 
 # -- user events (sync/events.py) ------------------------------------------------------

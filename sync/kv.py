@@ -347,7 +347,11 @@ class KvState:
             else:
                 current, *losers = self.versions.versions(key)
                 for loser in losers:
-                    self._record_conflict(loser, batch.side_of(self.scope)[1])
+                    if self._record_conflict(loser, batch.side_of(self.scope)[1]) and index is None:
+                        # A loser arriving after its winner changes nothing shown,
+                        # but it is a change: ``?history`` and blocking queries
+                        # read this index. (The entry keeps its ModifyIndex.)
+                        index = self._next_index()
                 stamp, payload = current.stamp, current.payload
             if stamp is not None:
                 observe(stamp)
@@ -450,11 +454,13 @@ class KvState:
         value, flags, _ = self._decode(version.key, version.stamp, version.payload)
         return HistoryRecord(version.key, version.stamp, "set", flags, len(value), conflict, value)
 
-    def _record_conflict(self, loser: Version, history: list[HistoryChange]) -> None:
+    def _record_conflict(self, loser: Version, history: list[HistoryChange]) -> bool:
+        """Record a conflict loser once; returns whether it was new."""
         if (loser.key, loser.stamp) in self._conflict_stamps:
-            return
+            return False
         self.conflicts += 1
         self._store_record(self._record(loser, conflict=True), history)
+        return True
 
     def _archive(
         self, superseded: Iterable[Version], history: list[HistoryChange], shown: KvEntry | None = None

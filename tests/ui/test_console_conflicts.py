@@ -32,14 +32,16 @@ def test_a_conflict_between_partitioned_writers_is_shown_with_both_values(tmp_pa
         # Two writers of one fleet-wide key, neither seeing the other.
         httpx.put(f"{e1.url}/v1/kv/fleet/mode?dc=global", content=b"from-e1").raise_for_status()
         httpx.put(f"{e2.url}/v1/kv/fleet/mode?dc=global", content=b"from-e2").raise_for_status()
+        e1.stop()  # its losing write reaches the hub only after the page is open
         hub = HubProcess(tmp_path / "hub", port)
         eventually(lambda: raw(hub.url, "fleet/mode", "global") == b"from-e2", what="the later write wins at the hub")
-        eventually(lambda: any(h["Conflict"] for h in httpx.get(
-            f"{hub.url}/v1/kv/fleet/mode", params={"history": "", "dc": "global"}).json()),
-            what="the losing write at the hub")
 
         page.goto(f"{hub.url}/ui/#/kv/global?prefix=fleet/&key=fleet/mode")
         history = page.get_by_role("list", name="History timeline")
+        history.locator("li[data-conflict=false] pre.value").filter(has_text="from-e2").wait_for()
+        assert history.locator("li[data-conflict=true]").count() == 0
+        # The loser arrives while the timeline is open: it shows without a reload.
+        e1 = EdgeProcess(tmp_path / "e1", site="s1", node="n1", hub_url=hub.url)
         loser = history.locator("li[data-conflict=true]")
         loser.get_by_text("conflict loser").wait_for()
         assert loser.locator("pre.value").inner_text() == "from-e1"

@@ -62,6 +62,12 @@ function loginPage() {
   return [h("h1", {}, "Log in"), h("p.muted", {}, "The token is kept in this tab only (sessionStorage) and sent as X-Consul-Token."), form, message];
 }
 
+// An edge's telemetry buffer as the hub last heard it (null before the edge reported, or from an older edge).
+function telemetryCounts(t) {
+  if (!t) return "—";
+  return t.Dropped ? [`${t.Buffered} / `, h("span.warn", {}, String(t.Dropped))] : `${t.Buffered} / 0`;
+}
+
 function fleetPage(signal) {
   const body = h("div", {}, h("p", {}, "Loading sites…"));
   let devices = {};
@@ -76,9 +82,10 @@ function fleetPage(signal) {
         h("td", {}, String(s.PendingToEdge)),
         h("td", {}, s.Conflicts ? h("span.warn", {}, String(s.Conflicts)) : "0"),
         h("td", {}, `${bytes(s.BytesSent)} / ${bytes(s.BytesReceived)}`),
-        h("td", {}, `${d.online} / ${d.total}`));
+        h("td", {}, `${d.online} / ${d.total}`),
+        h("td.telemetry", {}, telemetryCounts(s.Telemetry)));
     });
-    body.replaceChildren(sites.length ? table(["Site", "Link", "Last seen", "Lag", "Pending to edge", "Conflicts", "Bytes sent / received", "Devices online / total"], rows, "Sites")
+    body.replaceChildren(sites.length ? table(["Site", "Link", "Last seen", "Lag", "Pending to edge", "Conflicts", "Bytes sent / received", "Devices online / total", "Telemetry buffered / dropped"], rows, "Sites")
       : note("No site has joined yet."));
   };
   let lastSites = null; // null until /v1/sites answers (or when it refuses the token)
@@ -113,7 +120,8 @@ function sitePage(signal, site) {
         h("dt", {}, "Lag"), h("dd.lag", {}, `${s.LagSeconds} s`),
         h("dt", {}, "Pending to edge"), h("dd", {}, String(s.PendingToEdge)),
         h("dt", {}, "Conflicts"), h("dd", {}, String(s.Conflicts)),
-        h("dt", {}, "Bytes sent / received"), h("dd", {}, `${bytes(s.BytesSent)} / ${bytes(s.BytesReceived)}`)));
+        h("dt", {}, "Bytes sent / received"), h("dd", {}, `${bytes(s.BytesSent)} / ${bytes(s.BytesReceived)}`),
+        h("dt", {}, "Telemetry buffered / dropped"), h("dd.telemetry", {}, telemetryCounts(s.Telemetry))));
     }, signal, (e) => status.replaceChildren(hidden(e, "the site's sync state")));
   } else {
     live("/v1/sync/status", ({ data }) => {
