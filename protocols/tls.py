@@ -104,6 +104,54 @@ class ServerTls:
         self.handshake_failures[key] = self.handshake_failures.get(key, 0) + 1
 
 
+# Why a server-side handshake failed, for every TLS listener (HTTP, MQTT): the
+# ``reason`` label of konsul_tls_handshake_failures_total, and a few words for
+# the log that say what the operator or the client can do.
+_NOT_TLS_REASONS = frozenset({"HTTP_REQUEST", "WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE",
+                              "PACKET_LENGTH_TOO_LONG", "UNEXPECTED_RECORD", "RECORD_LENGTH_MISMATCH"})
+_CLIENT_CERT_REASONS = frozenset({"PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_VERIFY_FAILED",
+                                  "NO_CERTIFICATE_RETURNED"})
+# OpenSSL's reasons, in words; ``{protocol}`` is the listener's protocol (HTTP, MQTT).
+_HANDSHAKE_REASONS = {
+    "WRONG_VERSION_NUMBER": "not TLS (a plaintext {protocol} client on the TLS port?)",
+    "HTTP_REQUEST": "not TLS (an HTTP request)",
+    "UNSUPPORTED_PROTOCOL": "the client offers only TLS versions below 1.2",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no client certificate, and --tls-verify-client on requires one",
+    "CERTIFICATE_VERIFY_FAILED": "the client certificate is not signed by --tls-ca (or has expired)",
+    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust our certificate (give it the CA that signed --tls-cert)",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the client rejected our certificate (its name or dates?)",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the client rejected our certificate (its name or CA?)",
+    "NO_SHARED_CIPHER": "no cipher both sides support",
+}
+_CLOSED = "the client closed the connection during the handshake"
+
+
+def handshake_failure(error: BaseException | None, protocol: str) -> tuple[str, str]:
+    """``(reason label, detail for the log)`` for what ``SSLStream.do_handshake`` raised.
+
+    ``protocol`` (``HTTP``, ``MQTT``) names what a plaintext client on the port
+    was probably speaking.
+    """
+    cause = error.__cause__ if isinstance(error, trio.BrokenResourceError) and error.__cause__ else error
+    if isinstance(cause, ssl.SSLError):
+        code = getattr(cause, "reason", None) or type(cause).__name__
+        known = _HANDSHAKE_REASONS.get(code)
+        detail = known.format(protocol=protocol) if known else f"{code} ({cause})"
+        if code in _NOT_TLS_REASONS:
+            return "not_tls", detail
+        if code in _CLIENT_CERT_REASONS:
+            return "client_certificate", detail
+        if code == "UNEXPECTED_EOF_WHILE_READING" or isinstance(cause, ssl.SSLEOFError):
+            return "closed", f"{_CLOSED}; does it trust this agent's CA?"
+        if code.startswith(("SSLV3_ALERT", "TLSV1_ALERT", "TLSV13_ALERT")):
+            # The client gave up on us: usually it does not trust our certificate.
+            return "client_alert", detail
+        return "protocol", detail
+    if cause is None or isinstance(cause, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+        return "closed", _CLOSED
+    return "protocol", f"{type(cause).__name__}: {cause}"
+
+
 class TlsCollector:
     """Prometheus metrics of a ``ServerTls``: failed handshakes per listener and reason, reloads."""
 

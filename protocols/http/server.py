@@ -84,7 +84,7 @@ from konsul.sync.log_limits import peer_log
 from konsul.sync.wire import MAX_FRAME_BYTES
 
 from ..admission import ConnectionLimit, NetworkLimits, source_of
-from ..tls import HANDSHAKE_TIMEOUT_S, ServerTls
+from ..tls import HANDSHAKE_TIMEOUT_S, ServerTls, handshake_failure
 from .kv_fast_path import Incomplete
 
 log = logging.getLogger(__name__)
@@ -292,12 +292,6 @@ async def _run_connection(
         await trio.aclose_forcefully(served)
 
 
-# What a failed handshake is counted as (the ``reason`` label). OpenSSL's
-# reasons for a peer that is not speaking TLS at all.
-_NOT_TLS_REASONS = frozenset({"HTTP_REQUEST", "WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE",
-                              "PACKET_LENGTH_TOO_LONG", "UNEXPECTED_RECORD", "RECORD_LENGTH_MISMATCH"})
-_CLIENT_CERT_REASONS = frozenset({"PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_VERIFY_FAILED",
-                                  "NO_CERTIFICATE_RETURNED"})
 _TLS_REQUIRED_BODY = (
     b'{"error":"tls_required","detail":"this port serves HTTPS only: use https:// '
     b'(and --cacert / CONSUL_CACERT with the CA that signed the agent\'s certificate)"}'
@@ -306,27 +300,6 @@ TLS_REQUIRED_RESPONSE = (
     b"HTTP/1.1 400 \r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
     % len(_TLS_REQUIRED_BODY) + _TLS_REQUIRED_BODY
 )
-
-
-def handshake_failure(error: BaseException | None) -> tuple[str, str]:
-    """``(reason label, detail for the log)`` for what ``SSLStream.do_handshake`` raised."""
-    cause = error.__cause__ if isinstance(error, trio.BrokenResourceError) else error
-    if isinstance(cause, ssl.SSLError):
-        code = cause.reason or ""
-        detail = getattr(cause, "verify_message", None) or code or str(cause)
-        if code in _NOT_TLS_REASONS:
-            return "not_tls", f"not a TLS client ({detail})"
-        if code in _CLIENT_CERT_REASONS:
-            return "client_certificate", f"client certificate refused ({detail})"
-        if code == "UNEXPECTED_EOF_WHILE_READING" or isinstance(cause, ssl.SSLEOFError):
-            return "closed", "the client closed the connection during the handshake; does it trust this agent's CA?"
-        if code.startswith(("SSLV3_ALERT", "TLSV1_ALERT", "TLSV13_ALERT")):
-            # The client gave up on us: usually it does not trust our certificate.
-            return "client_alert", f"the client aborted the handshake ({detail}); does it trust this agent's CA?"
-        return "protocol", detail
-    if cause is None or isinstance(cause, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
-        return "closed", "the client closed the connection during the handshake"
-    return "protocol", f"{type(cause).__name__}: {cause}"
 
 
 async def _handshake(stream: trio.SocketStream, tls: ServerTls, source: str) -> trio.SSLStream | None:
@@ -342,7 +315,7 @@ async def _handshake(stream: trio.SocketStream, tls: ServerTls, source: str) -> 
         try:
             await secured.do_handshake()
         except trio.BrokenResourceError as error:
-            reason, detail = handshake_failure(error)
+            reason, detail = handshake_failure(error, "HTTP")
             if isinstance(error.__cause__, ssl.SSLError) and error.__cause__.reason == "HTTP_REQUEST":
                 # A plaintext HTTP request: say so in plain HTTP, as the
                 # client is waiting for an answer it can read.

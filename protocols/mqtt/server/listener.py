@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from konsul.protocols.admission import ConnectionLimit, source_of
-from konsul.protocols.tls import HANDSHAKE_TIMEOUT_S
+from konsul.protocols.tls import HANDSHAKE_TIMEOUT_S, handshake_failure
 from konsul.sync.log_limits import peer_log
 
 log = logging.getLogger("konsul.mqtt")
@@ -154,49 +154,12 @@ class Acceptor:
         if scope.cancelled_caught:
             reason, detail = "timeout", f"not finished within {HANDSHAKE_TIMEOUT_S:g}s"
         elif error is not None:
-            reason, detail = handshake_failure(error)
+            reason, detail = handshake_failure(error, "MQTT")
         else:
             return secured
         tls.count_handshake_failure("mqtt", reason)  # konsul_tls_handshake_failures_total, with HTTPS's
         self.refusals.tls_failed(peer, source, detail)
         return None
-
-
-# OpenSSL's reasons, in words that say what the operator or the client can do.
-_HANDSHAKE_REASONS = {
-    "WRONG_VERSION_NUMBER": "not TLS (a plaintext MQTT client on the TLS port?)",
-    "HTTP_REQUEST": "not TLS (an HTTP request)",
-    "UNSUPPORTED_PROTOCOL": "the client offers only TLS versions below 1.2",
-    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no client certificate, and --tls-verify-client on requires one",
-    "CERTIFICATE_VERIFY_FAILED": "the client certificate is not signed by --tls-ca (or has expired)",
-    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust our certificate (give it the CA that signed --tls-cert)",
-    "SSLV3_ALERT_BAD_CERTIFICATE": "the client rejected our certificate (its name or dates?)",
-    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the client rejected our certificate (its name or CA?)",
-    "NO_SHARED_CIPHER": "no cipher both sides support",
-}
-# The ``reason`` label of konsul_tls_handshake_failures_total, as HTTPS counts them.
-_NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE",
-                      "PACKET_LENGTH_TOO_LONG", "UNEXPECTED_RECORD"})
-_CLIENT_CERTIFICATE = frozenset({"PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_VERIFY_FAILED",
-                                 "NO_CERTIFICATE_RETURNED"})
-
-
-def handshake_failure(error: BaseException) -> tuple[str, str]:
-    """Why a server-side TLS handshake failed: ``(reason label, a few words for the log)``."""
-    cause = error.__cause__ if isinstance(error, trio.BrokenResourceError) and error.__cause__ else error
-    if isinstance(cause, ssl.SSLError):
-        reason = getattr(cause, "reason", None) or type(cause).__name__
-        detail = _HANDSHAKE_REASONS.get(reason, f"{reason} ({cause})")
-        if reason in _NOT_TLS:
-            return "not_tls", detail
-        if reason in _CLIENT_CERTIFICATE:
-            return "client_certificate", detail
-        if reason.startswith(("SSLV3_ALERT", "TLSV1_ALERT", "TLSV13_ALERT")):
-            return "client_alert", detail
-        if isinstance(cause, ssl.SSLEOFError) or reason == "UNEXPECTED_EOF_WHILE_READING":
-            return "closed", "the client closed the connection during the handshake"
-        return "protocol", detail
-    return "closed", "the client closed the connection during the handshake"
 
 
 def fd_budget() -> int:
