@@ -37,6 +37,7 @@ from ..aio_guard import contain_callback_errors
 from ..aio_loop import run_callbacks_in_batches
 from ..admission import source_of
 from ..gateway import GatewayContext
+from ..listen_addr import split_addr
 from .backlog import coalesce_notifications
 from .dedup import compact_duplicates
 from .site import CoapGateway, responder_pipe
@@ -69,14 +70,6 @@ def put_soon(new_future: Callable[[], Any], scope: Any, key: str, value: bytes) 
     except Exception as error:  # noqa: BLE001 - refused (InvalidArgument) or no store: the request's answer
         future.set_exception(error)
     return future
-
-
-def parse_addr(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    host = host.strip("[]")
-    if not host or not port.isdigit():
-        raise ValueError(f"a CoAP address is HOST:PORT (port 0 picks a free one); got {addr!r}")
-    return host, int(port)
 
 
 def _bound_port(context: Any) -> int:
@@ -302,7 +295,8 @@ async def run_coap_gateway(
     """
     import aiocoap
 
-    host, port = parse_addr(addr)
+    host, port = split_addr(addr, "a CoAP address", need_host=True,
+                            usage="{what} is HOST:PORT (port 0 picks a free one); got {addr!r}")
     loop = trio_asyncio.current_loop.get()
     run_callbacks_in_batches(loop)
     contain_callback_errors(loop, gateways.registry)

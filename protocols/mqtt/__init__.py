@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from konsul.protocols.listen_addr import split_addr
+
 # Nothing of the agent at import time: ``konsul.protocols.mqtt.codec`` is
 # imported by the device simulator, which must not pull in trio's gateway.
 if TYPE_CHECKING:
@@ -57,23 +59,16 @@ async def run_mqtt_gateway(
     listeners: list[Listener] = []
     names: list[str] = []
     if addr:
-        listeners.append(Listener(*_host_port(addr, "--mqtt-addr")))
+        listeners.append(Listener(*split_addr(addr, "--mqtt-addr")))
         names.append("mqtt")
     if tls_addr:
         if server_tls is None:
             raise ValueError("an MQTT TLS listener needs --tls-cert and --tls-key")
-        listeners.append(Listener(*_host_port(tls_addr, "--mqtts-addr"), tls=server_tls))
+        listeners.append(Listener(*split_addr(tls_addr, "--mqtts-addr"), tls=server_tls))
         names.append("mqtts")
     if not listeners:
         raise ValueError("no MQTT address: give --mqtt-addr or --mqtts-addr")
     await run_embedded(gateways, listeners, task_status=_Renamed(task_status, *names))
-
-
-def _host_port(addr: str, flag: str) -> tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{flag} must be HOST:PORT, got {addr!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 class _Renamed:
