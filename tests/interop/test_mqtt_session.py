@@ -176,6 +176,8 @@ def test_messages_queued_for_an_away_session_survive_a_restart(tmp_path):
     data = tmp_path / "edge"
     edge = start_mqtt_edge(data)
     try:
+        # The session store is opened only once a persistent session needs it.
+        assert not (data / "mqtt-sessions.db").exists()
         with httpx.Client(base_url=edge.url, timeout=10) as http:
             token = register(http, "keep-1")
             device = Device(edge.mqtt_port, "keep-1", token, clean=False)

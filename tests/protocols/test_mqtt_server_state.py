@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import trio
+
 from konsul.protocols.mqtt import codec
 from konsul.protocols.mqtt.codec import Properties
 from konsul.protocols.mqtt.server.connection import ServerConnection, State
@@ -220,6 +222,15 @@ def test_a_will_without_delay_is_due_at_once_and_not_after_disconnect():
     assert broker.state.close_connection(device, 2.0, send_will=False) is None
 
 
+def write(store: SessionStore) -> None:
+    """What the broker does each tick and when it stops: write the noted changes (the writer then stops)."""
+    async def flush() -> None:
+        async with store.serving():
+            await store.flush()
+
+    trio.run(flush)
+
+
 def test_away_sessions_and_their_queues_survive_a_restart(tmp_path):
     store = SessionStore(tmp_path)
     broker = Broker(store)
@@ -228,8 +239,7 @@ def test_away_sessions_and_their_queues_survive_a_restart(tmp_path):
     broker.subscribe(device, codec.Subscription("t/#", 1))
     broker.state.close_connection(device, 1.0, send_will=False)
     broker.state.publish([Message("t/1", b"one"), Message("t/2", b"two")])
-    store.write(store.take())
-    store.close()
+    write(store)
     # A new process: the session is back, away, with its subscription and queue.
     restarted = Broker(SessionStore(tmp_path))
     again = restarted.connect("d", clean_session=False, now=5.0)
@@ -239,7 +249,7 @@ def test_away_sessions_and_their_queues_survive_a_restart(tmp_path):
     restarted.state.publish([Message("t/3", b"three")])
     assert [p.topic for p in packets(again)] == ["t/3"]
     # Back and connected: its rows are gone, so a second restart does not resend.
-    restarted.state.store.write(restarted.state.store.take())
+    write(restarted.state.store)
     assert SessionStore(tmp_path).load(100.0) == []
 
 
@@ -248,8 +258,7 @@ def test_a_restored_session_expires_on_the_clock_of_the_broker_that_restored_it(
     broker = Broker(store)
     device = broker.connect("d", 5, properties=Properties(session_expiry_interval=300))
     broker.state.close_connection(device, 1.0, send_will=False)
-    store.write(store.take())
-    store.close()
+    write(store)
     # trio's clock starts anywhere: the restored session's times must be on it.
     restarted = Broker(SessionStore(tmp_path), now=1_000_000.0)
     assert restarted.state.tick(1_000_010.0) == [] and "d" in restarted.state.sessions
@@ -272,7 +281,7 @@ def test_a_deleted_device_loses_its_session_connected_or_away(tmp_path):
     assert broker.state.close_connection(live, 2.0, send_will=True) is None
     broker.state.publish([Message("t/x", b"v")])
     assert broker.state.sessions == {} and broker.state.index.count == 0
-    store.write(store.take())
+    write(store)
     assert SessionStore(tmp_path).load(3.0) == []
     again = broker.connect("gone", clean_session=False)
     assert not packets(again)[0].session_present

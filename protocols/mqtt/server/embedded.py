@@ -107,7 +107,6 @@ class EmbeddedBroker:
             if self.store is not None:
                 with trio.CancelScope(shield=True):
                     await self._save_sessions()
-                self.store.close()
 
     # -- the gateway's outlet ---------------------------------------------------------------
 
@@ -385,12 +384,10 @@ class EmbeddedBroker:
                 await self._save_sessions()
 
     async def _save_sessions(self) -> None:
-        ops = self.store.take()
-        if ops:
-            try:
-                await trio.to_thread.run_sync(self.store.write, ops)
-            except Exception:
-                log.exception("could not save %d MQTT session changes", len(ops))
+        try:
+            await self.store.flush()
+        except Exception:
+            log.exception("could not save MQTT session changes")
 
 
 async def run_embedded(
@@ -407,7 +404,7 @@ async def run_embedded(
     store = SessionStore(Path(replica.store.path).parent, replica.durability)
     broker = EmbeddedBroker(gateway, store)
     try:
-        async with trio.open_nursery() as nursery:
+        async with store.serving(), trio.open_nursery() as nursery:
             await nursery.start(gateway.run, broker)
             bound = await nursery.start(broker.run, listeners)
             gateway.install_push()

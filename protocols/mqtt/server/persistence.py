@@ -5,24 +5,36 @@ finds, once it is back, the messages queued for it before the restart, as
 MQTT promises for a session that has not expired. Only away sessions are
 stored: a connected one lives in memory, and its row goes when it comes back.
 
-One file in the data directory (``mqtt-sessions.db``), written with the
-store's durability rule (``sync/store.py``): WAL, ``synchronous`` FULL
-(``relaxed``: NORMAL), each flush one transaction. Writes collect in memory
-(:meth:`SessionStore.save`, :meth:`~SessionStore.append`,
+One file in the data directory (``mqtt-sessions.db``), written by the agent's
+one durable SQLite writer (``sync/sqlite_writer.py`` ``SqliteWriter``: checked
+before use, private, WAL, ``synchronous`` FULL or, with ``relaxed``
+durability, NORMAL; each flush one transaction on its writer thread). Writes
+collect in memory (:meth:`SessionStore.save`, :meth:`~SessionStore.append`,
 :meth:`~SessionStore.forget` only note them) and :meth:`~SessionStore.flush`
-writes them from a worker thread, so the broker's delivery path never waits
-for a disk. The class has the small surface of the agent's durable SQLite
-writer (open, write a batch in one transaction, close) so it can move onto it.
+hands them to the writer, so the broker's delivery path never waits for a
+disk. The file is opened at start when it exists (its sessions are loaded),
+otherwise only when the first persistent session goes away: an edge whose
+devices all use clean sessions never creates it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
+import trio
+
+from konsul.sync.sqlite_writer import SqliteWriter, check_readable, connect_writer
+
 from .sessions import NEVER, OutMessage, Session
+
+log = logging.getLogger("konsul.mqtt")
 
 FILE_NAME = "mqtt-sessions.db"
 _SCHEMA = """
@@ -35,19 +47,32 @@ CREATE INDEX IF NOT EXISTS queue_client ON queue (client_id, seq);
 
 
 class SessionStore:
+    """Away persistent sessions in ``mqtt-sessions.db``; run the broker inside :meth:`serving`."""
+
     def __init__(self, data_dir: Path, durability: str = "full") -> None:
         self.path = Path(data_dir) / FILE_NAME
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute(f"PRAGMA synchronous = {'NORMAL' if durability == 'relaxed' else 'FULL'}")
-        self._conn.executescript(_SCHEMA)
+        self.durability = durability
         self._ops: list[tuple] = []
+        self._writer: SqliteWriter | None = None
+        self._writer_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        if self.path.exists():
+            self._writer = SqliteWriter(self.path, self._connect(), durability)
+
+    def _connect(self) -> sqlite3.Connection:
+        return connect_writer(
+            self.path, self.durability, lambda conn: conn.executescript(_SCHEMA),
+            check=partial(check_readable, what="MQTT session store",
+                          advice="move it away to start without the stored sessions"),
+        )
 
     def load(self, now: float) -> list[Session]:
         """The sessions stored, expired ones dropped; ``now`` is the broker's clock (their ``away_since`` is on it)."""
         now_wall = time.time()
         sessions = []
-        for client_id, version, expiry, away_since, filters in self._conn.execute("SELECT * FROM sessions"):
+        if self._writer is None:
+            return []
+        for client_id, version, expiry, away_since, filters in self._writer.query("SELECT * FROM sessions"):
             if expiry != NEVER and away_since + expiry <= now_wall:
                 self._ops.append(("forget", client_id))
                 continue
@@ -55,8 +80,8 @@ class SessionStore:
             session.filters = {raw: (qos, options, identifier) for raw, qos, options, identifier in json.loads(filters)}
             session.away_since = now - (now_wall - away_since)
             session.persisted = True
-            for topic, payload, qos, retain in self._conn.execute(
-                "SELECT topic, payload, qos, retain FROM queue WHERE client_id = ? ORDER BY seq", (client_id,)
+            for topic, payload, qos, retain in self._writer.query(
+                "SELECT topic, payload, qos, retain FROM queue WHERE client_id = ? ORDER BY seq", client_id
             ):
                 session.queue.append(OutMessage(topic, payload, qos, bool(retain)))
             sessions.append(session)
@@ -84,30 +109,63 @@ class SessionStore:
         ops, self._ops = self._ops, []
         return ops
 
-    def write(self, ops: list[tuple]) -> None:
-        """Write ``ops`` (from :meth:`take`) in one transaction; run it in a worker thread."""
-        conn = self._conn
-        conn.execute("BEGIN")
-        try:
-            for op in ops:
-                if op[0] == "forget":
-                    conn.execute("DELETE FROM sessions WHERE client_id = ?", (op[1],))
-                    conn.execute("DELETE FROM queue WHERE client_id = ?", (op[1],))
-                elif op[0] == "save":
-                    _kind, client_id, version, expiry, away_since, filters, messages = op
-                    conn.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?)",
-                                 (client_id, version, expiry, away_since, filters))
-                    conn.execute("DELETE FROM queue WHERE client_id = ?", (client_id,))
-                    conn.executemany("INSERT INTO queue (client_id, topic, payload, qos, retain) VALUES (?, ?, ?, ?, ?)",
-                                     [(client_id, m.topic, m.payload, m.qos, int(m.retain)) for m in messages])
-                else:
-                    _kind, client_id, message = op
-                    conn.execute("INSERT INTO queue (client_id, topic, payload, qos, retain) VALUES (?, ?, ?, ?, ?)",
-                                 (client_id, message.topic, message.payload, message.qos, int(message.retain)))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        """Keep the writer running while the body (the broker) runs; on the way out, flush what is left.
 
-    def close(self) -> None:
-        self._conn.close()
+        The writer is shielded from the cancellation that ends the body, so the
+        broker's last changes are written before it stops.
+        """
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                if self._writer is not None:
+                    await nursery.start(self._run_writer)
+                yield
+            finally:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self.flush()
+                    except Exception:
+                        log.exception("could not save the last MQTT session changes")
+                    if self._writer_scope is not None:
+                        self._writer_scope.cancel()
+                self._nursery = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    async def _run_writer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope(shield=True) as self._writer_scope:
+            await self._writer.run(task_status=task_status)  # type: ignore[union-attr]
+
+    async def flush(self) -> None:
+        """Write the changes noted so far in one transaction (opening the file for the first one)."""
+        ops = self.take()
+        if not ops:
+            return
+        if self._writer is None:
+            if self._nursery is None:
+                raise RuntimeError("SessionStore.flush() outside serving()")
+            self._writer = SqliteWriter(self.path, await trio.to_thread.run_sync(self._connect), self.durability)
+            await self._nursery.start(self._run_writer)
+        await self._writer.transact(partial(_write, ops))
+
+
+def _write(ops: list[tuple], conn: sqlite3.Connection) -> None:
+    """Write ``ops`` (from :meth:`SessionStore.take`), on the writer thread inside its round's transaction."""
+    for op in ops:
+        if op[0] == "forget":
+            conn.execute("DELETE FROM sessions WHERE client_id = ?", (op[1],))
+            conn.execute("DELETE FROM queue WHERE client_id = ?", (op[1],))
+        elif op[0] == "save":
+            _kind, client_id, version, expiry, away_since, filters, messages = op
+            conn.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?)",
+                         (client_id, version, expiry, away_since, filters))
+            conn.execute("DELETE FROM queue WHERE client_id = ?", (client_id,))
+            conn.executemany("INSERT INTO queue (client_id, topic, payload, qos, retain) VALUES (?, ?, ?, ?, ?)",
+                             [(client_id, m.topic, m.payload, m.qos, int(m.retain)) for m in messages])
+        else:
+            _kind, client_id, message = op
+            conn.execute("INSERT INTO queue (client_id, topic, payload, qos, retain) VALUES (?, ?, ?, ?, ?)",
+                         (client_id, message.topic, message.payload, message.qos, int(message.retain)))
