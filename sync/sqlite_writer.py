@@ -2,8 +2,9 @@
 
 Every SQLite file the agents write goes through :class:`SqliteWriter`: the
 replicated state (``store.Store``, a subclass that commits ``WriteBatch``
-rounds), the edge's telemetry buffer and the hub's telemetry store (both
-through :meth:`SqliteWriter.transact`).
+rounds), the edge's telemetry buffer, the hub's telemetry store and the MQTT
+broker's stored sessions (``mqtt-sessions.db``), the last three through
+:meth:`SqliteWriter.transact`.
 
 Theory of operation
 -------------------
