@@ -126,6 +126,7 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
                 checks=CheckTable(trio.current_time),
                 role="hub",
                 remote_check_status=sites.check_status,
+                remote_checks_version=sites.checks_version,
                 remote_presence=sites.device_presence,
                 members=lambda: sites.members(replica),
                 telemetry=telemetry,
@@ -139,6 +140,8 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[HubInfo] = 
             from konsul.protocols.http.event_routes import notify_event
 
             events.listeners.append(lambda scope, event, local: notify_event(ctx, scope))
+            # A site's reported check status wakes blocking health reads of its scope.
+            sites.on_checks_changed = lambda site: ctx.feed.notify(site, "checks")
             sync_status = ctx.sync_status = lambda: {
                 "Peers": [_peer_status(summary) for summary in site_summaries(hub_state)],
                 "Telemetry": telemetry.status(),

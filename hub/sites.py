@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from konsul.sync.devices import Presence
@@ -32,11 +33,16 @@ class SiteState:
     session_sent: int = 0
     # The edge's telemetry buffer counters (ephemeral "telemetry-status"); None until it reports.
     telemetry: dict[str, int] | None = None
+    # Moves whenever the check status the hub shows for the site may have changed (a report,
+    # a connection or its end): part of the index of health reads at the hub.
+    checks_version: int = 0
 
 
 class SiteRegistry:
     def __init__(self) -> None:
         self.sites: dict[str, SiteState] = {}
+        # Told the site whose shown check status changed (wakes blocking health queries).
+        self.on_checks_changed: Callable[[str], None] = lambda site: None
 
     def get(self, site: str) -> SiteState:
         found = self.sites.get(site)
@@ -50,11 +56,14 @@ class SiteRegistry:
         state.session_received = state.session_sent = 0
         state.replica = replica
         state.last_seen = time.time()
+        self._checks_changed(state)
 
     def disconnected(self, site: str) -> None:
         state = self.get(site)
         state.connections = max(0, state.connections - 1)
         state.last_seen = time.time()
+        if not state.connections:  # its checks read "not known here" from now on
+            self._checks_changed(state)
 
     def seen(self, site: str, session: Any) -> None:
         """A frame arrived from the site: note the time and the session's counters."""
@@ -67,9 +76,19 @@ class SiteRegistry:
 
     def report_checks(self, site: str, checks: Any) -> None:
         if isinstance(checks, dict):
-            self.get(site).checks = {
-                str(k): v for k, v in checks.items() if isinstance(v, dict)
-            }
+            state = self.get(site)
+            reported = {str(k): v for k, v in checks.items() if isinstance(v, dict)}
+            if reported != state.checks:
+                state.checks = reported
+                self._checks_changed(state)
+
+    def checks_version(self, site: str) -> int:
+        state = self.sites.get(site)
+        return 0 if state is None else state.checks_version
+
+    def _checks_changed(self, state: SiteState) -> None:
+        state.checks_version += 1
+        self.on_checks_changed(state.site)
 
     def report_presence(self, site: str, devices: Any) -> None:
         if isinstance(devices, dict):

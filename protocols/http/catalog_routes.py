@@ -25,12 +25,16 @@ def _scope(ctx):
 
 async def _block_on_catalog(ctx, scope) -> dict[str, str]:
     """Blocking-query support for catalog and health reads; returns the index header."""
+    local = scope.name == ctx.site
+
     def current() -> int:
-        return scope.catalog.last_index + (ctx.checks.version if scope.name == ctx.site else 0)
+        # Health answers change with check status as well as with the catalog: the
+        # status of this agent's checks, or (at the hub) what the site's edge reported.
+        checks = ctx.checks.version if local else ctx.remote_checks_version(scope.name)
+        return scope.catalog.last_index + checks
 
     def event():
-        # Health answers change with check status as well as with the catalog.
-        return ctx.feed.event(scope.name, "catalog" if scope.name != ctx.site else "any")
+        return ctx.feed.event(scope.name, "any")
 
     await block_until_changed(current, event)
     return index_header(current())

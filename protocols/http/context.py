@@ -90,6 +90,8 @@ class HttpContext:
     registry: Any = None  # prometheus CollectorRegistry
     # (site, check id) -> (status, output) as the site's edge last reported it
     remote_check_status: Callable[[str, str], tuple[str, str] | None] = lambda site, check: None
+    # site -> a number that moves whenever remote_check_status may answer differently for it
+    remote_checks_version: Callable[[str], int] = lambda site: 0
     hub_url: str = ""
     presence: PresenceTable = field(default_factory=PresenceTable)
     # (site, device id) -> presence; the edge's own table, the hub's per-site reports
