@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from konsul.protocols.listen_addr import split_addr
 
 # Nothing of the agent at import time: ``konsul.protocols.mqtt.codec`` is
 # imported by the device simulator, which must not pull in trio's gateway.
@@ -53,6 +52,10 @@ async def run_mqtt_gateway(
 
         await run_external(gateways, addr, ca=broker_ca, task_status=_Renamed(task_status, "mqtt"))
         return
+    # Imported here, like the rest of the broker: the simulator imports this package
+    # for its codec alone and must not pull in the agent (tests/simulator).
+    from konsul.protocols.listen_addr import split_addr
+
     from .server.embedded import run_embedded
     from .server.listener import Listener
 
