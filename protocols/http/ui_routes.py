@@ -12,6 +12,7 @@ token the user logs in with, so these routes need no token (authz.OPEN).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 from dataclasses import dataclass
@@ -53,7 +54,9 @@ class Asset:
     etag: str
 
 
-def _load() -> dict[str, Asset]:
+@functools.cache
+def _assets() -> dict[str, Asset]:
+    """The console's files, read and compressed on first use rather than at every agent start."""
     found: dict[str, Asset] = {}
     folder = resources.files("konsul.protocols.http.ui")
     for item in folder.iterdir():
@@ -66,11 +69,9 @@ def _load() -> dict[str, Asset]:
     return found
 
 
-ASSETS = _load()
-
 
 def _serve(name: str) -> Response:
-    asset = ASSETS.get(name)
+    asset = _assets().get(name)
     if asset is None:
         raise NotFound(f"the console has no file {name!r}; open /ui/")
     headers = dict(_SECURITY_HEADERS, ETag=asset.etag)

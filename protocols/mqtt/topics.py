@@ -35,6 +35,8 @@ from konsul.sync.devices import DeviceRecord, check_device_id
 from konsul.sync.errors import KonsulError
 from konsul.sync.limits import check_key
 
+from .codec.filters import matches  # noqa: F401 - the one topic matcher; callers import it from here
+
 ROOT = "konsul/v1/"
 DEVICES = ROOT + "devices/"
 KV = ROOT + "kv/"
@@ -184,20 +186,6 @@ def literal_prefix(topic_filter: str) -> str | None:
         if level in ("+", "#"):
             return "/".join(levels[:index]) + ("/" if index else "")
     return None
-
-
-def matches(topic_filter: str, topic: str) -> bool:
-    """MQTT 3.1.1 topic matching (section 4.7): ``+`` one level, ``#`` the rest."""
-    if "+" not in topic_filter and "#" not in topic_filter:
-        return topic_filter == topic
-    filter_levels = topic_filter.split("/")
-    topic_levels = topic.split("/")
-    for index, level in enumerate(filter_levels):
-        if level == "#":
-            return True
-        if index >= len(topic_levels) or level not in ("+", topic_levels[index]):
-            return False
-    return len(filter_levels) == len(topic_levels)
 
 
 def _valid_id(device_id: str) -> bool:
